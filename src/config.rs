@@ -1,0 +1,461 @@
+//! The server's configuration: defaults, the TOML file (`cerbas.toml` documents every
+//! key), environment overrides and command-line flags, in that order of precedence
+//! (flags win over the environment, which wins over the file). Also the pure helpers
+//! that pick the Redis database from `env` and the URL, and hide a URL's password.
+//! Not for: reading flags (that is `main.rs`) or connecting (that is `connection.rs`).
+
+use crate::error::Error;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// `dev` or `prod`: chooses the Redis database (1 or 8, as the original) unless the
+/// URL names one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Env {
+    /// Database 1.
+    #[default]
+    Dev,
+    /// Database 8.
+    Prod,
+}
+
+impl Env {
+    /// The database the original used for this environment.
+    pub fn default_db(self) -> i64 {
+        match self {
+            Env::Dev => 1,
+            Env::Prod => 8,
+        }
+    }
+}
+
+impl FromStr for Env {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "dev" => Ok(Env::Dev),
+            "prod" => Ok(Env::Prod),
+            other => Err(Error::Config(format!(
+                "env must be dev or prod, not {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Who may call what: the registered users and sources (DESIGN §2).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Access {
+    /// Users a request may name in `user`.
+    pub users: Vec<String>,
+    /// Sources a request may name in `source`.
+    pub sources: Vec<String>,
+}
+
+/// Per-function settings from `[functions.NAME]`; they override what the code
+/// registered.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FunctionConfig {
+    /// Deadline for one call, in milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// If set, only these users may call the function.
+    pub users: Option<Vec<String>>,
+}
+
+/// Everything the server reads at start-up. See `cerbas.toml` for each key.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Redis to connect to; a password goes in the URL (`redis://:secret@host:6379`).
+    pub redis_url: String,
+    /// `dev` (db 1) or `prod` (db 8), unless `redis_url` names a db.
+    pub env: Env,
+    /// Prefix of every key and channel.
+    pub prefix: String,
+    /// Worker threads, each runs one function call at a time.
+    pub workers: usize,
+    /// Default deadline of a function call, in milliseconds.
+    pub timeout_ms: u64,
+    /// Largest request body accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// On shutdown, how long requests in hand may take to finish, in milliseconds.
+    pub drain_timeout_ms: u64,
+    /// How long a reply nobody has subscribed to yet is published again.
+    pub reply_grace_ms: u64,
+    /// Longest `delay` a request may ask for, in milliseconds.
+    pub max_delay_ms: u64,
+    /// Redis connections kept for functions (`Context::redis`).
+    pub redis_pool_size: usize,
+    /// The cron file.
+    pub crontab: PathBuf,
+    /// Address of the HTTP plug, empty for none.
+    pub http: String,
+    /// Registered users and sources.
+    pub access: Access,
+    /// Per-function overrides.
+    pub functions: BTreeMap<String, FunctionConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            env: Env::Dev,
+            prefix: crate::protocol::DEFAULT_PREFIX.into(),
+            workers: 100,
+            timeout_ms: 5_000,
+            max_request_bytes: 1 << 20,
+            drain_timeout_ms: 10_000,
+            reply_grace_ms: 5_000,
+            max_delay_ms: 30 * 24 * 3600 * 1000,
+            redis_pool_size: 8,
+            crontab: PathBuf::from("CRONTAB"),
+            http: String::new(),
+            access: Access::default(),
+            functions: BTreeMap::new(),
+        }
+    }
+}
+
+/// Values given on the command line; `None` leaves the lower layers' value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--redis URL`
+    pub redis_url: Option<String>,
+    /// `--env dev|prod`
+    pub env: Option<Env>,
+    /// `--workers N`
+    pub workers: Option<usize>,
+    /// `--crontab PATH`
+    pub crontab: Option<PathBuf>,
+    /// `--http ADDR`
+    pub http: Option<String>,
+}
+
+impl Config {
+    /// Parses a TOML document; unknown keys are errors, missing keys keep defaults.
+    pub fn from_toml(text: &str) -> Result<Config, Error> {
+        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Reads the file at `path`.
+    pub fn from_file(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Applies `CERBAS_REDIS_URL` and `CERBAS_ENV`, looked up through `var` (pass
+    /// `|k| std::env::var(k).ok()`; tests pass a map).
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), Error> {
+        if let Some(url) = var("CERBAS_REDIS_URL").filter(|u| !u.is_empty()) {
+            self.redis_url = url;
+        }
+        if let Some(env) = var("CERBAS_ENV").filter(|e| !e.is_empty()) {
+            self.env = env.parse()?;
+        }
+        Ok(())
+    }
+
+    /// Applies command-line flags.
+    pub fn apply_overrides(&mut self, o: &Overrides) {
+        if let Some(v) = &o.redis_url {
+            self.redis_url = v.clone();
+        }
+        if let Some(v) = o.env {
+            self.env = v;
+        }
+        if let Some(v) = o.workers {
+            self.workers = v;
+        }
+        if let Some(v) = &o.crontab {
+            self.crontab = v.clone();
+        }
+        if let Some(v) = &o.http {
+            self.http = v.clone();
+        }
+    }
+
+    /// Checks values that would make the server misbehave rather than fail.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::Config(m));
+        if !(1..=10_000).contains(&self.workers) {
+            return bad(format!("workers must be 1 to 10000, not {}", self.workers));
+        }
+        if self.redis_pool_size == 0 {
+            return bad("redis_pool_size must be at least 1".into());
+        }
+        if self.timeout_ms == 0 {
+            return bad("timeout_ms must be at least 1".into());
+        }
+        if self.max_request_bytes < 64 {
+            return bad("max_request_bytes must be at least 64".into());
+        }
+        if self.prefix.is_empty() || self.prefix.contains(char::is_whitespace) {
+            return bad(format!(
+                "prefix must be non-empty, without spaces: {:?}",
+                self.prefix
+            ));
+        }
+        url_db(&self.redis_url)?;
+        redis::Client::open(self.connection_url()?.as_str())
+            .map_err(|e| Error::Config(format!("redis_url: {e}")))?;
+        for (name, f) in &self.functions {
+            if f.timeout_ms == Some(0) {
+                return bad(format!("functions.{name}.timeout_ms must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The Redis database in use: the URL's, else the environment's.
+    pub fn db(&self) -> i64 {
+        url_db(&self.redis_url)
+            .ok()
+            .flatten()
+            .unwrap_or(self.env.default_db())
+    }
+
+    /// The URL to connect with: `redis_url` with the database filled in.
+    pub fn connection_url(&self) -> Result<String, Error> {
+        Ok(match url_db(&self.redis_url)? {
+            Some(_) => self.redis_url.clone(),
+            None => with_db(&self.redis_url, self.db()),
+        })
+    }
+
+    /// One line for the start-up log: where, which db, how wide.
+    pub fn summary(&self) -> String {
+        format!(
+            "redis={} db={} env={:?} prefix={} workers={} timeout_ms={} users={} sources={}",
+            redact_url(&self.redis_url),
+            self.db(),
+            self.env,
+            self.prefix,
+            self.workers,
+            self.timeout_ms,
+            self.access.users.len(),
+            self.access.sources.len()
+        )
+    }
+}
+
+fn is_unix(url: &str) -> bool {
+    url.starts_with("unix:") || url.starts_with("redis+unix:")
+}
+
+/// The database a Redis URL names, if any: the path of `redis://host:port/3`, or
+/// `db=` in the query of a `unix://` URL.
+///
+/// ```
+/// use cerbas::config::url_db;
+/// assert_eq!(url_db("redis://127.0.0.1:6379").unwrap(), None);
+/// assert_eq!(url_db("redis://:pw@127.0.0.1:6379/3").unwrap(), Some(3));
+/// assert!(url_db("redis://host/x").is_err());
+/// ```
+pub fn url_db(url: &str) -> Result<Option<i64>, Error> {
+    let bad = || Error::Config(format!("redis_url names no valid db: {}", redact_url(url)));
+    let (rest, query) = match url.split_once('?') {
+        Some((r, q)) => (r, q),
+        None => (url, ""),
+    };
+    let db = if is_unix(url) {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("db="))
+            .unwrap_or("")
+    } else {
+        let after_scheme = rest.split_once("://").map(|(_, r)| r).unwrap_or(rest);
+        after_scheme
+            .split_once('/')
+            .map(|(_, p)| p.trim_end_matches('/'))
+            .unwrap_or("")
+    };
+    if db.is_empty() {
+        return Ok(None);
+    }
+    db.parse::<i64>()
+        .ok()
+        .filter(|d| *d >= 0)
+        .map(Some)
+        .ok_or_else(bad)
+}
+
+fn with_db(url: &str, db: i64) -> String {
+    let (rest, query) = match url.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (url, None),
+    };
+    if is_unix(url) {
+        return match query {
+            Some(q) if !q.is_empty() => format!("{url}&db={db}"),
+            _ => format!("{rest}?db={db}"),
+        };
+    }
+    let base = format!("{}/{db}", rest.trim_end_matches('/'));
+    match query {
+        Some(q) => format!("{base}?{q}"),
+        None => base,
+    }
+}
+
+/// The URL with its password replaced by `***`, for logs.
+///
+/// ```
+/// assert_eq!(cerbas::config::redact_url("redis://u:secret@h:1/2"), "redis://u:***@h:1/2");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map(|(u, _)| u);
+            match user {
+                Some(u) => format!("{scheme}://{u}:***@{host}{path}"),
+                None => format!("{scheme}://***@{host}{path}"),
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn defaults_match_the_original() {
+        let c = Config::default();
+        assert_eq!(c.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(c.db(), 1);
+        assert_eq!(c.timeout_ms, 5_000);
+        assert_eq!(c.max_request_bytes, 1 << 20);
+        assert_eq!(c.connection_url().unwrap(), "redis://127.0.0.1:6379/1");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn env_picks_the_db_unless_the_url_names_one() {
+        let mut c = Config {
+            env: Env::Prod,
+            ..Config::default()
+        };
+        assert_eq!(c.db(), 8);
+        c.redis_url = "redis://h:1/0".into();
+        assert_eq!(c.db(), 0);
+        assert_eq!(c.connection_url().unwrap(), "redis://h:1/0");
+        c.redis_url = "redis://h:1/?protocol=resp2".into();
+        assert_eq!(c.connection_url().unwrap(), "redis://h:1/8?protocol=resp2");
+        c.redis_url = "unix:///run/redis.sock".into();
+        assert_eq!(c.connection_url().unwrap(), "unix:///run/redis.sock?db=8");
+        c.redis_url = "unix:///run/redis.sock?db=2".into();
+        assert_eq!(c.db(), 2);
+    }
+
+    #[test]
+    fn bad_db_in_url_is_a_config_error() {
+        for u in ["redis://h/abc", "redis://h/-1"] {
+            let c = Config {
+                redis_url: u.into(),
+                ..Config::default()
+            };
+            assert!(c.validate().is_err(), "{u}");
+        }
+    }
+
+    #[test]
+    fn passwords_never_reach_the_log() {
+        assert_eq!(redact_url("redis://:pw@h:6379"), "redis://:***@h:6379");
+        assert_eq!(redact_url("redis://h:6379/1"), "redis://h:6379/1");
+        assert_eq!(redact_url("rediss://tok@h"), "rediss://***@h");
+        let c = Config {
+            redis_url: "redis://:hunter2@h:6379".into(),
+            ..Config::default()
+        };
+        assert!(!c.summary().contains("hunter2"));
+    }
+
+    #[test]
+    fn flags_win_over_env_which_wins_over_file() {
+        let mut c = Config::from_toml(
+            "redis_url = \"redis://file:1\"\nenv = \"prod\"\nworkers = 3\n[access]\nusers=[\"tom\"]\n[functions.halt]\nusers=[\"foo\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.workers, 3);
+        assert_eq!(c.access.users, vec!["tom"]);
+        assert_eq!(c.functions["halt"].users, Some(vec!["foo".to_string()]));
+        let env: HashMap<&str, &str> =
+            [("CERBAS_REDIS_URL", "redis://env:2"), ("CERBAS_ENV", "dev")].into();
+        c.apply_env(|k| env.get(k).map(|v| v.to_string())).unwrap();
+        assert_eq!(c.redis_url, "redis://env:2");
+        assert_eq!(c.env, Env::Dev);
+        c.apply_overrides(&Overrides {
+            redis_url: Some("redis://flag:3".into()),
+            workers: Some(7),
+            ..Overrides::default()
+        });
+        assert_eq!(c.redis_url, "redis://flag:3");
+        assert_eq!(c.workers, 7);
+        assert_eq!(c.env, Env::Dev);
+    }
+
+    #[test]
+    fn bad_files_and_values_are_refused_with_a_reason() {
+        let e = Config::from_toml("wrokers = 3").unwrap_err().to_string();
+        assert!(e.contains("wrokers"), "{e}");
+        assert!(Config::from_toml("workers = \"many\"").is_err());
+        let mut c = Config::default();
+        assert!(c
+            .apply_env(|k| (k == "CERBAS_ENV").then(|| "staging".to_string()))
+            .is_err());
+        for bad in [
+            Config {
+                workers: 0,
+                ..Config::default()
+            },
+            Config {
+                prefix: "A B".into(),
+                ..Config::default()
+            },
+            Config {
+                timeout_ms: 0,
+                ..Config::default()
+            },
+            Config {
+                redis_url: "http://nope".into(),
+                ..Config::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_shipped_file_parses_and_registers_the_originals_examples() {
+        let c = Config::from_file(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/cerbas.toml"
+        )))
+        .unwrap();
+        c.validate().unwrap();
+        for u in ["tom", "foo", "test"] {
+            assert!(c.access.users.iter().any(|x| x == u), "{u}");
+        }
+        for s in ["cerbastest", "foo", "bar", "web", "tom", "test"] {
+            assert!(c.access.sources.iter().any(|x| x == s), "{s}");
+        }
+        assert_eq!(c.functions["halt"].users, Some(vec!["foo".to_string()]));
+        // Every other key keeps its documented default.
+        let defaults = Config::default();
+        assert_eq!(c.workers, defaults.workers);
+        assert_eq!(c.timeout_ms, defaults.timeout_ms);
+    }
+}

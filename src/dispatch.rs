@@ -1,0 +1,426 @@
+//! The one path every request takes, whatever brought it (the Redis queue today;
+//! HTTP and cron later): parse errors become replies, a delayed request goes to the
+//! timer, then access checks, argument decoding, the call with its deadline, panics,
+//! and the counters. A reply is delivered exactly once: by the function when it
+//! returns in time, or by the timer at the deadline ([`Pending`]). Runs on the worker
+//! threads. Not for: fetching requests (`reader.rs`) or talking to Redis
+//! (`publisher.rs`).
+
+use crate::config::Access;
+use crate::context::{Context, Origin, Services};
+use crate::error::RequestError;
+use crate::protocol::{Reply, Request};
+use crate::publisher::{Encoded, Outgoing};
+use crate::registry::{Answer, Registry};
+use crate::timer::TimerEvent;
+use crossbeam_channel::Sender;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where a job's reply goes.
+#[derive(Clone, Debug)]
+pub(crate) enum ReplyTo {
+    /// Published on the request's channels by the publisher, which also acks it.
+    Redis { id: u64 },
+    /// Sent to an in-process caller; `None` is "no reply". The HTTP plug and cron
+    /// (next issues) use it; today only the tests do.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Local(Sender<Option<Reply>>),
+}
+
+/// One request on its way to a worker.
+pub(crate) struct Job {
+    pub(crate) reply_to: ReplyTo,
+    pub(crate) body: Result<Request, RequestError>,
+    /// Set once a delayed request has waited its delay.
+    pub(crate) waited: bool,
+}
+
+/// Counters of what the server did, for logs and (later) metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Requests that reached a worker.
+    pub requests: AtomicU64,
+    /// Replies with `status: ok`.
+    pub ok: AtomicU64,
+    /// Replies with `status: error` (timeouts included).
+    pub errors: AtomicU64,
+    /// Calls that ran past their deadline.
+    pub timeouts: AtomicU64,
+    /// Calls that panicked.
+    pub panics: AtomicU64,
+    /// Queue entries that were not request ids.
+    pub bad_entries: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A call in progress: whoever answers first (the function or its deadline)
+/// delivers the reply; the other finds it answered.
+pub(crate) struct Pending {
+    answered: AtomicBool,
+    func: String,
+    reply_to: ReplyTo,
+    out: Sender<Outgoing>,
+    stats: Arc<Stats>,
+}
+
+impl Pending {
+    /// Delivers `answer` unless the call was answered already; says which.
+    pub(crate) fn answer(&self, answer: Answer) -> bool {
+        if self.answered.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let reply = match answer {
+            Answer::Value(v) => {
+                bump(&self.stats.ok);
+                Some(Reply::Ok(v))
+            }
+            Answer::Error(m) => {
+                bump(&self.stats.errors);
+                Some(Reply::Error(m))
+            }
+            Answer::NoReply => None,
+        };
+        deliver(&self.reply_to, &self.out, reply);
+        true
+    }
+
+    /// The deadline passed: answer `timeout` if the function has not answered.
+    pub(crate) fn expire(&self) {
+        if self.answer(Answer::Error(RequestError::Timeout.to_string())) {
+            bump(&self.stats.timeouts);
+            log::warn!("{}: timed out; the caller got a timeout reply", self.func);
+        }
+    }
+}
+
+fn deliver(reply_to: &ReplyTo, out: &Sender<Outgoing>, reply: Option<Reply>) {
+    match reply_to {
+        ReplyTo::Redis { id } => {
+            let encoded = reply.map(|r| Encoded {
+                json: r.to_json(),
+                msgpack: r.to_msgpack(),
+            });
+            let _ = out.send(Outgoing::Reply { id: *id, encoded });
+        }
+        ReplyTo::Local(tx) => {
+            let _ = tx.send(reply);
+        }
+    }
+}
+
+/// Everything a worker needs to run a job.
+pub(crate) struct Dispatcher {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) access: Access,
+    pub(crate) default_timeout: Duration,
+    pub(crate) max_delay: Duration,
+    pub(crate) services: Arc<Services>,
+    pub(crate) out: Sender<Outgoing>,
+    pub(crate) stats: Arc<Stats>,
+}
+
+impl Dispatcher {
+    /// Runs `job` to its reply. Blocks the calling worker for the function's run.
+    pub(crate) fn handle(&self, job: Job) {
+        bump(&self.stats.requests);
+        let request = match job.body {
+            Ok(r) => r,
+            Err(e) => return self.refuse(&job.reply_to, e),
+        };
+        if let (Some(ms), false) = (request.delay_ms.filter(|ms| *ms > 0), job.waited) {
+            return self.delay(job.reply_to, request, ms);
+        }
+        if let Err(e) = self.check_access(&request) {
+            return self.refuse(&job.reply_to, e);
+        }
+        let Some(function) = self.registry.get(&request.func) else {
+            return self.refuse(&job.reply_to, RequestError::UnknownFunction(request.func));
+        };
+        log::debug!(
+            "{} from user {:?} source {:?}",
+            request.func,
+            request.user,
+            request.source
+        );
+        let deadline = Instant::now() + function.options.timeout.unwrap_or(self.default_timeout);
+        let pending = Arc::new(Pending {
+            answered: AtomicBool::new(false),
+            func: request.func.clone(),
+            reply_to: job.reply_to.clone(),
+            out: self.out.clone(),
+            stats: self.stats.clone(),
+        });
+        if let Some(timer) = &self.services.timer {
+            timer.schedule(deadline, TimerEvent::Deadline(pending.clone()));
+        }
+        let ctx = Context {
+            user: request.user,
+            source: request.source,
+            origin: match job.reply_to {
+                ReplyTo::Redis { id } => Origin::Redis { id },
+                ReplyTo::Local(_) => Origin::Local,
+            },
+            deadline,
+            services: self.services.clone(),
+        };
+        let answer = match catch_unwind(AssertUnwindSafe(|| (function.handler)(request.args, &ctx)))
+        {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => Answer::Error(e.to_string()),
+            Err(_) => {
+                bump(&self.stats.panics);
+                log::warn!("{}: panicked", pending.func);
+                Answer::Error(RequestError::Panicked(pending.func.clone()).to_string())
+            }
+        };
+        if !pending.answer(answer) {
+            log::warn!(
+                "{}: finished {:.1}s after its deadline; its result was dropped",
+                pending.func,
+                deadline.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    fn refuse(&self, reply_to: &ReplyTo, e: RequestError) {
+        log::debug!("refused: {e}");
+        bump(&self.stats.errors);
+        deliver(reply_to, &self.out, Some(e.into()));
+    }
+
+    fn delay(&self, reply_to: ReplyTo, request: Request, ms: u64) {
+        let delay = Duration::from_millis(ms);
+        let due = Instant::now().checked_add(delay);
+        match (&self.services.timer, due) {
+            (Some(timer), Some(due)) if delay <= self.max_delay => {
+                let job = Job {
+                    reply_to,
+                    body: Ok(request),
+                    waited: true,
+                };
+                timer.schedule(due, TimerEvent::Due(job));
+            }
+            _ => self.refuse(
+                &reply_to,
+                RequestError::DelayTooLong(self.max_delay.as_millis() as u64),
+            ),
+        }
+    }
+
+    fn check_access(&self, r: &Request) -> Result<(), RequestError> {
+        let user = r.user.as_deref().ok_or(RequestError::Missing("user"))?;
+        if !self.access.users.iter().any(|u| u == user) {
+            return Err(RequestError::UnknownUser(user.to_string()));
+        }
+        let source = r.source.as_deref().ok_or(RequestError::Missing("source"))?;
+        if !self.access.sources.iter().any(|s| s == source) {
+            return Err(RequestError::UnknownSource(source.to_string()));
+        }
+        let allowed = self
+            .registry
+            .get(&r.func)
+            .and_then(|f| f.options.users.as_ref());
+        match allowed {
+            Some(users) if !users.iter().any(|u| u == user) => Err(RequestError::NotAllowed {
+                user: user.to_string(),
+                func: r.func.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::FnError;
+    use crate::protocol::Keys;
+    use crate::registry::NoArgs;
+    use crate::shutdown::Shutdown;
+    use serde_json::{json, Map, Value};
+
+    struct Fixture {
+        dispatcher: Dispatcher,
+        timer: crate::timer::TimerHandle,
+        thread: Option<std::thread::JoinHandle<()>>,
+        due: crossbeam_channel::Receiver<Job>,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            self.timer.stop();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    fn fixture() -> Fixture {
+        let mut registry = Registry::new();
+        registry.register("hello", |_: NoArgs, _: &Context| -> Result<&str, FnError> {
+            Ok("hello world!")
+        });
+        registry.register("boom", |_: NoArgs, _: &Context| -> Result<(), FnError> {
+            panic!("boom")
+        });
+        registry
+            .register("nap", |_: NoArgs, _: &Context| -> Result<(), FnError> {
+                std::thread::sleep(Duration::from_millis(300));
+                Ok(())
+            })
+            .timeout_ms(20);
+        registry
+            .register("secret", |_: NoArgs, _: &Context| -> Result<i32, FnError> {
+                Ok(42)
+            })
+            .users(["foo"]);
+        registry.register("quiet", |_: NoArgs, _: &Context| Answer::NoReply);
+        let (due_tx, due) = crossbeam_channel::unbounded();
+        let (timer, thread) = crate::timer::start(due_tx, Shutdown::new()).unwrap();
+        let (out, _out_rx) = crossbeam_channel::unbounded();
+        let dispatcher = Dispatcher {
+            registry: Arc::new(registry),
+            access: Access {
+                users: vec!["tom".into(), "foo".into()],
+                sources: vec!["web".into()],
+            },
+            default_timeout: Duration::from_secs(5),
+            max_delay: Duration::from_secs(60),
+            services: Arc::new(Services {
+                keys: Keys::new("CERBAS", 1),
+                pool: None,
+                timer: Some(timer.clone()),
+            }),
+            out,
+            stats: Arc::default(),
+        };
+        Fixture {
+            dispatcher,
+            timer,
+            thread: Some(thread),
+            due,
+        }
+    }
+
+    fn request(func: &str, user: &str, source: &str) -> Request {
+        Request {
+            user: Some(user.into()),
+            source: Some(source.into()),
+            ..Request::new(func, Map::new())
+        }
+    }
+
+    fn run(f: &Fixture, body: Result<Request, RequestError>) -> Option<Reply> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        f.dispatcher.handle(Job {
+            reply_to: ReplyTo::Local(tx),
+            body,
+            waited: false,
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a reply or no-reply")
+    }
+
+    fn error(f: &Fixture, body: Result<Request, RequestError>) -> String {
+        match run(f, body) {
+            Some(Reply::Error(m)) => m,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_registered_caller_gets_the_value() {
+        let f = fixture();
+        assert_eq!(
+            run(&f, Ok(request("hello", "tom", "web"))),
+            Some(Reply::Ok(json!("hello world!")))
+        );
+        assert_eq!(run(&f, Ok(request("quiet", "tom", "web"))), None);
+    }
+
+    #[test]
+    fn access_is_checked_before_the_function_runs() {
+        let f = fixture();
+        assert_eq!(
+            error(&f, Ok(request("hello", "eve", "web"))),
+            "user not registered: eve"
+        );
+        assert_eq!(
+            error(&f, Ok(request("hello", "tom", "cli"))),
+            "source not registered: cli"
+        );
+        assert_eq!(
+            error(&f, Ok(request("secret", "tom", "web"))),
+            "user tom may not call secret"
+        );
+        assert_eq!(
+            run(&f, Ok(request("secret", "foo", "web"))),
+            Some(Reply::Ok(json!(42)))
+        );
+        assert_eq!(
+            error(&f, Ok(request("nope", "tom", "web"))),
+            "unknown function: nope"
+        );
+        assert_eq!(
+            error(&f, Ok(Request::new("hello", Map::new()))),
+            "missing \"user\""
+        );
+    }
+
+    #[test]
+    fn parse_errors_are_replied() {
+        let f = fixture();
+        assert_eq!(
+            error(&f, Err(RequestError::NotAnObject)),
+            "request must be a JSON object"
+        );
+    }
+
+    #[test]
+    fn a_panic_becomes_an_error_reply() {
+        let f = fixture();
+        assert_eq!(
+            error(&f, Ok(request("boom", "tom", "web"))),
+            "internal error: function boom panicked"
+        );
+        assert_eq!(f.dispatcher.stats.panics.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_deadline_answers_timeout_once() {
+        let f = fixture();
+        assert_eq!(error(&f, Ok(request("nap", "tom", "web"))), "timeout");
+        assert_eq!(f.dispatcher.stats.timeouts.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_delayed_request_waits_on_the_timer_then_runs() {
+        let f = fixture();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut r = request("hello", "tom", "web");
+        r.delay_ms = Some(30);
+        let start = Instant::now();
+        f.dispatcher.handle(Job {
+            reply_to: ReplyTo::Local(tx),
+            body: Ok(r),
+            waited: false,
+        });
+        assert!(rx.try_recv().is_err(), "nothing before the delay");
+        let job = f.due.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(30));
+        f.dispatcher.handle(job);
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            Some(Reply::Ok(Value::from("hello world!")))
+        );
+        let mut r = request("hello", "tom", "web");
+        r.delay_ms = Some(u64::MAX);
+        assert_eq!(error(&f, Ok(r)), "\"delay\" must be at most 60000 ms");
+    }
+}

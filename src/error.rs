@@ -1,0 +1,135 @@
+//! Error types. `RequestError` is everything that can go wrong with one request; its
+//! `Display` text is exactly the message the caller gets in `{"status":"error"}`.
+//! `Error` is what stops the server itself (bad configuration, Redis unreachable at a
+//! point where we cannot wait). Turning errors into replies happens in one place:
+//! `impl From<RequestError> for Reply` in `protocol.rs`.
+
+use thiserror::Error;
+
+/// Why a request got an error reply instead of running its function.
+///
+/// The messages are part of the protocol (clients may match on them), so change
+/// them with care and update `docs` when you do.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RequestError {
+    /// The queue named an id whose request key does not exist.
+    #[error("request not found: {0}")]
+    NotFound(String),
+    /// The body is larger than `max_request_bytes`.
+    #[error("request too large: {size} bytes (limit {limit})")]
+    TooLarge { size: usize, limit: usize },
+    /// The body is not UTF-8, so it cannot be JSON.
+    #[error("request is not valid UTF-8")]
+    NotUtf8,
+    /// The body nests arrays or objects deeper than we parse.
+    #[error("request nested too deeply (limit {0} levels)")]
+    TooDeep(usize),
+    /// The body is not JSON at all.
+    #[error("malformed JSON: {0}")]
+    Malformed(String),
+    /// The body is JSON but not an object.
+    #[error("request must be a JSON object")]
+    NotAnObject,
+    /// A required field is absent.
+    #[error("missing \"{0}\"")]
+    Missing(&'static str),
+    /// A field that must be a string is something else.
+    #[error("\"{0}\" must be a string")]
+    NotAString(&'static str),
+    /// `args` is present and neither an object nor null.
+    #[error("\"args\" must be an object")]
+    ArgsNotObject,
+    /// `delay` is not a whole number of milliseconds ≥ 0.
+    #[error("\"delay\" must be a whole number of milliseconds, 0 or more")]
+    BadDelay,
+    /// `delay` is longer than the configured maximum.
+    #[error("\"delay\" must be at most {0} ms")]
+    DelayTooLong(u64),
+    /// No function is registered under this name.
+    #[error("unknown function: {0}")]
+    UnknownFunction(String),
+    /// The request's user is not in the configuration's `access.users`.
+    #[error("user not registered: {0}")]
+    UnknownUser(String),
+    /// The request's source is not in the configuration's `access.sources`.
+    #[error("source not registered: {0}")]
+    UnknownSource(String),
+    /// The function restricts its callers and this user is not one of them.
+    #[error("user {user} may not call {func}")]
+    NotAllowed { user: String, func: String },
+    /// The arguments did not decode into the function's argument type.
+    #[error("invalid arguments: {0}")]
+    InvalidArguments(String),
+    /// The function did not answer before its deadline.
+    #[error("timeout")]
+    Timeout,
+    /// The function panicked.
+    #[error("internal error: function {0} panicked")]
+    Panicked(String),
+}
+
+/// The error a user's function returns: its message becomes the reply's `data`.
+///
+/// Anything that is `Display` converts into it, so `?` works on Redis and serde
+/// errors inside a function:
+///
+/// ```
+/// use cerbas::FnError;
+/// fn check(n: i64) -> Result<i64, FnError> {
+///     if n < 0 { return Err("n must be positive".into()); }
+///     Ok(n)
+/// }
+/// assert_eq!(check(-1).unwrap_err().to_string(), "n must be positive");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FnError(pub String);
+
+impl std::fmt::Display for FnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for FnError {
+    fn from(s: &str) -> Self {
+        FnError(s.to_string())
+    }
+}
+
+impl From<String> for FnError {
+    fn from(s: String) -> Self {
+        FnError(s)
+    }
+}
+
+impl From<redis::RedisError> for FnError {
+    fn from(e: redis::RedisError) -> Self {
+        FnError(format!("redis: {e}"))
+    }
+}
+
+impl From<serde_json::Error> for FnError {
+    fn from(e: serde_json::Error) -> Self {
+        FnError(format!("json: {e}"))
+    }
+}
+
+/// What stops the server, or a client, from working at all.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The configuration (file, environment or flags) is invalid.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Redis refused or broke a connection where we could not wait it out.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A thread could not be started, or a file could not be read.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// A client waited longer than its timeout for a reply.
+    #[error("no reply within {0:?}")]
+    ReplyTimeout(std::time::Duration),
+    /// A reply could not be decoded.
+    #[error("bad reply: {0}")]
+    BadReply(String),
+}

@@ -1,0 +1,95 @@
+//! The `cerbas` binary: flags, logging and signals, the only code with
+//! process-wide effects. It registers the example functions of `functions.rs`
+//! and hands over to [`cerbas::run`].
+
+mod functions;
+
+use cerbas::{Config, Env, Overrides, Registry, Shutdown};
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Runs Rust functions for requests clients put into Redis.
+#[derive(Parser, Debug)]
+#[command(name = "cerbas", version, about)]
+struct Cli {
+    /// Configuration file [default: cerbas.toml if it exists]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Redis URL, e.g. redis://:password@127.0.0.1:6379 (overrides CERBAS_REDIS_URL)
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+    /// dev (db 1) or prod (db 8) unless the URL names a db (overrides CERBAS_ENV)
+    #[arg(long, value_parser = ["dev", "prod"])]
+    env: Option<String>,
+    /// Worker threads
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// The cron file
+    #[arg(long, value_name = "PATH")]
+    crontab: Option<PathBuf>,
+    /// Address of the HTTP plug, e.g. 127.0.0.1:4455
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
+}
+
+fn load(cli: &Cli) -> Result<Config, cerbas::Error> {
+    let mut config = match &cli.config {
+        Some(path) => Config::from_file(path)?,
+        None if std::path::Path::new("cerbas.toml").exists() => {
+            Config::from_file("cerbas.toml".as_ref())?
+        }
+        None => {
+            log::warn!("no cerbas.toml here and no --config: using defaults (no registered users)");
+            Config::default()
+        }
+    };
+    config.apply_env(|k| std::env::var(k).ok())?;
+    config.apply_overrides(&Overrides {
+        redis_url: cli.redis.clone(),
+        env: cli.env.as_deref().map(str::parse::<Env>).transpose()?,
+        workers: cli.workers,
+        crontab: cli.crontab.clone(),
+        http: cli.http.clone(),
+    });
+    config.validate()?;
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let config = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = Shutdown::new();
+    let signals = shutdown.clone();
+    let seen = AtomicUsize::new(0);
+    // The handler only forwards: the first signal asks for a graceful stop, a
+    // second one ends the process at once.
+    let handler = ctrlc::set_handler(move || {
+        if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+            signals.trigger();
+        } else {
+            std::process::exit(130);
+        }
+    });
+    if let Err(e) = handler {
+        log::error!("cannot install the signal handler: {e}");
+        return ExitCode::from(2);
+    }
+    let mut registry = Registry::new();
+    functions::register(&mut registry);
+    match cerbas::run(config, registry, shutdown) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

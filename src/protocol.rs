@@ -1,0 +1,410 @@
+//! The wire protocol of DESIGN.md §2, kept compatible with the original CERBAS:
+//! key and channel names, queue entries, request bodies, and reply encoding (JSON
+//! and msgpack). Pure: no I/O, no clock, so all of it is unit-tested without Redis.
+//! Not for: deciding what to do with a request (that is `dispatch.rs`).
+
+use crate::error::RequestError;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// The key prefix the original used and every existing client expects.
+pub const DEFAULT_PREFIX: &str = "CERBAS";
+
+/// How deep arrays and objects may nest in a request body (serde_json's own limit;
+/// it keeps a hostile body from exhausting a worker's stack).
+pub const MAX_DEPTH: usize = 128;
+
+/// Names of every key and channel for one prefix and Redis database.
+///
+/// ```
+/// let keys = cerbas::Keys::new("CERBAS", 1);
+/// assert_eq!(keys.request(7), "CERBAS-REQ-0000000007");
+/// assert_eq!(keys.reply_channel(7), "CERBAS-RESPONSE-1-0000000007");
+/// assert_eq!(keys.msgpack_channel(7), "MSGPACK:CERBAS-RESPONSE-1-0000000007");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+    db: i64,
+}
+
+impl Keys {
+    /// Keys for `prefix` (normally [`DEFAULT_PREFIX`]) in database `db`.
+    pub fn new(prefix: &str, db: i64) -> Self {
+        Keys {
+            prefix: prefix.to_string(),
+            db,
+        }
+    }
+
+    /// The Redis database number, part of every reply channel's name.
+    pub fn db(&self) -> i64 {
+        self.db
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `P-COUNTER`: clients `INCR` it to get a request id.
+    pub fn counter(&self) -> String {
+        format!("{}-COUNTER", self.prefix)
+    }
+
+    /// `P-QUEUE`: the list of request ids waiting to be served.
+    pub fn queue(&self) -> String {
+        format!("{}-QUEUE", self.prefix)
+    }
+
+    /// `P-REQ-{id:010}`: where a client stores the request body.
+    pub fn request(&self, id: u64) -> String {
+        format!("{}-REQ-{id:010}", self.prefix)
+    }
+
+    /// `P-REQUEST-{id:010}`: the name later versions of the original's Python client
+    /// use; read only when [`Keys::request`] is missing.
+    pub fn request_fallback(&self, id: u64) -> String {
+        format!("{}-REQUEST-{id:010}", self.prefix)
+    }
+
+    /// `P-RESPONSE-{db}-{id:010}`: the channel the JSON reply is published on.
+    pub fn reply_channel(&self, id: u64) -> String {
+        format!("{}-RESPONSE-{}-{id:010}", self.prefix, self.db)
+    }
+
+    /// `MSGPACK:P-RESPONSE-{db}-{id:010}`: the channel of the msgpack reply.
+    pub fn msgpack_channel(&self, id: u64) -> String {
+        format!("MSGPACK:{}", self.reply_channel(id))
+    }
+
+    /// `P-PROCESSING-{instance}`: the ids one server instance has taken from the
+    /// queue and not yet answered (the reliable-queue pattern of DESIGN §4).
+    pub fn processing(&self, instance: &str) -> String {
+        format!("{}-PROCESSING-{instance}", self.prefix)
+    }
+
+    /// `P-{name}`: a key under the prefix, for functions that keep state in Redis.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+}
+
+/// Parses a queue entry into a request id. Only plain decimal digits that fit in a
+/// `u64` are ids: `abc`, ``, `-3`, `+3` and a 40-digit number are not.
+///
+/// ```
+/// assert_eq!(cerbas::protocol::parse_queue_entry(b"42"), Some(42));
+/// assert_eq!(cerbas::protocol::parse_queue_entry(b"-3"), None);
+/// ```
+pub fn parse_queue_entry(entry: &[u8]) -> Option<u64> {
+    if entry.is_empty() || !entry.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(entry).ok()?.parse().ok()
+}
+
+/// A request body that passed every syntactic check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Name of the function to run.
+    pub func: String,
+    /// Its arguments (an absent or `null` `args` is an empty object).
+    pub args: Map<String, Value>,
+    /// The registered user who asks.
+    pub user: Option<String>,
+    /// The registered kind of program that asks.
+    pub source: Option<String>,
+    /// Run no earlier than this many milliseconds after the request was read.
+    pub delay_ms: Option<u64>,
+}
+
+impl Request {
+    /// A request for `func` with `args`, as HTTP, cron and tests build them.
+    pub fn new(func: &str, args: Map<String, Value>) -> Self {
+        Request {
+            func: func.to_string(),
+            args,
+            user: None,
+            source: None,
+            delay_ms: None,
+        }
+    }
+}
+
+/// Parses and checks a request body (DESIGN §2), from raw bytes as they come out of
+/// Redis. Every failure is a [`RequestError`] whose text is the reply's message.
+///
+/// ```
+/// use cerbas::protocol::parse_request;
+/// let r = parse_request(br#"{"func":"sum","args":{"a":1,"b":2},"user":"tom","source":"web"}"#, 1024).unwrap();
+/// assert_eq!(r.func, "sum");
+/// assert_eq!(parse_request(b"[1]", 1024).unwrap_err().to_string(), "request must be a JSON object");
+/// ```
+pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<Request, RequestError> {
+    if body.len() > max_bytes {
+        return Err(RequestError::TooLarge {
+            size: body.len(),
+            limit: max_bytes,
+        });
+    }
+    let text = std::str::from_utf8(body).map_err(|_| RequestError::NotUtf8)?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        if e.to_string().contains("recursion limit exceeded") {
+            RequestError::TooDeep(MAX_DEPTH)
+        } else {
+            RequestError::Malformed(e.to_string())
+        }
+    })?;
+    let Value::Object(mut obj) = value else {
+        return Err(RequestError::NotAnObject);
+    };
+    let func = match obj.remove("func") {
+        None | Some(Value::Null) => return Err(RequestError::Missing("func")),
+        Some(Value::String(f)) => f,
+        Some(_) => return Err(RequestError::NotAString("func")),
+    };
+    let args = match obj.remove("args") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(a)) => a,
+        Some(_) => return Err(RequestError::ArgsNotObject),
+    };
+    let user = optional_string(&mut obj, "user")?;
+    let source = optional_string(&mut obj, "source")?;
+    let delay_ms = match obj.remove("delay") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(n.as_u64().ok_or(RequestError::BadDelay)?),
+        Some(_) => return Err(RequestError::BadDelay),
+    };
+    Ok(Request {
+        func,
+        args,
+        user,
+        source,
+        delay_ms,
+    })
+}
+
+fn optional_string(
+    obj: &mut Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<String>, RequestError> {
+    match obj.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(RequestError::NotAString(field)),
+    }
+}
+
+/// A reply to a request: `{"status":"ok","data":…}` or `{"status":"error","data":"…"}`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// The function's value.
+    Ok(Value),
+    /// An error message.
+    Error(String),
+}
+
+#[derive(Serialize)]
+struct Wire<'a> {
+    status: &'static str,
+    data: &'a Value,
+}
+
+impl Reply {
+    fn wire<R>(&self, encode: impl FnOnce(&Wire) -> R) -> R {
+        match self {
+            Reply::Ok(v) => encode(&Wire {
+                status: "ok",
+                data: v,
+            }),
+            Reply::Error(m) => encode(&Wire {
+                status: "error",
+                data: &Value::String(m.clone()),
+            }),
+        }
+    }
+
+    /// The JSON form, published on the reply channel.
+    ///
+    /// ```
+    /// use cerbas::Reply;
+    /// assert_eq!(Reply::Ok("hi".into()).to_json(), br#"{"status":"ok","data":"hi"}"#);
+    /// ```
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing a Value with string keys cannot fail.
+        self.wire(|w| serde_json::to_vec(w).unwrap_or_default())
+    }
+
+    /// The msgpack form (a map with string keys), published on the `MSGPACK:` channel.
+    pub fn to_msgpack(&self) -> Vec<u8> {
+        self.wire(|w| rmp_serde::to_vec_named(w).unwrap_or_default())
+    }
+
+    /// Parses the JSON form back, as clients do.
+    pub fn from_json(bytes: &[u8]) -> Result<Reply, String> {
+        let v: Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        Self::from_value(v)
+    }
+
+    /// Parses the msgpack form back, as clients do.
+    pub fn from_msgpack(bytes: &[u8]) -> Result<Reply, String> {
+        let v: Value = rmp_serde::from_slice(bytes).map_err(|e| e.to_string())?;
+        Self::from_value(v)
+    }
+
+    fn from_value(v: Value) -> Result<Reply, String> {
+        let Value::Object(mut obj) = v else {
+            return Err("reply is not an object".into());
+        };
+        let data = obj.remove("data").unwrap_or(Value::Null);
+        match obj.get("status").and_then(Value::as_str) {
+            Some("ok") => Ok(Reply::Ok(data)),
+            Some("error") => match data {
+                Value::String(m) => Ok(Reply::Error(m)),
+                other => Ok(Reply::Error(other.to_string())),
+            },
+            _ => Err("reply has no valid status".into()),
+        }
+    }
+}
+
+impl From<RequestError> for Reply {
+    fn from(e: RequestError) -> Self {
+        Reply::Error(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn key_names_match_the_original() {
+        let k = Keys::new("CERBAS", 8);
+        assert_eq!(k.counter(), "CERBAS-COUNTER");
+        assert_eq!(k.queue(), "CERBAS-QUEUE");
+        assert_eq!(k.request(1), "CERBAS-REQ-0000000001");
+        assert_eq!(k.request_fallback(1), "CERBAS-REQUEST-0000000001");
+        assert_eq!(k.reply_channel(12345), "CERBAS-RESPONSE-8-0000012345");
+        assert_eq!(
+            k.msgpack_channel(12345),
+            "MSGPACK:CERBAS-RESPONSE-8-0000012345"
+        );
+        assert_eq!(k.processing("h-1"), "CERBAS-PROCESSING-h-1");
+        // Ids past ten digits are not truncated.
+        assert_eq!(k.request(12_345_678_901), "CERBAS-REQ-12345678901");
+    }
+
+    #[test]
+    fn queue_entries() {
+        assert_eq!(parse_queue_entry(b"1"), Some(1));
+        assert_eq!(parse_queue_entry(b"0000000012"), Some(12));
+        for bad in [
+            &b"abc"[..],
+            b"",
+            b"-3",
+            b"+3",
+            b" 3",
+            b"3.0",
+            b"1234567890123456789012345678901234567890",
+        ] {
+            assert_eq!(parse_queue_entry(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn parses_a_full_request() {
+        let r = parse_request(
+            br#"{"func":"sum","args":{"a":1},"user":"tom","source":"web","delay":250}"#,
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(r.func, "sum");
+        assert_eq!(r.args.get("a"), Some(&json!(1)));
+        assert_eq!(r.user.as_deref(), Some("tom"));
+        assert_eq!(r.source.as_deref(), Some("web"));
+        assert_eq!(r.delay_ms, Some(250));
+    }
+
+    #[test]
+    fn args_absent_or_null_is_empty() {
+        let r = parse_request(br#"{"func":"hello"}"#, 100).unwrap();
+        assert!(r.args.is_empty());
+        let r = parse_request(br#"{"func":"hello","args":null}"#, 100).unwrap();
+        assert!(r.args.is_empty());
+        assert_eq!(r.user, None);
+    }
+
+    fn err(body: &[u8]) -> String {
+        parse_request(body, 64).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn every_bad_body_has_its_message() {
+        assert_eq!(err(&[b' '; 65]), "request too large: 65 bytes (limit 64)");
+        assert_eq!(err(b"\xff\xfe{}"), "request is not valid UTF-8");
+        assert!(err(b"{nope").starts_with("malformed JSON: "));
+        assert_eq!(err(b"\"hi\""), "request must be a JSON object");
+        assert_eq!(err(b"{}"), "missing \"func\"");
+        assert_eq!(err(br#"{"func":3}"#), "\"func\" must be a string");
+        assert_eq!(
+            err(br#"{"func":"a","args":[1]}"#),
+            "\"args\" must be an object"
+        );
+        assert_eq!(
+            err(br#"{"func":"a","user":1}"#),
+            "\"user\" must be a string"
+        );
+        assert_eq!(
+            err(br#"{"func":"a","source":[]}"#),
+            "\"source\" must be a string"
+        );
+        for d in ["-1", "1.5", "\"10\""] {
+            let body = format!(r#"{{"func":"a","delay":{d}}}"#);
+            assert_eq!(
+                err(body.as_bytes()),
+                "\"delay\" must be a whole number of milliseconds, 0 or more"
+            );
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        let body = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(
+            parse_request(body.as_bytes(), 1 << 20)
+                .unwrap_err()
+                .to_string(),
+            "request nested too deeply (limit 128 levels)"
+        );
+    }
+
+    #[test]
+    fn replies_round_trip_in_both_forms() {
+        let values = [
+            json!("hello world!"),
+            json!(null),
+            json!({"nested": {"list": [1, -2, 3.5, "ü€😀"]}, "empty": {}, "e": []}),
+            json!(u64::MAX),
+            json!(i64::MIN),
+        ];
+        for v in values {
+            let r = Reply::Ok(v);
+            assert_eq!(Reply::from_json(&r.to_json()).unwrap(), r);
+            assert_eq!(Reply::from_msgpack(&r.to_msgpack()).unwrap(), r);
+        }
+        let e = Reply::Error("timeout".into());
+        assert_eq!(e.to_json(), br#"{"status":"error","data":"timeout"}"#);
+        assert_eq!(Reply::from_msgpack(&e.to_msgpack()).unwrap(), e);
+    }
+
+    #[test]
+    fn msgpack_reply_is_a_map_with_string_keys() {
+        let bytes = Reply::Ok(json!(1)).to_msgpack();
+        // fixmap of 2, then fixstr "status".
+        assert_eq!(bytes[0], 0x82);
+        assert_eq!(&bytes[1..8], b"\xa6status");
+    }
+}

@@ -1,0 +1,266 @@
+//! The publisher thread: owns one Redis connection and sends every reply. Per
+//! batch, one pipeline: `PUBLISH` the JSON and the msgpack forms, then acknowledge
+//! each request (remove its id from this instance's processing list and delete its
+//! request key). A reply nobody was subscribed to (the seed's client subscribes
+//! after its `RPUSH`) is published again with back-off for `reply_grace_ms`.
+//! On `Finish` it flushes, then moves whatever this instance still holds back to
+//! the queue, so a shutdown loses nothing. Not for: encoding replies (the workers
+//! do that) or deciding them (`dispatch.rs`).
+
+use crate::connection::Connector;
+use crate::protocol::Keys;
+use crate::shutdown::Shutdown;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use redis::{Connection, RedisResult};
+use std::collections::BinaryHeap;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A reply in both wire forms.
+pub(crate) struct Encoded {
+    pub(crate) json: Vec<u8>,
+    pub(crate) msgpack: Vec<u8>,
+}
+
+/// What the publisher is asked to do.
+pub(crate) enum Outgoing {
+    /// Publish (unless `encoded` is `None`: a "no reply") and acknowledge request `id`.
+    Reply { id: u64, encoded: Option<Encoded> },
+    /// Flush everything before this, requeue what is still held, and stop.
+    Finish,
+}
+
+const MAX_BATCH: usize = 512;
+const FIRST_RETRY: Duration = Duration::from_millis(2);
+const RETRY_FACTOR: u32 = 3;
+/// On shutdown, how long replies nobody has received yet are still retried.
+const FINISH_GRACE: Duration = Duration::from_secs(1);
+
+/// A reply published to nobody, to be published again.
+struct Retry {
+    due: Instant,
+    wait: Duration,
+    give_up: Instant,
+    id: u64,
+    encoded: Encoded,
+}
+
+impl PartialEq for Retry {
+    fn eq(&self, other: &Self) -> bool {
+        self.due == other.due
+    }
+}
+impl Eq for Retry {}
+impl PartialOrd for Retry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Retry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.due.cmp(&self.due)
+    }
+}
+
+/// Settings of the publisher thread.
+pub(crate) struct Publisher {
+    pub(crate) connector: Connector,
+    pub(crate) keys: Keys,
+    pub(crate) processing: String,
+    pub(crate) grace: Duration,
+}
+
+/// Starts the publisher thread reading `rx`.
+pub(crate) fn start(p: Publisher, rx: Receiver<Outgoing>) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("cerbas-publisher".into())
+        .spawn(move || p.run(rx))
+}
+
+impl Publisher {
+    fn run(mut self, rx: Receiver<Outgoing>) {
+        // The publisher stops on `Finish`, after the workers, not when shutdown is
+        // triggered: its reconnects wait on deadlines and on this, which nobody
+        // triggers.
+        let never = Shutdown::new();
+        let mut conn: Option<Connection> = None;
+        let mut retries: BinaryHeap<Retry> = BinaryHeap::new();
+        let mut finish_by: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            let mut batch = Vec::new();
+            if finish_by.is_none() {
+                let wait = retries
+                    .peek()
+                    .map(|r| r.due.saturating_duration_since(now))
+                    .unwrap_or(Duration::from_secs(1));
+                match rx.recv_timeout(wait) {
+                    Ok(Outgoing::Finish) | Err(RecvTimeoutError::Disconnected) => {
+                        finish_by = Some(Instant::now() + FINISH_GRACE.min(self.grace));
+                    }
+                    Ok(Outgoing::Reply { id, encoded }) => batch.push((id, encoded)),
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
+                while finish_by.is_none() && batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(Outgoing::Reply { id, encoded }) => batch.push((id, encoded)),
+                        Ok(Outgoing::Finish) => {
+                            finish_by = Some(Instant::now() + FINISH_GRACE.min(self.grace))
+                        }
+                        Err(_) => break,
+                    }
+                }
+            } else if let Some(r) = retries.peek() {
+                std::thread::sleep(r.due.saturating_duration_since(now));
+            }
+            let now = Instant::now();
+            let mut again = Vec::new();
+            while retries.peek().is_some_and(|r| r.due <= now) {
+                again.extend(retries.pop());
+            }
+            if !batch.is_empty() || !again.is_empty() {
+                let Some(received) = self.send(&never, &mut conn, &batch, &again, finish_by) else {
+                    log::warn!("redis unavailable at shutdown: replies not published");
+                    return;
+                };
+                self.schedule_retries(&mut retries, batch, again, received);
+            }
+            if let Some(by) = finish_by {
+                if retries.is_empty() || Instant::now() >= by {
+                    self.requeue_held(&never, &mut conn, by + Duration::from_secs(5));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sends one pipeline, reconnecting until it goes through (or, when finishing,
+    /// until shortly after `finish_by`). Returns, for each reply in `batch` then
+    /// `again`, whether anybody received it.
+    fn send(
+        &mut self,
+        never: &Shutdown,
+        conn: &mut Option<Connection>,
+        batch: &[(u64, Option<Encoded>)],
+        again: &[Retry],
+        finish_by: Option<Instant>,
+    ) -> Option<Vec<bool>> {
+        let mut pipe = redis::pipe();
+        let mut publish = |id: u64, e: &Encoded| {
+            pipe.cmd("PUBLISH")
+                .arg(self.keys.reply_channel(id))
+                .arg(&e.json)
+                .cmd("PUBLISH")
+                .arg(self.keys.msgpack_channel(id))
+                .arg(&e.msgpack);
+        };
+        for (id, encoded) in batch {
+            if let Some(e) = encoded {
+                publish(*id, e);
+            }
+        }
+        for r in again {
+            publish(r.id, &r.encoded);
+        }
+        for (id, _) in batch {
+            pipe.cmd("LREM")
+                .arg(&self.processing)
+                .arg(1)
+                .arg(id.to_string())
+                .ignore()
+                .cmd("DEL")
+                .arg(self.keys.request(*id))
+                .arg(self.keys.request_fallback(*id))
+                .ignore();
+        }
+        let give_up = finish_by.map(|by| by + Duration::from_secs(5));
+        loop {
+            if conn.is_none() {
+                *conn = Some(self.connector.connect_until(never, give_up)?);
+            }
+            let c = conn.as_mut()?;
+            let result: RedisResult<Vec<i64>> = pipe.query(c);
+            match result {
+                Ok(counts) => {
+                    return Some(
+                        counts
+                            .chunks(2)
+                            .map(|p| p.iter().sum::<i64>() > 0)
+                            .collect(),
+                    )
+                }
+                Err(e) => {
+                    self.connector.broken(&e);
+                    *conn = None;
+                }
+            }
+        }
+    }
+
+    fn schedule_retries(
+        &self,
+        retries: &mut BinaryHeap<Retry>,
+        batch: Vec<(u64, Option<Encoded>)>,
+        again: Vec<Retry>,
+        received: Vec<bool>,
+    ) {
+        let now = Instant::now();
+        let fresh = batch.into_iter().filter_map(|(id, e)| {
+            e.map(|encoded| Retry {
+                due: now,
+                wait: FIRST_RETRY / RETRY_FACTOR,
+                give_up: now + self.grace,
+                id,
+                encoded,
+            })
+        });
+        for (r, got) in fresh.chain(again).zip(received) {
+            let wait = r.wait * RETRY_FACTOR;
+            if !got && now + wait <= r.give_up {
+                retries.push(Retry {
+                    due: now + wait,
+                    wait,
+                    ..r
+                });
+            }
+        }
+    }
+
+    /// Moves every id still in this instance's processing list back to the head of
+    /// the queue, oldest first in line.
+    fn requeue_held(&mut self, never: &Shutdown, conn: &mut Option<Connection>, give_up: Instant) {
+        let mut moved = 0u64;
+        loop {
+            if conn.is_none() {
+                match self.connector.connect_until(never, Some(give_up)) {
+                    Some(c) => *conn = Some(c),
+                    None => break,
+                }
+            }
+            let Some(c) = conn.as_mut() else { break };
+            let r: RedisResult<Option<String>> = redis::cmd("LMOVE")
+                .arg(&self.processing)
+                .arg(self.keys.queue())
+                .arg("RIGHT")
+                .arg("LEFT")
+                .query(c);
+            match r {
+                Ok(Some(_)) => moved += 1,
+                Ok(None) => {
+                    if moved > 0 {
+                        log::info!("returned {moved} unfinished requests to the queue");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    self.connector.broken(&e);
+                    *conn = None;
+                }
+            }
+        }
+        log::warn!(
+            "could not return unfinished requests to the queue; they stay in {}",
+            self.processing
+        );
+    }
+}

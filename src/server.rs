@@ -1,0 +1,152 @@
+//! Starts the threads in order and stops them in order (DESIGN §3):
+//! timer → publisher → workers → reader; then, on shutdown: the reader stops
+//! taking, the workers drain what they hold until the drain deadline, the
+//! publisher flushes and returns what is left to the queue, the timer stops.
+//! Not for: signals or flags (`main.rs`).
+
+use crate::config::Config;
+use crate::connection::{ConnectionPool, Connector};
+use crate::context::Services;
+use crate::dispatch::{Dispatcher, Stats};
+use crate::error::Error;
+use crate::pool::Worker;
+use crate::protocol::Keys;
+use crate::publisher::{Outgoing, Publisher};
+use crate::reader::{Reader, BLOCK};
+use crate::registry::Registry;
+use crate::shutdown::Shutdown;
+use crossbeam_channel::RecvTimeoutError;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Runs the server until `shutdown` is triggered (by a signal, by `halt`, or by the
+/// embedding program), then stops it gracefully. Returns once every request it
+/// took is answered or back in the queue.
+///
+/// ```no_run
+/// let mut registry = cerbas::Registry::new();
+/// registry.register("hello", |_: cerbas::NoArgs, _: &cerbas::Context| -> Result<&str, cerbas::FnError> {
+///     Ok("hello world!")
+/// });
+/// cerbas::run(cerbas::Config::default(), registry, cerbas::Shutdown::new()).unwrap();
+/// ```
+pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result<(), Error> {
+    config.validate()?;
+    for name in registry.apply_config(&config.functions) {
+        log::warn!("configuration names function {name:?}, which is not registered");
+    }
+    let keys = Keys::new(&config.prefix, config.db());
+    let client = redis::Client::open(config.connection_url()?.as_str())?;
+    let instance = instance_name();
+    let processing = keys.processing(&instance);
+    let stats = Arc::new(Stats::default());
+    log::info!(
+        "cerbas {} starting: {}",
+        env!("CARGO_PKG_VERSION"),
+        config.summary()
+    );
+    log::info!(
+        "instance {instance}; functions: {}",
+        registry.names().join(", ")
+    );
+    if !config.http.is_empty() {
+        log::warn!(
+            "the HTTP plug is not built yet: --http {} is ignored",
+            config.http
+        );
+    }
+    // Socket reads must outlast BLMOVE's block (DESIGN §8), with room to spare.
+    let read_timeout = BLOCK + Duration::from_secs(10);
+
+    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(config.workers);
+    let (due_tx, due_rx) = crossbeam_channel::unbounded();
+    let (out_tx, out_rx) = crossbeam_channel::unbounded();
+    let (timer, timer_thread) = crate::timer::start(due_tx, shutdown.clone())?;
+    let publisher = crate::publisher::start(
+        Publisher {
+            connector: Connector::new(client.clone(), "publisher", read_timeout),
+            keys: keys.clone(),
+            processing: processing.clone(),
+            grace: Duration::from_millis(config.reply_grace_ms),
+        },
+        out_rx,
+    )?;
+    let dispatcher = Arc::new(Dispatcher {
+        registry: Arc::new(registry),
+        access: config.access.clone(),
+        default_timeout: Duration::from_millis(config.timeout_ms),
+        max_delay: Duration::from_millis(config.max_delay_ms),
+        services: Arc::new(Services {
+            keys: keys.clone(),
+            pool: Some(ConnectionPool::new(client.clone(), config.redis_pool_size)),
+            timer: Some(timer.clone()),
+        }),
+        out: out_tx.clone(),
+        stats: stats.clone(),
+    });
+    let abandon = Arc::new(AtomicBool::new(false));
+    let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
+    crate::pool::start(
+        config.workers,
+        Worker {
+            dispatcher,
+            jobs: jobs_rx,
+            due: due_rx,
+            abandon: abandon.clone(),
+            _alive: alive_tx,
+        },
+    )?;
+    let queue = keys.queue();
+    let reader = crate::reader::start(Reader {
+        connector: Connector::new(client, "reader", read_timeout),
+        keys,
+        processing,
+        max_request_bytes: config.max_request_bytes,
+        jobs: jobs_tx,
+        stats: stats.clone(),
+        shutdown: shutdown.clone(),
+    })?;
+    log::info!("ready: taking requests from {queue}");
+
+    shutdown.wait();
+    let drain = Duration::from_millis(config.drain_timeout_ms);
+    log::info!("shutting down: finishing requests in hand (up to {drain:?})");
+    let deadline = Instant::now() + drain;
+    let _ = reader.join();
+    match alive_rx.recv_deadline(deadline) {
+        Err(RecvTimeoutError::Disconnected) | Ok(()) => {}
+        Err(RecvTimeoutError::Timeout) => {
+            abandon.store(true, Ordering::SeqCst);
+            log::warn!(
+                "workers still busy at the drain deadline; their requests go back to the queue"
+            );
+        }
+    }
+    let _ = out_tx.send(Outgoing::Finish);
+    let _ = publisher.join();
+    timer.stop();
+    let _ = timer_thread.join();
+    log::info!(
+        "stopped: {} requests, {} ok, {} errors, {} timeouts, {} panics, {} bad queue entries",
+        stats.requests.load(Ordering::Relaxed),
+        stats.ok.load(Ordering::Relaxed),
+        stats.errors.load(Ordering::Relaxed),
+        stats.timeouts.load(Ordering::Relaxed),
+        stats.panics.load(Ordering::Relaxed),
+        stats.bad_entries.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// A name unique to this process: host, pid and start time.
+fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("{host}-{}-{started}", std::process::id())
+}

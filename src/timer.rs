@@ -1,0 +1,209 @@
+//! The timer: one thread that fires events at their due time: deadlines of running
+//! calls (the caller gets `timeout`), delayed requests coming due, and a delayed
+//! shutdown (`halt`). The queue itself ([`TimerQueue`]) is pure and takes the time
+//! as an argument, so it is tested without sleeping. Not for: running functions (the
+//! workers do; due requests go to them on a channel).
+
+use crate::dispatch::{Job, Pending};
+use crate::shutdown::Shutdown;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Items ordered by due time; ties keep insertion order.
+pub struct TimerQueue<T> {
+    heap: BinaryHeap<Entry<T>>,
+    seq: u64,
+}
+
+struct Entry<T> {
+    due: Instant,
+    seq: u64,
+    item: T,
+}
+
+impl<T> PartialEq for Entry<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl<T> Eq for Entry<T> {}
+impl<T> PartialOrd for Entry<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl<T> Ord for Entry<T> {
+    // Reversed: BinaryHeap is a max-heap and we want the earliest first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.due, other.seq).cmp(&(self.due, self.seq))
+    }
+}
+
+impl<T> Default for TimerQueue<T> {
+    fn default() -> Self {
+        TimerQueue {
+            heap: BinaryHeap::new(),
+            seq: 0,
+        }
+    }
+}
+
+impl<T> TimerQueue<T> {
+    /// An empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `item`, due at `due`.
+    pub fn push(&mut self, due: Instant, item: T) {
+        self.seq += 1;
+        self.heap.push(Entry {
+            due,
+            seq: self.seq,
+            item,
+        });
+    }
+
+    /// When the earliest item is due.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.heap.peek().map(|e| e.due)
+    }
+
+    /// Removes and returns the earliest item if it is due at `now`.
+    pub fn pop_due(&mut self, now: Instant) -> Option<T> {
+        if self.next_due()? <= now {
+            self.heap.pop().map(|e| e.item)
+        } else {
+            None
+        }
+    }
+
+    /// How many items wait.
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
+}
+
+/// What the timer thread does when an entry comes due.
+pub(crate) enum TimerEvent {
+    /// A call's deadline: answer `timeout` unless it answered already.
+    Deadline(Arc<Pending>),
+    /// A delayed request is due: hand it to the workers.
+    Due(Job),
+    /// Trigger shutdown (`halt`).
+    Shutdown,
+}
+
+enum Command {
+    Schedule(Instant, TimerEvent),
+    Stop,
+}
+
+/// Schedules events on the timer thread.
+#[derive(Clone)]
+pub(crate) struct TimerHandle {
+    tx: Sender<Command>,
+}
+
+impl TimerHandle {
+    pub(crate) fn schedule(&self, due: Instant, event: TimerEvent) {
+        // Fails only once the timer has stopped, at the very end of shutdown.
+        let _ = self.tx.send(Command::Schedule(due, event));
+    }
+
+    pub(crate) fn stop(&self) {
+        let _ = self.tx.send(Command::Stop);
+    }
+}
+
+/// Starts the timer thread. Due requests go to `due`; `halt` triggers `shutdown`.
+pub(crate) fn start(
+    due: Sender<Job>,
+    shutdown: Shutdown,
+) -> std::io::Result<(TimerHandle, JoinHandle<()>)> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let thread = std::thread::Builder::new()
+        .name("cerbas-timer".into())
+        .spawn(move || run(rx, due, shutdown))?;
+    Ok((TimerHandle { tx }, thread))
+}
+
+fn run(rx: Receiver<Command>, due: Sender<Job>, shutdown: Shutdown) {
+    let mut queue = TimerQueue::new();
+    loop {
+        let wait = queue
+            .next_due()
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(3600));
+        match rx.recv_timeout(wait) {
+            Ok(Command::Schedule(at, event)) => queue.push(at, event),
+            Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        let now = Instant::now();
+        while let Some(event) = queue.pop_due(now) {
+            match event {
+                TimerEvent::Deadline(pending) => pending.expire(),
+                // On shutdown a due request stays in this instance's processing
+                // list, which goes back to the queue: it is not lost.
+                TimerEvent::Due(job) if !shutdown.is_triggered() => {
+                    let _ = due.send(job);
+                }
+                TimerEvent::Due(_) => {}
+                TimerEvent::Shutdown => {
+                    log::info!("shutdown requested by a function");
+                    shutdown.trigger();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_come_out_in_due_order_and_only_when_due() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut q = TimerQueue::new();
+        q.push(at(30), "c");
+        q.push(at(10), "a");
+        q.push(at(20), "b1");
+        q.push(at(20), "b2");
+        assert_eq!(q.len(), 4);
+        assert_eq!(q.next_due(), Some(at(10)));
+        assert_eq!(q.pop_due(at(5)), None);
+        assert_eq!(q.pop_due(at(10)), Some("a"));
+        assert_eq!(q.pop_due(at(25)), Some("b1"));
+        assert_eq!(q.pop_due(at(25)), Some("b2"));
+        assert_eq!(q.pop_due(at(25)), None);
+        assert_eq!(q.pop_due(at(100)), Some("c"));
+        assert!(q.is_empty());
+        assert_eq!(q.next_due(), None);
+    }
+
+    #[test]
+    fn a_scheduled_shutdown_fires() {
+        let (due_tx, _due_rx) = crossbeam_channel::unbounded();
+        let shutdown = Shutdown::new();
+        let (timer, thread) = start(due_tx, shutdown.clone()).unwrap();
+        timer.schedule(
+            Instant::now() + Duration::from_millis(20),
+            TimerEvent::Shutdown,
+        );
+        assert!(shutdown.wait_timeout(Duration::from_secs(10)));
+        timer.stop();
+        thread.join().unwrap();
+    }
+}
