@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what `make run` and `make test` need on a fresh Debian machine:
+# redis-server and redis-cli (apt-get, when root), the Rust lint components, and a
+# Python virtualenv in .venv with the Python client's dependencies.
+# Not for: starting anything (see scripts/redis-up.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing ${need_apt[*]} with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: please install ${need_apt[*]} (sudo apt-get install ${need_apt[*]})" >&2
+    exit 1
+  fi
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found: install Rust with rustup (https://rustup.rs)" >&2
+  exit 1
+fi
+for comp in rustfmt clippy; do
+  if ! cargo "${comp/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    rustup component add "$comp"
+  fi
+done
+
+if [ "${1:-}" = "--python" ]; then
+  if [ ! -x .venv/bin/python ]; then
+    if ! python3 -m venv .venv 2>/dev/null; then
+      if [ "$(id -u)" -eq 0 ]; then
+        apt-get install -y -qq python3-venv >/dev/null
+        python3 -m venv .venv
+      else
+        echo "setup: python3 -m venv failed: install python3-venv" >&2
+        exit 1
+      fi
+    fi
+  fi
+  .venv/bin/python -m pip install -q -r clients/python/requirements.txt
+fi

@@ -1,0 +1,277 @@
+//! Test harness: a real `redis-server` on a free port and real `cerbas` processes.
+//! Everything started here is stopped when its handle drops. Waits are on events
+//! with deadlines (a reply, a PING, a process exit), never bare sleeps.
+#![allow(dead_code)]
+
+use cerbas::client::Mode;
+use cerbas::{Client, Env, Reply};
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A unique scratch directory under the system's temp dir.
+pub fn scratch(tag: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "cerbas-test-{}-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` at the deadline.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A redis-server of our own.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+    pub password: Option<String>,
+    pub dir: PathBuf,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_with(&[], None)
+    }
+
+    /// Starts redis-server with extra arguments (and `--requirepass` if a password
+    /// is given), retrying on another port if the chosen one was taken meanwhile.
+    pub fn start_with(extra: &[&str], password: Option<&str>) -> Redis {
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = scratch("redis");
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&dir)
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if let Some(p) = password {
+                cmd.args(["--requirepass", p]);
+            }
+            let child = cmd
+                .spawn()
+                .expect("redis-server (apt-get install redis-server)");
+            let mut r = Redis {
+                child,
+                port,
+                password: password.map(str::to_string),
+                dir,
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = r.child.try_wait() {
+                    break; // port taken: try another
+                }
+                if r.ping() {
+                    return r;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        panic!("could not start redis-server");
+    }
+
+    fn ping(&self) -> bool {
+        redis::Client::open(self.url_db(0).as_str())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+            .is_ok()
+    }
+
+    /// The URL without a db (the server picks db 1 for `dev`).
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    pub fn url_db(&self, db: i64) -> String {
+        format!("{}/{db}", self.url())
+    }
+
+    /// A plain connection to db 1, where the `dev` server works.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url_db(1).as_str())
+            .and_then(|c| c.get_connection())
+            .expect("redis connection")
+    }
+
+    /// A client as user `foo`, source `cerbastest` (the original's test client).
+    pub fn client(&self) -> Client {
+        Client::open(&self.url(), Env::Dev)
+            .expect("client")
+            .identity("foo", "cerbastest")
+            .timeout(Duration::from_secs(20))
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `cerbas` server process.
+pub struct Server {
+    child: Child,
+    pub log: PathBuf,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cerbas")
+}
+
+pub fn repo_file(name: &str) -> String {
+    format!("{}/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Writes a config file: the shipped one with `extra` keys put first.
+pub fn config_with(extra: &str) -> PathBuf {
+    let shipped = std::fs::read_to_string(repo_file("cerbas.toml")).expect("cerbas.toml");
+    let mut kept = String::new();
+    for line in shipped.lines() {
+        let key = line.split('=').next().unwrap_or("").trim();
+        if !extra
+            .lines()
+            .any(|l| l.split('=').next().unwrap_or("").trim() == key)
+        {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    let path = scratch("config").join("cerbas.toml");
+    std::fs::write(&path, format!("{extra}\n{kept}")).expect("write config");
+    path
+}
+
+impl Server {
+    /// Starts a server on `redis` with the shipped configuration and waits until it
+    /// answers `hello`.
+    pub fn start(redis: &Redis) -> Server {
+        Self::start_args(redis, &[])
+    }
+
+    pub fn start_args(redis: &Redis, args: &[&str]) -> Server {
+        let s = Self::spawn(redis, args, &[]);
+        s.wait_ready(redis);
+        s
+    }
+
+    /// Starts a server without waiting for it.
+    pub fn spawn(redis: &Redis, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let log = scratch("server").join("cerbas.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(bin());
+        if !args.contains(&"--config") {
+            cmd.args(["--config", &repo_file("cerbas.toml")]);
+        }
+        if !args.contains(&"--redis") && !env.iter().any(|(k, _)| *k == "CERBAS_REDIS_URL") {
+            cmd.args(["--redis", &redis.url()]);
+        }
+        cmd.args(args)
+            .env_remove("CERBAS_REDIS_URL")
+            .env_remove("CERBAS_ENV")
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        Server {
+            child: cmd.spawn().expect("cerbas binary"),
+            log,
+        }
+    }
+
+    pub fn wait_ready(&self, redis: &Redis) {
+        let mut c = redis.client();
+        let reply = c.request("hello", Value::Null);
+        assert_eq!(
+            reply.ok(),
+            Some(Reply::Ok("hello world!".into())),
+            "server did not answer hello; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// The seed's steps literally: subscribe after RPUSH.
+pub fn late(msgpack: bool) -> Mode {
+    Mode {
+        msgpack,
+        subscribe_late: true,
+    }
+}
+
+/// Reads an integer key in db 1 (0 if absent).
+pub fn get_int(conn: &mut redis::Connection, key: &str) -> i64 {
+    redis::cmd("GET")
+        .arg(key)
+        .query::<Option<i64>>(conn)
+        .expect("GET")
+        .unwrap_or(0)
+}

@@ -1,0 +1,282 @@
+//! End-to-end behaviour of a real server on a real redis-server: every example
+//! function in both reply forms, the seed's late subscriber, the key fallbacks,
+//! delays, width of the pool, and what is left in Redis afterwards.
+
+mod common;
+
+use cerbas::client::Mode;
+use cerbas::{Env, Reply};
+use common::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn ok(v: Value) -> Reply {
+    Reply::Ok(v)
+}
+
+fn err(m: &str) -> Reply {
+    Reply::Error(m.into())
+}
+
+#[test]
+fn every_example_function_answers_in_json_and_msgpack_to_a_late_subscriber() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let mut c = redis.client();
+    let cases = [
+        ("hello", json!({}), ok(json!("hello world!"))),
+        ("echo", json!({"message": "ü€😀"}), ok(json!("ü€😀"))),
+        (
+            "withargs",
+            json!({"foo": {"a": [1, 2]}}),
+            ok(json!({"a": [1, 2]})),
+        ),
+        ("witherror", json!({}), err("unexpected error")),
+        ("sum", json!({"a": 1, "b": 2}), ok(json!(3))),
+        ("sum", json!({"a": 1.5, "b": -2}), ok(json!(-0.5))),
+        ("dummy", json!({}), ok(Value::Null)),
+        ("asyncfunc", json!({}), ok(json!(""))),
+        ("sleep", json!({"ms": 5}), ok(json!(5))),
+        ("primes", json!({"below": 100}), ok(json!(25))),
+    ];
+    for (func, args, want) in cases {
+        for msgpack in [false, true] {
+            for mode in [
+                late(msgpack),
+                Mode {
+                    msgpack,
+                    subscribe_late: false,
+                },
+            ] {
+                let body = c.body(func, args.clone());
+                let got = c.call(&body, mode).expect("a reply");
+                assert_eq!(got, want, "{func} {mode:?}");
+            }
+        }
+    }
+    let e = c.request("sum", json!({"a": "x", "b": 1})).unwrap();
+    assert!(
+        matches!(&e, Reply::Error(m) if m.starts_with("invalid arguments: ")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn slow_gets_timeout_under_the_default_deadline() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let mut c = redis.client();
+    let start = Instant::now();
+    assert_eq!(c.request("slow", json!({})).unwrap(), err("timeout"));
+    // The deadline is 5 s: not earlier.
+    assert!(start.elapsed() >= Duration::from_millis(4_900));
+}
+
+#[test]
+fn tally_uses_redis_through_the_context() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let mut c = redis.client();
+    for n in 1..=3 {
+        assert_eq!(
+            c.request("tally", json!({"name": "t"})).unwrap(),
+            ok(json!(n))
+        );
+    }
+    assert_eq!(get_int(&mut redis.conn(), "CERBAS-TALLY-t"), 3);
+}
+
+#[test]
+fn a_subscriber_that_comes_late_still_gets_the_reply() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let mut c = redis.client();
+    let body = c.body("hello", json!({}));
+    let id = c.submit(&body).unwrap();
+    // Subscribe well after the server has answered (the grace period is 5 s).
+    let processed = wait_for("the request key to go", Duration::from_secs(10), || {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(c.keys().request(id))
+            .query(&mut redis.conn())
+            .ok()?;
+        (!exists).then_some(())
+    });
+    let _ = processed;
+    std::thread::sleep(Duration::from_millis(300));
+    let got = c.call_id(id, |_| Ok(()), late(false)).unwrap();
+    assert_eq!(got, ok(json!("hello world!")));
+}
+
+#[test]
+fn the_request_fallback_key_is_read_when_req_is_missing() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let mut c = redis.client();
+    let mut conn = redis.conn();
+    let id: u64 = redis::cmd("INCR")
+        .arg("CERBAS-COUNTER")
+        .query(&mut conn)
+        .unwrap();
+    let body = c.body("echo", json!({"message": "old client"}));
+    let reply = c
+        .call_id(
+            id,
+            |c| {
+                let key = c.keys().request_fallback(id);
+                let queue = c.keys().queue();
+                redis::pipe()
+                    .cmd("SET")
+                    .arg(key)
+                    .arg(&body)
+                    .cmd("RPUSH")
+                    .arg(queue)
+                    .arg(id)
+                    .query::<()>(&mut redis.conn())
+                    .map_err(Into::into)
+            },
+            Mode::default(),
+        )
+        .unwrap();
+    assert_eq!(reply, ok(json!("old client")));
+    let left: bool = redis::cmd("EXISTS")
+        .arg(c.keys().request_fallback(id))
+        .query(&mut conn)
+        .unwrap();
+    assert!(!left, "the fallback key is deleted once served");
+}
+
+#[test]
+fn requests_waiting_before_start_are_served_and_the_counter_is_kept() {
+    let redis = Redis::start();
+    let mut c = redis.client();
+    let ids: Vec<u64> = (0..5)
+        .map(|_| c.send("tally", json!({"name": "early"})).unwrap())
+        .collect();
+    let _server = Server::start(&redis);
+    let mut conn = redis.conn();
+    wait_for("5 early requests", Duration::from_secs(20), || {
+        (get_int(&mut conn, "CERBAS-TALLY-early") == 5).then_some(())
+    });
+    // The counter goes on from where the clients left it (hello counted one more).
+    assert!(get_int(&mut conn, "CERBAS-COUNTER") > *ids.last().unwrap() as i64);
+}
+
+#[test]
+fn nothing_is_left_in_redis_after_the_replies() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let mut c = redis.client();
+    for _ in 0..20 {
+        c.request("hello", json!({})).unwrap();
+    }
+    let mut conn = redis.conn();
+    let keys: Vec<String> = wait_for("acks", Duration::from_secs(10), || {
+        let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).ok()?;
+        keys.sort();
+        (keys == ["CERBAS-COUNTER"]).then_some(keys)
+    });
+    assert_eq!(keys, ["CERBAS-COUNTER"]);
+}
+
+#[test]
+fn a_delayed_request_runs_no_earlier_than_its_delay() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let mut c = redis.client();
+    let body = json!({"func": "hello", "user": "foo", "source": "web", "delay": 400});
+    let start = Instant::now();
+    let got = c
+        .call(body.to_string().as_bytes(), Mode::default())
+        .unwrap();
+    assert_eq!(got, ok(json!("hello world!")));
+    assert!(start.elapsed() >= Duration::from_millis(400));
+}
+
+#[test]
+fn the_default_pool_runs_a_hundred_sleeping_calls_at_once() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    // 100 calls of 3 s each: with fewer than 100 workers they would take 6 s or more.
+    let start = Instant::now();
+    let callers: Vec<_> = (0..100)
+        .map(|_| {
+            let mut c = redis.client();
+            std::thread::spawn(move || c.request("sleep", json!({"ms": 3000})))
+        })
+        .collect();
+    for t in callers {
+        assert_eq!(t.join().unwrap().unwrap(), ok(json!(3000)));
+    }
+    assert!(
+        start.elapsed() < Duration::from_millis(5_900),
+        "took {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn a_password_in_the_url_works_and_never_reaches_the_log() {
+    let redis = Redis::start_with(&[], Some("s3cret-pw"));
+    let server = Server::start(&redis);
+    assert_eq!(
+        redis.client().request("hello", json!({})).unwrap(),
+        ok(json!("hello world!"))
+    );
+    let log = server.log_text();
+    assert!(log.contains("redis://:***@127.0.0.1"), "{log}");
+    assert!(!log.contains("s3cret-pw"), "{log}");
+}
+
+#[test]
+fn the_environment_chooses_redis_and_db_and_flags_win() {
+    let redis = Redis::start();
+    // CERBAS_ENV=prod → db 8.
+    let _prod = Server::spawn(
+        &redis,
+        &[],
+        &[("CERBAS_REDIS_URL", &redis.url()), ("CERBAS_ENV", "prod")],
+    );
+    let mut c = cerbas::Client::open(&redis.url(), Env::Prod)
+        .unwrap()
+        .identity("foo", "web");
+    assert_eq!(c.keys().reply_channel(1), "CERBAS-RESPONSE-8-0000000001");
+    assert_eq!(
+        c.request("hello", json!({})).unwrap(),
+        ok(json!("hello world!"))
+    );
+    // --env dev wins over CERBAS_ENV=prod → db 1.
+    let dev = Server::spawn(&redis, &["--env", "dev"], &[("CERBAS_ENV", "prod")]);
+    dev.wait_ready(&redis);
+}
+
+#[test]
+fn help_lists_every_flag_and_bad_flags_are_refused() {
+    let out = std::process::Command::new(bin())
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--config",
+        "--redis",
+        "--env",
+        "--workers",
+        "--crontab",
+        "--http",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+    let out = std::process::Command::new(bin())
+        .args(["--workers", "0", "--config", &repo_file("cerbas.toml")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("workers must be 1 to 10000"));
+    let out = std::process::Command::new(bin())
+        .args(["--config", "/nonexistent/cerbas.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cerbas.toml"));
+}
