@@ -32,6 +32,15 @@ impl Env {
     }
 }
 
+impl std::fmt::Display for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Env::Dev => "dev",
+            Env::Prod => "prod",
+        })
+    }
+}
+
 impl FromStr for Env {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
@@ -231,7 +240,7 @@ impl Config {
     /// One line for the start-up log: where, which db, how wide.
     pub fn summary(&self) -> String {
         format!(
-            "redis={} db={} env={:?} prefix={} workers={} timeout_ms={} users={} sources={}",
+            "redis={} db={} env={} prefix={} workers={} timeout_ms={} users={} sources={}",
             redact_url(&self.redis_url),
             self.db(),
             self.env,

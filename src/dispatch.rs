@@ -128,20 +128,23 @@ pub(crate) struct Dispatcher {
 impl Dispatcher {
     /// Runs `job` to its reply. Blocks the calling worker for the function's run.
     pub(crate) fn handle(&self, job: Job) {
-        bump(&self.stats.requests);
+        if !job.waited {
+            bump(&self.stats.requests);
+        }
         let request = match job.body {
             Ok(r) => r,
             Err(e) => return self.refuse(&job.reply_to, e),
         };
-        if let (Some(ms), false) = (request.delay_ms.filter(|ms| *ms > 0), job.waited) {
-            return self.delay(job.reply_to, request, ms);
-        }
+        // Checked before a delay too, so a bad request is told at once.
         if let Err(e) = self.check_access(&request) {
             return self.refuse(&job.reply_to, e);
         }
         let Some(function) = self.registry.get(&request.func) else {
             return self.refuse(&job.reply_to, RequestError::UnknownFunction(request.func));
         };
+        if let (Some(ms), false) = (request.delay_ms.filter(|ms| *ms > 0), job.waited) {
+            return self.delay(job.reply_to, request, ms);
+        }
         log::debug!(
             "{} from user {:?} source {:?}",
             request.func,
@@ -419,6 +422,9 @@ mod tests {
             rx.recv_timeout(Duration::from_secs(10)).unwrap(),
             Some(Reply::Ok(Value::from("hello world!")))
         );
+        let mut r = request("nope", "tom", "web");
+        r.delay_ms = Some(10_000);
+        assert_eq!(error(&f, Ok(r)), "unknown function: nope", "told at once");
         let mut r = request("hello", "tom", "web");
         r.delay_ms = Some(u64::MAX);
         assert_eq!(error(&f, Ok(r)), "\"delay\" must be at most 60000 ms");
