@@ -1,0 +1,364 @@
+"""End-to-end tests of cerbas_client against a real redis-server and the cerbas
+binary (the example functions of src/functions.rs, configured by cerbas.toml).
+
+Needs /usr/bin/redis-server (or REDIS_SERVER) and a built server
+(`cargo build`; or CERBAS_BIN). Run from the repository root:
+
+    python3 -m pytest -q clients/python
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import redis
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.normpath(os.path.join(HERE, "..", ".."))
+sys.path.insert(0, HERE)
+
+from cerbas_client import CerbasTimeout, Client  # noqa: E402
+
+CERBAS_BIN = os.environ.get("CERBAS_BIN") or os.path.join(REPO, "target", "debug", "cerbas")
+REDIS_SERVER = os.environ.get("REDIS_SERVER") or shutil.which("redis-server") or "/usr/bin/redis-server"
+CONFIG = os.path.join(REPO, "cerbas.toml")
+
+
+# --- fixtures: processes we start, and stop ---------------------------------------
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc, grace=10.0):
+    """Terminates `proc`, waits for it, kills it if it does not exit in time."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=grace)
+
+
+def log_tail(path, lines=40):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class RedisServer:
+    def __init__(self, tmp):
+        self.port = free_port()
+        self.url = "redis://127.0.0.1:%d" % self.port
+        self.log = os.path.join(tmp, "redis-%d.log" % self.port)
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no", "--dir", tmp],
+                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready(deadline=time.monotonic() + 10.0)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, deadline):
+        r = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1.0,
+                        socket_connect_timeout=1.0)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("redis-server exited with %s:\n%s"
+                                       % (self.proc.returncode, log_tail(self.log)))
+                try:
+                    if r.ping():
+                        return
+                except redis.RedisError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not answer PING in time:\n%s"
+                                       % log_tail(self.log))
+                time.sleep(0.02)  # poll interval, bounded by the deadline above
+        finally:
+            r.close()
+
+    def stop(self):
+        stop(self.proc)
+
+
+class CerbasServer:
+    def __init__(self, redis_url, tmp):
+        if not os.access(CERBAS_BIN, os.X_OK):
+            pytest.fail("no cerbas binary at %s: run `cargo build` or set CERBAS_BIN"
+                        % CERBAS_BIN)
+        self.redis_url = redis_url
+        self.log = os.path.join(tmp, "cerbas-%s.log" % uuid.uuid4().hex[:8])
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("CERBAS_REDIS_URL", "CERBAS_ENV")}
+        env.setdefault("RUST_LOG", "info")
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [CERBAS_BIN, "--config", CONFIG, "--redis", redis_url],
+                stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        try:
+            self._wait_ready(deadline=time.monotonic() + 20.0)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, deadline):
+        """Round trips `hello` until the server answers (its first start may have
+        to wait for Redis, or a debug build may start slowly)."""
+        c = Client(url=self.redis_url, env="dev", user="test", source="test")
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("cerbas exited with %s:\n%s"
+                                       % (self.proc.returncode, log_tail(self.log)))
+                try:
+                    if c.request("hello", timeout=0.5)["status"] == "ok":
+                        return
+                except CerbasTimeout:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("cerbas did not answer hello in time:\n%s"
+                                       % log_tail(self.log))
+        finally:
+            c.close()
+
+    def stop(self):
+        stop(self.proc)
+
+
+@pytest.fixture(scope="module")
+def tmpdir_module(tmp_path_factory):
+    # pytest keeps the last few of these, so the servers' logs can be read after a run.
+    return str(tmp_path_factory.mktemp("cerbas"))
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmpdir_module):
+    server = RedisServer(tmpdir_module)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cerbas_server(redis_server, tmpdir_module):
+    server = CerbasServer(redis_server.url, tmpdir_module)
+    yield server
+    if server.proc.poll() is not None:
+        print("cerbas had exited with %s:\n%s" % (server.proc.returncode, log_tail(server.log)))
+    server.stop()
+
+
+@pytest.fixture
+def client(cerbas_server):
+    c = Client(url=cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    """A Redis and a cerbas of their own, for a test that stops the server."""
+    redis_srv = RedisServer(str(tmp_path))
+    try:
+        server = CerbasServer(redis_srv.url, str(tmp_path))
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        redis_srv.stop()
+
+
+# --- the functions of src/functions.rs --------------------------------------------
+
+def ok(data):
+    return {"status": "ok", "data": data}
+
+
+def error(message):
+    return {"status": "error", "data": message}
+
+
+def test_hello(client):
+    assert client.request("hello") == ok("hello world!")
+
+
+def test_hello_msgpack(client):
+    assert client.request("hello", msgpack=True) == ok("hello world!")
+
+
+def test_hello_as_test_user(cerbas_server):
+    c = Client(url=cerbas_server.redis_url, env="dev")  # user "test", source "test"
+    try:
+        assert c.request("hello") == ok("hello world!")
+    finally:
+        c.close()
+
+
+ECHO_VALUES = [
+    "ü€😀 — 漢字 \u0000 \\ \" \n",
+    {"nested": {"list": [1, -2, 3.5, "x", None, True, False]}, "empty": {}, "e": []},
+    [[[[["deep"]]]]],
+    -42,
+    2**63 - 1,
+    -(2**63),
+    0.1,
+    -2.25,
+    None,
+    {},
+    [],
+    "",
+    list(range(20000)),
+    "x" * 200_000,
+]
+
+
+@pytest.mark.parametrize("msgpack", [False, True], ids=["json", "msgpack"])
+@pytest.mark.parametrize("value", ECHO_VALUES, ids=lambda v: repr(v)[:20])
+def test_echo_round_trips(client, value, msgpack):
+    assert client.request("echo", {"message": value}, msgpack=msgpack) == ok(value)
+
+
+def test_withargs(client):
+    assert client.request("withargs", {"foo": {"bar": [1, "two"]}}) == ok({"bar": [1, "two"]})
+
+
+def test_witherror(client):
+    assert client.request("witherror") == error("unexpected error")
+
+
+def test_sum(client):
+    reply = client.request("sum", {"a": 1, "b": 2})
+    assert reply == ok(3)
+    assert isinstance(reply["data"], int)
+
+
+def test_sum_rejects_a_string(client):
+    reply = client.request("sum", {"a": "one", "b": 2})
+    assert reply["status"] == "error"
+    assert reply["data"].startswith("invalid arguments"), reply
+
+
+def test_dummy(client):
+    assert client.request("dummy") == ok(None)
+
+
+def test_unknown_function(client):
+    assert client.request("nope") == error("unknown function: nope")
+
+
+def test_unregistered_user(client):
+    assert client.request("hello", user="eve") == error("user not registered: eve")
+
+
+def test_slow_times_out_on_the_server(client):
+    started = time.monotonic()
+    assert client.request("slow", timeout=15.0) == error("timeout")
+    assert 4.0 < time.monotonic() - started < 12.0
+
+
+def test_client_timeout(client):
+    started = time.monotonic()
+    with pytest.raises(CerbasTimeout):
+        client.request("sleep", {"ms": 3000}, timeout=0.5)
+    assert time.monotonic() - started < 2.5
+
+
+def test_one_way_request(client):
+    name = "pytest-" + uuid.uuid4().hex
+    id = client.request_without_response("tally", {"name": name})
+    assert isinstance(id, int) and id > 0
+    r = redis.Redis.from_url(client.url, db=1)
+    try:
+        deadline = time.monotonic() + 10.0
+        while r.get("CERBAS-TALLY-" + name) != b"1":
+            assert time.monotonic() < deadline, "tally never reached 1"
+            time.sleep(0.02)  # poll interval, bounded by the deadline
+    finally:
+        r.close()
+
+
+def test_halt_refused_for_test_user(client):
+    reply = client.request("halt", {"delay": 0}, user="test", source="test")
+    assert reply == error("user test may not call halt")
+
+
+def test_halt_stops_the_server(own_server):
+    c = Client(url=own_server.redis_url, env="dev", user="foo", source="cerbastest")
+    try:
+        assert c.request("halt", {"delay": 200}) == ok("")
+    finally:
+        c.close()
+    try:
+        code = own_server.proc.wait(timeout=10.0)
+    except subprocess.TimeoutExpired:
+        pytest.fail("cerbas still running 10 s after halt:\n" + log_tail(own_server.log))
+    assert code == 0, log_tail(own_server.log)
+
+
+# --- finding Redis, without a server ----------------------------------------------
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("CERBAS_REDIS_URL", raising=False)
+    monkeypatch.delenv("CERBAS_ENV", raising=False)
+    return monkeypatch
+
+
+def test_defaults(clean_env):
+    c = Client()
+    assert (c.url, c.env, c.db) == ("redis://127.0.0.1:6379", "dev", 1)
+    assert c.reply_channel(7) == "CERBAS-RESPONSE-1-0000000007"
+    assert c.reply_channel(7, msgpack=True) == "MSGPACK:CERBAS-RESPONSE-1-0000000007"
+    assert c.request_key(7) == "CERBAS-REQ-0000000007"
+
+
+def test_prod_env_uses_db_8(clean_env):
+    clean_env.setenv("CERBAS_ENV", "prod")
+    c = Client()
+    assert c.db == 8
+    assert c.redis.connection_pool.connection_kwargs["db"] == 8
+    assert c.reply_channel(12345) == "CERBAS-RESPONSE-8-0000012345"
+
+
+def test_db_in_url_wins(clean_env):
+    clean_env.setenv("CERBAS_REDIS_URL", "redis://:secret@10.0.0.5:6380/3")
+    clean_env.setenv("CERBAS_ENV", "prod")
+    c = Client()
+    assert (c.url, c.db) == ("redis://:secret@10.0.0.5:6380/3", 3)
+    kw = c.redis.connection_pool.connection_kwargs
+    assert (kw["host"], kw["port"], kw["db"], kw["password"]) == ("10.0.0.5", 6380, 3, "secret")
+
+
+def test_arguments_win_over_environment(clean_env):
+    clean_env.setenv("CERBAS_REDIS_URL", "redis://10.0.0.5:6380/3")
+    clean_env.setenv("CERBAS_ENV", "dev")
+    c = Client(url="redis://127.0.0.1:7000", env="prod")
+    assert (c.url, c.db) == ("redis://127.0.0.1:7000", 8)
+
+
+def test_bad_env_is_refused(clean_env):
+    clean_env.setenv("CERBAS_ENV", "staging")
+    with pytest.raises(ValueError):
+        Client()
+    with pytest.raises(ValueError):
+        Client(env="test")
+
+
+def test_bad_db_in_url_is_refused(clean_env):
+    with pytest.raises(ValueError):
+        Client(url="redis://127.0.0.1:6379/x")
