@@ -9,6 +9,7 @@
 
 use crate::connection::Connector;
 use crate::protocol::Keys;
+use crate::reader::InHand;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use redis::{Connection, RedisResult};
@@ -68,6 +69,7 @@ pub(crate) struct Publisher {
     pub(crate) keys: Keys,
     pub(crate) processing: String,
     pub(crate) grace: Duration,
+    pub(crate) in_hand: InHand,
 }
 
 /// Starts the publisher thread reading `rx`.
@@ -123,6 +125,7 @@ impl Publisher {
                     log::warn!("redis unavailable at shutdown: replies not published");
                     return;
                 };
+                self.in_hand.remove(batch.iter().map(|(id, _)| *id));
                 self.schedule_retries(&mut retries, batch, again, received);
             }
             if let Some(by) = finish_by {

@@ -5,6 +5,9 @@
 //! the back-pressure: when the workers are busy, requests wait in Redis.
 //! It stops taking as soon as shutdown is triggered; what it took but did not hand
 //! over is still in the processing list, which the publisher returns to the queue.
+//! Ids it holds are recorded in [`InHand`] until the publisher acks them; after
+//! every reconnect the reader compares the processing list with that record and
+//! serves the ids whose `BLMOVE` reply was lost with the connection.
 //! Not for: parsing beyond the protocol (`protocol.rs`) or running requests.
 
 use crate::connection::Connector;
@@ -14,14 +17,54 @@ use crate::protocol::{parse_queue_entry, parse_request, Keys};
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{SendTimeoutError, Sender};
 use redis::{Connection, RedisResult};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// How long one `BLMOVE` blocks; bounds how late the reader notices shutdown.
 /// The socket's read timeout must stay well above it (DESIGN §8).
 pub(crate) const BLOCK: Duration = Duration::from_millis(500);
+
+const ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Moves up to ARGV[1] ids from the queue to the processing list in one round
+/// trip, stopping at the first empty pop (so an empty queue costs nothing).
+const TAKE_MORE: &str = r"
+local out = {}
+for i = 1, tonumber(ARGV[1]) do
+  local v = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  if not v then break end
+  out[#out + 1] = v
+end
+return out
+";
+
+/// The request ids this instance has taken and not yet acknowledged: the reader
+/// adds, the publisher removes once the ack is in Redis.
+#[derive(Clone, Default)]
+pub(crate) struct InHand(Arc<Mutex<HashSet<u64>>>);
+
+impl InHand {
+    fn add(&self, ids: impl IntoIterator<Item = u64>) {
+        if let Ok(mut set) = self.0.lock() {
+            set.extend(ids);
+        }
+    }
+
+    pub(crate) fn remove(&self, ids: impl IntoIterator<Item = u64>) {
+        if let Ok(mut set) = self.0.lock() {
+            for id in ids {
+                set.remove(&id);
+            }
+        }
+    }
+
+    fn snapshot(&self) -> HashSet<u64> {
+        self.0.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
 
 /// Settings of the reader thread.
 pub(crate) struct Reader {
@@ -32,6 +75,7 @@ pub(crate) struct Reader {
     pub(crate) jobs: Sender<Job>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) shutdown: Shutdown,
+    pub(crate) in_hand: InHand,
 }
 
 /// Starts the reader thread.
@@ -43,16 +87,29 @@ pub(crate) fn start(r: Reader) -> std::io::Result<JoinHandle<()>> {
 
 impl Reader {
     fn run(mut self) {
+        let take_more = redis::Script::new(TAKE_MORE);
         let mut conn: Option<Connection> = None;
         while !self.shutdown.is_triggered() {
             let c = match conn.as_mut() {
                 Some(c) => c,
                 None => match self.connector.connect(&self.shutdown) {
-                    Some(c) => conn.insert(c),
+                    Some(mut c) => match self.recover_lost(&mut c) {
+                        Ok(jobs) => {
+                            if !self.hand_over(jobs) {
+                                break;
+                            }
+                            conn.insert(c)
+                        }
+                        Err(e) => {
+                            self.connector.broken(&e);
+                            self.shutdown.wait_timeout(ERROR_PAUSE);
+                            continue;
+                        }
+                    },
                     None => break,
                 },
             };
-            match self.take_batch(c) {
+            match self.take_batch(c, &take_more) {
                 Ok(jobs) => {
                     if !self.hand_over(jobs) {
                         break;
@@ -61,6 +118,9 @@ impl Reader {
                 Err(e) => {
                     self.connector.broken(&e);
                     conn = None;
+                    // Not every error is a broken socket (a wrong-typed key, say):
+                    // don't spin on one.
+                    self.shutdown.wait_timeout(ERROR_PAUSE);
                 }
             }
         }
@@ -68,7 +128,7 @@ impl Reader {
 
     /// Takes up to the jobs channel's free room of requests; none if the queue
     /// stays empty for [`BLOCK`].
-    fn take_batch(&self, c: &mut Connection) -> RedisResult<Vec<Job>> {
+    fn take_batch(&self, c: &mut Connection, take_more: &redis::Script) -> RedisResult<Vec<Job>> {
         let queue = self.keys.queue();
         let first: Option<Vec<u8>> = redis::cmd("BLMOVE")
             .arg(&queue)
@@ -84,21 +144,45 @@ impl Reader {
         let room = capacity.saturating_sub(self.jobs.len());
         let mut entries = vec![first];
         if room > 1 {
-            let mut pipe = redis::pipe();
-            for _ in 1..room {
-                pipe.cmd("LMOVE")
-                    .arg(&queue)
-                    .arg(&self.processing)
-                    .arg("LEFT")
-                    .arg("RIGHT");
-            }
-            let more: Vec<Option<Vec<u8>>> = pipe.query(c)?;
-            entries.extend(more.into_iter().flatten());
+            let more: Vec<Vec<u8>> = take_more
+                .key(&queue)
+                .key(&self.processing)
+                .arg(room - 1)
+                .invoke(c)?;
+            entries.extend(more);
         }
         self.fetch_bodies(c, entries)
     }
 
+    /// Ids in the processing list that this instance does not know it holds: their
+    /// `BLMOVE` or `GET` reply was lost with a broken connection. They have not been
+    /// served, so they are served now.
+    fn recover_lost(&self, c: &mut Connection) -> RedisResult<Vec<Job>> {
+        // Snapshot first: the publisher only removes an id after its ack is in
+        // Redis, so an id missing from the snapshot and present in the list is lost.
+        let known = self.in_hand.snapshot();
+        let listed: Vec<Vec<u8>> = redis::cmd("LRANGE")
+            .arg(&self.processing)
+            .arg(0)
+            .arg(-1)
+            .query(c)?;
+        let lost: Vec<Vec<u8>> = listed
+            .into_iter()
+            .filter(|e| parse_queue_entry(e).is_none_or(|id| !known.contains(&id)))
+            .collect();
+        if !lost.is_empty() {
+            log::warn!(
+                "serving {} requests taken before the connection broke",
+                lost.len()
+            );
+        }
+        self.fetch_bodies(c, lost)
+    }
+
     fn fetch_bodies(&self, c: &mut Connection, entries: Vec<Vec<u8>>) -> RedisResult<Vec<Job>> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut pipe = redis::pipe();
         let mut ids = Vec::with_capacity(entries.len());
         for entry in entries {
@@ -135,6 +219,7 @@ impl Reader {
                 bodies[i] = body;
             }
         }
+        self.in_hand.add(ids.iter().copied());
         Ok(ids
             .into_iter()
             .zip(bodies)

@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::pool::Worker;
 use crate::protocol::Keys;
 use crate::publisher::{Outgoing, Publisher};
-use crate::reader::{Reader, BLOCK};
+use crate::reader::{InHand, Reader, BLOCK};
 use crate::registry::Registry;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::RecvTimeoutError;
@@ -41,6 +41,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
     let instance = instance_name();
     let processing = keys.processing(&instance);
     let stats = Arc::new(Stats::default());
+    let in_hand = InHand::default();
     log::info!(
         "cerbas {} starting: {}",
         env!("CARGO_PKG_VERSION"),
@@ -69,6 +70,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             keys: keys.clone(),
             processing: processing.clone(),
             grace: Duration::from_millis(config.reply_grace_ms),
+            in_hand: in_hand.clone(),
         },
         out_rx,
     )?;
@@ -106,6 +108,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         jobs: jobs_tx,
         stats: stats.clone(),
         shutdown: shutdown.clone(),
+        in_hand,
     })?;
     log::info!("ready: taking requests from {queue}");
 

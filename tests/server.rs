@@ -279,3 +279,45 @@ fn help_lists_every_flag_and_bad_flags_are_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cerbas.toml"));
 }
+
+#[test]
+fn ids_taken_before_a_broken_connection_are_served_after_it() {
+    let redis = Redis::start();
+    let server = Server::start(&redis);
+    let log = server.log_text();
+    let instance = log
+        .split("instance ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .expect("instance name in the log")
+        .to_string();
+    let mut c = redis.client();
+    let id: u64 = redis::cmd("INCR")
+        .arg("CERBAS-COUNTER")
+        .query(&mut redis.conn())
+        .unwrap();
+    let body = c.body("echo", json!({"message": "recovered"}));
+    let reply = c
+        .call_id(
+            id,
+            |c| {
+                let mut conn = redis.conn();
+                // As if BLMOVE had moved the id but its reply was lost with the socket.
+                redis::pipe()
+                    .cmd("SET")
+                    .arg(c.keys().request(id))
+                    .arg(&body)
+                    .cmd("RPUSH")
+                    .arg(format!("CERBAS-PROCESSING-{instance}"))
+                    .arg(id)
+                    .cmd("CLIENT")
+                    .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+                    .query::<()>(&mut conn)
+                    .map_err(Into::into)
+            },
+            Mode::default(),
+        )
+        .unwrap();
+    assert_eq!(reply, ok(json!("recovered")));
+    assert!(server.log_text().contains("redis unavailable"));
+}
