@@ -9,6 +9,14 @@ use common::*;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
+/// Waits until the server has taken everything from the queue.
+fn wait_until_taken(conn: &mut redis::Connection) {
+    wait_for("the queue to empty", Duration::from_secs(10), || {
+        let q: i64 = redis::cmd("LLEN").arg("CERBAS-QUEUE").query(conn).ok()?;
+        (q == 0).then_some(())
+    });
+}
+
 #[test]
 fn halt_answers_then_the_server_exits_0() {
     let redis = Redis::start();
@@ -90,13 +98,7 @@ fn calls_past_the_drain_deadline_go_back_to_the_queue() {
         .map(|_| c.send("sleep", json!({"ms": 4000})).unwrap())
         .collect();
     let mut conn = redis.conn();
-    wait_for("the sleeps to start", Duration::from_secs(10), || {
-        let q: i64 = redis::cmd("LLEN")
-            .arg("CERBAS-QUEUE")
-            .query(&mut conn)
-            .ok()?;
-        (q == 0).then_some(())
-    });
+    wait_until_taken(&mut conn);
     server.signal(libc::SIGTERM);
     let status = server.wait_exit(Duration::from_secs(10)).expect("exit");
     assert_eq!(status.code(), Some(0));
@@ -126,13 +128,7 @@ fn a_second_ctrl_c_exits_at_once() {
         c.send("sleep", json!({"ms": 8000})).unwrap();
     }
     let mut conn = redis.conn();
-    wait_for("the sleeps to start", Duration::from_secs(10), || {
-        let q: i64 = redis::cmd("LLEN")
-            .arg("CERBAS-QUEUE")
-            .query(&mut conn)
-            .ok()?;
-        (q == 0).then_some(())
-    });
+    wait_until_taken(&mut conn);
     server.signal(libc::SIGINT);
     // The first signal waits for the sleeps (8 s, drain up to 10 s); the second
     // must not.
