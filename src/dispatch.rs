@@ -197,11 +197,26 @@ impl Dispatcher {
         deliver(reply_to, &self.out, Some(e.into()));
     }
 
+    /// A request from Redis waits in Redis (`P-DELAYED`, via the publisher), so it
+    /// survives restarts; an in-process caller's waits on the timer.
     fn delay(&self, reply_to: ReplyTo, request: Request, ms: u64) {
         let delay = Duration::from_millis(ms);
         let due = Instant::now().checked_add(delay);
-        match (&self.services.timer, due) {
-            (Some(timer), Some(due)) if delay <= self.max_delay => {
+        if delay > self.max_delay {
+            return self.refuse(
+                &reply_to,
+                RequestError::DelayTooLong(self.max_delay.as_millis() as u64),
+            );
+        }
+        match (&reply_to, &self.services.timer, due) {
+            (ReplyTo::Redis { id }, _, _) => {
+                let _ = self.out.send(Outgoing::Delay {
+                    id: *id,
+                    body: request.to_json_without_delay(),
+                    delay_ms: ms,
+                });
+            }
+            (_, Some(timer), Some(due)) => {
                 let job = Job {
                     reply_to,
                     body: Ok(request),

@@ -30,7 +30,8 @@
 //! | `dispatch` | the one path every request takes, and its counters |
 //! | `reader` | the queue reader thread |
 //! | `pool` | the worker threads |
-//! | [`timer`] | deadlines, delayed requests, delayed shutdown |
+//! | [`timer`] | deadlines of running calls, delayed shutdown (in process) |
+//! | `scheduler` | in Redis: delayed requests coming due, heartbeat, dead instances |
 //! | `publisher` | the publisher thread: replies, acks, late subscribers |
 //! | [`connection`] | connecting and reconnecting; the pool lent to functions |
 //! | [`shutdown`] | the signal every loop watches |
@@ -68,6 +69,7 @@ pub mod protocol;
 mod publisher;
 mod reader;
 pub mod registry;
+mod scheduler;
 mod server;
 pub mod shutdown;
 pub mod timer;

@@ -88,6 +88,65 @@ impl Keys {
     pub fn key(&self, name: &str) -> String {
         format!("{}-{name}", self.prefix)
     }
+
+    /// `P-HEARTBEAT-{instance}`: exists (with a short expiry) while the instance lives.
+    pub fn heartbeat(&self, instance: &str) -> String {
+        format!("{}-HEARTBEAT-{instance}", self.prefix)
+    }
+
+    /// `P-INSTANCES`: the set of instances that may hold requests.
+    pub fn instances(&self) -> String {
+        format!("{}-INSTANCES", self.prefix)
+    }
+
+    /// `P-DELAYED`: delayed request ids, scored by due time (ms since the epoch, by
+    /// the Redis server's clock).
+    pub fn delayed(&self) -> String {
+        format!("{}-DELAYED", self.prefix)
+    }
+
+    /// `P-CACHE-{func}-{hash}`: a cached ok reply of `func` for `args`. The value
+    /// holds the function and arguments too ([`cache_entry`]), so a hash collision
+    /// is detected, never served.
+    pub fn cache(&self, func: &str, args: &Map<String, Value>) -> String {
+        format!(
+            "{}-CACHE-{func}-{:016x}",
+            self.prefix,
+            fnv1a(&canonical_args(args))
+        )
+    }
+}
+
+/// The arguments as text with object keys sorted at every level, so `{"a":1,"b":2}`
+/// and `{"b":2,"a":1}` are the same call.
+pub fn canonical_args(args: &Map<String, Value>) -> String {
+    // serde_json's Map is a BTreeMap here (no `preserve_order`): keys come sorted.
+    serde_json::to_string(args).unwrap_or_default()
+}
+
+/// What a cache entry holds: the call and its reply's data.
+pub fn cache_entry(func: &str, args: &Map<String, Value>, data: &Value) -> String {
+    serde_json::json!({"func": func, "args": canonical_args(args), "data": data}).to_string()
+}
+
+/// The cached data in `entry` if it is for this very call.
+pub fn cache_hit(entry: &[u8], func: &str, args: &Map<String, Value>) -> Option<Value> {
+    let Value::Object(mut e) = serde_json::from_slice(entry).ok()? else {
+        return None;
+    };
+    let same = e.get("func").and_then(Value::as_str) == Some(func)
+        && e.get("args").and_then(Value::as_str) == Some(canonical_args(args).as_str());
+    if same {
+        e.remove("data")
+    } else {
+        None
+    }
+}
+
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Parses a queue entry into a request id. Only plain decimal digits that fit in a
@@ -129,6 +188,20 @@ impl Request {
             source: None,
             delay_ms: None,
         }
+    }
+
+    /// The request as a JSON body without its `delay`: what is stored for a delayed
+    /// request, so that when it comes due it runs as an ordinary one.
+    pub fn to_json_without_delay(&self) -> String {
+        let mut obj = Map::new();
+        obj.insert("func".into(), Value::String(self.func.clone()));
+        obj.insert("args".into(), Value::Object(self.args.clone()));
+        for (field, v) in [("user", &self.user), ("source", &self.source)] {
+            if let Some(v) = v {
+                obj.insert(field.into(), Value::String(v.clone()));
+            }
+        }
+        Value::Object(obj).to_string()
     }
 }
 
@@ -398,6 +471,43 @@ mod tests {
         let e = Reply::Error("timeout".into());
         assert_eq!(e.to_json(), br#"{"status":"error","data":"timeout"}"#);
         assert_eq!(Reply::from_msgpack(&e.to_msgpack()).unwrap(), e);
+    }
+
+    #[test]
+    fn a_delayed_request_is_stored_without_its_delay() {
+        let r = parse_request(
+            br#"{"func":"f","args":{"x":[1]},"user":"u","source":"s","delay":5}"#,
+            1024,
+        )
+        .unwrap();
+        let again = parse_request(r.to_json_without_delay().as_bytes(), 1024).unwrap();
+        assert_eq!(again.delay_ms, None);
+        assert_eq!(
+            again,
+            Request {
+                delay_ms: None,
+                ..r
+            }
+        );
+    }
+
+    #[test]
+    fn cache_keys_ignore_argument_order_and_separate_functions() {
+        let k = Keys::new("CERBAS", 1);
+        let a = json!({"a": 1, "b": {"y": 2, "x": 1}});
+        let b = json!({"b": {"x": 1, "y": 2}, "a": 1});
+        let (Value::Object(a), Value::Object(b)) = (a, b) else {
+            unreachable!()
+        };
+        assert_eq!(k.cache("f", &a), k.cache("f", &b));
+        assert_ne!(k.cache("f", &a), k.cache("g", &a));
+        assert!(k.cache("f", &a).starts_with("CERBAS-CACHE-f-"));
+        let entry = cache_entry("f", &a, &json!(42));
+        assert_eq!(cache_hit(entry.as_bytes(), "f", &b), Some(json!(42)));
+        // A colliding key with another call's entry is a miss, not a wrong answer.
+        assert_eq!(cache_hit(entry.as_bytes(), "g", &a), None);
+        assert_eq!(cache_hit(entry.as_bytes(), "f", &Map::new()), None);
+        assert_eq!(cache_hit(b"garbage", "f", &a), None);
     }
 
     #[test]

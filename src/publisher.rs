@@ -10,6 +10,7 @@
 use crate::connection::Connector;
 use crate::protocol::Keys;
 use crate::reader::InHand;
+use crate::scheduler::SCHEDULE;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use redis::{Connection, RedisResult};
@@ -27,8 +28,21 @@ pub(crate) struct Encoded {
 pub(crate) enum Outgoing {
     /// Publish (unless `encoded` is `None`: a "no reply") and acknowledge request `id`.
     Reply { id: u64, encoded: Option<Encoded> },
+    /// Store request `id` in `P-DELAYED` with `body` (its request without the delay),
+    /// due `delay_ms` from now, and release it from this instance.
+    Delay {
+        id: u64,
+        body: String,
+        delay_ms: u64,
+    },
     /// Flush everything before this, requeue what is still held, and stop.
     Finish,
+}
+
+/// One request's outcome in a batch.
+enum Done {
+    Reply(Option<Encoded>),
+    Delay { body: String, delay_ms: u64 },
 }
 
 const MAX_BATCH: usize = 512;
@@ -67,6 +81,7 @@ impl Ord for Retry {
 pub(crate) struct Publisher {
     pub(crate) connector: Connector,
     pub(crate) keys: Keys,
+    pub(crate) instance: String,
     pub(crate) processing: String,
     pub(crate) grace: Duration,
     pub(crate) in_hand: InHand,
@@ -91,26 +106,36 @@ impl Publisher {
         loop {
             let now = Instant::now();
             let mut batch = Vec::new();
+            // Adds a message to the batch; false once it says to finish.
+            let mut take = |msg: Option<Outgoing>| match msg {
+                Some(Outgoing::Reply { id, encoded }) => {
+                    batch.push((id, Done::Reply(encoded)));
+                    true
+                }
+                Some(Outgoing::Delay { id, body, delay_ms }) => {
+                    batch.push((id, Done::Delay { body, delay_ms }));
+                    true
+                }
+                Some(Outgoing::Finish) | None => false,
+            };
             if finish_by.is_none() {
                 let wait = retries
                     .peek()
                     .map(|r| r.due.saturating_duration_since(now))
                     .unwrap_or(Duration::from_secs(1));
-                match rx.recv_timeout(wait) {
-                    Ok(Outgoing::Finish) | Err(RecvTimeoutError::Disconnected) => {
-                        finish_by = Some(Instant::now() + FINISH_GRACE.min(self.grace));
-                    }
-                    Ok(Outgoing::Reply { id, encoded }) => batch.push((id, encoded)),
-                    Err(RecvTimeoutError::Timeout) => {}
-                }
-                while finish_by.is_none() && batch.len() < MAX_BATCH {
+                let mut going = match rx.recv_timeout(wait) {
+                    Ok(msg) => take(Some(msg)),
+                    Err(RecvTimeoutError::Disconnected) => take(None),
+                    Err(RecvTimeoutError::Timeout) => true,
+                };
+                for _ in 1..MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(Outgoing::Reply { id, encoded }) => batch.push((id, encoded)),
-                        Ok(Outgoing::Finish) => {
-                            finish_by = Some(Instant::now() + FINISH_GRACE.min(self.grace))
-                        }
-                        Err(_) => break,
+                        Ok(msg) if going => going = take(Some(msg)),
+                        _ => break,
                     }
+                }
+                if !going {
+                    finish_by = Some(Instant::now() + FINISH_GRACE.min(self.grace));
                 }
             } else if let Some(r) = retries.peek() {
                 std::thread::sleep(r.due.saturating_duration_since(now));
@@ -144,7 +169,7 @@ impl Publisher {
         &mut self,
         never: &Shutdown,
         conn: &mut Option<Connection>,
-        batch: &[(u64, Option<Encoded>)],
+        batch: &[(u64, Done)],
         again: &[Retry],
         finish_by: Option<Instant>,
     ) -> Option<Vec<bool>> {
@@ -157,24 +182,40 @@ impl Publisher {
                 .arg(self.keys.msgpack_channel(id))
                 .arg(&e.msgpack);
         };
-        for (id, encoded) in batch {
-            if let Some(e) = encoded {
+        for (id, done) in batch {
+            if let Done::Reply(Some(e)) = done {
                 publish(*id, e);
             }
         }
         for r in again {
             publish(r.id, &r.encoded);
         }
-        for (id, _) in batch {
-            pipe.cmd("LREM")
-                .arg(&self.processing)
-                .arg(1)
-                .arg(id.to_string())
-                .ignore()
-                .cmd("DEL")
-                .arg(self.keys.request(*id))
-                .arg(self.keys.request_fallback(*id))
-                .ignore();
+        for (id, done) in batch {
+            match done {
+                Done::Reply(_) => pipe
+                    .cmd("LREM")
+                    .arg(&self.processing)
+                    .arg(1)
+                    .arg(id.to_string())
+                    .ignore()
+                    .cmd("DEL")
+                    .arg(self.keys.request(*id))
+                    .arg(self.keys.request_fallback(*id))
+                    .ignore(),
+                // A script in a pipeline is not loaded for us (DESIGN §8): EVAL.
+                Done::Delay { body, delay_ms } => pipe
+                    .cmd("EVAL")
+                    .arg(SCHEDULE)
+                    .arg(4)
+                    .arg(self.keys.delayed())
+                    .arg(self.keys.request(*id))
+                    .arg(self.keys.request_fallback(*id))
+                    .arg(&self.processing)
+                    .arg(delay_ms)
+                    .arg(id)
+                    .arg(body)
+                    .ignore(),
+            };
         }
         let give_up = finish_by.map(|by| by + Duration::from_secs(5));
         loop {
@@ -203,19 +244,20 @@ impl Publisher {
     fn schedule_retries(
         &self,
         retries: &mut BinaryHeap<Retry>,
-        batch: Vec<(u64, Option<Encoded>)>,
+        batch: Vec<(u64, Done)>,
         again: Vec<Retry>,
         received: Vec<bool>,
     ) {
         let now = Instant::now();
-        let fresh = batch.into_iter().filter_map(|(id, e)| {
-            e.map(|encoded| Retry {
+        let fresh = batch.into_iter().filter_map(|(id, done)| match done {
+            Done::Reply(Some(encoded)) => Some(Retry {
                 due: now,
                 wait: FIRST_RETRY / RETRY_FACTOR,
                 give_up: now + self.grace,
                 id,
                 encoded,
-            })
+            }),
+            _ => None,
         });
         for (r, got) in fresh.chain(again).zip(received) {
             let wait = r.wait * RETRY_FACTOR;
@@ -252,6 +294,9 @@ impl Publisher {
                 Ok(None) => {
                     if moved > 0 {
                         log::info!("returned {moved} unfinished requests to the queue");
+                    }
+                    if let Err(e) = crate::scheduler::retire(c, &self.keys, &self.instance) {
+                        log::warn!("could not remove this instance's heartbeat: {e}");
                     }
                     return;
                 }

@@ -70,6 +70,7 @@ impl InHand {
 pub(crate) struct Reader {
     pub(crate) connector: Connector,
     pub(crate) keys: Keys,
+    pub(crate) instance: String,
     pub(crate) processing: String,
     pub(crate) max_request_bytes: usize,
     pub(crate) jobs: Sender<Job>,
@@ -160,6 +161,7 @@ impl Reader {
     fn recover_lost(&self, c: &mut Connection) -> RedisResult<Vec<Job>> {
         // Snapshot first: the publisher only removes an id after its ack is in
         // Redis, so an id missing from the snapshot and present in the list is lost.
+        crate::scheduler::beat(c, &self.keys, &self.instance)?;
         let known = self.in_hand.snapshot();
         let listed: Vec<Vec<u8>> = redis::cmd("LRANGE")
             .arg(&self.processing)

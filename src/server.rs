@@ -14,6 +14,7 @@ use crate::protocol::Keys;
 use crate::publisher::{Outgoing, Publisher};
 use crate::reader::{InHand, Reader, BLOCK};
 use crate::registry::Registry;
+use crate::scheduler::Scheduler;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::RecvTimeoutError;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,6 +69,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         Publisher {
             connector: Connector::new(client.clone(), "publisher", read_timeout),
             keys: keys.clone(),
+            instance: instance.clone(),
             processing: processing.clone(),
             grace: Duration::from_millis(config.reply_grace_ms),
             in_hand: in_hand.clone(),
@@ -99,10 +101,17 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             _alive: alive_tx,
         },
     )?;
+    let scheduler = crate::scheduler::start(Scheduler {
+        connector: Connector::new(client.clone(), "scheduler", read_timeout),
+        keys: keys.clone(),
+        instance: instance.clone(),
+        shutdown: shutdown.clone(),
+    })?;
     let queue = keys.queue();
     let reader = crate::reader::start(Reader {
         connector: Connector::new(client, "reader", read_timeout),
         keys,
+        instance,
         processing,
         max_request_bytes: config.max_request_bytes,
         jobs: jobs_tx,
@@ -117,6 +126,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
     log::info!("shutting down: finishing requests in hand (up to {drain:?})");
     let deadline = Instant::now() + drain;
     let _ = reader.join();
+    let _ = scheduler.join();
     match alive_rx.recv_deadline(deadline) {
         Err(RecvTimeoutError::Disconnected) | Ok(()) => {}
         Err(RecvTimeoutError::Timeout) => {
