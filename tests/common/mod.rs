@@ -49,6 +49,7 @@ pub struct Redis {
     pub port: u16,
     pub password: Option<String>,
     pub dir: PathBuf,
+    extra: Vec<String>,
 }
 
 impl Redis {
@@ -62,38 +63,64 @@ impl Redis {
         for _ in 0..5 {
             let port = free_port();
             let dir = scratch("redis");
-            let mut cmd = Command::new("redis-server");
-            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&dir)
-                .args(extra)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            if let Some(p) = password {
-                cmd.args(["--requirepass", p]);
-            }
-            let child = cmd
-                .spawn()
-                .expect("redis-server (apt-get install redis-server)");
+            let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            let child = Self::spawn(port, &dir, &extra, password);
             let mut r = Redis {
                 child,
                 port,
                 password: password.map(str::to_string),
                 dir,
+                extra,
             };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = r.child.try_wait() {
-                    break; // port taken: try another
-                }
-                if r.ping() {
-                    return r;
-                }
-                std::thread::sleep(Duration::from_millis(10));
+            if r.wait_up() {
+                return r;
             }
         }
         panic!("could not start redis-server");
+    }
+
+    fn spawn(port: u16, dir: &PathBuf, extra: &[String], password: Option<&str>) -> Child {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(p) = password {
+            cmd.args(["--requirepass", p]);
+        }
+        cmd.spawn()
+            .expect("redis-server (apt-get install redis-server)")
+    }
+
+    /// Waits for PING; false if the process died (its port was taken).
+    fn wait_up(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            if self.ping() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// Stops redis-server gracefully (SIGTERM: the AOF is flushed) and starts it
+    /// again on the same port and directory once `down` has passed.
+    pub fn restart(&mut self, down: Duration) {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        self.child = Self::spawn(self.port, &self.dir, &self.extra, self.password.as_deref());
+        assert!(self.wait_up(), "redis-server did not come back");
     }
 
     fn ping(&self) -> bool {
@@ -243,6 +270,12 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn log_text(&self) -> String {
