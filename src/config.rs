@@ -89,6 +89,8 @@ pub struct Config {
     pub workers: usize,
     /// Default deadline of a function call, in milliseconds.
     pub timeout_ms: u64,
+    /// Most workers started to replace workers stuck in calls past their deadline.
+    pub max_hung_workers: usize,
     /// Largest request body accepted, in bytes.
     pub max_request_bytes: usize,
     /// On shutdown, how long requests in hand may take to finish, in milliseconds.
@@ -117,6 +119,7 @@ impl Default for Config {
             prefix: crate::protocol::DEFAULT_PREFIX.into(),
             workers: 100,
             timeout_ms: 5_000,
+            max_hung_workers: 100,
             max_request_bytes: 1 << 20,
             drain_timeout_ms: 10_000,
             reply_grace_ms: 5_000,

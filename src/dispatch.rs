@@ -15,7 +15,7 @@ use crate::registry::{Answer, Registry};
 use crate::timer::TimerEvent;
 use crossbeam_channel::Sender;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,10 +59,51 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Workers stuck in calls past their deadline, and how to replace them.
+pub(crate) struct Hung {
+    count: AtomicUsize,
+    cap: usize,
+    replace: Sender<()>,
+}
+
+impl Hung {
+    pub(crate) fn new(cap: usize, replace: Sender<()>) -> Self {
+        Hung {
+            count: AtomicUsize::new(0),
+            cap,
+            replace,
+        }
+    }
+
+    /// Asks for a replacement worker unless `cap` are already hung; says which.
+    fn replace(&self, func: &str) -> bool {
+        let n = self.count.fetch_add(1, Ordering::SeqCst) + 1;
+        if n > self.cap {
+            self.count.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("{func}: still running past its deadline; {} workers hung already (max_hung_workers), no replacement", self.cap);
+            return false;
+        }
+        log::warn!(
+            "{func}: still running past its deadline; started a replacement worker ({n} hung)"
+        );
+        let _ = self.replace.send(());
+        true
+    }
+
+    /// A replaced worker's call has returned: that worker retires.
+    pub(crate) fn returned(&self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// A call in progress: whoever answers first (the function or its deadline)
 /// delivers the reply; the other finds it answered.
 pub(crate) struct Pending {
     answered: AtomicBool,
+    /// Set when the deadline passed with the call still running and a replacement
+    /// worker was started: the worker running it retires when it returns.
+    replaced: AtomicBool,
+    hung: Option<Arc<Hung>>,
     func: String,
     reply_to: ReplyTo,
     out: Sender<Outgoing>,
@@ -95,6 +136,11 @@ impl Pending {
         if self.answer(Answer::Error(RequestError::Timeout.to_string())) {
             bump(&self.stats.timeouts);
             log::warn!("{}: timed out; the caller got a timeout reply", self.func);
+            if let Some(hung) = &self.hung {
+                if hung.replace(&self.func) {
+                    self.replaced.store(true, Ordering::SeqCst);
+                }
+            }
         }
     }
 }
@@ -123,27 +169,36 @@ pub(crate) struct Dispatcher {
     pub(crate) services: Arc<Services>,
     pub(crate) out: Sender<Outgoing>,
     pub(crate) stats: Arc<Stats>,
+    pub(crate) hung: Option<Arc<Hung>>,
 }
 
 impl Dispatcher {
     /// Runs `job` to its reply. Blocks the calling worker for the function's run.
-    pub(crate) fn handle(&self, job: Job) {
+    /// Returns true when a replacement took this worker's place meanwhile (its call
+    /// ran past the deadline): the worker should then retire.
+    pub(crate) fn handle(&self, job: Job) -> bool {
         if !job.waited {
             bump(&self.stats.requests);
         }
         let request = match job.body {
             Ok(r) => r,
-            Err(e) => return self.refuse(&job.reply_to, e),
+            Err(e) => {
+                self.refuse(&job.reply_to, e);
+                return false;
+            }
         };
         // Checked before a delay too, so a bad request is told at once.
         if let Err(e) = self.check_access(&request) {
-            return self.refuse(&job.reply_to, e);
+            self.refuse(&job.reply_to, e);
+            return false;
         }
         let Some(function) = self.registry.get(&request.func) else {
-            return self.refuse(&job.reply_to, RequestError::UnknownFunction(request.func));
+            self.refuse(&job.reply_to, RequestError::UnknownFunction(request.func));
+            return false;
         };
         if let (Some(ms), false) = (request.delay_ms.filter(|ms| *ms > 0), job.waited) {
-            return self.delay(job.reply_to, request, ms);
+            self.delay(job.reply_to, request, ms);
+            return false;
         }
         log::debug!(
             "{} from user {:?} source {:?}",
@@ -154,6 +209,8 @@ impl Dispatcher {
         let deadline = Instant::now() + function.options.timeout.unwrap_or(self.default_timeout);
         let pending = Arc::new(Pending {
             answered: AtomicBool::new(false),
+            replaced: AtomicBool::new(false),
+            hung: self.hung.clone(),
             func: request.func.clone(),
             reply_to: job.reply_to.clone(),
             out: self.out.clone(),
@@ -189,6 +246,7 @@ impl Dispatcher {
                 deadline.elapsed().as_secs_f64()
             );
         }
+        pending.replaced.load(Ordering::SeqCst)
     }
 
     fn refuse(&self, reply_to: &ReplyTo, e: RequestError) {
@@ -317,6 +375,7 @@ mod tests {
             }),
             out,
             stats: Arc::default(),
+            hung: None,
         };
         Fixture {
             dispatcher,

@@ -1,11 +1,15 @@
 //! The worker pool: a fixed number of named threads, each taking one job at a time
 //! from the jobs channel (or a delayed job from the timer) and running it through
 //! the dispatcher. A panicking function does not kill its worker (the dispatcher
-//! catches it), so the pool keeps its width. Workers exit when the reader has gone
-//! and the jobs channel is empty, or when the drain deadline has passed.
+//! catches it). A call past its deadline keeps its thread (threads cannot be
+//! killed), so the pool's supervisor thread starts a replacement when asked
+//! (`dispatch::Hung`), and the stuck worker retires when its call returns: the
+//! pool keeps its width. Workers exit when the reader has gone and the jobs channel
+//! is empty, or when the drain deadline has passed.
 //! Not for: deadlines (the timer) or replies (the publisher).
 
 use crate::dispatch::{Dispatcher, Job};
+use crate::shutdown::Shutdown;
 use crossbeam_channel::{select, Receiver, Sender};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,15 +26,46 @@ pub(crate) struct Worker {
     pub(crate) _alive: Sender<()>,
 }
 
-/// Starts `n` workers named `cerbas-worker-1` … `cerbas-worker-n`.
-pub(crate) fn start(n: usize, worker: Worker) -> std::io::Result<()> {
+/// Starts `n` workers named `cerbas-worker-1` … `cerbas-worker-n`, and the
+/// supervisor that starts one more for each message on `replace` until shutdown.
+pub(crate) fn start(
+    n: usize,
+    worker: Worker,
+    replace: Receiver<()>,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
     for i in 1..=n {
-        let w = worker.clone();
-        std::thread::Builder::new()
-            .name(format!("cerbas-worker-{i}"))
-            .spawn(move || w.run())?;
+        spawn(i, worker.clone())?;
     }
+    std::thread::Builder::new()
+        .name("cerbas-pool".into())
+        .spawn(move || {
+            let mut next = n + 1;
+            loop {
+                select! {
+                    recv(replace) -> msg => {
+                        if msg.is_err() {
+                            return;
+                        }
+                        if let Err(e) = spawn(next, worker.clone()) {
+                            log::warn!("cannot start a replacement worker: {e}");
+                        }
+                        next += 1;
+                    }
+                    // On shutdown the template (and its `_alive`) goes, so the
+                    // server's wait for the workers can end.
+                    recv(shutdown.receiver()) -> _ => return,
+                }
+            }
+        })?;
     Ok(())
+}
+
+fn spawn(i: usize, w: Worker) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(format!("cerbas-worker-{i}"))
+        .spawn(move || w.run())
+        .map(|_| ())
 }
 
 impl Worker {
@@ -41,7 +76,16 @@ impl Worker {
                 recv(self.due) -> job => job,
             };
             match job {
-                Ok(job) => self.dispatcher.handle(job),
+                Ok(job) => {
+                    if self.dispatcher.handle(job) {
+                        // A replacement took this worker's place while its call
+                        // ran past the deadline.
+                        if let Some(hung) = &self.dispatcher.hung {
+                            hung.returned();
+                        }
+                        return;
+                    }
+                }
                 // The reader (or the timer) has stopped: nothing more will come.
                 Err(_) => break,
             }

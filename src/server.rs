@@ -7,7 +7,7 @@
 use crate::config::Config;
 use crate::connection::{ConnectionPool, Connector};
 use crate::context::Services;
-use crate::dispatch::{Dispatcher, Stats};
+use crate::dispatch::{Dispatcher, Hung, Stats};
 use crate::error::Error;
 use crate::pool::Worker;
 use crate::protocol::Keys;
@@ -76,6 +76,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         },
         out_rx,
     )?;
+    let (replace_tx, replace_rx) = crossbeam_channel::unbounded();
     let dispatcher = Arc::new(Dispatcher {
         registry: Arc::new(registry),
         access: config.access.clone(),
@@ -88,6 +89,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         }),
         out: out_tx.clone(),
         stats: stats.clone(),
+        hung: Some(Arc::new(Hung::new(config.max_hung_workers, replace_tx))),
     });
     let abandon = Arc::new(AtomicBool::new(false));
     let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
@@ -100,6 +102,8 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             abandon: abandon.clone(),
             _alive: alive_tx,
         },
+        replace_rx,
+        shutdown.clone(),
     )?;
     let scheduler = crate::scheduler::start(Scheduler {
         connector: Connector::new(client.clone(), "scheduler", read_timeout),

@@ -318,3 +318,65 @@ fn ids_taken_before_a_broken_connection_are_served_after_it() {
     assert_eq!(reply, ok(json!("recovered")));
     assert!(server.log_text().contains("redis unavailable"));
 }
+
+#[test]
+fn calls_stuck_past_their_deadline_do_not_shrink_the_pool() {
+    let redis = Redis::start();
+    let config =
+        config_with("workers = 2\ndrain_timeout_ms = 300\n[functions.sleep]\ntimeout_ms = 1000\n");
+    let server = Server::start_args(&redis, &["--config", config.to_str().unwrap()]);
+    // Five calls that never return in time (an hour each), on a pool of two.
+    let stuck: Vec<_> = (0..5)
+        .map(|_| {
+            let mut c = redis.client();
+            std::thread::spawn(move || c.request("sleep", json!({"ms": 3_600_000})))
+        })
+        .collect();
+    for t in stuck {
+        assert_eq!(t.join().unwrap().unwrap(), err("timeout"));
+    }
+    // Two calls of 700 ms under a 1 s deadline: both in time only if the pool still
+    // runs two at once.
+    let pair: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = redis.client();
+            std::thread::spawn(move || c.request("sleep", json!({"ms": 700})))
+        })
+        .collect();
+    for t in pair {
+        assert_eq!(t.join().unwrap().unwrap(), ok(json!(700)));
+    }
+    let log = server.log_text();
+    assert_eq!(
+        log.matches("started a replacement worker").count(),
+        5,
+        "{log}"
+    );
+}
+
+#[test]
+fn replacements_stop_at_max_hung_workers() {
+    let redis = Redis::start();
+    let config = config_with(
+        "workers = 1\nmax_hung_workers = 1\ndrain_timeout_ms = 300\n[functions.sleep]\ntimeout_ms = 300\n",
+    );
+    let server = Server::start_args(&redis, &["--config", config.to_str().unwrap()]);
+    let mut c = redis.client();
+    assert_eq!(
+        c.request("sleep", json!({"ms": 3_600_000})).unwrap(),
+        err("timeout")
+    );
+    assert_eq!(
+        c.request("sleep", json!({"ms": 3_600_000})).unwrap(),
+        err("timeout")
+    );
+    let log = wait_for("the cap to be logged", Duration::from_secs(10), || {
+        let log = server.log_text();
+        log.contains("no replacement").then_some(log)
+    });
+    assert_eq!(
+        log.matches("started a replacement worker").count(),
+        1,
+        "{log}"
+    );
+}

@@ -182,20 +182,20 @@ pub fn repo_file(name: &str) -> String {
 
 /// Writes a config file: the shipped one with `extra` keys put first.
 pub fn config_with(extra: &str) -> PathBuf {
+    // Top-level keys of `extra` replace the shipped ones; its tables go at the end.
+    let split = extra.find("\n[").map(|i| i + 1).unwrap_or(extra.len());
+    let (top, tables) = extra.split_at(split);
     let shipped = std::fs::read_to_string(repo_file("cerbas.toml")).expect("cerbas.toml");
+    let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
     let mut kept = String::new();
     for line in shipped.lines() {
-        let key = line.split('=').next().unwrap_or("").trim();
-        if !extra
-            .lines()
-            .any(|l| l.split('=').next().unwrap_or("").trim() == key)
-        {
+        if !top.lines().any(|l| key(l) == key(line)) {
             kept.push_str(line);
             kept.push('\n');
         }
     }
     let path = scratch("config").join("cerbas.toml");
-    std::fs::write(&path, format!("{extra}\n{kept}")).expect("write config");
+    std::fs::write(&path, format!("{top}\n{kept}\n{tables}\n")).expect("write config");
     path
 }
 
