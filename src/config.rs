@@ -73,6 +73,8 @@ pub struct FunctionConfig {
     pub timeout_ms: Option<u64>,
     /// If set, only these users may call the function.
     pub users: Option<Vec<String>>,
+    /// If set, ok replies are cached this many seconds.
+    pub cache_secs: Option<u64>,
 }
 
 /// Everything the server reads at start-up. See `cerbas.toml` for each key.

@@ -1,19 +1,21 @@
 //! The one path every request takes, whatever brought it (the Redis queue today;
 //! HTTP and cron later): parse errors become replies, a delayed request goes to the
 //! timer, then access checks, argument decoding, the call with its deadline, panics,
-//! and the counters. A reply is delivered exactly once: by the function when it
-//! returns in time, or by the timer at the deadline ([`Pending`]). Runs on the worker
+//! and the counters. Each call is answered once: by the function when it
+//! returns in time, or by the timer at the deadline ([`Pending`]); the publisher
+//! may then publish that answer more than once to reach a late subscriber. Runs on the worker
 //! threads. Not for: fetching requests (`reader.rs`) or talking to Redis
 //! (`publisher.rs`).
 
 use crate::config::Access;
 use crate::context::{Context, Origin, Services};
-use crate::error::RequestError;
-use crate::protocol::{Reply, Request};
+use crate::error::{FnError, RequestError};
+use crate::protocol::{cache_entry, cache_hit, Reply, Request};
 use crate::publisher::{Encoded, Outgoing};
 use crate::registry::{Answer, Registry};
 use crate::timer::TimerEvent;
 use crossbeam_channel::Sender;
+use serde_json::{Map, Value};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -53,6 +55,8 @@ pub struct Stats {
     pub panics: AtomicU64,
     /// Queue entries that were not request ids.
     pub bad_entries: AtomicU64,
+    /// Replies served from the result cache.
+    pub cache_hits: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -180,7 +184,7 @@ impl Dispatcher {
         if !job.waited {
             bump(&self.stats.requests);
         }
-        let request = match job.body {
+        let mut request = match job.body {
             Ok(r) => r,
             Err(e) => {
                 self.refuse(&job.reply_to, e);
@@ -207,6 +211,13 @@ impl Dispatcher {
             request.source
         );
         let deadline = Instant::now() + function.options.timeout.unwrap_or(self.default_timeout);
+        let cache = self.cache(&request, function.options.cache_secs, deadline);
+        if let Some(Ok(data)) = &cache {
+            bump(&self.stats.cache_hits);
+            bump(&self.stats.ok);
+            deliver(&job.reply_to, &self.out, Some(Reply::Ok(data.clone())));
+            return false;
+        }
         let pending = Arc::new(Pending {
             answered: AtomicBool::new(false),
             replaced: AtomicBool::new(false),
@@ -229,8 +240,12 @@ impl Dispatcher {
             deadline,
             services: self.services.clone(),
         };
-        let answer = match catch_unwind(AssertUnwindSafe(|| (function.handler)(request.args, &ctx)))
-        {
+        // The arguments are needed after the call only to store a cached reply.
+        let args = match &cache {
+            Some(_) => request.args.clone(),
+            None => std::mem::take(&mut request.args),
+        };
+        let answer = match catch_unwind(AssertUnwindSafe(|| (function.handler)(args, &ctx))) {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => Answer::Error(e.to_string()),
             Err(_) => {
@@ -239,6 +254,15 @@ impl Dispatcher {
                 Answer::Error(RequestError::Panicked(pending.func.clone()).to_string())
             }
         };
+        if let (Some(Err(key)), Answer::Value(data)) = (&cache, &answer) {
+            self.cache_store(
+                key,
+                &pending.func,
+                &request.args,
+                data,
+                function.options.cache_secs,
+            );
+        }
         if !pending.answer(answer) {
             log::warn!(
                 "{}: finished {:.1}s after its deadline; its result was dropped",
@@ -247,6 +271,52 @@ impl Dispatcher {
             );
         }
         pending.replaced.load(Ordering::SeqCst)
+    }
+
+    /// For a cached function: `Ok(data)` on a hit, `Err(key)` (where to store the
+    /// reply) on a miss; `None` when the function is not cached. A cache that
+    /// cannot be read is a miss: the function runs.
+    fn cache(
+        &self,
+        request: &Request,
+        secs: Option<u64>,
+        deadline: Instant,
+    ) -> Option<Result<Value, String>> {
+        secs.filter(|s| *s > 0)?;
+        let pool = self.services.pool.as_ref()?;
+        let key = self.services.keys.cache(&request.func, &request.args);
+        let hit = pool.get(deadline).ok().and_then(|mut c| {
+            let entry: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query(&mut *c).ok()?;
+            cache_hit(&entry?, &request.func, &request.args)
+        });
+        Some(hit.ok_or(key))
+    }
+
+    fn cache_store(
+        &self,
+        key: &str,
+        func: &str,
+        args: &Map<String, Value>,
+        data: &Value,
+        secs: Option<u64>,
+    ) {
+        let (Some(pool), Some(secs)) = (&self.services.pool, secs) else {
+            return;
+        };
+        let stored = pool
+            .get(Instant::now() + Duration::from_secs(1))
+            .and_then(|mut c| {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(cache_entry(func, args, data))
+                    .arg("EX")
+                    .arg(secs)
+                    .query::<()>(&mut *c)
+                    .map_err(FnError::from)
+            });
+        if let Err(e) = stored {
+            log::warn!("{func}: could not cache the reply: {e}");
+        }
     }
 
     fn refuse(&self, reply_to: &ReplyTo, e: RequestError) {

@@ -15,6 +15,9 @@ pub enum RequestError {
     /// The queue named an id whose request key does not exist.
     #[error("request not found: {0}")]
     NotFound(String),
+    /// The request key exists but cannot be read as a string (a hash, say).
+    #[error("request {0} cannot be read: {1}")]
+    Unreadable(String, String),
     /// The body is larger than `max_request_bytes`.
     #[error("request too large: {size} bytes (limit {limit})")]
     TooLarge { size: usize, limit: usize },

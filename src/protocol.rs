@@ -149,15 +149,19 @@ fn fnv1a(text: &str) -> u64 {
     })
 }
 
-/// Parses a queue entry into a request id. Only plain decimal digits that fit in a
-/// `u64` are ids: `abc`, ``, `-3`, `+3` and a 40-digit number are not.
+/// Parses a queue entry into a request id. Only the decimal form of a `u64`, as
+/// `INCR` writes it, is an id: `abc`, ``, `-3`, `+3`, `007` and a 40-digit number
+/// are not. (The form must be canonical: the ack removes the id by its text.)
 ///
 /// ```
 /// assert_eq!(cerbas::protocol::parse_queue_entry(b"42"), Some(42));
 /// assert_eq!(cerbas::protocol::parse_queue_entry(b"-3"), None);
 /// ```
 pub fn parse_queue_entry(entry: &[u8]) -> Option<u64> {
-    if entry.is_empty() || !entry.iter().all(u8::is_ascii_digit) {
+    if entry.is_empty()
+        || !entry.iter().all(u8::is_ascii_digit)
+        || (entry.len() > 1 && entry[0] == b'0')
+    {
         return None;
     }
     std::str::from_utf8(entry).ok()?.parse().ok()
@@ -373,7 +377,7 @@ mod tests {
     #[test]
     fn queue_entries() {
         assert_eq!(parse_queue_entry(b"1"), Some(1));
-        assert_eq!(parse_queue_entry(b"0000000012"), Some(12));
+        assert_eq!(parse_queue_entry(b"0"), Some(0));
         for bad in [
             &b"abc"[..],
             b"",
@@ -381,6 +385,7 @@ mod tests {
             b"+3",
             b" 3",
             b"3.0",
+            b"0000000012",
             b"1234567890123456789012345678901234567890",
         ] {
             assert_eq!(parse_queue_entry(bad), None, "{bad:?}");

@@ -85,6 +85,9 @@ pub(crate) struct Publisher {
     pub(crate) processing: String,
     pub(crate) grace: Duration,
     pub(crate) in_hand: InHand,
+    /// Triggered by the server just before `Finish`: from then on Redis is waited
+    /// for only until a deadline, so a stop never hangs on an outage.
+    pub(crate) stopping: Shutdown,
 }
 
 /// Starts the publisher thread reading `rx`.
@@ -190,6 +193,7 @@ impl Publisher {
         for r in again {
             publish(r.id, &r.encoded);
         }
+        let publishes = pipe.len();
         for (id, done) in batch {
             match done {
                 Done::Reply(_) => pipe
@@ -197,11 +201,9 @@ impl Publisher {
                     .arg(&self.processing)
                     .arg(1)
                     .arg(id.to_string())
-                    .ignore()
                     .cmd("DEL")
                     .arg(self.keys.request(*id))
-                    .arg(self.keys.request_fallback(*id))
-                    .ignore(),
+                    .arg(self.keys.request_fallback(*id)),
                 // A script in a pipeline is not loaded for us (DESIGN §8): EVAL.
                 Done::Delay { body, delay_ms } => pipe
                     .cmd("EVAL")
@@ -213,29 +215,62 @@ impl Publisher {
                     .arg(&self.processing)
                     .arg(delay_ms)
                     .arg(id)
-                    .arg(body)
-                    .ignore(),
+                    .arg(body),
             };
         }
-        let give_up = finish_by.map(|by| by + Duration::from_secs(5));
+        // A command Redis refuses (an ack under OOM or MISCONF, say) fails alone: the
+        // replies it follows are not published again for it.
+        pipe.ignore_errors();
+        let mut give_up = finish_by.map(|by| by + Duration::from_secs(5));
+        let mut pause = Duration::from_millis(50);
         loop {
+            if give_up.is_none() && self.stopping.is_triggered() {
+                give_up = Some(Instant::now() + FINISH_GRACE + Duration::from_secs(5));
+            }
+            // Until the server stops, wait for Redis as long as it takes; after, only
+            // until `give_up`.
+            let signal = if give_up.is_some() {
+                never
+            } else {
+                &self.stopping
+            };
             if conn.is_none() {
-                *conn = Some(self.connector.connect_until(never, give_up)?);
+                match self.connector.connect_until(signal, give_up) {
+                    Some(c) => *conn = Some(c),
+                    None if give_up.is_none() => continue,
+                    None => return None,
+                }
             }
             let c = conn.as_mut()?;
-            let result: RedisResult<Vec<i64>> = pipe.query(c);
+            let result: RedisResult<Vec<RedisResult<i64>>> = pipe.query(c);
             match result {
-                Ok(counts) => {
+                Ok(results) => {
+                    if let Some(Err(e)) = results[publishes.min(results.len())..]
+                        .iter()
+                        .find(|r| r.is_err())
+                    {
+                        log::warn!("redis refused an acknowledgement: {e}");
+                    }
                     return Some(
-                        counts
+                        results[..publishes.min(results.len())]
                             .chunks(2)
-                            .map(|p| p.iter().sum::<i64>() > 0)
+                            .map(|p| {
+                                p.iter().map(|r| r.as_ref().map_or(0, |n| *n)).sum::<i64>() > 0
+                            })
                             .collect(),
-                    )
+                    );
                 }
                 Err(e) => {
                     self.connector.broken(&e);
-                    *conn = None;
+                    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                        *conn = None;
+                    } else if give_up.is_some_and(|g| Instant::now() >= g) {
+                        return None;
+                    } else {
+                        // Redis answers but refuses: don't hammer it.
+                        signal.wait_timeout(pause);
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
                 }
             }
         }
@@ -303,6 +338,10 @@ impl Publisher {
                 Err(e) => {
                     self.connector.broken(&e);
                     *conn = None;
+                    if Instant::now() >= give_up {
+                        break;
+                    }
+                    never.wait_timeout(Duration::from_millis(100));
                 }
             }
         }

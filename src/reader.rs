@@ -187,36 +187,36 @@ impl Reader {
         }
         let mut pipe = redis::pipe();
         let mut ids = Vec::with_capacity(entries.len());
+        let mut bad = Vec::new();
         for entry in entries {
             match parse_queue_entry(&entry) {
                 Some(id) => {
                     pipe.cmd("GET").arg(self.keys.request(id));
                     ids.push(id);
                 }
-                None => {
-                    self.stats.bad_entries.fetch_add(1, Ordering::Relaxed);
-                    log::warn!(
-                        "skipped a queue entry that is not a request id: {:?}",
-                        String::from_utf8_lossy(&entry)
-                    );
-                    pipe.cmd("LREM")
-                        .arg(&self.processing)
-                        .arg(1)
-                        .arg(entry)
-                        .ignore();
-                }
+                None => bad.push(entry),
             }
         }
-        let mut bodies: Vec<Option<Vec<u8>>> = pipe.query(c)?;
+        if !bad.is_empty() {
+            self.drop_bad_entries(c, bad)?;
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A key of the wrong type fails its own GET, not the batch: that request gets
+        // an error reply and the others go on.
+        let mut bodies: Vec<RedisResult<Option<Vec<u8>>>> = pipe.ignore_errors().query(c)?;
         // Later versions of the original's Python client write P-REQUEST-…; read it
         // only where P-REQ-… is missing.
-        let missing: Vec<usize> = (0..ids.len()).filter(|i| bodies[*i].is_none()).collect();
+        let missing: Vec<usize> = (0..ids.len())
+            .filter(|i| matches!(bodies[*i], Ok(None)))
+            .collect();
         if !missing.is_empty() {
             let mut pipe = redis::pipe();
             for i in &missing {
                 pipe.cmd("GET").arg(self.keys.request_fallback(ids[*i]));
             }
-            let fallback: Vec<Option<Vec<u8>>> = pipe.query(c)?;
+            let fallback: Vec<RedisResult<Option<Vec<u8>>>> = pipe.ignore_errors().query(c)?;
             for (i, body) in missing.into_iter().zip(fallback) {
                 bodies[i] = body;
             }
@@ -228,12 +228,34 @@ impl Reader {
             .map(|(id, body)| Job {
                 reply_to: ReplyTo::Redis { id },
                 body: match body {
-                    Some(b) => parse_request(&b, self.max_request_bytes),
-                    None => Err(RequestError::NotFound(self.keys.request(id))),
+                    Ok(Some(b)) => parse_request(&b, self.max_request_bytes),
+                    Ok(None) => Err(RequestError::NotFound(self.keys.request(id))),
+                    Err(e) => Err(RequestError::Unreadable(
+                        self.keys.request(id),
+                        e.to_string(),
+                    )),
                 },
                 waited: false,
             })
             .collect())
+    }
+
+    /// Logs, counts and removes queue entries that are not request ids.
+    fn drop_bad_entries(&self, c: &mut Connection, bad: Vec<Vec<u8>>) -> RedisResult<()> {
+        let mut pipe = redis::pipe();
+        for entry in bad {
+            self.stats.bad_entries.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "skipped a queue entry that is not a request id: {:?}",
+                String::from_utf8_lossy(&entry)
+            );
+            pipe.cmd("LREM")
+                .arg(&self.processing)
+                .arg(1)
+                .arg(entry)
+                .ignore();
+        }
+        pipe.query(c)
     }
 
     /// Hands jobs to the workers; false once shutdown stops it.

@@ -60,9 +60,18 @@ pub struct Options {
     pub timeout: Option<Duration>,
     /// If set, only these users may call the function.
     pub users: Option<Vec<String>>,
+    /// If set, an ok reply is kept in Redis this many seconds and served for the
+    /// same arguments without calling the function again.
+    pub cache_secs: Option<u64>,
 }
 
 impl Options {
+    /// Caches ok replies for `secs` seconds (errors are never cached).
+    pub fn cache_secs(&mut self, secs: u64) -> &mut Self {
+        self.cache_secs = Some(secs);
+        self
+    }
+
     /// Sets the deadline of one call.
     pub fn timeout_ms(&mut self, ms: u64) -> &mut Self {
         self.timeout = Some(Duration::from_millis(ms));
@@ -166,6 +175,9 @@ impl Registry {
             if let Some(users) = &fc.users {
                 f.options.users(users.iter().cloned());
             }
+            if let Some(secs) = fc.cache_secs {
+                f.options.cache_secs(secs);
+            }
         }
         unknown
     }
@@ -250,8 +262,9 @@ mod tests {
         cfg.insert(
             "sum".to_string(),
             FunctionConfig {
-                timeout_ms: None,
                 users: Some(vec!["foo".into()]),
+                cache_secs: Some(9),
+                ..FunctionConfig::default()
             },
         );
         cfg.insert("ghost".to_string(), FunctionConfig::default());
@@ -259,6 +272,7 @@ mod tests {
         let o = r.options("sum").unwrap();
         assert_eq!(o.timeout, Some(Duration::from_millis(10)));
         assert_eq!(o.users, Some(vec!["foo".to_string()]));
+        assert_eq!(o.cache_secs, Some(9));
         // The replacement registered last is the one called.
         assert_eq!(
             call(&r, "sum", json!({"a": 2, "b": 3})),

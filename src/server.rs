@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 /// Runs the server until `shutdown` is triggered (by a signal, by `halt`, or by the
 /// embedding program), then stops it gracefully. Returns once every request it
-/// took is answered or back in the queue.
+/// took is answered or back in the queue; if Redis is unreachable at that point,
+/// after a few seconds of trying, leaving them in this instance's processing list
+/// for another instance (or the next start) to recover.
 ///
 /// ```no_run
 /// let mut registry = cerbas::Registry::new();
@@ -61,8 +63,12 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
     // Socket reads must outlast BLMOVE's block (DESIGN §8), with room to spare.
     let read_timeout = BLOCK + Duration::from_secs(10);
 
+    let stopping = Shutdown::new();
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(config.workers);
     let (due_tx, due_rx) = crossbeam_channel::unbounded();
+    // Replies are not bounded (DESIGN §3 draws them bounded): their number is
+    // already bounded by the jobs taken, and the timer, which sends timeouts, must
+    // never block behind a publisher waiting out a Redis outage.
     let (out_tx, out_rx) = crossbeam_channel::unbounded();
     let (timer, timer_thread) = crate::timer::start(due_tx, shutdown.clone())?;
     let publisher = crate::publisher::start(
@@ -73,6 +79,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             processing: processing.clone(),
             grace: Duration::from_millis(config.reply_grace_ms),
             in_hand: in_hand.clone(),
+            stopping: stopping.clone(),
         },
         out_rx,
     )?;
@@ -140,6 +147,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             );
         }
     }
+    stopping.trigger();
     let _ = out_tx.send(Outgoing::Finish);
     let _ = publisher.join();
     timer.stop();

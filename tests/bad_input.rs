@@ -139,7 +139,7 @@ fn queue_entries_that_are_not_ids_are_logged_skipped_and_removed() {
     let mut c = redis.client();
     let mut conn = redis.conn();
     let forty = "1".repeat(40);
-    for entry in ["abc", "", "-3", forty.as_str()] {
+    for entry in ["abc", "", "-3", "007", forty.as_str()] {
         redis::cmd("RPUSH")
             .arg("CERBAS-QUEUE")
             .arg(entry)
@@ -147,13 +147,57 @@ fn queue_entries_that_are_not_ids_are_logged_skipped_and_removed() {
             .unwrap();
         assert_still_serving(&mut c);
     }
-    let log = wait_for("four log lines", std::time::Duration::from_secs(10), || {
+    let log = wait_for("five log lines", std::time::Duration::from_secs(10), || {
         let log = server.log_text();
-        (log.matches("not a request id").count() == 4).then_some(log)
+        (log.matches("not a request id").count() == 5).then_some(log)
     });
-    for shown in ["\"abc\"", "\"\"", "\"-3\"", &format!("\"{forty}\"")] {
+    for shown in [
+        "\"abc\"",
+        "\"\"",
+        "\"-3\"",
+        "\"007\"",
+        &format!("\"{forty}\""),
+    ] {
         assert!(log.contains(shown), "{shown} not in log:\n{log}");
     }
     // Nothing of them stays in Redis.
     assert_eq!(leftover_keys(&mut conn), Vec::<String>::new());
+}
+
+#[test]
+fn a_request_key_of_the_wrong_type_gets_an_error_and_the_rest_go_on() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let mut c = redis.client();
+    let id: u64 = redis::cmd("INCR")
+        .arg("CERBAS-COUNTER")
+        .query(&mut redis.conn())
+        .unwrap();
+    let got = c
+        .call_id(
+            id,
+            |_| {
+                redis::pipe()
+                    .cmd("HSET")
+                    .arg(format!("CERBAS-REQ-{id:010}"))
+                    .arg("a")
+                    .arg("b")
+                    .cmd("RPUSH")
+                    .arg("CERBAS-QUEUE")
+                    .arg(id)
+                    .query::<()>(&mut redis.conn())
+                    .map_err(Into::into)
+            },
+            Mode::default(),
+        )
+        .unwrap();
+    let Reply::Error(m) = got else {
+        panic!("expected an error, got {got:?}")
+    };
+    assert!(
+        m.starts_with(&format!("request CERBAS-REQ-{id:010} cannot be read: "))
+            && m.contains("WRONGTYPE"),
+        "{m}"
+    );
+    assert_still_serving(&mut c);
 }

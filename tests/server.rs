@@ -380,3 +380,41 @@ fn replacements_stop_at_max_hung_workers() {
         "{log}"
     );
 }
+
+#[test]
+fn ok_replies_are_cached_per_function_and_arguments_errors_never() {
+    let redis = Redis::start();
+    let config =
+        config_with("[functions.tally]\ncache_secs = 1\n[functions.witherror]\ncache_secs = 60\n");
+    let _server = Server::start_args(&redis, &["--config", config.to_str().unwrap()]);
+    let mut c = redis.client();
+    let call = |c: &mut cerbas::Client, body: &str| {
+        c.call(
+            json!({"func": "tally", "args": serde_json::from_str::<Value>(body).unwrap(), "user": "foo", "source": "web"})
+                .to_string()
+                .as_bytes(),
+            Mode::default(),
+        )
+        .unwrap()
+    };
+    assert_eq!(call(&mut c, r#"{"name": "x", "pad": 1}"#), ok(json!(1)));
+    // Same arguments in another order: served from the cache, tally not run.
+    assert_eq!(call(&mut c, r#"{"pad": 1, "name": "x"}"#), ok(json!(1)));
+    assert_eq!(get_int(&mut redis.conn(), "CERBAS-TALLY-x"), 1);
+    // Other arguments: a miss.
+    assert_eq!(call(&mut c, r#"{"name": "y"}"#), ok(json!(1)));
+    // After cache_secs the function runs again.
+    wait_for("the cache entry to expire", Duration::from_secs(10), || {
+        (call(&mut c, r#"{"name": "x", "pad": 1}"#) == ok(json!(2))).then_some(())
+    });
+    // Errors are never cached.
+    assert_eq!(
+        c.request("witherror", json!({})).unwrap(),
+        err("unexpected error")
+    );
+    let cached: Vec<String> = redis::cmd("KEYS")
+        .arg("CERBAS-CACHE-witherror-*")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(cached.is_empty(), "{cached:?}");
+}

@@ -9,14 +9,6 @@ use common::*;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-/// Waits until the server has taken everything from the queue.
-fn wait_until_taken(conn: &mut redis::Connection) {
-    wait_for("the queue to empty", Duration::from_secs(10), || {
-        let q: i64 = redis::cmd("LLEN").arg("CERBAS-QUEUE").query(conn).ok()?;
-        (q == 0).then_some(())
-    });
-}
-
 #[test]
 fn halt_answers_then_the_server_exits_0() {
     let redis = Redis::start();
@@ -91,13 +83,18 @@ fn sigint_under_load_exits_0_and_loses_nothing() {
 fn calls_past_the_drain_deadline_go_back_to_the_queue() {
     let redis = Redis::start();
     let config = config_with("drain_timeout_ms = 300");
-    let mut server = Server::start_args(&redis, &["--config", config.to_str().unwrap()]);
+    let mut server = Server::spawn(
+        &redis,
+        &["--config", config.to_str().unwrap()],
+        &[("RUST_LOG", "debug")],
+    );
+    server.wait_ready(&redis);
     let mut c = redis.client();
     let ids: Vec<u64> = (0..3)
         .map(|_| c.send("sleep", json!({"ms": 4000})).unwrap())
         .collect();
     let mut conn = redis.conn();
-    wait_until_taken(&mut conn);
+    server.wait_log("sleep from user", 3);
     server.signal(libc::SIGTERM);
     let status = server.wait_exit(Duration::from_secs(10)).expect("exit");
     assert_eq!(status.code(), Some(0));
@@ -121,13 +118,13 @@ fn calls_past_the_drain_deadline_go_back_to_the_queue() {
 #[test]
 fn a_second_ctrl_c_exits_at_once() {
     let redis = Redis::start();
-    let mut server = Server::start(&redis);
+    let mut server = Server::spawn(&redis, &[], &[("RUST_LOG", "debug")]);
+    server.wait_ready(&redis);
     let mut c = redis.client();
     for _ in 0..3 {
         c.send("sleep", json!({"ms": 8000})).unwrap();
     }
-    let mut conn = redis.conn();
-    wait_until_taken(&mut conn);
+    server.wait_log("sleep from user", 3);
     server.signal(libc::SIGINT);
     // The first signal waits for the sleeps (8 s, drain up to 10 s); the second
     // must not.
@@ -139,4 +136,23 @@ fn a_second_ctrl_c_exits_at_once() {
         .wait_exit(Duration::from_secs(4))
         .expect("prompt exit");
     assert_eq!(status.code(), Some(130));
+}
+
+#[test]
+fn a_stop_while_redis_is_down_does_not_hang() {
+    let redis = Redis::start();
+    let mut server = Server::spawn(&redis, &[], &[("RUST_LOG", "debug")]);
+    server.wait_ready(&redis);
+    let mut c = redis.client();
+    c.send("sleep", json!({"ms": 1000})).unwrap();
+    wait_for("the sleep to start", Duration::from_secs(10), || {
+        server.log_text().contains("sleep from user").then_some(())
+    });
+    drop(redis);
+    // The sleep's reply now waits for Redis in the publisher.
+    std::thread::sleep(Duration::from_millis(1500));
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(30)).expect("no hang");
+    assert_eq!(status.code(), Some(0));
+    assert!(server.log_text().contains("redis unavailable at shutdown"));
 }

@@ -183,7 +183,11 @@ pub fn repo_file(name: &str) -> String {
 /// Writes a config file: the shipped one with `extra` keys put first.
 pub fn config_with(extra: &str) -> PathBuf {
     // Top-level keys of `extra` replace the shipped ones; its tables go at the end.
-    let split = extra.find("\n[").map(|i| i + 1).unwrap_or(extra.len());
+    let split = if extra.starts_with('[') {
+        0
+    } else {
+        extra.find("\n[").map(|i| i + 1).unwrap_or(extra.len())
+    };
     let (top, tables) = extra.split_at(split);
     let shipped = std::fs::read_to_string(repo_file("cerbas.toml")).expect("cerbas.toml");
     let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
@@ -270,6 +274,14 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Waits until the log holds `text` at least `n` times. Start the server with
+    /// `RUST_LOG=debug` to see each call start ("FUNC from user …").
+    pub fn wait_log(&self, text: &str, n: usize) {
+        wait_for(text, Duration::from_secs(20), || {
+            (self.log_text().matches(text).count() >= n).then_some(())
+        })
     }
 
     /// `kill -9`.
