@@ -7,8 +7,10 @@
 //!
 //! ```text
 //!  Redis P-QUEUE ──BLMOVE/batch──▶ reader ──▶ jobs (bounded) ──▶ worker pool (N threads)
-//!                                                  ▲                 │   dispatch: access,
-//!                   delay > 0 / deadlines ──▶ timer ┘ (due jobs)      │   deadline, panics
+//!     ▲                                                              │   dispatch: access,
+//!     │ due delayed ids,                     deadlines ──▶ timer     │   cache, deadline,
+//!     │ dead instances' ids                  (timeout replies,       │   panics; replaces
+//!  scheduler (P-DELAYED, heartbeat)           halt, hung workers)    │   hung workers
 //!                                                                    ▼
 //!                                                           replies (channel)
 //!                                                                    │
