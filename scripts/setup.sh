@@ -42,5 +42,6 @@ if [ "${1:-}" = "--python" ]; then
       fi
     fi
   fi
-  .venv/bin/python -m pip install -q -r clients/python/requirements.txt
+  .venv/bin/python -m pip install -q "./clients/python[test]"
+  rm -rf clients/python/build clients/python/*.egg-info
 fi
