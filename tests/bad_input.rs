@@ -103,33 +103,39 @@ fn every_bad_body_gets_its_error_reply_and_the_server_goes_on() {
     }
 }
 
-#[test]
-fn a_queued_id_without_a_request_key_gets_an_error_reply() {
-    let redis = Redis::start();
-    let _server = Server::start(&redis);
+/// Takes a new id, lets `setup` put whatever it likes in Redis for it (it must
+/// queue the id), and waits for the reply.
+fn reply_after(redis: &Redis, setup: impl FnOnce(u64) -> redis::Pipeline) -> Reply {
     let mut c = redis.client();
     let id: u64 = redis::cmd("INCR")
         .arg("CERBAS-COUNTER")
         .query(&mut redis.conn())
         .unwrap();
-    let got = c
-        .call_id(
-            id,
-            |_| {
-                redis::cmd("RPUSH")
-                    .arg("CERBAS-QUEUE")
-                    .arg(id)
-                    .query::<()>(&mut redis.conn())
-                    .map_err(Into::into)
-            },
-            Mode::default(),
-        )
-        .unwrap();
+    let pipe = setup(id);
+    c.call_id(
+        id,
+        |_| pipe.query::<()>(&mut redis.conn()).map_err(Into::into),
+        Mode::default(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_queued_id_without_a_request_key_gets_an_error_reply() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let mut id = 0;
+    let got = reply_after(&redis, |i| {
+        id = i;
+        let mut pipe = redis::pipe();
+        pipe.cmd("RPUSH").arg("CERBAS-QUEUE").arg(i);
+        pipe
+    });
     assert_eq!(
         got,
         Reply::Error(format!("request not found: CERBAS-REQ-{id:010}"))
     );
-    assert_still_serving(&mut c);
+    assert_still_serving(&mut redis.client());
 }
 
 #[test]
@@ -168,29 +174,19 @@ fn queue_entries_that_are_not_ids_are_logged_skipped_and_removed() {
 fn a_request_key_of_the_wrong_type_gets_an_error_and_the_rest_go_on() {
     let redis = Redis::start();
     let _server = Server::start(&redis);
-    let mut c = redis.client();
-    let id: u64 = redis::cmd("INCR")
-        .arg("CERBAS-COUNTER")
-        .query(&mut redis.conn())
-        .unwrap();
-    let got = c
-        .call_id(
-            id,
-            |_| {
-                redis::pipe()
-                    .cmd("HSET")
-                    .arg(format!("CERBAS-REQ-{id:010}"))
-                    .arg("a")
-                    .arg("b")
-                    .cmd("RPUSH")
-                    .arg("CERBAS-QUEUE")
-                    .arg(id)
-                    .query::<()>(&mut redis.conn())
-                    .map_err(Into::into)
-            },
-            Mode::default(),
-        )
-        .unwrap();
+    let mut id = 0;
+    let got = reply_after(&redis, |i| {
+        id = i;
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(format!("CERBAS-REQ-{i:010}"))
+            .arg("a")
+            .arg("b")
+            .cmd("RPUSH")
+            .arg("CERBAS-QUEUE")
+            .arg(i);
+        pipe
+    });
     let Reply::Error(m) = got else {
         panic!("expected an error, got {got:?}")
     };
@@ -199,5 +195,5 @@ fn a_request_key_of_the_wrong_type_gets_an_error_and_the_rest_go_on() {
             && m.contains("WRONGTYPE"),
         "{m}"
     );
-    assert_still_serving(&mut c);
+    assert_still_serving(&mut redis.client());
 }
