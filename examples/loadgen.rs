@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example loadgen -- --redis redis://127.0.0.1:6399 \
-//!     [--workload w1|w2|w3|w4|seed|all (or a list: w1,w3)] [--n N] [--env dev|prod]
+//!     [--workload w1|w2|w3|w4|seed|delay|all (or a list: w1,w3)] [--n N] [--env dev|prod]
 //!     [--budget SECS] [--no-ref]
 //! ```
 //!
@@ -24,6 +24,11 @@
 //! - `seed`: sequential requests that subscribe *after* the `RPUSH`, as the seed's
 //!   steps do, alternating JSON and msgpack over the example functions; counts
 //!   wrong replies and hangs (no reply within 5 s).
+//! - `delay`: N `hello` requests (user `foo`, source `web`), each with a `delay`
+//!   drawn deterministically from 200..=2000 ms, all subscribed first, pushed one
+//!   `RPUSH` each as fast as possible. Per reply, lateness = arrival − (instant
+//!   before its `RPUSH` + delay): p50, p99, max. A reply with lateness < 0 is early
+//!   (a server bug); one later than delay + 10 s counts as missing.
 //!
 //! `ref` is a lean reference server run inside this program on another Redis db
 //! (15, or 14 if the server uses 15), speaking the same protocol with the same
@@ -41,14 +46,14 @@ use cerbas::protocol::{parse_queue_entry, parse_request, DEFAULT_PREFIX};
 use cerbas::{Client, Config, Env, Error, Keys, Reply};
 use redis::Connection;
 use serde_json::{json, Value};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const USAGE: &str =
-    "usage: loadgen --redis redis://127.0.0.1:PORT [--workload w1|w2|w3|w4|seed|all] \
+    "usage: loadgen --redis redis://127.0.0.1:PORT [--workload w1|w2|w3|w4|seed|delay|all] \
 [--n N] [--env dev|prod] [--budget SECS] [--no-ref]";
 
 /// Callers in W2 (DESIGN §6).
@@ -62,6 +67,11 @@ const MAX_HANGS: u64 = 20;
 /// After W3, wait this long before the next workload: cerbas republishes each
 /// reply nobody heard for `reply_grace_ms` (5 s shipped), which would load Redis.
 const SETTLE_AFTER_W3: Duration = Duration::from_secs(6);
+/// The range the `delay` workload draws its delays from, in ms (inclusive).
+const DELAY_MIN_MS: u64 = 200;
+const DELAY_MAX_MS: u64 = 2_000;
+/// In the `delay` workload, a reply later than its delay plus this is missing.
+const DELAY_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Workload {
@@ -70,6 +80,7 @@ enum Workload {
     W3,
     W4,
     Seed,
+    Delay,
 }
 
 impl Workload {
@@ -80,6 +91,7 @@ impl Workload {
             Workload::W3 => 20_000,
             Workload::W4 => 200,
             Workload::Seed => 10_000,
+            Workload::Delay => 1_000,
         }
     }
 }
@@ -103,6 +115,7 @@ fn parse_args() -> Result<Opts, String> {
         Workload::W3,
         Workload::W4,
         Workload::Seed,
+        Workload::Delay,
     ];
     let mut n = None;
     let mut budget = Duration::from_secs(120);
@@ -133,12 +146,14 @@ fn parse_args() -> Result<Opts, String> {
                         "w3" => workloads.push(Workload::W3),
                         "w4" => workloads.push(Workload::W4),
                         "seed" => workloads.push(Workload::Seed),
+                        "delay" => workloads.push(Workload::Delay),
                         "all" => workloads.extend([
                             Workload::W1,
                             Workload::W2,
                             Workload::W3,
                             Workload::W4,
                             Workload::Seed,
+                            Workload::Delay,
                         ]),
                         other => return Err(format!("unknown workload {other:?}")),
                     }
@@ -293,6 +308,7 @@ fn run(opts: &Opts) -> Result<(), String> {
             Workload::W3 => w3(&cerbas, reference, n, opts.budget),
             Workload::W4 => w4(&cerbas, n, opts.budget),
             Workload::Seed => seed(&cerbas, n, opts.budget),
+            Workload::Delay => delay(&cerbas, n, opts.budget),
         };
         if let Err(e) = r {
             println!("{w:?}: failed: {e}");
@@ -319,9 +335,9 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// The `p`-th percentile (nearest rank) of sorted samples.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     if sorted.is_empty() {
-        return Duration::ZERO;
+        return T::default();
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
@@ -817,6 +833,179 @@ fn seed(cerbas: &Target, n: u64, budget: Duration) -> Result<(), String> {
     println!(
         "seed: {done} requests, {wrong} wrong, {hangs} hangs{note} [{:.2} s, subscribe after RPUSH, JSON/msgpack alternating]",
         t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The delay of request `i` of the `delay` workload, in ms: one step of an LCG
+/// seeded by `i` (Knuth's MMIX constants), its high bits mapped onto the range.
+fn delay_of(i: u64) -> u64 {
+    let x = i
+        .wrapping_mul(6_364_136_223_846_793_005)
+        .wrapping_add(1_442_695_040_888_963_407);
+    DELAY_MIN_MS + (x >> 33) % (DELAY_MAX_MS - DELAY_MIN_MS + 1)
+}
+
+fn delay(cerbas: &Target, n: u64, budget: Duration) -> Result<(), String> {
+    let keys = cerbas.keys();
+    let mut c = cerbas.conn()?;
+    let mut sub = cerbas.conn()?;
+    // Ids first (not yet stored), so every channel is subscribed before any push.
+    let end: u64 = redis::cmd("INCRBY")
+        .arg(keys.counter())
+        .arg(n)
+        .query(&mut c)
+        .map_err(|e| e.to_string())?;
+    let ids: Vec<u64> = (end + 1 - n..=end).collect();
+    let delays: Vec<u64> = (0..n).map(delay_of).collect();
+    let mut ps = sub.as_pubsub();
+    for chunk in ids.chunks(500) {
+        let channels: Vec<String> = chunk.iter().map(|id| keys.reply_channel(*id)).collect();
+        ps.subscribe(channels).map_err(|e| e.to_string())?;
+    }
+    // Bodies stored in bulk; each is queued by its own RPUSH, timed just before it.
+    for (chunk, chunk_delays) in ids.chunks(1000).zip(delays.chunks(1000)) {
+        let mut pipe = redis::pipe();
+        for (id, d) in chunk.iter().zip(chunk_delays) {
+            let body =
+                json!({"func": "hello", "args": {}, "user": "foo", "source": "web", "delay": d});
+            pipe.cmd("SET")
+                .arg(keys.request(*id))
+                .arg(body.to_string())
+                .ignore();
+        }
+        pipe.query::<()>(&mut c).map_err(|e| e.to_string())?;
+    }
+    let index: HashMap<String, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(k, id)| (keys.reply_channel(*id), k))
+        .collect();
+    let t0 = Instant::now();
+    let deadline = t0 + budget;
+    // Set by the pusher when it stops: the last reply is due by then + max delay.
+    let pushed_by = OnceLock::new();
+    // Per request: when its reply arrived, and whether it was the right one.
+    let mut arrived: Vec<Option<(Instant, bool)>> = vec![None; ids.len()];
+    let mut wrong = 0u64;
+    let (pushes, listened) = std::thread::scope(|s| {
+        let pusher = s.spawn(|| {
+            let mut pushed = Vec::with_capacity(ids.len());
+            let queue = keys.queue();
+            let result = ids.iter().try_for_each(|id| {
+                if Instant::now() >= deadline {
+                    return Ok(());
+                }
+                let at = Instant::now();
+                redis::cmd("RPUSH")
+                    .arg(&queue)
+                    .arg(id)
+                    .query::<u64>(&mut c)
+                    .map_err(|e| e.to_string())?;
+                pushed.push(at);
+                Ok::<_, String>(())
+            });
+            let _ = pushed_by.set(Instant::now());
+            result.map(|()| pushed)
+        });
+        let listened = (|| {
+            let mut got = 0;
+            while got < ids.len() {
+                let until = pushed_by.get().map_or(deadline, |t| {
+                    deadline.min(*t + Duration::from_millis(DELAY_MAX_MS) + DELAY_WINDOW)
+                });
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                // In slices, to notice when the pusher is done.
+                let slice = left.min(Duration::from_millis(200));
+                ps.set_read_timeout(Some(slice))
+                    .map_err(|e| e.to_string())?;
+                let msg = match ps.get_message() {
+                    Ok(m) => m,
+                    Err(e) if e.is_timeout() => continue,
+                    Err(e) => return Err(e.to_string()),
+                };
+                let at = Instant::now();
+                let Some(&k) = index.get(msg.get_channel_name()) else {
+                    continue;
+                };
+                if arrived[k].is_some() {
+                    continue;
+                }
+                let ok = match Reply::from_json(msg.get_payload_bytes()) {
+                    Ok(Reply::Ok(v)) if v == json!("hello world!") => true,
+                    other => {
+                        wrong += 1;
+                        if wrong <= 5 {
+                            eprintln!("delay: #{} unexpected reply {other:?}", ids[k]);
+                        }
+                        false
+                    }
+                };
+                arrived[k] = Some((at, ok));
+                got += 1;
+            }
+            Ok::<_, String>(())
+        })();
+        (pusher.join(), listened)
+    });
+    let pushes = pushes.map_err(|_| "the pusher panicked".to_string())??;
+    listened?;
+    if pushes.len() < ids.len() {
+        // Never queued: drop their bodies.
+        let unqueued: Vec<String> = ids[pushes.len()..]
+            .iter()
+            .map(|id| keys.request(*id))
+            .collect();
+        for chunk in unqueued.chunks(5000) {
+            let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query(&mut c);
+        }
+    }
+    // Lateness in ms, signed: arrival − (instant before the RPUSH + delay).
+    let mut lateness = Vec::with_capacity(pushes.len());
+    let mut too_late = 0u64;
+    for ((pushed, d), reply) in pushes.iter().zip(&delays).zip(&arrived) {
+        let due = *pushed + Duration::from_millis(*d);
+        match reply {
+            Some((at, _)) if *at > due + DELAY_WINDOW => too_late += 1,
+            Some((at, _)) if *at >= due => lateness.push(ms(*at - due)),
+            Some((at, _)) => lateness.push(-ms(due - *at)),
+            None => {}
+        }
+    }
+    if too_late > 0 {
+        eprintln!(
+            "delay: {too_late} replies came later than delay + {} s (counted missing)",
+            DELAY_WINDOW.as_secs()
+        );
+    }
+    lateness.sort_unstable_by(f64::total_cmp);
+    let early = lateness.iter().filter(|l| **l < 0.0).count();
+    let early_part = match lateness.first() {
+        Some(worst) if early > 0 => format!("{early} early (worst {worst:.3} ms)"),
+        _ => format!("{early} early"),
+    };
+    let stats = match lateness.last() {
+        Some(max) => format!(
+            "lateness p50 {:.1} ms p99 {:.1} ms max {max:.1} ms",
+            percentile(&lateness, 50.0),
+            percentile(&lateness, 99.0),
+        ),
+        None => "lateness n/a".into(),
+    };
+    let note = if pushes.len() < ids.len() {
+        format!(
+            " (stopped early: time budget spent, {} of {n} queued)",
+            pushes.len()
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "delay: {n} requests (delays {DELAY_MIN_MS}-{DELAY_MAX_MS} ms), {} answered, {wrong} wrong, {early_part}, {stats}{note}",
+        lateness.len(),
     );
     Ok(())
 }

@@ -43,8 +43,11 @@ pub(crate) struct Job {
 /// Counters of what the server did, for logs and (later) metrics.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Requests that reached a worker.
+    /// Requests that reached a worker (a delayed request twice: when it was read,
+    /// and again when it came due).
     pub requests: AtomicU64,
+    /// Requests put off by their `delay`.
+    pub delayed: AtomicU64,
     /// Replies with `status: ok`.
     pub ok: AtomicU64,
     /// Replies with `status: error` (timeouts included).
@@ -181,9 +184,7 @@ impl Dispatcher {
     /// Returns true when a replacement took this worker's place meanwhile (its call
     /// ran past the deadline): the worker should then retire.
     pub(crate) fn handle(&self, job: Job) -> bool {
-        if !job.waited {
-            bump(&self.stats.requests);
-        }
+        bump(&self.stats.requests);
         let mut request = match job.body {
             Ok(r) => r,
             Err(e) => {
@@ -201,6 +202,7 @@ impl Dispatcher {
             return false;
         };
         if let (Some(ms), false) = (request.delay_ms.filter(|ms| *ms > 0), job.waited) {
+            bump(&self.stats.delayed);
             self.delay(job.reply_to, request, ms);
             return false;
         }

@@ -153,8 +153,9 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
     timer.stop();
     let _ = timer_thread.join();
     log::info!(
-        "stopped: {} requests, {} ok, {} errors, {} timeouts, {} panics, {} bad queue entries",
+        "stopped: {} requests ({} delayed, counted again when due), {} ok, {} errors, {} timeouts, {} panics, {} bad queue entries",
         stats.requests.load(Ordering::Relaxed),
+        stats.delayed.load(Ordering::Relaxed),
         stats.ok.load(Ordering::Relaxed),
         stats.errors.load(Ordering::Relaxed),
         stats.timeouts.load(Ordering::Relaxed),
