@@ -1,0 +1,514 @@
+# frozen_string_literal: true
+
+# End-to-end tests of cerbas_client against a real redis-server and the cerbas
+# binary (the example functions of src/functions.rs, configured by cerbas.toml).
+#
+# Needs /usr/bin/redis-server (or REDIS_SERVER) and a built server (`cargo build`;
+# or CERBAS_BIN). Run from clients/ruby:
+#
+#   ruby -Ilib -Itest test/test_cerbas_client.rb
+#
+# The servers start once, on the first test that needs them, and stop after the
+# run (Minitest.after_run). The tests of URL/db resolution need no server.
+
+require "minitest/autorun"
+require "cerbas_client"
+require "redis"
+require "rbconfig"
+require "securerandom"
+require "socket"
+require "tmpdir"
+require "fileutils"
+
+module CerbasTest
+  HERE = __dir__
+  RUBY_DIR = File.expand_path("..", HERE)
+  REPO = File.expand_path("../../..", HERE)
+  CERBAS_BIN = ENV.fetch("CERBAS_BIN", "").then { |b| b.empty? ? File.join(REPO, "target", "debug", "cerbas") : b }
+  REDIS_SERVER = ENV.fetch("REDIS_SERVER", "").then { |b| b.empty? ? "/usr/bin/redis-server" : b }
+  CONFIG = File.join(REPO, "cerbas.toml")
+
+  def self.now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+
+  # A directory for the servers' logs, removed after the run.
+  def self.tmpdir
+    @tmpdir ||= Dir.mktmpdir("cerbas-ruby-test").tap do |dir|
+      Minitest.after_run { FileUtils.remove_entry(dir, true) }
+    end
+  end
+
+  def self.free_port
+    server = TCPServer.new("127.0.0.1", 0)
+    server.addr[1]
+  ensure
+    server&.close
+  end
+
+  def self.log_tail(path, lines = 40)
+    File.readlines(path, chomp: false).last(lines).join
+  rescue SystemCallError
+    "(no log)"
+  end
+
+  # A child process we started, with its output in a log file.
+  class Child
+    attr_reader :pid, :log, :status
+
+    def initialize(argv, log:, env: {}, chdir: REPO)
+      @log = log
+      @pid = Process.spawn(env, *argv, in: File::NULL, out: log, err: %i[child out], chdir: chdir)
+    end
+
+    def alive?
+      return false if @status
+
+      _, @status = Process.wait2(pid, Process::WNOHANG)
+      @status.nil?
+    end
+
+    # Waits up to +seconds+ for it to exit; its Process::Status, or nil.
+    def wait(seconds)
+      deadline = CerbasTest.now + seconds
+      while alive?
+        return nil if CerbasTest.now > deadline
+
+        sleep 0.02 # poll interval, bounded by the deadline
+      end
+      @status
+    end
+
+    # SIGTERM, then SIGKILL if it does not exit within +grace+ seconds.
+    def stop(grace = 10.0)
+      return @status unless alive?
+
+      Process.kill("TERM", pid)
+      return @status if wait(grace)
+
+      Process.kill("KILL", pid)
+      _, @status = Process.wait2(pid)
+      @status
+    rescue Errno::ESRCH, Errno::ECHILD
+      @status
+    end
+
+    def tail = CerbasTest.log_tail(log)
+  end
+
+  # redis-server on a free port of 127.0.0.1, without persistence.
+  class RedisServer
+    attr_reader :port, :url
+
+    def initialize(dir = CerbasTest.tmpdir)
+      attempts = 0
+      begin
+        attempts += 1
+        @port = CerbasTest.free_port
+        @url = "redis://127.0.0.1:#{port}"
+        @child = Child.new([REDIS_SERVER, "--port", port.to_s, "--bind", "127.0.0.1",
+                            "--save", "", "--appendonly", "no", "--dir", dir],
+                           log: File.join(dir, "redis-#{port}.log"), chdir: dir)
+        wait_ready(CerbasTest.now + 10.0)
+      rescue RuntimeError
+        exited = @child && !@child.alive? # e.g. the port was taken meanwhile
+        stop
+        retry if exited && attempts < 3
+        raise
+      end
+    end
+
+    def stop = @child&.stop
+
+    private
+
+    def wait_ready(deadline)
+      redis = Redis.new(host: "127.0.0.1", port: port, timeout: 1.0, reconnect_attempts: 0)
+      loop do
+        raise "redis-server exited with #{@child.status}:\n#{@child.tail}" unless @child.alive?
+
+        begin
+          return if redis.ping == "PONG"
+        rescue Redis::BaseConnectionError
+          nil # not listening yet
+        end
+        raise "redis-server did not answer PING in time:\n#{@child.tail}" if CerbasTest.now > deadline
+
+        sleep 0.02 # poll interval, bounded by the deadline
+      end
+    ensure
+      redis&.close
+    end
+  end
+
+  # The cerbas binary, serving the Redis at +redis_url+ with the shipped config.
+  class CerbasServer
+    attr_reader :redis_url, :child
+
+    def initialize(redis_url, dir = CerbasTest.tmpdir)
+      raise "no cerbas binary at #{CERBAS_BIN}: run `cargo build` or set CERBAS_BIN" unless File.executable?(CERBAS_BIN)
+
+      @redis_url = redis_url
+      # nil unsets: the server must take Redis from its flag, the db from `dev`.
+      env = { "CERBAS_REDIS_URL" => nil, "CERBAS_ENV" => nil }
+      env["RUST_LOG"] = "info" unless ENV["RUST_LOG"]
+      @child = Child.new([CERBAS_BIN, "--config", CONFIG, "--redis", redis_url],
+                         env: env, log: File.join(dir, "cerbas-#{SecureRandom.hex(4)}.log"))
+      begin
+        wait_ready(CerbasTest.now + 20.0)
+      rescue StandardError
+        stop
+        raise
+      end
+    end
+
+    def stop = @child.stop
+
+    private
+
+    # Round trips `hello` until the server answers (a debug build may start slowly).
+    def wait_ready(deadline)
+      client = CerbasClient::Client.new(url: redis_url, env: "dev", user: "test", source: "test")
+      loop do
+        raise "cerbas exited with #{@child.status}:\n#{@child.tail}" unless @child.alive?
+
+        begin
+          return if client.request("hello", timeout: 0.5)["status"] == "ok"
+        rescue CerbasClient::Timeout
+          nil # not serving yet
+        end
+        raise "cerbas did not answer hello in time:\n#{@child.tail}" if CerbasTest.now > deadline
+      end
+    ensure
+      client&.close
+    end
+  end
+
+  # The Redis and cerbas shared by the tests, started on first use (a failure to
+  # start is remembered: the other tests fail at once with it).
+  def self.servers
+    raise @servers_error if @servers_error
+
+    @servers ||= begin
+      redis = RedisServer.new
+      begin
+        cerbas = CerbasServer.new(redis.url)
+      rescue StandardError
+        redis.stop
+        raise
+      end
+      Minitest.after_run do
+        warn "cerbas had exited with #{cerbas.child.status}:\n#{cerbas.child.tail}" unless cerbas.child.alive?
+        cerbas.stop
+        redis.stop
+      end
+      { redis: redis, cerbas: cerbas }
+    rescue StandardError => e
+      @servers_error = e
+      raise
+    end
+  end
+
+  # Sets ENV entries for the block (nil deletes), then restores them.
+  def self.with_env(vars)
+    saved = vars.keys.to_h { |k| [k, ENV[k]] }
+    vars.each { |k, v| ENV[k] = v }
+    yield
+  ensure
+    saved&.each { |k, v| ENV[k] = v }
+  end
+
+  module Replies
+    def ok(data) = { "status" => "ok", "data" => data }
+    def error(message) = { "status" => "error", "data" => message }
+
+    # The value with every leaf replaced by its class, so that 1 and 1.0 differ.
+    def shape(value)
+      case value
+      when Hash then value.to_h { |k, v| [k, shape(v)] }
+      when Array then value.map { |v| shape(v) }
+      else value.class
+      end
+    end
+  end
+end
+
+# The example functions of src/functions.rs, through the shared servers.
+class CerbasFunctionsTest < Minitest::Test
+  include CerbasTest::Replies
+
+  def setup
+    @redis_url = CerbasTest.servers[:redis].url
+    @client = CerbasClient::Client.new(url: @redis_url, env: "dev", user: "foo", source: "cerbastest")
+  end
+
+  def teardown
+    @client&.close
+  end
+
+  def test_hello
+    assert_equal ok("hello world!"), @client.request("hello")
+  end
+
+  def test_hello_msgpack
+    assert_equal ok("hello world!"), @client.request("hello", msgpack: true)
+  end
+
+  def test_hello_as_default_user_and_source
+    CerbasClient::Client.open(url: @redis_url, env: "dev") do |c| # user "test", source "test"
+      assert_equal ok("hello world!"), c.request("hello")
+    end
+  end
+
+  def test_echo
+    assert_equal ok("a message"), @client.request("echo", { "message" => "a message" })
+  end
+
+  def test_withargs
+    assert_equal ok({ "bar" => [1, "two"] }), @client.request("withargs", { "foo" => { "bar" => [1, "two"] } })
+  end
+
+  def test_witherror
+    assert_equal error("unexpected error"), @client.request("witherror")
+  end
+
+  def test_sum
+    reply = @client.request("sum", { "a" => 1, "b" => 2 })
+    assert_equal ok(3), reply
+    assert_kind_of Integer, reply["data"]
+  end
+
+  def test_dummy
+    reply = @client.request("dummy")
+    assert_equal({ "status" => "ok", "data" => nil }, reply)
+    assert reply.key?("data"), "the reply must carry data: null"
+  end
+
+  def test_asyncfunc
+    assert_equal ok(""), @client.request("asyncfunc")
+  end
+
+  def test_sleep
+    assert_equal ok(5), @client.request("sleep", { "ms" => 5 })
+  end
+
+  def test_tally
+    assert_equal ok(1), @client.request("tally", { "name" => "rb-#{SecureRandom.hex(8)}" })
+  end
+
+  def test_primes
+    assert_equal ok(25), @client.request("primes", { "below" => 100 })
+  end
+
+  def test_unknown_function
+    assert_equal error("unknown function: nope"), @client.request("nope")
+  end
+
+  def test_sum_rejects_a_string
+    reply = @client.request("sum", { "a" => "one", "b" => 2 })
+    assert_equal "error", reply["status"]
+    assert reply["data"].start_with?("invalid arguments"), reply.inspect
+  end
+
+  def test_unregistered_user
+    assert_equal error("user not registered: eve"), @client.request("hello", user: "eve")
+  end
+
+  def test_halt_refused_for_test_user
+    reply = @client.request("halt", { "delay" => 0 }, user: "test", source: "test")
+    assert_equal error("user test may not call halt"), reply
+  end
+
+  ECHO_VALUES = [
+    "ü€😀",
+    "ü€😀 — 漢字 \u0000 \\ \" \n",
+    { "nested" => { "list" => [1, -2, 3.5, "x", nil, true, false] }, "empty" => {}, "e" => [] },
+    [[[[["deep"]]]]],
+    2**62, -(2**62), -1, 0, 2**63 - 1, -(2**63),
+    0.1, -2.5, 1.0,
+    nil, {}, [], "",
+    (0...5000).to_a,
+    "x" * 200_000
+  ].freeze
+
+  def test_echo_round_trips_the_same_in_json_and_msgpack
+    ECHO_VALUES.each do |value|
+      json = @client.request("echo", { "message" => value })
+      packed = @client.request("echo", { "message" => value }, msgpack: true)
+      shown = value.inspect[0, 40]
+      assert_equal ok(value), json, "json: #{shown}"
+      assert_equal ok(value), packed, "msgpack: #{shown}"
+      assert_equal shape(value), shape(json["data"]), "json types: #{shown}"
+      assert_equal shape(value), shape(packed["data"]), "msgpack types: #{shown}"
+    end
+  end
+
+  def test_msgpack_strings_are_utf8
+    data = @client.request("echo", { "message" => "ü€😀" }, msgpack: true)["data"]
+    assert_equal Encoding::UTF_8, data.encoding
+    assert data.valid_encoding?
+  end
+
+  def test_client_timeout
+    started = CerbasTest.now
+    assert_raises(CerbasClient::Timeout) do
+      @client.request("sleep", { "ms" => 3000 }, timeout: 0.5)
+    end
+    elapsed = CerbasTest.now - started
+    assert_operator elapsed, :>=, 0.5
+    assert_operator elapsed, :<, 2.5
+  end
+
+  def test_delayed_request
+    started = CerbasTest.now
+    assert_equal ok("hello world!"), @client.request("hello", delay: 300, timeout: 10.0)
+    assert_operator CerbasTest.now - started, :>=, 0.3
+  end
+
+  def test_one_way_request
+    name = "rb-#{SecureRandom.hex(8)}"
+    id = @client.send_one_way("tally", { "name" => name })
+    assert_kind_of Integer, id
+    assert_operator id, :>, 0
+    redis = Redis.new(url: @redis_url, db: 1)
+    begin
+      deadline = CerbasTest.now + 10.0
+      until redis.get("CERBAS-TALLY-#{name}") == "1"
+        flunk "tally never reached 1" if CerbasTest.now > deadline
+        sleep 0.02 # poll interval, bounded by the deadline
+      end
+      assert_equal "1", redis.get("CERBAS-TALLY-#{name}")
+    ensure
+      redis.close
+    end
+  end
+end
+
+# The example script, against servers of its own (it halts its server).
+class CerbasExampleTest < Minitest::Test
+  def test_example_script_calls_and_halts_the_server
+    dir = Dir.mktmpdir("cerbas-ruby-example")
+    redis = CerbasTest::RedisServer.new(dir)
+    begin
+      cerbas = CerbasTest::CerbasServer.new(redis.url, dir)
+      begin
+        out = File.join(dir, "example.out")
+        script = CerbasTest::Child.new([RbConfig.ruby, File.join(CerbasTest::RUBY_DIR, "example.rb")],
+                                       env: { "CERBAS_REDIS_URL" => redis.url, "CERBAS_ENV" => nil },
+                                       log: out, chdir: dir)
+        status = script.wait(30.0)
+        script.stop
+        lines = File.readlines(out, chomp: true)
+        assert status&.success?, "example.rb failed (#{status.inspect}):\n#{lines.join("\n")}"
+        assert_equal 4, lines.size, lines.join("\n")
+        hello = /"status"\s*=>\s*"ok", "data"\s*=>\s*"hello world!"/
+        assert_match hello, lines[0]
+        assert_match hello, lines[1]
+        assert_match(/"status"\s*=>\s*"error", "data"\s*=>\s*"timeout"/, lines[2])
+        assert_match(/"status"\s*=>\s*"ok", "data"\s*=>\s*""/, lines[3])
+        code = cerbas.child.wait(10.0)
+        assert code, "cerbas still running 10 s after halt:\n#{cerbas.child.tail}"
+        assert code.success?, "cerbas exited with #{code}:\n#{cerbas.child.tail}"
+      ensure
+        cerbas.stop
+      end
+    ensure
+      redis.stop
+      FileUtils.remove_entry(dir, true)
+    end
+  end
+end
+
+# Finding Redis, without a server.
+class CerbasResolveTest < Minitest::Test
+  CLEAN = { "CERBAS_REDIS_URL" => nil, "CERBAS_ENV" => nil }.freeze
+
+  def env(vars = {}, &block)
+    CerbasTest.with_env(CLEAN.merge(vars), &block)
+  end
+
+  def test_defaults
+    env do
+      c = CerbasClient::Client.new
+      assert_equal ["redis://127.0.0.1:6379", "dev", 1], [c.url, c.env, c.db]
+      assert_equal({ host: "127.0.0.1", port: 6379, db: 1 }, c.redis.connection.slice(:host, :port, :db))
+      assert_equal "CERBAS-RESPONSE-1-0000000007", c.reply_channel(7)
+      assert_equal "MSGPACK:CERBAS-RESPONSE-1-0000000007", c.reply_channel(7, msgpack: true)
+      assert_equal "CERBAS-REQ-0000000007", c.request_key(7)
+      assert_equal "CERBAS-COUNTER", c.counter_key
+      assert_equal "CERBAS-QUEUE", c.queue_key
+      assert_equal ["test", "test", 10.0], [c.user, c.source, c.timeout]
+    end
+  end
+
+  def test_prod_env_uses_db_8
+    env("CERBAS_ENV" => "prod") do
+      c = CerbasClient::Client.new
+      assert_equal 8, c.db
+      assert_equal 8, c.redis.connection[:db]
+      assert_equal "CERBAS-RESPONSE-8-0000012345", c.reply_channel(12_345)
+    end
+  end
+
+  def test_db_in_url_wins
+    env("CERBAS_REDIS_URL" => "redis://:secret@10.0.0.5:6380/3", "CERBAS_ENV" => "prod") do
+      c = CerbasClient::Client.new
+      assert_equal ["redis://:secret@10.0.0.5:6380/3", "prod", 3], [c.url, c.env, c.db]
+      assert_equal({ host: "10.0.0.5", port: 6380, db: 3 }, c.redis.connection.slice(:host, :port, :db))
+      assert_equal "secret", c.redis._client.password
+    end
+  end
+
+  def test_db_zero_in_url_wins
+    env("CERBAS_ENV" => "prod") do
+      assert_equal 0, CerbasClient::Client.new(url: "redis://127.0.0.1:6379/0").db
+      assert_equal 8, CerbasClient::Client.new(url: "redis://127.0.0.1:6379/").db
+    end
+  end
+
+  def test_arguments_win_over_environment
+    env("CERBAS_REDIS_URL" => "redis://10.0.0.5:6380/3", "CERBAS_ENV" => "dev") do
+      c = CerbasClient::Client.new(url: "redis://127.0.0.1:7000", env: "prod")
+      assert_equal ["redis://127.0.0.1:7000", 8], [c.url, c.db]
+    end
+  end
+
+  def test_empty_variables_count_as_unset
+    env("CERBAS_REDIS_URL" => "", "CERBAS_ENV" => "") do
+      assert_equal ["redis://127.0.0.1:6379", "dev", 1], CerbasClient.resolve
+    end
+  end
+
+  def test_bad_env_is_refused
+    env("CERBAS_ENV" => "staging") do
+      assert_raises(ArgumentError) { CerbasClient::Client.new }
+      # as the server: a bad CERBAS_ENV is an error even when the URL names a db
+      assert_raises(ArgumentError) { CerbasClient::Client.new(url: "redis://127.0.0.1:6379/2") }
+    end
+    env { assert_raises(ArgumentError) { CerbasClient::Client.new(env: "test") } }
+  end
+
+  def test_bad_db_in_url_is_refused
+    env do
+      assert_raises(ArgumentError) { CerbasClient::Client.new(url: "redis://127.0.0.1:6379/x") }
+      assert_raises(ArgumentError) { CerbasClient::Client.new(url: "redis://127.0.0.1:6379/-1") }
+    end
+  end
+
+  def test_unix_socket_url
+    env do
+      assert_equal 4, CerbasClient.resolve(url: "unix:///tmp/redis.sock?db=4").last
+      c = CerbasClient::Client.new(url: "redis+unix:///tmp/redis.sock", env: "prod")
+      assert_equal 8, c.db
+      assert_equal "/tmp/redis.sock", c.redis._client.path
+    end
+  end
+
+  def test_body
+    env do
+      c = CerbasClient::Client.new(user: "foo", source: "cerbastest")
+      assert_equal({ "func" => "sum", "args" => { "a" => 1 }, "user" => "foo", "source" => "cerbastest" },
+                   JSON.parse(c.body("sum", { "a" => 1 })))
+      assert_equal({ "func" => "hello", "user" => "tom", "source" => "web", "delay" => 5 },
+                   JSON.parse(c.body("hello", user: "tom", source: "web", delay: 5)))
+    end
+  end
+end
