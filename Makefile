@@ -1,10 +1,12 @@
 # make run  — install what is missing, start a local Redis if none answers, run the server.
 # make test — install what is missing, then every check: fmt, clippy, unit and
-#             integration tests (real redis-server), the Python client's tests.
+#             integration tests (real redis-server), and each client's tests
+#             (Python, Node.js, Ruby, shell) against a real server.
 
 REDIS_URL ?= $(or $(CERBAS_REDIS_URL),redis://127.0.0.1:6379)
+BIN := $(CURDIR)/target/debug/cerbas
 
-.PHONY: run test setup lint rust-tests python-tests bench clean
+.PHONY: run test setup lint rust-tests bin client-tests python-tests node-tests ruby-tests sh-tests bench clean
 
 run:
 	./scripts/setup.sh
@@ -12,10 +14,10 @@ run:
 	cargo build --release
 	./target/release/cerbas --config cerbas.toml --crontab CRONTAB --redis "$(REDIS_URL)"
 
-test: setup lint rust-tests python-tests
+test: setup lint rust-tests client-tests
 
 setup:
-	./scripts/setup.sh --python
+	./scripts/setup.sh --clients
 
 lint:
 	cargo fmt --check
@@ -24,13 +26,26 @@ lint:
 rust-tests:
 	cargo test
 
-python-tests:
+bin:
 	cargo build
-	CERBAS_BIN=$(CURDIR)/target/debug/cerbas .venv/bin/python -m pytest -q clients/python
+
+client-tests: python-tests node-tests ruby-tests sh-tests
+
+python-tests: bin
+	CERBAS_BIN=$(BIN) .venv/bin/python -m pytest -q clients/python
+
+node-tests: bin
+	cd clients/node && CERBAS_BIN=$(BIN) npm test
+
+ruby-tests: bin
+	cd clients/ruby && CERBAS_BIN=$(BIN) ruby -Ilib -Itest test/test_cerbas_client.rb
+
+sh-tests: bin
+	CERBAS_BIN=$(BIN) bash clients/sh/test.sh
 
 bench:
 	cargo bench --bench protocol
 
 clean:
 	cargo clean
-	rm -rf .venv .redis
+	rm -rf .venv .redis clients/node/node_modules

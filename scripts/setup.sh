@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what `make run` and `make test` need on a fresh Debian machine:
-# redis-server and redis-cli (apt-get, when root), the Rust lint components, and a
-# Python virtualenv in .venv with the Python client's dependencies.
+# redis-server and redis-cli (apt-get, when root), the Rust lint components; with
+# --clients also what the client tests need: a Python virtualenv in .venv with the
+# Python client, Ruby with Debian's redis and msgpack gems, Node.js and the Node
+# client's npm packages.
 # Not for: starting anything (see scripts/redis-up.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +11,12 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
+if [ "${1:-}" = "--clients" ]; then
+  command -v ruby >/dev/null 2>&1 || need_apt+=(ruby)
+  ruby -e 'require "redis"' >/dev/null 2>&1 || need_apt+=(ruby-redis)
+  ruby -e 'require "msgpack"' >/dev/null 2>&1 || need_apt+=(ruby-msgpack)
+  command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing ${need_apt[*]} with apt-get"
@@ -21,7 +29,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "setup: cargo not found: install Rust with rustup (https://rustup.rs)" >&2
+  echo "setup: cargo not found: install a Rust toolchain with rustup" >&2
   exit 1
 fi
 for comp in rustfmt clippy; do
@@ -30,7 +38,7 @@ for comp in rustfmt clippy; do
   fi
 done
 
-if [ "${1:-}" = "--python" ]; then
+if [ "${1:-}" = "--clients" ]; then
   if [ ! -x .venv/bin/python ]; then
     if ! python3 -m venv .venv 2>/dev/null; then
       if [ "$(id -u)" -eq 0 ]; then
@@ -44,4 +52,5 @@ if [ "${1:-}" = "--python" ]; then
   fi
   .venv/bin/python -m pip install -q "./clients/python[test]"
   rm -rf clients/python/build clients/python/*.egg-info
+  (cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
 fi
