@@ -202,7 +202,6 @@ impl Dispatcher {
             return false;
         };
         if let (Some(ms), false) = (request.delay_ms.filter(|ms| *ms > 0), job.waited) {
-            bump(&self.stats.delayed);
             self.delay(job.reply_to, request, ms);
             return false;
         }
@@ -340,6 +339,7 @@ impl Dispatcher {
         }
         match (&reply_to, &self.services.timer, due) {
             (ReplyTo::Redis { id }, _, _) => {
+                bump(&self.stats.delayed);
                 let _ = self.out.send(Outgoing::Delay {
                     id: *id,
                     body: request.to_json_without_delay(),
@@ -352,6 +352,7 @@ impl Dispatcher {
                     body: Ok(request),
                     waited: true,
                 };
+                bump(&self.stats.delayed);
                 timer.schedule(due, TimerEvent::Due(job));
             }
             _ => self.refuse(
