@@ -17,7 +17,7 @@ use crate::timer::TimerEvent;
 use crossbeam_channel::Sender;
 use serde_json::{Map, Value};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,6 +66,29 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Requests from Redis handed to the workers and not yet answered: the reader
+/// counts one up before it hands a job over, the dispatcher counts it down when
+/// the job's reply (or its delay) goes to the publisher. A graceful stop waits for
+/// this to reach 0, not for worker threads: a worker stuck in a call whose caller
+/// already has `timeout` holds nothing.
+#[derive(Clone, Default)]
+pub(crate) struct Unanswered(Arc<AtomicI64>);
+
+impl Unanswered {
+    pub(crate) fn add(&self, n: usize) {
+        self.0.fetch_add(n as i64, Ordering::SeqCst);
+    }
+
+    pub(crate) fn done(&self, n: usize) {
+        self.0.fetch_sub(n as i64, Ordering::SeqCst);
+    }
+
+    /// Whether every job handed over has been answered.
+    pub(crate) fn is_zero(&self) -> bool {
+        self.0.load(Ordering::SeqCst) <= 0
+    }
+}
+
 /// Workers stuck in calls past their deadline, and how to replace them.
 pub(crate) struct Hung {
     count: AtomicUsize,
@@ -82,47 +105,172 @@ impl Hung {
         }
     }
 
-    /// Asks for a replacement worker unless `cap` are already hung; says which.
-    fn replace(&self, func: &str) -> bool {
-        let n = self.count.fetch_add(1, Ordering::SeqCst) + 1;
-        if n > self.cap {
-            self.count.fetch_sub(1, Ordering::SeqCst);
-            log::warn!("{func}: still running past its deadline; {} workers hung already (max_hung_workers), no replacement", self.cap);
-            return false;
-        }
-        log::warn!(
-            "{func}: still running past its deadline; started a replacement worker ({n} hung)"
-        );
-        let _ = self.replace.send(());
-        true
+    /// Counts one more hung worker unless `cap` are hung already; says which.
+    fn reserve(&self) -> bool {
+        self.count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.cap).then_some(n + 1)
+            })
+            .is_ok()
     }
 
-    /// A replaced worker's call has returned: that worker retires.
-    pub(crate) fn returned(&self) {
+    /// Gives back a place taken by [`Hung::reserve`] that was not used, or that of
+    /// a replaced worker whose call has returned (it retires).
+    pub(crate) fn release(&self) {
         self.count.fetch_sub(1, Ordering::SeqCst);
     }
+
+    /// How many workers are hung now (replaced, their calls still running).
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+/// Where a call stands. Every change is one compare-and-swap, so exactly one of
+/// the function (returning) and the timer (at the deadline) answers the caller,
+/// and exactly one decides whether the worker is replaced.
+mod state {
+    /// The function is running and nobody has answered.
+    pub(super) const RUNNING: u8 = 0;
+    /// The function returned in time and answered.
+    pub(super) const DONE: u8 = 1;
+    /// The timer answered `timeout` and is deciding whether to replace the worker.
+    pub(super) const EXPIRING: u8 = 2;
+    /// Past its deadline, not replaced (cap reached, or no pool): the worker goes
+    /// on when its call returns.
+    pub(super) const EXPIRED: u8 = 3;
+    /// Past its deadline and replaced: the worker retires when its call returns.
+    pub(super) const REPLACED: u8 = 4;
+    /// The call returned late, while the timer was still deciding: no
+    /// replacement, the worker goes on.
+    pub(super) const RETURNED_LATE: u8 = 5;
 }
 
 /// A call in progress: whoever answers first (the function or its deadline)
 /// delivers the reply; the other finds it answered.
 pub(crate) struct Pending {
-    answered: AtomicBool,
-    /// Set when the deadline passed with the call still running and a replacement
-    /// worker was started: the worker running it retires when it returns.
-    replaced: AtomicBool,
+    state: AtomicU8,
+    deadline: Instant,
     hung: Option<Arc<Hung>>,
     func: String,
     reply_to: ReplyTo,
     out: Sender<Outgoing>,
+    unanswered: Unanswered,
     stats: Arc<Stats>,
 }
 
+/// What the worker does once its call has returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AfterCall {
+    /// Take the next job.
+    GoOn,
+    /// A replacement took this worker's place: retire.
+    Retire,
+}
+
 impl Pending {
-    /// Delivers `answer` unless the call was answered already; says which.
-    pub(crate) fn answer(&self, answer: Answer) -> bool {
-        if self.answered.swap(true, Ordering::AcqRel) {
+    fn new(
+        deadline: Instant,
+        hung: Option<Arc<Hung>>,
+        func: String,
+        reply_to: ReplyTo,
+        out: Sender<Outgoing>,
+        unanswered: Unanswered,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Pending {
+            state: AtomicU8::new(state::RUNNING),
+            deadline,
+            hung,
+            func,
+            reply_to,
+            out,
+            unanswered,
+            stats,
+        }
+    }
+
+    fn settle(&self, from: u8, to: u8) -> bool {
+        self.state
+            .compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// The function returned with `answer`: delivers it if the deadline has not
+    /// answered already, and says whether this worker goes on or retires.
+    pub(crate) fn returned(&self, answer: Answer) -> AfterCall {
+        if self.settle(state::RUNNING, state::DONE) {
+            self.deliver(answer);
+            return AfterCall::GoOn;
+        }
+        log::warn!(
+            "{}: finished {:.1}s after its deadline; its result was dropped",
+            self.func,
+            self.deadline.elapsed().as_secs_f64()
+        );
+        // The timer answered. If it is still deciding, returning now tells it not
+        // to replace this worker; otherwise its decision stands.
+        if self.settle(state::EXPIRING, state::RETURNED_LATE) {
+            return AfterCall::GoOn;
+        }
+        if self.state.load(Ordering::SeqCst) == state::REPLACED {
+            if let Some(hung) = &self.hung {
+                hung.release();
+            }
+            return AfterCall::Retire;
+        }
+        AfterCall::GoOn
+    }
+
+    /// The deadline passed: answers `timeout` if the function has not answered,
+    /// then starts a replacement worker unless the call returns meanwhile.
+    pub(crate) fn expire(&self) {
+        if self.answer_timeout() {
+            self.replace_worker();
+        }
+    }
+
+    /// First half of [`Pending::expire`]: answers `timeout` unless answered.
+    fn answer_timeout(&self) -> bool {
+        if !self.settle(state::RUNNING, state::EXPIRING) {
             return false;
         }
+        self.deliver(Answer::Error(RequestError::Timeout.to_string()));
+        bump(&self.stats.timeouts);
+        log::warn!("{}: timed out; the caller got a timeout reply", self.func);
+        true
+    }
+
+    /// Second half of [`Pending::expire`]: a replacement worker, unless the call
+    /// returned meanwhile or `max_hung_workers` are hung already.
+    fn replace_worker(&self) {
+        let Some(hung) = &self.hung else {
+            self.settle(state::EXPIRING, state::EXPIRED);
+            return;
+        };
+        if !hung.reserve() {
+            if self.settle(state::EXPIRING, state::EXPIRED) {
+                log::warn!(
+                    "{}: still running past its deadline; {} workers hung already (max_hung_workers), no replacement",
+                    self.func, hung.cap
+                );
+            }
+            return;
+        }
+        if self.settle(state::EXPIRING, state::REPLACED) {
+            log::warn!(
+                "{}: still running past its deadline; started a replacement worker ({} hung)",
+                self.func,
+                hung.count()
+            );
+            let _ = hung.replace.send(());
+        } else {
+            // The call returned while we decided: its worker goes on.
+            hung.release();
+        }
+    }
+
+    fn deliver(&self, answer: Answer) {
         let reply = match answer {
             Answer::Value(v) => {
                 bump(&self.stats.ok);
@@ -134,27 +282,19 @@ impl Pending {
             }
             Answer::NoReply => None,
         };
-        deliver(&self.reply_to, &self.out, reply);
-        true
-    }
-
-    /// The deadline passed: answer `timeout` if the function has not answered.
-    pub(crate) fn expire(&self) {
-        if self.answer(Answer::Error(RequestError::Timeout.to_string())) {
-            bump(&self.stats.timeouts);
-            log::warn!("{}: timed out; the caller got a timeout reply", self.func);
-            if let Some(hung) = &self.hung {
-                if hung.replace(&self.func) {
-                    self.replaced.store(true, Ordering::SeqCst);
-                }
-            }
-        }
+        deliver(&self.reply_to, &self.out, &self.unanswered, reply);
     }
 }
 
-fn deliver(reply_to: &ReplyTo, out: &Sender<Outgoing>, reply: Option<Reply>) {
+fn deliver(
+    reply_to: &ReplyTo,
+    out: &Sender<Outgoing>,
+    unanswered: &Unanswered,
+    reply: Option<Reply>,
+) {
     match reply_to {
         ReplyTo::Redis { id } => {
+            unanswered.done(1);
             let encoded = reply.map(|r| Encoded {
                 json: r.to_json(),
                 msgpack: r.to_msgpack(),
@@ -175,35 +315,36 @@ pub(crate) struct Dispatcher {
     pub(crate) max_delay: Duration,
     pub(crate) services: Arc<Services>,
     pub(crate) out: Sender<Outgoing>,
+    pub(crate) unanswered: Unanswered,
     pub(crate) stats: Arc<Stats>,
     pub(crate) hung: Option<Arc<Hung>>,
 }
 
 impl Dispatcher {
-    /// Runs `job` to its reply. Blocks the calling worker for the function's run.
-    /// Returns true when a replacement took this worker's place meanwhile (its call
-    /// ran past the deadline): the worker should then retire.
-    pub(crate) fn handle(&self, job: Job) -> bool {
+    /// Runs `job` to its reply. Blocks the calling worker for the function's run,
+    /// then says whether the worker goes on or retires (a replacement took its
+    /// place while its call ran past the deadline).
+    pub(crate) fn handle(&self, job: Job) -> AfterCall {
         bump(&self.stats.requests);
         let mut request = match job.body {
             Ok(r) => r,
             Err(e) => {
                 self.refuse(&job.reply_to, e);
-                return false;
+                return AfterCall::GoOn;
             }
         };
         // Checked before a delay too, so a bad request is told at once.
         if let Err(e) = self.check_access(&request) {
             self.refuse(&job.reply_to, e);
-            return false;
+            return AfterCall::GoOn;
         }
         let Some(function) = self.registry.get(&request.func) else {
             self.refuse(&job.reply_to, RequestError::UnknownFunction(request.func));
-            return false;
+            return AfterCall::GoOn;
         };
         if let (Some(ms), false) = (request.delay_ms.filter(|ms| *ms > 0), job.waited) {
             self.delay(job.reply_to, request, ms);
-            return false;
+            return AfterCall::GoOn;
         }
         log::debug!(
             "{} from user {:?} source {:?}",
@@ -212,24 +353,25 @@ impl Dispatcher {
             request.source
         );
         let deadline = Instant::now() + function.options.timeout.unwrap_or(self.default_timeout);
-        let cache = self.cache(&request, function.options.cache_secs, deadline);
-        if let Some(Ok(data)) = &cache {
-            bump(&self.stats.cache_hits);
-            bump(&self.stats.ok);
-            deliver(&job.reply_to, &self.out, Some(Reply::Ok(data.clone())));
-            return false;
-        }
-        let pending = Arc::new(Pending {
-            answered: AtomicBool::new(false),
-            replaced: AtomicBool::new(false),
-            hung: self.hung.clone(),
-            func: request.func.clone(),
-            reply_to: job.reply_to.clone(),
-            out: self.out.clone(),
-            stats: self.stats.clone(),
-        });
+        let pending = Arc::new(Pending::new(
+            deadline,
+            self.hung.clone(),
+            request.func.clone(),
+            job.reply_to.clone(),
+            self.out.clone(),
+            self.unanswered.clone(),
+            self.stats.clone(),
+        ));
+        // Scheduled before anything that can block (the cache lookup waits on the
+        // connection pool and on Redis), so the caller hears `timeout` in time
+        // whatever happens after.
         if let Some(timer) = &self.services.timer {
             timer.schedule(deadline, TimerEvent::Deadline(pending.clone()));
+        }
+        let cache = self.cache(&request, function.options.cache_secs, deadline);
+        if let Some(Ok(data)) = cache {
+            bump(&self.stats.cache_hits);
+            return pending.returned(Answer::Value(data));
         }
         let ctx = Context {
             user: request.user,
@@ -264,14 +406,7 @@ impl Dispatcher {
                 function.options.cache_secs,
             );
         }
-        if !pending.answer(answer) {
-            log::warn!(
-                "{}: finished {:.1}s after its deadline; its result was dropped",
-                pending.func,
-                deadline.elapsed().as_secs_f64()
-            );
-        }
-        pending.replaced.load(Ordering::SeqCst)
+        pending.returned(answer)
     }
 
     /// For a cached function: `Ok(data)` on a hit, `Err(key)` (where to store the
@@ -323,7 +458,7 @@ impl Dispatcher {
     fn refuse(&self, reply_to: &ReplyTo, e: RequestError) {
         log::debug!("refused: {e}");
         bump(&self.stats.errors);
-        deliver(reply_to, &self.out, Some(e.into()));
+        deliver(reply_to, &self.out, &self.unanswered, Some(e.into()));
     }
 
     /// A request from Redis waits in Redis (`P-DELAYED`, via the publisher), so it
@@ -345,6 +480,7 @@ impl Dispatcher {
                     body: request.to_json_without_delay(),
                     delay_ms: ms,
                 });
+                self.unanswered.done(1);
             }
             (_, Some(timer), Some(due)) => {
                 let job = Job {
@@ -411,7 +547,17 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
+        fixture_with_pool(None)
+    }
+
+    fn fixture_with_pool(pool: Option<crate::connection::ConnectionPool>) -> Fixture {
         let mut registry = Registry::new();
+        registry
+            .register("cached", |_: NoArgs, _: &Context| -> Result<i32, FnError> {
+                Ok(7)
+            })
+            .cache_secs(60)
+            .timeout_ms(100);
         registry.register("hello", |_: NoArgs, _: &Context| -> Result<&str, FnError> {
             Ok("hello world!")
         });
@@ -443,10 +589,11 @@ mod tests {
             max_delay: Duration::from_secs(60),
             services: Arc::new(Services {
                 keys: Keys::new("CERBAS", 1),
-                pool: None,
+                pool,
                 timer: Some(timer.clone()),
             }),
             out,
+            unanswered: Unanswered::default(),
             stats: Arc::default(),
             hung: None,
         };
@@ -547,6 +694,116 @@ mod tests {
         let f = fixture();
         assert_eq!(error(&f, Ok(request("nap", "tom", "web"))), "timeout");
         assert_eq!(f.dispatcher.stats.timeouts.load(Ordering::Relaxed), 1);
+    }
+
+    /// Issue 7 item 11b: the cache lookup of a cached function waits on the
+    /// connection pool and on Redis. Against a Redis that accepts connections and
+    /// never answers (a stalled server), the caller still hears `timeout` at the
+    /// deadline; before, the deadline was scheduled only after the lookup.
+    #[test]
+    fn the_deadline_covers_the_cache_lookup() {
+        let stalled = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+        let addr = stalled.local_addr().expect("address");
+        let client = redis::Client::open(format!("redis://{addr}/")).expect("client");
+        let f = Arc::new(fixture_with_pool(Some(
+            crate::connection::ConnectionPool::new(client, 1),
+        )));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let start = Instant::now();
+        let worker = {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                f.dispatcher.handle(Job {
+                    reply_to: ReplyTo::Local(tx),
+                    body: Ok(request("cached", "tom", "web")),
+                    waited: false,
+                })
+            })
+        };
+        let reply = rx.recv_timeout(Duration::from_secs(30)).expect("a reply");
+        let took = start.elapsed();
+        assert_eq!(reply, Some(Reply::Error("timeout".into())));
+        assert!(
+            took < Duration::from_secs(2),
+            "timeout after {took:?}, the deadline is 100 ms"
+        );
+        // Closing the stalled server's socket ends the lookup.
+        drop(stalled);
+        let _ = worker.join();
+    }
+
+    /// A pending call with a hung-worker budget of `cap`, and the receiver of
+    /// replacement requests.
+    fn pending(cap: usize) -> (Pending, Arc<Hung>, crossbeam_channel::Receiver<()>) {
+        let (replace, replacements) = crossbeam_channel::unbounded();
+        let hung = Arc::new(Hung::new(cap, replace));
+        let (out, _) = crossbeam_channel::unbounded();
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        let p = Pending::new(
+            Instant::now(),
+            Some(hung.clone()),
+            "f".into(),
+            ReplyTo::Local(tx),
+            out,
+            Unanswered::default(),
+            Arc::default(),
+        );
+        (p, hung, replacements)
+    }
+
+    #[test]
+    fn a_call_that_returns_in_time_is_never_replaced() {
+        let (p, hung, replacements) = pending(5);
+        assert_eq!(p.returned(Answer::NoReply), AfterCall::GoOn);
+        p.expire();
+        assert_eq!(hung.count(), 0);
+        assert!(replacements.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_replaced_worker_retires_and_gives_its_place_back() {
+        let (p, hung, replacements) = pending(5);
+        p.expire();
+        assert_eq!(hung.count(), 1);
+        assert!(replacements.try_recv().is_ok());
+        assert_eq!(p.returned(Answer::NoReply), AfterCall::Retire);
+        assert_eq!(hung.count(), 0);
+    }
+
+    /// The interleaving that leaked a hung worker: the call returns after the
+    /// timer answered `timeout` and before it decided to replace the worker.
+    #[test]
+    fn a_call_returning_while_the_timer_decides_keeps_its_worker() {
+        let (p, hung, replacements) = pending(5);
+        assert!(p.answer_timeout());
+        assert_eq!(p.returned(Answer::NoReply), AfterCall::GoOn);
+        p.replace_worker();
+        assert_eq!(hung.count(), 0, "no place kept for a worker that went on");
+        assert!(replacements.try_recv().is_err(), "no replacement started");
+    }
+
+    #[test]
+    fn past_the_cap_nobody_is_replaced_and_the_worker_goes_on() {
+        let (p, hung, replacements) = pending(0);
+        p.expire();
+        assert_eq!(hung.count(), 0);
+        assert!(replacements.try_recv().is_err());
+        assert_eq!(p.returned(Answer::NoReply), AfterCall::GoOn);
+    }
+
+    #[test]
+    fn the_race_run_for_real_always_settles_the_count_to_zero() {
+        for _ in 0..2000 {
+            let (p, hung, _replacements) = pending(usize::MAX);
+            let p = Arc::new(p);
+            let timer = {
+                let p = p.clone();
+                std::thread::spawn(move || p.expire())
+            };
+            let after = p.returned(Answer::NoReply);
+            timer.join().expect("timer side");
+            assert_eq!(hung.count(), 0, "count after {after:?}");
+        }
     }
 
     #[test]

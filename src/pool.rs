@@ -8,9 +8,9 @@
 //! is empty, or when the drain deadline has passed.
 //! Not for: deadlines (the timer) or replies (the publisher).
 
-use crate::dispatch::{Dispatcher, Job};
+use crate::dispatch::{AfterCall, Dispatcher, Job};
 use crate::shutdown::Shutdown;
-use crossbeam_channel::{select, Receiver, Sender};
+use crossbeam_channel::{select, Receiver};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -22,8 +22,6 @@ pub(crate) struct Worker {
     pub(crate) due: Receiver<Job>,
     /// Set at the drain deadline: take no more jobs.
     pub(crate) abandon: Arc<AtomicBool>,
-    /// Dropped when the worker exits; the server waits for all of them.
-    pub(crate) _alive: Sender<()>,
 }
 
 /// Starts `n` workers named `cerbas-worker-1` … `cerbas-worker-n`, and the
@@ -52,8 +50,6 @@ pub(crate) fn start(
                         }
                         next += 1;
                     }
-                    // On shutdown the template (and its `_alive`) goes, so the
-                    // server's wait for the workers can end.
                     recv(shutdown.receiver()) -> _ => return,
                 }
             }
@@ -77,12 +73,9 @@ impl Worker {
             };
             match job {
                 Ok(job) => {
-                    if self.dispatcher.handle(job) {
-                        // A replacement took this worker's place while its call
-                        // ran past the deadline.
-                        if let Some(hung) = &self.dispatcher.hung {
-                            hung.returned();
-                        }
+                    // A replacement took this worker's place while its call ran
+                    // past the deadline (the dispatcher has counted it back).
+                    if self.dispatcher.handle(job) == AfterCall::Retire {
                         return;
                     }
                 }

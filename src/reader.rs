@@ -11,7 +11,7 @@
 //! Not for: parsing beyond the protocol (`protocol.rs`) or running requests.
 
 use crate::connection::Connector;
-use crate::dispatch::{Job, ReplyTo, Stats};
+use crate::dispatch::{Job, ReplyTo, Stats, Unanswered};
 use crate::error::RequestError;
 use crate::protocol::{parse_queue_entry, parse_request, Keys};
 use crate::shutdown::Shutdown;
@@ -77,6 +77,7 @@ pub(crate) struct Reader {
     pub(crate) stats: Arc<Stats>,
     pub(crate) shutdown: Shutdown,
     pub(crate) in_hand: InHand,
+    pub(crate) unanswered: Unanswered,
 }
 
 /// Starts the reader thread.
@@ -258,17 +259,24 @@ impl Reader {
         pipe.query(c)
     }
 
-    /// Hands jobs to the workers; false once shutdown stops it.
+    /// Hands jobs to the workers; false once shutdown stops it (what was not
+    /// handed over stays in the processing list, which goes back to the queue).
     fn hand_over(&self, jobs: Vec<Job>) -> bool {
         for mut job in jobs {
+            // Counted before the send: the worker may answer before it returns.
+            self.unanswered.add(1);
             loop {
                 if self.shutdown.is_triggered() {
+                    self.unanswered.done(1);
                     return false;
                 }
                 match self.jobs.send_timeout(job, Duration::from_millis(100)) {
                     Ok(()) => break,
                     Err(SendTimeoutError::Timeout(j)) => job = j,
-                    Err(SendTimeoutError::Disconnected(_)) => return false,
+                    Err(SendTimeoutError::Disconnected(_)) => {
+                        self.unanswered.done(1);
+                        return false;
+                    }
                 }
             }
         }

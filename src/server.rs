@@ -7,7 +7,7 @@
 use crate::config::Config;
 use crate::connection::{ConnectionPool, Connector};
 use crate::context::Services;
-use crate::dispatch::{Dispatcher, Hung, Stats};
+use crate::dispatch::{Dispatcher, Hung, Stats, Unanswered};
 use crate::error::Error;
 use crate::pool::Worker;
 use crate::protocol::Keys;
@@ -16,10 +16,13 @@ use crate::reader::{InHand, Reader, BLOCK};
 use crate::registry::Registry;
 use crate::scheduler::Scheduler;
 use crate::shutdown::Shutdown;
-use crossbeam_channel::RecvTimeoutError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// How much longer than `drain_timeout_ms` a stop may take, whatever Redis does:
+/// time to publish the last replies and return what is left to the queue.
+const STOP_MARGIN: Duration = Duration::from_secs(5);
 
 /// Runs the server until `shutdown` is triggered (by a signal, by `halt`, or by the
 /// embedding program), then stops it gracefully. Returns once every request it
@@ -45,6 +48,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
     let processing = keys.processing(&instance);
     let stats = Arc::new(Stats::default());
     let in_hand = InHand::default();
+    let unanswered = Unanswered::default();
     log::info!(
         "cerbas {} starting: {}",
         env!("CARGO_PKG_VERSION"),
@@ -84,6 +88,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         out_rx,
     )?;
     let (replace_tx, replace_rx) = crossbeam_channel::unbounded();
+    let hung = Arc::new(Hung::new(config.max_hung_workers, replace_tx));
     let dispatcher = Arc::new(Dispatcher {
         registry: Arc::new(registry),
         access: config.access.clone(),
@@ -95,11 +100,11 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             timer: Some(timer.clone()),
         }),
         out: out_tx.clone(),
+        unanswered: unanswered.clone(),
         stats: stats.clone(),
-        hung: Some(Arc::new(Hung::new(config.max_hung_workers, replace_tx))),
+        hung: Some(hung.clone()),
     });
     let abandon = Arc::new(AtomicBool::new(false));
-    let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);
     crate::pool::start(
         config.workers,
         Worker {
@@ -107,7 +112,6 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             jobs: jobs_rx,
             due: due_rx,
             abandon: abandon.clone(),
-            _alive: alive_tx,
         },
         replace_rx,
         shutdown.clone(),
@@ -123,46 +127,78 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         connector: Connector::new(client, "reader", read_timeout),
         keys,
         instance,
-        processing,
+        processing: processing.clone(),
         max_request_bytes: config.max_request_bytes,
         jobs: jobs_tx,
         stats: stats.clone(),
         shutdown: shutdown.clone(),
         in_hand,
+        unanswered: unanswered.clone(),
     })?;
     log::info!("ready: taking requests from {queue}");
 
     shutdown.wait();
     let drain = Duration::from_millis(config.drain_timeout_ms);
     log::info!("shutting down: finishing requests in hand (up to {drain:?})");
-    let deadline = Instant::now() + drain;
-    let _ = reader.join();
-    let _ = scheduler.join();
-    match alive_rx.recv_deadline(deadline) {
-        Err(RecvTimeoutError::Disconnected) | Ok(()) => {}
-        Err(RecvTimeoutError::Timeout) => {
-            abandon.store(true, Ordering::SeqCst);
-            log::warn!(
-                "workers still busy at the drain deadline; their requests go back to the queue"
-            );
+    let drain_by = Instant::now() + drain;
+    let stop_by = drain_by + STOP_MARGIN;
+    // The drain waits for requests not yet answered, not for threads: a worker
+    // stuck in a call its caller already has `timeout` for holds nothing.
+    let drained = wait_until(drain_by, || reader.is_finished() && unanswered.is_zero());
+    if !drained {
+        abandon.store(true, Ordering::SeqCst);
+        if unanswered.is_zero() {
+            log::warn!("the reader did not stop by the drain deadline (redis not answering)");
+        } else {
+            log::warn!("requests still in hand at the drain deadline; they go back to the queue");
         }
     }
+    // Before the publisher returns what is held to the queue and retires this
+    // instance, the reader must be gone (its BLMOVE would take a returned id
+    // back) and so must the scheduler (it renews the heartbeat). Both stop within
+    // a second unless Redis hangs; then nothing is returned and the heartbeat
+    // lapses, which hands what is held to another instance.
+    let quiet = wait_until(stop_by, || reader.is_finished() && scheduler.is_finished());
     stopping.trigger();
-    let _ = out_tx.send(Outgoing::Finish);
-    let _ = publisher.join();
+    if quiet {
+        let _ = out_tx.send(Outgoing::Finish);
+    }
+    // Whatever Redis does, the stop ends by `stop_by`. What could not be returned
+    // to the queue by then stays in this instance's processing list, and another
+    // instance (or the next start) recovers it once the heartbeat lapses.
+    if !wait_until(stop_by, || publisher.is_finished()) {
+        log::warn!(
+            "redis did not answer in time: unfinished requests stay in {} for recovery",
+            processing
+        );
+    }
     timer.stop();
     let _ = timer_thread.join();
     log::info!(
-        "stopped: {} requests ({} delayed, counted again when due), {} ok, {} errors, {} timeouts, {} panics, {} bad queue entries",
+        "stopped: {} requests ({} delayed, counted again when due), {} ok, {} errors, {} timeouts, {} panics, {} bad queue entries, {} hung workers",
         stats.requests.load(Ordering::Relaxed),
         stats.delayed.load(Ordering::Relaxed),
         stats.ok.load(Ordering::Relaxed),
         stats.errors.load(Ordering::Relaxed),
         stats.timeouts.load(Ordering::Relaxed),
         stats.panics.load(Ordering::Relaxed),
-        stats.bad_entries.load(Ordering::Relaxed)
+        stats.bad_entries.load(Ordering::Relaxed),
+        hung.count()
     );
     Ok(())
+}
+
+/// Polls `done` every few ms until it holds (true) or `deadline` passes (false).
+fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// A name unique to this process: host, pid and start time.

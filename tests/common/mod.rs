@@ -335,3 +335,21 @@ pub fn leftover_keys(conn: &mut redis::Connection) -> Vec<String> {
     keys.sort();
     keys
 }
+
+impl Redis {
+    /// `SIGSTOP`: the server hangs, its clients' commands wait (a stalled Redis).
+    pub fn pause(&self) {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGSTOP);
+        }
+    }
+
+    /// `SIGCONT`: undoes [`Redis::pause`].
+    pub fn resume(&self) {
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGCONT);
+        }
+    }
+}
