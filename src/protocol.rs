@@ -515,6 +515,51 @@ mod tests {
         assert_eq!(cache_hit(b"garbage", "f", &a), None);
     }
 
+    /// A float sent as the shortest text that names it (what every JSON encoder
+    /// writes) comes back as the same double, in both reply forms.
+    fn float_comes_back_unchanged(x: f64) {
+        let text = serde_json::to_string(&x).expect("a finite float");
+        let body = format!(r#"{{"func":"echo","args":{{"message":{text}}}}}"#);
+        let r = parse_request(body.as_bytes(), 1024).expect("a valid request");
+        let got = r.args["message"].as_f64().expect("a number");
+        assert_eq!(got.to_bits(), x.to_bits(), "{text} parsed as {got}");
+        let reply = Reply::Ok(r.args["message"].clone());
+        for back in [
+            Reply::from_json(&reply.to_json()).expect("json"),
+            Reply::from_msgpack(&reply.to_msgpack()).expect("msgpack"),
+        ] {
+            let Reply::Ok(v) = back else {
+                panic!("not ok: {back:?}")
+            };
+            let y = v.as_f64().expect("a number");
+            assert_eq!(y.to_bits(), x.to_bits(), "{text} came back as {y}");
+        }
+        // The JSON reply carries the very text the client sent.
+        let json = String::from_utf8(reply.to_json()).expect("utf-8");
+        assert!(json.contains(&format!(":{text}}}")), "{json} for {text}");
+    }
+
+    #[test]
+    fn the_issues_float_comes_back_unchanged() {
+        float_comes_back_unchanged(0.9424502837770503);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn every_finite_float_comes_back_unchanged(bits in proptest::prelude::any::<u64>()) {
+            let x = f64::from_bits(bits);
+            proptest::prop_assume!(x.is_finite());
+            float_comes_back_unchanged(x);
+        }
+
+        #[test]
+        fn floats_between_0_and_1_come_back_unchanged(x in 0.0f64..1.0) {
+            float_comes_back_unchanged(x);
+        }
+    }
+
     #[test]
     fn msgpack_reply_is_a_map_with_string_keys() {
         let bytes = Reply::Ok(json!(1)).to_msgpack();
