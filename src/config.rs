@@ -317,27 +317,84 @@ fn with_db(url: &str, db: i64) -> String {
     }
 }
 
-/// The URL with its password replaced by `***`, for logs.
+/// The URL with every part that can carry a secret replaced by `***`, for logs and
+/// error messages: the password of `redis://user:pw@host`, and every query value
+/// but `db` and `protocol` (a unix-socket URL carries its password as `pass=`, its
+/// user as `user=`).
 ///
 /// ```
-/// assert_eq!(cerbas::config::redact_url("redis://u:secret@h:1/2"), "redis://u:***@h:1/2");
+/// use cerbas::config::redact_url;
+/// assert_eq!(redact_url("redis://u:secret@h:1/2"), "redis://u:***@h:1/2");
+/// assert_eq!(
+///     redact_url("redis+unix:///run/r.sock?db=3&pass=s3cret"),
+///     "redis+unix:///run/r.sock?db=3&pass=***"
+/// );
 /// ```
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    // A fragment (`#insecure`) comes last; anything else there is not ours to show.
+    let (url, fragment) = match url.split_once('#') {
+        Some((u, "insecure")) => (u, "#insecure"),
+        Some((u, _)) => (u, "#***"),
+        None => (url, ""),
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map(|(u, _)| u);
-            match user {
-                Some(u) => format!("{scheme}://{u}:***@{host}{path}"),
-                None => format!("{scheme}://***@{host}{path}"),
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let mut out = redact_userinfo(head);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(&redact_query(q));
+    }
+    out.push_str(fragment);
+    out
+}
+
+fn redact_userinfo(head: &str) -> String {
+    let Some((scheme, rest)) = head.split_once("://") else {
+        return head.to_string();
+    };
+    // A unix URL's path may hold an '@' (`/run/redis@1.sock`): only its authority,
+    // before the path, can hold a user. A TCP URL's password may hold an unescaped
+    // '/' (invalid, but then printed in the error): take its last '@'.
+    let userinfo_end = if is_unix(head) {
+        let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+        authority.rfind('@')
+    } else {
+        rest.rfind('@')
+    };
+    match userinfo_end {
+        Some(at) => {
+            let (userinfo, host) = (&rest[..at], &rest[at + 1..]);
+            match userinfo.split_once(':') {
+                Some((u, _)) => format!("{scheme}://{u}:***@{host}"),
+                None => format!("{scheme}://***@{host}"),
             }
         }
-        None => url.to_string(),
+        None => head.to_string(),
     }
+}
+
+fn redact_query(query: &str) -> String {
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| {
+            // Compare the key as redis-rs reads it: percent-decoded.
+            let raw_key = pair.split_once('=').map_or(pair, |(k, _)| k);
+            let key = url::form_urlencoded::parse(raw_key.as_bytes())
+                .next()
+                .map(|(k, _)| k.into_owned())
+                .unwrap_or_default();
+            if pair.is_empty() || matches!(key.as_str(), "db" | "protocol") {
+                pair.to_string()
+            } else if pair.contains('=') {
+                format!("{raw_key}=***")
+            } else {
+                "***".to_string()
+            }
+        })
+        .collect();
+    pairs.join("&")
 }
 
 #[cfg(test)]
@@ -390,6 +447,26 @@ mod tests {
         assert_eq!(redact_url("redis://:pw@h:6379"), "redis://:***@h:6379");
         assert_eq!(redact_url("redis://h:6379/1"), "redis://h:6379/1");
         assert_eq!(redact_url("rediss://tok@h"), "rediss://***@h");
+        for (url, want) in [
+            (
+                "redis+unix:///tmp/r.sock?db=3&pass=s3cret",
+                "redis+unix:///tmp/r.sock?db=3&pass=***",
+            ),
+            (
+                "unix:///tmp/r.sock?user=u&pass=s3cret",
+                "unix:///tmp/r.sock?user=***&pass=***",
+            ),
+            // redis-rs decodes the key: `%70ass` is `pass`.
+            ("unix:///tmp/r.sock?%70ass=s3cret", "unix:///tmp/r.sock?%70ass=***"),
+            ("unix:///tmp/r.sock?s3cret", "unix:///tmp/r.sock?***"),
+            ("unix:///run/r@1.sock?db=2", "unix:///run/r@1.sock?db=2"),
+            ("redis://:pa/s3cret@h:6379/1", "redis://:***@h:6379/1"),
+            ("redis://u:s3cret@h/1?protocol=resp3", "redis://u:***@h/1?protocol=resp3"),
+            ("rediss://:s3cret@h#insecure", "rediss://:***@h#insecure"),
+            ("redis://h#s3cret", "redis://h#***"),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
         let c = Config {
             redis_url: "redis://:hunter2@h:6379".into(),
             ..Config::default()
