@@ -5,7 +5,9 @@
 
 use crate::error::RequestError;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 
 /// The key prefix the original used and every existing client expects.
 pub const DEFAULT_PREFIX: &str = "CERBAS";
@@ -180,6 +182,11 @@ pub struct Request {
     pub source: Option<String>,
     /// Run no earlier than this many milliseconds after the request was read.
     pub delay_ms: Option<u64>,
+    /// For a request parsed with a `delay`: its body without the delay, every other
+    /// member's value as the client's own bytes. It is what is stored while the
+    /// request waits, so it comes due exactly as sent (`9e15` stays `9e15`) and
+    /// never larger than the body that was accepted.
+    pub body_without_delay: Option<String>,
 }
 
 impl Request {
@@ -191,12 +198,18 @@ impl Request {
             user: None,
             source: None,
             delay_ms: None,
+            body_without_delay: None,
         }
     }
 
     /// The request as a JSON body without its `delay`: what is stored for a delayed
-    /// request, so that when it comes due it runs as an ordinary one.
+    /// request, so that when it comes due it runs as an ordinary one. The client's
+    /// own bytes when the request was parsed from a body; otherwise built from the
+    /// fields.
     pub fn to_json_without_delay(&self) -> String {
+        if let Some(body) = &self.body_without_delay {
+            return body.clone();
+        }
         let mut obj = Map::new();
         obj.insert("func".into(), Value::String(self.func.clone()));
         obj.insert("args".into(), Value::Object(self.args.clone()));
@@ -253,13 +266,41 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<Request, RequestEr
         Some(Value::Number(n)) => Some(n.as_u64().ok_or(RequestError::BadDelay)?),
         Some(_) => return Err(RequestError::BadDelay),
     };
+    // Only a request that will wait needs its body kept; parsed a second time,
+    // cheaply: each member's value is only checked, not built.
+    let body_without_delay = match delay_ms {
+        Some(ms) if ms > 0 => Some(strip_delay(text)?),
+        _ => None,
+    };
     Ok(Request {
         func,
         args,
         user,
         source,
         delay_ms,
+        body_without_delay,
     })
+}
+
+/// `text` (a JSON object that parsed) without its top-level `delay`. Each value is
+/// the client's bytes; keys are written again (escaped minimally, so never longer).
+/// A repeated key keeps its last value, as the parse above does.
+fn strip_delay(text: &str) -> Result<String, RequestError> {
+    let members: BTreeMap<String, Box<RawValue>> =
+        serde_json::from_str(text).map_err(|e| RequestError::Malformed(e.to_string()))?;
+    let mut out = String::with_capacity(text.len());
+    out.push('{');
+    for (key, value) in members.iter().filter(|(k, _)| k.as_str() != "delay") {
+        if out.len() > 1 {
+            out.push(',');
+        }
+        // Serializing a string cannot fail.
+        out.push_str(&serde_json::to_string(key).unwrap_or_default());
+        out.push(':');
+        out.push_str(value.get());
+    }
+    out.push('}');
+    Ok(out)
 }
 
 fn optional_string(
@@ -491,9 +532,39 @@ mod tests {
             again,
             Request {
                 delay_ms: None,
-                ..r
+                body_without_delay: None,
+                ..r.clone()
             }
         );
+        // Built in process (no body): written from the fields.
+        let built = Request {
+            body_without_delay: None,
+            ..r
+        };
+        assert_eq!(
+            parse_request(built.to_json_without_delay().as_bytes(), 1024).unwrap(),
+            again
+        );
+    }
+
+    #[test]
+    fn a_delayed_body_keeps_the_clients_bytes() {
+        let body = br#"{"func":"echo" , "delay":5,"args":{"message":[9e15,1E300,0.10,-0,"\u00e9"]},"user":"u","source":"s"}"#;
+        let r = parse_request(body, 1024).unwrap();
+        let kept = r.to_json_without_delay();
+        assert_eq!(
+            kept,
+            r#"{"args":{"message":[9e15,1E300,0.10,-0,"\u00e9"]},"func":"echo","source":"s","user":"u"}"#
+        );
+        assert!(kept.len() <= body.len());
+        // A repeated key keeps its last value, as the parse does.
+        let r = parse_request(br#"{"func":"a","func":"b","delay":1,"delay":2}"#, 1024).unwrap();
+        assert_eq!(r.func, "b");
+        assert_eq!(r.delay_ms, Some(2));
+        assert_eq!(r.to_json_without_delay(), r#"{"func":"b"}"#);
+        // No delay, nothing kept.
+        let r = parse_request(br#"{"func":"a","delay":0}"#, 1024).unwrap();
+        assert_eq!(r.body_without_delay, None);
     }
 
     #[test]
