@@ -160,7 +160,8 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Config, Error> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        // Not through from_toml: its error would repeat the "configuration:" prefix.
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 
     /// Applies `CERBAS_REDIS_URL` and `CERBAS_ENV`, looked up through `var` (pass
@@ -173,6 +174,25 @@ impl Config {
             self.env = env.parse()?;
         }
         Ok(())
+    }
+
+    /// Applies `CERBAS_REDIS_URL` and `CERBAS_ENV` from the process's environment.
+    /// A value that is not UTF-8 is an error, not ignored: the operator meant it.
+    pub fn apply_process_env(&mut self) -> Result<(), Error> {
+        let read = |k: &str| match std::env::var(k) {
+            Ok(v) => Ok(Some(v)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(Error::Config(format!("{k} is not valid UTF-8")))
+            }
+        };
+        let url = read("CERBAS_REDIS_URL")?;
+        let env = read("CERBAS_ENV")?;
+        self.apply_env(|k| match k {
+            "CERBAS_REDIS_URL" => url.clone(),
+            "CERBAS_ENV" => env.clone(),
+            _ => None,
+        })
     }
 
     /// Applies command-line flags.
@@ -194,33 +214,42 @@ impl Config {
         }
     }
 
-    /// Checks values that would make the server misbehave rather than fail.
+    /// Checks values that would make the server misbehave rather than fail. Every
+    /// size and duration is bounded: a huge pool or channel would be allocated at
+    /// start-up (or abort it), a huge duration would overflow a deadline.
     pub fn validate(&self) -> Result<(), Error> {
-        let bad = |m: String| Err(Error::Config(m));
-        if !(1..=10_000).contains(&self.workers) {
-            return bad(format!("workers must be 1 to 10000, not {}", self.workers));
-        }
-        if self.redis_pool_size == 0 {
-            return bad("redis_pool_size must be at least 1".into());
-        }
-        if self.timeout_ms == 0 {
-            return bad("timeout_ms must be at least 1".into());
-        }
-        if self.max_request_bytes < 64 {
-            return bad("max_request_bytes must be at least 64".into());
-        }
-        if self.prefix.is_empty() || self.prefix.contains(char::is_whitespace) {
-            return bad(format!(
-                "prefix must be non-empty, without spaces: {:?}",
+        within("workers", self.workers, 1, 10_000)?;
+        within("max_hung_workers", self.max_hung_workers, 0, 10_000)?;
+        within("redis_pool_size", self.redis_pool_size, 1, 1_000)?;
+        // Redis strings hold at most 512 MiB.
+        within("max_request_bytes", self.max_request_bytes, 64, 512 << 20)?;
+        within("timeout_ms", self.timeout_ms, 1, DAY_MS)?;
+        within("drain_timeout_ms", self.drain_timeout_ms, 0, DAY_MS)?;
+        within("reply_grace_ms", self.reply_grace_ms, 0, HOUR_MS)?;
+        within("max_delay_ms", self.max_delay_ms, 0, YEAR_MS)?;
+        if self.prefix.is_empty()
+            || self.prefix.len() > 256
+            || self.prefix.contains(char::is_whitespace)
+        {
+            return Err(Error::Config(format!(
+                "prefix must be 1 to 256 bytes, without spaces: {:?}",
                 self.prefix
-            ));
+            )));
         }
         url_db(&self.redis_url)?;
         redis::Client::open(self.connection_url()?.as_str())
             .map_err(|e| Error::Config(format!("redis_url: {e}")))?;
         for (name, f) in &self.functions {
-            if f.timeout_ms == Some(0) {
-                return bad(format!("functions.{name}.timeout_ms must be at least 1"));
+            if let Some(ms) = f.timeout_ms {
+                within(&format!("functions.{name}.timeout_ms"), ms, 1, DAY_MS)?;
+            }
+            if let Some(secs) = f.cache_secs {
+                within(
+                    &format!("functions.{name}.cache_secs"),
+                    secs,
+                    0,
+                    YEAR_MS / 1000,
+                )?;
             }
         }
         Ok(())
@@ -258,45 +287,74 @@ impl Config {
     }
 }
 
+const HOUR_MS: u64 = 3_600_000;
+const DAY_MS: u64 = 24 * HOUR_MS;
+const YEAR_MS: u64 = 366 * DAY_MS;
+
+/// `name` must be `lo` to `hi`; says so with the value it got.
+fn within<T: PartialOrd + std::fmt::Display>(name: &str, v: T, lo: T, hi: T) -> Result<(), Error> {
+    if v < lo || v > hi {
+        return Err(Error::Config(format!(
+            "{name} must be {lo} to {hi}, not {v}"
+        )));
+    }
+    Ok(())
+}
+
 fn is_unix(url: &str) -> bool {
     url.starts_with("unix:") || url.starts_with("redis+unix:")
 }
 
 /// The database a Redis URL names, if any: the path of `redis://host:port/3`, or
-/// `db=` in the query of a `unix://` URL.
+/// `db=` in the query of a `unix://` URL. Read as redis-rs reads it (query keys
+/// and values percent-decoded); a `db` named twice is refused, since redis-rs would
+/// take the last and the reply channels might name another.
 ///
 /// ```
 /// use cerbas::config::url_db;
 /// assert_eq!(url_db("redis://127.0.0.1:6379").unwrap(), None);
 /// assert_eq!(url_db("redis://:pw@127.0.0.1:6379/3").unwrap(), Some(3));
 /// assert!(url_db("redis://host/x").is_err());
+/// assert!(url_db("unix:///run/redis.sock?db=2&db=3").is_err());
 /// ```
 pub fn url_db(url: &str) -> Result<Option<i64>, Error> {
-    let bad = || Error::Config(format!("redis_url names no valid db: {}", redact_url(url)));
-    let (rest, query) = match url.split_once('?') {
+    let bad = |why: &str| Error::Config(format!("redis_url {why}: {}", redact_url(url)));
+    let url_no_fragment = url.split_once('#').map_or(url, |(u, _)| u);
+    let (rest, query) = match url_no_fragment.split_once('?') {
         Some((r, q)) => (r, q),
-        None => (url, ""),
+        None => (url_no_fragment, ""),
     };
+    let in_query: Vec<String> = url::form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k == "db")
+        .map(|(_, v)| v.into_owned())
+        .collect();
     let db = if is_unix(url) {
-        query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("db="))
-            .unwrap_or("")
+        match in_query.as_slice() {
+            [] => return Ok(None),
+            [db] => db.clone(),
+            _ => return Err(bad("names its db more than once")),
+        }
     } else {
+        if !in_query.is_empty() {
+            return Err(bad(
+                "names its db in the query; a redis:// URL names it in the path (redis://host:6379/3)",
+            ));
+        }
         let after_scheme = rest.split_once("://").map(|(_, r)| r).unwrap_or(rest);
-        after_scheme
+        let path = after_scheme
             .split_once('/')
             .map(|(_, p)| p.trim_end_matches('/'))
-            .unwrap_or("")
+            .unwrap_or("");
+        if path.is_empty() {
+            return Ok(None);
+        }
+        path.to_string()
     };
-    if db.is_empty() {
-        return Ok(None);
-    }
     db.parse::<i64>()
         .ok()
         .filter(|d| *d >= 0)
         .map(Some)
-        .ok_or_else(bad)
+        .ok_or_else(|| bad("names no valid db"))
 }
 
 fn with_db(url: &str, db: i64) -> String {
@@ -457,11 +515,17 @@ mod tests {
                 "unix:///tmp/r.sock?user=***&pass=***",
             ),
             // redis-rs decodes the key: `%70ass` is `pass`.
-            ("unix:///tmp/r.sock?%70ass=s3cret", "unix:///tmp/r.sock?%70ass=***"),
+            (
+                "unix:///tmp/r.sock?%70ass=s3cret",
+                "unix:///tmp/r.sock?%70ass=***",
+            ),
             ("unix:///tmp/r.sock?s3cret", "unix:///tmp/r.sock?***"),
             ("unix:///run/r@1.sock?db=2", "unix:///run/r@1.sock?db=2"),
             ("redis://:pa/s3cret@h:6379/1", "redis://:***@h:6379/1"),
-            ("redis://u:s3cret@h/1?protocol=resp3", "redis://u:***@h/1?protocol=resp3"),
+            (
+                "redis://u:s3cret@h/1?protocol=resp3",
+                "redis://u:***@h/1?protocol=resp3",
+            ),
             ("rediss://:s3cret@h#insecure", "rediss://:***@h#insecure"),
             ("redis://h#s3cret", "redis://h#***"),
         ] {
@@ -527,6 +591,66 @@ mod tests {
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn every_size_and_duration_is_bounded() {
+        for (toml, key) in [
+            ("redis_pool_size = 9223372036854775807", "redis_pool_size"),
+            ("redis_pool_size = 10000000000", "redis_pool_size"),
+            ("redis_pool_size = 100000000", "redis_pool_size"),
+            ("workers = 100000000", "workers"),
+            ("max_hung_workers = 100000000", "max_hung_workers"),
+            (
+                "max_request_bytes = 9223372036854775807",
+                "max_request_bytes",
+            ),
+            ("timeout_ms = 9223372036854775807", "timeout_ms"),
+            ("drain_timeout_ms = 9223372036854775807", "drain_timeout_ms"),
+            ("reply_grace_ms = 9223372036854775807", "reply_grace_ms"),
+            ("max_delay_ms = 9223372036854775807", "max_delay_ms"),
+            ("prefix = \"P\"\nredis_pool_size = 0", "redis_pool_size"),
+            (
+                "[functions.f]\ntimeout_ms = 9223372036854775807",
+                "functions.f.timeout_ms",
+            ),
+            (
+                "[functions.f]\ncache_secs = 9223372036854775807",
+                "functions.f.cache_secs",
+            ),
+        ] {
+            let c = Config::from_toml(toml).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("{key} must be ")), "{toml}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_url_names_its_db_once_as_redis_rs_reads_it() {
+        assert_eq!(url_db("unix:///r.sock?db=2").unwrap(), Some(2));
+        assert_eq!(url_db("unix:///r.sock?%64b=2").unwrap(), Some(2));
+        assert_eq!(url_db("redis://h:1/3#insecure").unwrap(), Some(3));
+        for u in [
+            "unix:///r.sock?db=2&db=3",
+            "redis+unix:///r.sock?db=2&%64b=3",
+            "unix:///r.sock?db=",
+            "redis://h:1?db=3",
+        ] {
+            let e = url_db(u).unwrap_err().to_string();
+            assert!(e.starts_with("configuration: redis_url "), "{u}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_toml_error_says_configuration_once() {
+        let dir = std::env::temp_dir().join(format!("cerbas-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "workers = \"many\"\n").unwrap();
+        let e = Config::from_file(&path).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(e.matches("configuration").count(), 1, "{e}");
+        assert!(e.contains("bad.toml") && e.contains("workers"), "{e}");
     }
 
     #[test]

@@ -123,6 +123,10 @@ pub enum Error {
     /// The configuration (file, environment or flags) is invalid.
     #[error("configuration: {0}")]
     Config(String),
+    /// The Redis server can never work with this configuration (a db it does not
+    /// have, a password it refuses, a version too old): waiting will not help.
+    #[error("cannot use this Redis: {0}")]
+    Unusable(String),
     /// Redis refused or broke a connection where we could not wait it out.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),

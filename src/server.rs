@@ -50,6 +50,11 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         env!("CARGO_PKG_VERSION"),
         config.summary()
     );
+    // Settings Redis can never accept stop the start here; an absent Redis is
+    // waited for.
+    if !crate::connection::check_at_start(&client, config.db(), &shutdown)? {
+        return Ok(());
+    }
     log::info!(
         "instance {instance}; functions: {}",
         registry.names().join(", ")

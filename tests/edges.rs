@@ -103,3 +103,297 @@ fn a_delayed_request_is_stored_as_the_client_sent_it_and_served_when_due() {
     assert_eq!(reply, ok(json!(vec![9e15; 40])));
     assert_eq!(stored, Some(format!("{{{fields}}}")));
 }
+
+/// Waits for a server that must refuse to start: exit code 2, and the reason in
+/// its output.
+fn assert_refused(mut server: Server, reason: &str) {
+    let status = server.wait_exit(Duration::from_secs(30));
+    let log = server.log_text();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(2),
+        "expected exit 2 ({reason}); log:\n{log}"
+    );
+    assert!(log.contains(reason), "expected {reason:?} in:\n{log}");
+}
+
+#[test]
+fn settings_redis_can_never_accept_stop_the_start_with_the_reason() {
+    let open = Redis::start();
+    let locked = Redis::start_with(&[], Some("right-pw"));
+    let port = |r: &Redis| r.port.to_string();
+    let cases = [
+        (
+            format!("redis://127.0.0.1:{}/16", port(&open)),
+            "Redis refused to select db 16",
+        ),
+        (
+            format!("redis://127.0.0.1:{}/99999", port(&open)),
+            "Redis refused to select db 99999",
+        ),
+        (
+            format!("redis://:wrong-pw@127.0.0.1:{}", port(&locked)),
+            "Redis refused the password",
+        ),
+        (
+            format!("redis://:some-pw@127.0.0.1:{}", port(&open)),
+            "Redis refused the password",
+        ),
+        (
+            format!("redis://127.0.0.1:{}", port(&locked)),
+            "Redis requires a password",
+        ),
+    ];
+    for (url, reason) in cases {
+        assert_refused(Server::spawn(&open, &["--redis", &url], &[]), reason);
+    }
+    // Nothing secret reached the output on the way.
+    let server = Server::spawn(
+        &open,
+        &[
+            "--redis",
+            &format!("redis://:wrong-pw@127.0.0.1:{}", port(&locked)),
+        ],
+        &[],
+    );
+    let log_path = server.log.clone();
+    assert_refused(server, "cannot use this Redis");
+    let log = std::fs::read_to_string(log_path).expect("log");
+    assert!(!log.contains("wrong-pw"), "{log}");
+}
+
+#[test]
+fn a_repeated_db_in_the_url_is_refused() {
+    let (redis, sock) = redis_on_a_socket("pw");
+    assert_refused(
+        Server::spawn(
+            &redis,
+            &["--redis", &format!("unix://{sock}?db=2&pass=pw&db=3")],
+            &[],
+        ),
+        "redis_url names its db more than once",
+    );
+}
+
+#[test]
+fn a_size_setting_out_of_bounds_is_refused_not_a_panic() {
+    let redis = Redis::start();
+    let config = config_with("redis_pool_size = 9223372036854775807");
+    assert_refused(
+        Server::spawn(&redis, &["--config", config.to_str().unwrap()], &[]),
+        "redis_pool_size must be 1 to 1000, not 9223372036854775807",
+    );
+}
+
+/// Runs a cerbas command that should end by itself; kills it after 30 s. Its exit
+/// code (`None` if killed) and stderr.
+fn run_cerbas(cmd: &mut std::process::Command) -> (Option<i32>, String) {
+    let err = scratch("stderr").join("stderr");
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err).expect("stderr file"))
+        .spawn()
+        .expect("cerbas runs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (code, std::fs::read_to_string(err).unwrap_or_default())
+}
+
+#[test]
+fn a_redis_url_or_env_that_is_not_utf8_is_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    for var in ["CERBAS_REDIS_URL", "CERBAS_ENV"] {
+        let (code, stderr) = run_cerbas(
+            std::process::Command::new(bin())
+                .args(["--config", &repo_file("cerbas.toml")])
+                .env(
+                    var,
+                    std::ffi::OsStr::from_bytes(b"redis://127.0.0.1:1/\xff"),
+                )
+                .env("RUST_LOG", "off"),
+        );
+        assert_eq!(code, Some(2), "{var}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{var} is not valid UTF-8")),
+            "{var}: {stderr}"
+        );
+    }
+}
+
+/// A stand-in for a Redis older than 6.2: it answers every command `+OK` and
+/// `INFO` with `version`. Stops (and joins its thread) when dropped.
+struct FakeRedis {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeRedis {
+    fn start(version: &'static str) -> FakeRedis {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let serving = stop.clone();
+        let serve = move |stream: std::net::TcpStream| -> std::io::Result<()> {
+            stream.set_nonblocking(false)?;
+            stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+            let mut out = stream.try_clone()?;
+            let mut lines = BufReader::new(stream);
+            let mut line = String::new();
+            let mut read = |line: &mut String| -> std::io::Result<bool> {
+                loop {
+                    line.clear();
+                    match lines.read_line(line) {
+                        Ok(0) => return Ok(false),
+                        Ok(_) => return Ok(true),
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                || e.kind() == std::io::ErrorKind::TimedOut =>
+                        {
+                            if serving.load(Ordering::SeqCst) {
+                                return Ok(false);
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            // Each command is an array of bulk strings: *N, then N times $len, data.
+            while read(&mut line)? {
+                let n: usize = line.trim_start_matches('*').trim().parse().unwrap_or(0);
+                let mut args = Vec::new();
+                for _ in 0..n {
+                    read(&mut line)?;
+                    read(&mut line)?;
+                    args.push(line.trim().to_uppercase());
+                }
+                let reply = match args.first().map(String::as_str) {
+                    Some("INFO") => {
+                        let info = format!("# Server\r\nredis_version:{version}\r\n");
+                        format!("${}\r\n{info}\r\n", info.len())
+                    }
+                    _ => "+OK\r\n".to_string(),
+                };
+                out.write_all(reply.as_bytes())?;
+            }
+            Ok(())
+        };
+        let thread = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            while !stop_flag(&stopped) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let serve = serve.clone();
+                        conns.push(std::thread::spawn(move || serve(s)));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        FakeRedis {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+fn stop_flag(flag: &std::sync::atomic::AtomicBool) -> bool {
+    flag.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+impl Drop for FakeRedis {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_redis_older_than_6_2_is_refused_at_start() {
+    let redis = Redis::start();
+    let old = FakeRedis::start("6.0.16");
+    assert_refused(
+        Server::spawn(
+            &redis,
+            &["--redis", &format!("redis://127.0.0.1:{}", old.port)],
+            &[],
+        ),
+        "Redis 6.0 is too old: cerbas needs 6.2 or later (BLMOVE, LMOVE)",
+    );
+}
+
+#[test]
+fn a_redis_that_is_not_there_yet_is_waited_for() {
+    let live = Redis::start();
+    // A port nobody listens on: taken from a redis-server that is then stopped.
+    let gone = Redis::start();
+    let port = gone.port;
+    drop(gone);
+    let url = format!("redis://127.0.0.1:{port}");
+    let mut server = Server::spawn(&live, &["--redis", &url], &[]);
+    server.wait_log("redis unavailable, retrying", 1);
+    // Hold the outage a while: a refused connection can heal, so it keeps trying.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        server.wait_exit(Duration::ZERO),
+        None,
+        "{}",
+        server.log_text()
+    );
+    let dir = scratch("late-redis");
+    let mut late = std::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let reply = wait_for(
+        "the late redis-server to listen",
+        Duration::from_secs(20),
+        || cerbas::Client::open(&url, cerbas::Env::Dev).ok(),
+    )
+    .identity("foo", "web")
+    .timeout(Duration::from_secs(30))
+    .request("hello", json!({}));
+    let _ = late.kill();
+    let _ = late.wait();
+    let _ = std::fs::remove_dir_all(dir);
+    assert_eq!(reply.expect("a reply"), ok(json!("hello world!")));
+}
+
+#[test]
+fn a_bad_configuration_is_explained_on_stderr_even_with_logging_off() {
+    let config = config_with("workers = 0");
+    let (code, stderr) = run_cerbas(
+        std::process::Command::new(bin())
+            .args(["--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "off"),
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("configuration: workers must be 1 to 10000, not 0"),
+        "{stderr:?}"
+    );
+}
