@@ -63,15 +63,25 @@ struct Sum {
     b: Number,
 }
 
-/// Integers add exactly (as the original's Elixir did); anything else as floats.
+/// Integers add exactly (as the original's Elixir did), anywhere in the range of
+/// 64-bit integers (`i64::MIN` to `u64::MAX`); a sum outside it is an error, not a
+/// rounded float. Anything else adds as floats; a sum too large for a float
+/// (`1e308 + 1e308`) is an error, not `null`.
 fn sum(Sum { a, b }: Sum, _: &Context) -> Result<Value, FnError> {
-    if let (Some(x), Some(y)) = (a.as_i64(), b.as_i64()) {
-        if let Some(s) = x.checked_add(y) {
+    let int = |n: &Number| n.as_i64().map(i128::from).or(n.as_u64().map(i128::from));
+    if let (Some(x), Some(y)) = (int(&a), int(&b)) {
+        let s = x + y;
+        if let Ok(s) = i64::try_from(s) {
             return Ok(json!(s));
         }
+        if let Ok(s) = u64::try_from(s) {
+            return Ok(json!(s));
+        }
+        return Err(format!("the sum {s} is outside the range of 64-bit integers").into());
     }
     match (a.as_f64(), b.as_f64()) {
-        (Some(x), Some(y)) => Ok(json!(x + y)),
+        (Some(x), Some(y)) if (x + y).is_finite() => Ok(json!(x + y)),
+        (Some(_), Some(_)) => Err("the sum is too large for a float".into()),
         _ => Err("a and b must be numbers".into()),
     }
 }
@@ -226,7 +236,22 @@ mod tests {
         let s = |a, b| sum(Sum { a: n(a), b: n(b) }, &ctx).unwrap();
         assert_eq!(s(json!(1), json!(2)), json!(3));
         assert_eq!(s(json!(1.5), json!(2)), json!(3.5));
-        assert_eq!(s(json!(i64::MAX), json!(1)), json!(i64::MAX as f64 + 1.0));
+        assert_eq!(s(json!(i64::MAX), json!(1)), json!(i64::MAX as u64 + 1));
+        assert_eq!(s(json!(u64::MAX), json!(-1)), json!(u64::MAX - 1));
+        assert_eq!(s(json!(i64::MIN), json!(0)), json!(i64::MIN));
+        let e = |a, b| sum(Sum { a: n(a), b: n(b) }, &ctx).unwrap_err().to_string();
+        assert_eq!(
+            e(json!(u64::MAX), json!(1)),
+            "the sum 18446744073709551616 is outside the range of 64-bit integers"
+        );
+        assert_eq!(
+            e(json!(i64::MIN), json!(-1)),
+            "the sum -9223372036854775809 is outside the range of 64-bit integers"
+        );
+        assert_eq!(
+            e(json!(1e308), json!(1e308)),
+            "the sum is too large for a float"
+        );
     }
 
     #[test]

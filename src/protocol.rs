@@ -12,8 +12,10 @@ use std::collections::BTreeMap;
 /// The key prefix the original used and every existing client expects.
 pub const DEFAULT_PREFIX: &str = "CERBAS";
 
-/// How deep arrays and objects may nest in a request body (serde_json's own limit;
-/// it keeps a hostile body from exhausting a worker's stack).
+/// How deep arrays and objects may nest in a request body, the body's own object
+/// counting as level 1. It keeps a hostile body from exhausting the reader's stack.
+/// (serde_json's built-in limit would refuse level 128 itself; we count the levels
+/// first and parse without it.)
 pub const MAX_DEPTH: usize = 128;
 
 /// Names of every key and channel for one prefix and Redis database.
@@ -169,6 +171,27 @@ pub fn parse_queue_entry(entry: &[u8]) -> Option<u64> {
     std::str::from_utf8(entry).ok()?.parse().ok()
 }
 
+/// How much of a queue entry that is not an id the log shows.
+pub const ENTRY_SHOWN: usize = 64;
+
+/// A queue entry that is not an id, as the log shows it: its first
+/// [`ENTRY_SHOWN`] bytes (lossy UTF-8, quoted) and its size when longer, so a
+/// 20 MB entry costs a line, not 20 MB of log.
+///
+/// ```
+/// use cerbas::protocol::describe_entry;
+/// assert_eq!(describe_entry(b"abc"), r#""abc""#);
+/// assert_eq!(describe_entry(&[b'x'; 100]), format!("{:?}… (100 bytes)", "x".repeat(64)));
+/// ```
+pub fn describe_entry(entry: &[u8]) -> String {
+    let shown = String::from_utf8_lossy(&entry[..entry.len().min(ENTRY_SHOWN)]);
+    if entry.len() > ENTRY_SHOWN {
+        format!("{shown:?}… ({} bytes)", entry.len())
+    } else {
+        format!("{shown:?}")
+    }
+}
+
 /// A request body that passed every syntactic check.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
@@ -239,13 +262,10 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<Request, RequestEr
         });
     }
     let text = std::str::from_utf8(body).map_err(|_| RequestError::NotUtf8)?;
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        if e.to_string().contains("recursion limit exceeded") {
-            RequestError::TooDeep(MAX_DEPTH)
-        } else {
-            RequestError::Malformed(e.to_string())
-        }
-    })?;
+    if nests_deeper_than(body, MAX_DEPTH) {
+        return Err(RequestError::TooDeep(MAX_DEPTH));
+    }
+    let value: Value = from_str_nested(text).map_err(|e| RequestError::Malformed(e.to_string()))?;
     let Value::Object(mut obj) = value else {
         return Err(RequestError::NotAnObject);
     };
@@ -287,7 +307,7 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<Request, RequestEr
 /// A repeated key keeps its last value, as the parse above does.
 fn strip_delay(text: &str) -> Result<String, RequestError> {
     let members: BTreeMap<String, Box<RawValue>> =
-        serde_json::from_str(text).map_err(|e| RequestError::Malformed(e.to_string()))?;
+        from_str_nested(text).map_err(|e| RequestError::Malformed(e.to_string()))?;
     let mut out = String::with_capacity(text.len());
     out.push('{');
     for (key, value) in members.iter().filter(|(k, _)| k.as_str() != "delay") {
@@ -301,6 +321,46 @@ fn strip_delay(text: &str) -> Result<String, RequestError> {
     }
     out.push('}');
     Ok(out)
+}
+
+/// Whether arrays and objects in `body` nest deeper than `max` levels. Brackets
+/// inside strings don't count; the text need not be valid JSON (then the parse
+/// that follows says what is wrong with it).
+fn nests_deeper_than(body: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Parses JSON without serde_json's recursion limit (it stops one level short of
+/// ours); only for text that [`nests_deeper_than`] has bounded.
+fn from_str_nested<'a, T: serde::Deserialize<'a>>(text: &'a str) -> serde_json::Result<T> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    let value = T::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
 }
 
 fn optional_string(
@@ -487,6 +547,37 @@ mod tests {
                 "\"delay\" must be a whole number of milliseconds, 0 or more"
             );
         }
+    }
+
+    /// A body whose own object is level 1 and whose innermost array is `depth`.
+    fn nested(depth: usize) -> Vec<u8> {
+        let inner = depth - 3; // levels 1 to 3: the body, "args", "message"'s array.
+        format!(
+            r#"{{"func":"echo","args":{{"message":[{}"[]"{}]}},"delay":1}}"#,
+            "[".repeat(inner),
+            "]".repeat(inner)
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn the_documented_depth_is_accepted_and_one_more_refused() {
+        let r = parse_request(&nested(MAX_DEPTH), 1 << 20).expect("128 levels");
+        // Delayed: its stored body parses again at the same depth.
+        parse_request(r.to_json_without_delay().as_bytes(), 1 << 20).expect("stored");
+        assert_eq!(
+            parse_request(&nested(MAX_DEPTH + 1), 1 << 20)
+                .unwrap_err()
+                .to_string(),
+            "request nested too deeply (limit 128 levels)"
+        );
+        // Brackets inside strings are text, not nesting.
+        let text = format!(
+            r#"{{"func":"echo","args":{{"message":"{}\"{}"}}}}"#,
+            "[".repeat(500),
+            "{".repeat(500)
+        );
+        parse_request(text.as_bytes(), 1 << 20).expect("brackets in a string");
     }
 
     #[test]

@@ -65,6 +65,10 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             config.http
         );
     }
+    log::info!(
+        "the cron thread is not built yet: {} is not read",
+        config.crontab.display()
+    );
     // Socket reads must outlast BLMOVE's block (DESIGN §8), with room to spare.
     let read_timeout = BLOCK + Duration::from_secs(10);
 

@@ -397,3 +397,107 @@ fn a_bad_configuration_is_explained_on_stderr_even_with_logging_off() {
         "{stderr:?}"
     );
 }
+
+/// A redis-server and a cerbas server on it with the shipped configuration.
+fn serve(args: &[&str]) -> (Redis, Server) {
+    let redis = Redis::start();
+    let server = Server::start_args(&redis, args);
+    (redis, server)
+}
+
+#[test]
+fn unbuilt_http_and_cron_settings_are_said_to_be_ignored() {
+    let (_redis, server) = serve(&["--http", "not an address", "--crontab", "/nonexistent"]);
+    let log = server.log_text();
+    assert!(
+        log.contains("the HTTP plug is not built yet: --http not an address is ignored"),
+        "{log}"
+    );
+    assert!(
+        log.contains("the cron thread is not built yet: /nonexistent is not read"),
+        "{log}"
+    );
+}
+
+#[test]
+fn sum_is_exact_over_the_64_bit_range_and_never_null() {
+    let (redis, _server) = serve(&[]);
+    let mut c = redis.client();
+    assert_eq!(
+        c.request("sum", json!({"a": u64::MAX, "b": -1})).unwrap(),
+        ok(json!(u64::MAX - 1))
+    );
+    assert_eq!(
+        c.request("sum", json!({"a": 1e308, "b": 1e308})).unwrap(),
+        Reply::Error("the sum is too large for a float".into())
+    );
+}
+
+#[test]
+fn the_documented_nesting_depth_is_accepted() {
+    let (redis, _server) = serve(&[]);
+    // Levels 1 to 3 are the body, "args" and "message"'s array.
+    let inner = 128 - 3;
+    let body = format!(
+        r#"{{"func":"echo","args":{{"message":[{}1{}]}},"user":"foo","source":"web"}}"#,
+        "[".repeat(inner),
+        "]".repeat(inner)
+    );
+    let reply = redis
+        .client()
+        .call(body.as_bytes(), cerbas::client::Mode::default())
+        .unwrap();
+    assert!(matches!(reply, Reply::Ok(_)), "{reply:?}");
+}
+
+#[test]
+fn a_wrong_typed_fallback_key_is_named_as_it_is() {
+    let (redis, _server) = serve(&[]);
+    let mut conn = redis.conn();
+    let id = next_id(&mut conn);
+    let reply = redis
+        .client()
+        .call_id(
+            id,
+            |_| {
+                redis::pipe()
+                    .cmd("HSET")
+                    .arg(format!("CERBAS-REQUEST-{id:010}"))
+                    .arg("func")
+                    .arg("hello")
+                    .cmd("RPUSH")
+                    .arg("CERBAS-QUEUE")
+                    .arg(id)
+                    .query::<()>(&mut conn)
+                    .map_err(Into::into)
+            },
+            cerbas::client::Mode::default(),
+        )
+        .unwrap();
+    let Reply::Error(m) = reply else {
+        panic!("expected an error, got {reply:?}")
+    };
+    assert!(
+        m.starts_with(&format!("request CERBAS-REQUEST-{id:010} cannot be read: ")),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_huge_queue_entry_costs_one_log_line() {
+    let (redis, server) = serve(&[]);
+    let before = std::fs::metadata(&server.log).map(|m| m.len()).unwrap_or(0);
+    redis::cmd("RPUSH")
+        .arg("CERBAS-QUEUE")
+        .arg(vec![b'x'; 4 << 20])
+        .query::<()>(&mut redis.conn())
+        .unwrap();
+    server.wait_log("skipped a queue entry that is not a request id", 1);
+    let grown = std::fs::metadata(&server.log).map(|m| m.len()).unwrap_or(0) - before;
+    assert!(grown < 4096, "the log grew by {grown} bytes");
+    assert!(server.log_text().contains("… (4194304 bytes)"));
+    assert_eq!(
+        redis.client().request("hello", json!({})).unwrap(),
+        ok(json!("hello world!"))
+    );
+}
