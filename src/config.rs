@@ -64,6 +64,15 @@ pub struct Access {
     pub sources: Vec<String>,
 }
 
+/// How many calls may run at once, beyond the width of the pool (`[limits]`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// If set, one user may have at most this many calls running; more are refused
+    /// with a `busy: …` error.
+    pub per_user: Option<usize>,
+}
+
 /// Per-function settings from `[functions.NAME]`; they override what the code
 /// registered.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -75,6 +84,9 @@ pub struct FunctionConfig {
     pub users: Option<Vec<String>>,
     /// If set, ok replies are cached this many seconds.
     pub cache_secs: Option<u64>,
+    /// If set, at most this many calls of the function run at once; more are
+    /// refused with a `busy: …` error.
+    pub max_concurrent: Option<usize>,
 }
 
 /// Everything the server reads at start-up. See `cerbas.toml` for each key.
@@ -109,6 +121,8 @@ pub struct Config {
     pub http: String,
     /// Registered users and sources.
     pub access: Access,
+    /// Concurrency limits.
+    pub limits: Limits,
     /// Per-function overrides.
     pub functions: BTreeMap<String, FunctionConfig>,
 }
@@ -130,6 +144,7 @@ impl Default for Config {
             crontab: PathBuf::from("CRONTAB"),
             http: String::new(),
             access: Access::default(),
+            limits: Limits::default(),
             functions: BTreeMap::new(),
         }
     }
@@ -236,12 +251,18 @@ impl Config {
                 self.prefix
             )));
         }
+        if let Some(n) = self.limits.per_user {
+            within("limits.per_user", n, 1, 10_000)?;
+        }
         url_db(&self.redis_url)?;
         redis::Client::open(self.connection_url()?.as_str())
             .map_err(|e| Error::Config(format!("redis_url: {e}")))?;
         for (name, f) in &self.functions {
             if let Some(ms) = f.timeout_ms {
                 within(&format!("functions.{name}.timeout_ms"), ms, 1, DAY_MS)?;
+            }
+            if let Some(n) = f.max_concurrent {
+                within(&format!("functions.{name}.max_concurrent"), n, 1, 10_000)?;
             }
             if let Some(secs) = f.cache_secs {
                 within(
@@ -610,6 +631,12 @@ mod tests {
             ("reply_grace_ms = 9223372036854775807", "reply_grace_ms"),
             ("max_delay_ms = 9223372036854775807", "max_delay_ms"),
             ("prefix = \"P\"\nredis_pool_size = 0", "redis_pool_size"),
+            ("[limits]\nper_user = 0", "limits.per_user"),
+            ("[limits]\nper_user = 100000", "limits.per_user"),
+            (
+                "[functions.f]\nmax_concurrent = 0",
+                "functions.f.max_concurrent",
+            ),
             (
                 "[functions.f]\ntimeout_ms = 9223372036854775807",
                 "functions.f.timeout_ms",

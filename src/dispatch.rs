@@ -10,6 +10,7 @@
 use crate::config::Access;
 use crate::context::{Context, Origin, Services};
 use crate::error::{FnError, RequestError};
+use crate::limits::Concurrency;
 use crate::protocol::{cache_entry, cache_hit, Reply, Request};
 use crate::publisher::{Encoded, Outgoing};
 use crate::registry::{Answer, Registry};
@@ -177,6 +178,8 @@ pub(crate) struct Dispatcher {
     pub(crate) out: Sender<Outgoing>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) hung: Option<Arc<Hung>>,
+    /// `[limits] per_user` and `[functions.NAME] max_concurrent`.
+    pub(crate) concurrency: Arc<Concurrency>,
 }
 
 impl Dispatcher {
@@ -205,6 +208,18 @@ impl Dispatcher {
             self.delay(job.reply_to, request, ms);
             return false;
         }
+        // About to run: one user or one function may not hold more workers than
+        // the configuration allows. The slot is held until the function returns.
+        let _slot = match self
+            .concurrency
+            .enter(&request.func, request.user.as_deref())
+        {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.refuse(&job.reply_to, e);
+                return false;
+            }
+        };
         log::debug!(
             "{} from user {:?} source {:?}",
             request.func,
@@ -449,6 +464,7 @@ mod tests {
             out,
             stats: Arc::default(),
             hung: None,
+            concurrency: Arc::default(),
         };
         Fixture {
             dispatcher,

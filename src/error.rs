@@ -60,6 +60,12 @@ pub enum RequestError {
     /// The function restricts its callers and this user is not one of them.
     #[error("user {user} may not call {func}")]
     NotAllowed { user: String, func: String },
+    /// The user already runs as many calls as `[limits] per_user` allows.
+    #[error("busy: user {user} is at its limit of {limit} running calls (limits.per_user); try again later")]
+    BusyUser { user: String, limit: usize },
+    /// The function already runs as many calls as its `max_concurrent` allows.
+    #[error("busy: function {func} is at its limit of {limit} running calls (functions.{func}.max_concurrent); try again later")]
+    BusyFunction { func: String, limit: usize },
     /// The arguments did not decode into the function's argument type.
     #[error("invalid arguments: {0}")]
     InvalidArguments(String),

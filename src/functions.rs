@@ -12,8 +12,6 @@ use std::time::Duration;
 
 /// Largest `below` that `primes` accepts.
 pub const PRIMES_CAP: u64 = 100_000_000;
-/// Longest `sleep` accepted, in milliseconds (one hour).
-pub const SLEEP_CAP_MS: u64 = 3_600_000;
 
 /// Registers every example function.
 pub fn register(r: &mut Registry) {
@@ -129,10 +127,18 @@ struct Sleep {
     ms: u64,
 }
 
-/// An I/O-bound call: sleeps `ms` milliseconds and answers `ms`.
-fn sleep(a: Sleep, _: &Context) -> Result<u64, FnError> {
-    if a.ms > SLEEP_CAP_MS {
-        return Err(format!("ms must be at most {SLEEP_CAP_MS}").into());
+/// An I/O-bound call: sleeps `ms` milliseconds and answers `ms`. A sleep past
+/// the call's deadline is refused at once: its caller would get `timeout` anyway,
+/// and its worker would sleep on after it (200 calls of an hour once held every
+/// worker for an hour). Raise `[functions.sleep] timeout_ms` for longer sleeps.
+fn sleep(a: Sleep, ctx: &Context) -> Result<u64, FnError> {
+    let left = ctx.time_left().as_millis();
+    if u128::from(a.ms) > left {
+        return Err(format!(
+            "ms must be at most the call's deadline: {} asked, {left} left",
+            a.ms
+        )
+        .into());
     }
     std::thread::sleep(Duration::from_millis(a.ms));
     Ok(a.ms)
@@ -264,13 +270,12 @@ mod tests {
             &ctx
         )
         .is_err());
-        assert!(sleep(
-            Sleep {
-                ms: SLEEP_CAP_MS + 1
-            },
-            &ctx
-        )
-        .is_err());
+        // A detached context has the default 5 s deadline.
+        let e = sleep(Sleep { ms: u64::MAX }, &ctx).unwrap_err().to_string();
+        assert!(
+            e.starts_with("ms must be at most the call's deadline: "),
+            "{e}"
+        );
         assert!(tally(Tally { name: "x".into() }, &ctx).is_err());
     }
 }

@@ -106,6 +106,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         out: out_tx.clone(),
         stats: stats.clone(),
         hung: Some(Arc::new(Hung::new(config.max_hung_workers, replace_tx))),
+        concurrency: Arc::new(crate::limits::Concurrency::from_config(&config)),
     });
     let abandon = Arc::new(AtomicBool::new(false));
     let (alive_tx, alive_rx) = crossbeam_channel::bounded::<()>(0);

@@ -501,3 +501,107 @@ fn a_huge_queue_entry_costs_one_log_line() {
         ok(json!("hello world!"))
     );
 }
+
+/// A client that calls as `user`, source `web`.
+fn client_as(redis: &Redis, user: &str) -> cerbas::Client {
+    cerbas::Client::open(&redis.url(), cerbas::Env::Dev)
+        .expect("client")
+        .identity(user, "web")
+        .timeout(Duration::from_secs(30))
+}
+
+#[test]
+fn sleep_past_its_deadline_is_refused_at_once() {
+    let (redis, _server) = serve(&[]);
+    let reply = redis
+        .client()
+        .request("sleep", json!({"ms": 3_600_000}))
+        .unwrap();
+    let Reply::Error(m) = reply else {
+        panic!("expected an error, got {reply:?}")
+    };
+    assert!(
+        m.starts_with("ms must be at most the call's deadline: 3600000 asked, "),
+        "{m}"
+    );
+}
+
+#[test]
+fn one_user_cannot_take_every_worker() {
+    let redis = Redis::start();
+    // Four workers, no replacements for hung ones; foo may run two calls at once.
+    let config = config_with(
+        "workers = 4\nmax_hung_workers = 0\n[limits]\nper_user = 2\n[functions.slow]\ntimeout_ms = 300\n",
+    );
+    let _server = Server::start_args(&redis, &["--config", config.to_str().unwrap()]);
+    // Six calls that hold their thread 6 s each, past their 300 ms deadline.
+    let callers: Vec<_> = (0..6)
+        .map(|_| {
+            let mut c = client_as(&redis, "foo");
+            std::thread::spawn(move || c.request("slow", json!({})))
+        })
+        .collect();
+    let replies: Vec<Reply> = callers
+        .into_iter()
+        .map(|t| t.join().unwrap().unwrap())
+        .collect();
+    let busy = Reply::Error(
+        "busy: user foo is at its limit of 2 running calls (limits.per_user); try again later"
+            .into(),
+    );
+    let timeouts = replies
+        .iter()
+        .filter(|r| **r == Reply::Error("timeout".into()))
+        .count();
+    assert_eq!(timeouts, 2, "{replies:?}");
+    assert_eq!(
+        replies.iter().filter(|r| **r == busy).count(),
+        4,
+        "{replies:?}"
+    );
+    // Another user is still served: foo holds two workers, not four.
+    assert_eq!(
+        client_as(&redis, "tom")
+            .request("hello", json!({}))
+            .unwrap(),
+        ok(json!("hello world!"))
+    );
+    // Once foo's calls return (not at their deadline: they held their threads
+    // until then), foo is served again.
+    let mut foo = client_as(&redis, "foo");
+    wait_for("foo's calls to return", Duration::from_secs(30), || {
+        (foo.request("hello", json!({})).unwrap() == ok(json!("hello world!"))).then_some(())
+    });
+}
+
+#[test]
+fn a_function_limit_holds_for_every_caller() {
+    let redis = Redis::start();
+    let config = config_with("[functions.sleep]\nmax_concurrent = 1\n");
+    let server = Server::spawn(
+        &redis,
+        &["--config", config.to_str().unwrap()],
+        &[("RUST_LOG", "debug")],
+    );
+    server.wait_ready(&redis);
+    let mut tom = client_as(&redis, "tom");
+    let first = std::thread::spawn(move || tom.request("sleep", json!({"ms": 2000})));
+    server.wait_log("sleep from user", 1);
+    let mut foo = client_as(&redis, "foo");
+    assert_eq!(
+        foo.request("sleep", json!({"ms": 10})).unwrap(),
+        Reply::Error(
+            "busy: function sleep is at its limit of 1 running calls (functions.sleep.max_concurrent); try again later"
+                .into()
+        )
+    );
+    assert_eq!(
+        foo.request("hello", json!({})).unwrap(),
+        ok(json!("hello world!"))
+    );
+    assert_eq!(first.join().unwrap().unwrap(), ok(json!(2000)));
+    assert_eq!(
+        foo.request("sleep", json!({"ms": 10})).unwrap(),
+        ok(json!(10))
+    );
+}
