@@ -63,7 +63,7 @@ impl Client {
     /// Connects using `CERBAS_REDIS_URL` and `CERBAS_ENV`, with the server's defaults.
     pub fn from_env() -> Result<Client, Error> {
         let mut config = Config::default();
-        config.apply_env(|k| std::env::var(k).ok())?;
+        config.apply_process_env()?;
         Self::open(&config.redis_url, config.env)
     }
 

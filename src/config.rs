@@ -64,6 +64,15 @@ pub struct Access {
     pub sources: Vec<String>,
 }
 
+/// How many calls may run at once, beyond the width of the pool (`[limits]`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// If set, one user may have at most this many calls running; more are refused
+    /// with a `busy: …` error.
+    pub per_user: Option<usize>,
+}
+
 /// Per-function settings from `[functions.NAME]`; they override what the code
 /// registered.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -75,6 +84,9 @@ pub struct FunctionConfig {
     pub users: Option<Vec<String>>,
     /// If set, ok replies are cached this many seconds.
     pub cache_secs: Option<u64>,
+    /// If set, at most this many calls of the function run at once; more are
+    /// refused with a `busy: …` error.
+    pub max_concurrent: Option<usize>,
 }
 
 /// Everything the server reads at start-up. See `cerbas.toml` for each key.
@@ -109,6 +121,8 @@ pub struct Config {
     pub http: String,
     /// Registered users and sources.
     pub access: Access,
+    /// Concurrency limits.
+    pub limits: Limits,
     /// Per-function overrides.
     pub functions: BTreeMap<String, FunctionConfig>,
 }
@@ -130,6 +144,7 @@ impl Default for Config {
             crontab: PathBuf::from("CRONTAB"),
             http: String::new(),
             access: Access::default(),
+            limits: Limits::default(),
             functions: BTreeMap::new(),
         }
     }
@@ -160,7 +175,8 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Config, Error> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        // Not through from_toml: its error would repeat the "configuration:" prefix.
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 
     /// Applies `CERBAS_REDIS_URL` and `CERBAS_ENV`, looked up through `var` (pass
@@ -173,6 +189,25 @@ impl Config {
             self.env = env.parse()?;
         }
         Ok(())
+    }
+
+    /// Applies `CERBAS_REDIS_URL` and `CERBAS_ENV` from the process's environment.
+    /// A value that is not UTF-8 is an error, not ignored: the operator meant it.
+    pub fn apply_process_env(&mut self) -> Result<(), Error> {
+        let read = |k: &str| match std::env::var(k) {
+            Ok(v) => Ok(Some(v)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(Error::Config(format!("{k} is not valid UTF-8")))
+            }
+        };
+        let url = read("CERBAS_REDIS_URL")?;
+        let env = read("CERBAS_ENV")?;
+        self.apply_env(|k| match k {
+            "CERBAS_REDIS_URL" => url.clone(),
+            "CERBAS_ENV" => env.clone(),
+            _ => None,
+        })
     }
 
     /// Applies command-line flags.
@@ -194,33 +229,48 @@ impl Config {
         }
     }
 
-    /// Checks values that would make the server misbehave rather than fail.
+    /// Checks values that would make the server misbehave rather than fail. Every
+    /// size and duration is bounded: a huge pool or channel would be allocated at
+    /// start-up (or abort it), a huge duration would overflow a deadline.
     pub fn validate(&self) -> Result<(), Error> {
-        let bad = |m: String| Err(Error::Config(m));
-        if !(1..=10_000).contains(&self.workers) {
-            return bad(format!("workers must be 1 to 10000, not {}", self.workers));
-        }
-        if self.redis_pool_size == 0 {
-            return bad("redis_pool_size must be at least 1".into());
-        }
-        if self.timeout_ms == 0 {
-            return bad("timeout_ms must be at least 1".into());
-        }
-        if self.max_request_bytes < 64 {
-            return bad("max_request_bytes must be at least 64".into());
-        }
-        if self.prefix.is_empty() || self.prefix.contains(char::is_whitespace) {
-            return bad(format!(
-                "prefix must be non-empty, without spaces: {:?}",
+        within("workers", self.workers, 1, 10_000)?;
+        within("max_hung_workers", self.max_hung_workers, 0, 10_000)?;
+        within("redis_pool_size", self.redis_pool_size, 1, 1_000)?;
+        // Redis strings hold at most 512 MiB.
+        within("max_request_bytes", self.max_request_bytes, 64, 512 << 20)?;
+        within("timeout_ms", self.timeout_ms, 1, DAY_MS)?;
+        within("drain_timeout_ms", self.drain_timeout_ms, 0, DAY_MS)?;
+        within("reply_grace_ms", self.reply_grace_ms, 0, HOUR_MS)?;
+        within("max_delay_ms", self.max_delay_ms, 0, YEAR_MS)?;
+        if self.prefix.is_empty()
+            || self.prefix.len() > 256
+            || self.prefix.contains(char::is_whitespace)
+        {
+            return Err(Error::Config(format!(
+                "prefix must be 1 to 256 bytes, without spaces: {:?}",
                 self.prefix
-            ));
+            )));
+        }
+        if let Some(n) = self.limits.per_user {
+            within("limits.per_user", n, 1, 10_000)?;
         }
         url_db(&self.redis_url)?;
         redis::Client::open(self.connection_url()?.as_str())
             .map_err(|e| Error::Config(format!("redis_url: {e}")))?;
         for (name, f) in &self.functions {
-            if f.timeout_ms == Some(0) {
-                return bad(format!("functions.{name}.timeout_ms must be at least 1"));
+            if let Some(ms) = f.timeout_ms {
+                within(&format!("functions.{name}.timeout_ms"), ms, 1, DAY_MS)?;
+            }
+            if let Some(n) = f.max_concurrent {
+                within(&format!("functions.{name}.max_concurrent"), n, 1, 10_000)?;
+            }
+            if let Some(secs) = f.cache_secs {
+                within(
+                    &format!("functions.{name}.cache_secs"),
+                    secs,
+                    0,
+                    YEAR_MS / 1000,
+                )?;
             }
         }
         Ok(())
@@ -258,45 +308,74 @@ impl Config {
     }
 }
 
+const HOUR_MS: u64 = 3_600_000;
+const DAY_MS: u64 = 24 * HOUR_MS;
+const YEAR_MS: u64 = 366 * DAY_MS;
+
+/// `name` must be `lo` to `hi`; says so with the value it got.
+fn within<T: PartialOrd + std::fmt::Display>(name: &str, v: T, lo: T, hi: T) -> Result<(), Error> {
+    if v < lo || v > hi {
+        return Err(Error::Config(format!(
+            "{name} must be {lo} to {hi}, not {v}"
+        )));
+    }
+    Ok(())
+}
+
 fn is_unix(url: &str) -> bool {
     url.starts_with("unix:") || url.starts_with("redis+unix:")
 }
 
 /// The database a Redis URL names, if any: the path of `redis://host:port/3`, or
-/// `db=` in the query of a `unix://` URL.
+/// `db=` in the query of a `unix://` URL. Read as redis-rs reads it (query keys
+/// and values percent-decoded); a `db` named twice is refused, since redis-rs would
+/// take the last and the reply channels might name another.
 ///
 /// ```
 /// use cerbas::config::url_db;
 /// assert_eq!(url_db("redis://127.0.0.1:6379").unwrap(), None);
 /// assert_eq!(url_db("redis://:pw@127.0.0.1:6379/3").unwrap(), Some(3));
 /// assert!(url_db("redis://host/x").is_err());
+/// assert!(url_db("unix:///run/redis.sock?db=2&db=3").is_err());
 /// ```
 pub fn url_db(url: &str) -> Result<Option<i64>, Error> {
-    let bad = || Error::Config(format!("redis_url names no valid db: {}", redact_url(url)));
-    let (rest, query) = match url.split_once('?') {
+    let bad = |why: &str| Error::Config(format!("redis_url {why}: {}", redact_url(url)));
+    let url_no_fragment = url.split_once('#').map_or(url, |(u, _)| u);
+    let (rest, query) = match url_no_fragment.split_once('?') {
         Some((r, q)) => (r, q),
-        None => (url, ""),
+        None => (url_no_fragment, ""),
     };
+    let in_query: Vec<String> = url::form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k == "db")
+        .map(|(_, v)| v.into_owned())
+        .collect();
     let db = if is_unix(url) {
-        query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("db="))
-            .unwrap_or("")
+        match in_query.as_slice() {
+            [] => return Ok(None),
+            [db] => db.clone(),
+            _ => return Err(bad("names its db more than once")),
+        }
     } else {
+        if !in_query.is_empty() {
+            return Err(bad(
+                "names its db in the query; a redis:// URL names it in the path (redis://host:6379/3)",
+            ));
+        }
         let after_scheme = rest.split_once("://").map(|(_, r)| r).unwrap_or(rest);
-        after_scheme
+        let path = after_scheme
             .split_once('/')
             .map(|(_, p)| p.trim_end_matches('/'))
-            .unwrap_or("")
+            .unwrap_or("");
+        if path.is_empty() {
+            return Ok(None);
+        }
+        path.to_string()
     };
-    if db.is_empty() {
-        return Ok(None);
-    }
     db.parse::<i64>()
         .ok()
         .filter(|d| *d >= 0)
         .map(Some)
-        .ok_or_else(bad)
+        .ok_or_else(|| bad("names no valid db"))
 }
 
 fn with_db(url: &str, db: i64) -> String {
@@ -317,27 +396,84 @@ fn with_db(url: &str, db: i64) -> String {
     }
 }
 
-/// The URL with its password replaced by `***`, for logs.
+/// The URL with every part that can carry a secret replaced by `***`, for logs and
+/// error messages: the password of `redis://user:pw@host`, and every query value
+/// but `db` and `protocol` (a unix-socket URL carries its password as `pass=`, its
+/// user as `user=`).
 ///
 /// ```
-/// assert_eq!(cerbas::config::redact_url("redis://u:secret@h:1/2"), "redis://u:***@h:1/2");
+/// use cerbas::config::redact_url;
+/// assert_eq!(redact_url("redis://u:secret@h:1/2"), "redis://u:***@h:1/2");
+/// assert_eq!(
+///     redact_url("redis+unix:///run/r.sock?db=3&pass=s3cret"),
+///     "redis+unix:///run/r.sock?db=3&pass=***"
+/// );
 /// ```
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+    // A fragment (`#insecure`) comes last; anything else there is not ours to show.
+    let (url, fragment) = match url.split_once('#') {
+        Some((u, "insecure")) => (u, "#insecure"),
+        Some((u, _)) => (u, "#***"),
+        None => (url, ""),
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map(|(u, _)| u);
-            match user {
-                Some(u) => format!("{scheme}://{u}:***@{host}{path}"),
-                None => format!("{scheme}://***@{host}{path}"),
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let mut out = redact_userinfo(head);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(&redact_query(q));
+    }
+    out.push_str(fragment);
+    out
+}
+
+fn redact_userinfo(head: &str) -> String {
+    let Some((scheme, rest)) = head.split_once("://") else {
+        return head.to_string();
+    };
+    // A unix URL's path may hold an '@' (`/run/redis@1.sock`): only its authority,
+    // before the path, can hold a user. A TCP URL's password may hold an unescaped
+    // '/' (invalid, but then printed in the error): take its last '@'.
+    let userinfo_end = if is_unix(head) {
+        let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+        authority.rfind('@')
+    } else {
+        rest.rfind('@')
+    };
+    match userinfo_end {
+        Some(at) => {
+            let (userinfo, host) = (&rest[..at], &rest[at + 1..]);
+            match userinfo.split_once(':') {
+                Some((u, _)) => format!("{scheme}://{u}:***@{host}"),
+                None => format!("{scheme}://***@{host}"),
             }
         }
-        None => url.to_string(),
+        None => head.to_string(),
     }
+}
+
+fn redact_query(query: &str) -> String {
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| {
+            // Compare the key as redis-rs reads it: percent-decoded.
+            let raw_key = pair.split_once('=').map_or(pair, |(k, _)| k);
+            let key = url::form_urlencoded::parse(raw_key.as_bytes())
+                .next()
+                .map(|(k, _)| k.into_owned())
+                .unwrap_or_default();
+            if pair.is_empty() || matches!(key.as_str(), "db" | "protocol") {
+                pair.to_string()
+            } else if pair.contains('=') {
+                format!("{raw_key}=***")
+            } else {
+                "***".to_string()
+            }
+        })
+        .collect();
+    pairs.join("&")
 }
 
 #[cfg(test)]
@@ -390,6 +526,32 @@ mod tests {
         assert_eq!(redact_url("redis://:pw@h:6379"), "redis://:***@h:6379");
         assert_eq!(redact_url("redis://h:6379/1"), "redis://h:6379/1");
         assert_eq!(redact_url("rediss://tok@h"), "rediss://***@h");
+        for (url, want) in [
+            (
+                "redis+unix:///tmp/r.sock?db=3&pass=s3cret",
+                "redis+unix:///tmp/r.sock?db=3&pass=***",
+            ),
+            (
+                "unix:///tmp/r.sock?user=u&pass=s3cret",
+                "unix:///tmp/r.sock?user=***&pass=***",
+            ),
+            // redis-rs decodes the key: `%70ass` is `pass`.
+            (
+                "unix:///tmp/r.sock?%70ass=s3cret",
+                "unix:///tmp/r.sock?%70ass=***",
+            ),
+            ("unix:///tmp/r.sock?s3cret", "unix:///tmp/r.sock?***"),
+            ("unix:///run/r@1.sock?db=2", "unix:///run/r@1.sock?db=2"),
+            ("redis://:pa/s3cret@h:6379/1", "redis://:***@h:6379/1"),
+            (
+                "redis://u:s3cret@h/1?protocol=resp3",
+                "redis://u:***@h/1?protocol=resp3",
+            ),
+            ("rediss://:s3cret@h#insecure", "rediss://:***@h#insecure"),
+            ("redis://h#s3cret", "redis://h#***"),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
         let c = Config {
             redis_url: "redis://:hunter2@h:6379".into(),
             ..Config::default()
@@ -450,6 +612,72 @@ mod tests {
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn every_size_and_duration_is_bounded() {
+        for (toml, key) in [
+            ("redis_pool_size = 9223372036854775807", "redis_pool_size"),
+            ("redis_pool_size = 10000000000", "redis_pool_size"),
+            ("redis_pool_size = 100000000", "redis_pool_size"),
+            ("workers = 100000000", "workers"),
+            ("max_hung_workers = 100000000", "max_hung_workers"),
+            (
+                "max_request_bytes = 9223372036854775807",
+                "max_request_bytes",
+            ),
+            ("timeout_ms = 9223372036854775807", "timeout_ms"),
+            ("drain_timeout_ms = 9223372036854775807", "drain_timeout_ms"),
+            ("reply_grace_ms = 9223372036854775807", "reply_grace_ms"),
+            ("max_delay_ms = 9223372036854775807", "max_delay_ms"),
+            ("prefix = \"P\"\nredis_pool_size = 0", "redis_pool_size"),
+            ("[limits]\nper_user = 0", "limits.per_user"),
+            ("[limits]\nper_user = 100000", "limits.per_user"),
+            (
+                "[functions.f]\nmax_concurrent = 0",
+                "functions.f.max_concurrent",
+            ),
+            (
+                "[functions.f]\ntimeout_ms = 9223372036854775807",
+                "functions.f.timeout_ms",
+            ),
+            (
+                "[functions.f]\ncache_secs = 9223372036854775807",
+                "functions.f.cache_secs",
+            ),
+        ] {
+            let c = Config::from_toml(toml).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("{key} must be ")), "{toml}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_url_names_its_db_once_as_redis_rs_reads_it() {
+        assert_eq!(url_db("unix:///r.sock?db=2").unwrap(), Some(2));
+        assert_eq!(url_db("unix:///r.sock?%64b=2").unwrap(), Some(2));
+        assert_eq!(url_db("redis://h:1/3#insecure").unwrap(), Some(3));
+        for u in [
+            "unix:///r.sock?db=2&db=3",
+            "redis+unix:///r.sock?db=2&%64b=3",
+            "unix:///r.sock?db=",
+            "redis://h:1?db=3",
+        ] {
+            let e = url_db(u).unwrap_err().to_string();
+            assert!(e.starts_with("configuration: redis_url "), "{u}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_toml_error_says_configuration_once() {
+        let dir = std::env::temp_dir().join(format!("cerbas-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "workers = \"many\"\n").unwrap();
+        let e = Config::from_file(&path).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(e.matches("configuration").count(), 1, "{e}");
+        assert!(e.contains("bad.toml") && e.contains("workers"), "{e}");
     }
 
     #[test]

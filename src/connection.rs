@@ -1,12 +1,14 @@
 //! Redis connections: opening them with timeouts, re-opening them with capped
 //! back-off when they break (logging once when an outage starts and once when it
-//! ends), and the small pool that lends connections to users' functions.
+//! ends), the start-up check that tells a Redis that is away (wait) from one that
+//! can never serve the configuration (stop), and the small pool that lends
+//! connections to users' functions.
 //! Not for: what is sent on them (each thread owns its own commands).
 
-use crate::error::FnError;
+use crate::error::{Error, FnError};
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{Receiver, Sender};
-use redis::{Client, Connection, RedisError};
+use redis::{Client, Connection, ErrorKind, RedisError};
 use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
@@ -56,13 +58,7 @@ impl Connector {
         loop {
             match open(&self.client, self.read_timeout) {
                 Ok(conn) => {
-                    if let Some(since) = self.down_since.take() {
-                        log::warn!(
-                            "{}: redis is back after {:.1}s",
-                            self.who,
-                            since.elapsed().as_secs_f64()
-                        );
-                    }
+                    self.connected();
                     return Some(conn);
                 }
                 Err(e) => self.broken(&e),
@@ -75,12 +71,104 @@ impl Connector {
         }
     }
 
+    /// Records that a connection is up; logs when that ends an outage.
+    fn connected(&mut self) {
+        if let Some(since) = self.down_since.take() {
+            log::warn!(
+                "{}: redis is back after {:.1}s",
+                self.who,
+                since.elapsed().as_secs_f64()
+            );
+        }
+    }
+
     /// Records that the connection broke; logs only at the start of an outage.
     pub(crate) fn broken(&mut self, e: &RedisError) {
         if self.down_since.is_none() {
             log::warn!("{}: redis unavailable, retrying: {e}", self.who);
             self.down_since = Some(Instant::now());
         }
+    }
+}
+
+/// The oldest Redis that has every command the server sends (`BLMOVE`, `LMOVE`).
+pub const MIN_REDIS_VERSION: (u32, u32) = (6, 2);
+
+/// At start-up: waits until Redis answers (retrying what can heal, as a refused
+/// connection), then checks that it can ever serve this configuration. An error
+/// for what waiting will not mend: a db it does not have, a password it refuses or
+/// requires, a version older than [`MIN_REDIS_VERSION`]. `Ok(false)` when shutdown
+/// came first.
+pub(crate) fn check_at_start(client: &Client, db: i64, shutdown: &Shutdown) -> Result<bool, Error> {
+    let mut connector = Connector::new(client.clone(), "start-up", CONNECT_TIMEOUT);
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let checked = open(client, CONNECT_TIMEOUT).and_then(|mut c| {
+            redis::cmd("INFO")
+                .arg("server")
+                .query::<String>(&mut c)
+                .map(|info| redis_version(&info))
+        });
+        match checked {
+            Ok(Some(v)) if v < MIN_REDIS_VERSION => {
+                return Err(Error::Unusable(format!(
+                    "Redis {}.{} is too old: cerbas needs {}.{} or later (BLMOVE, LMOVE)",
+                    v.0, v.1, MIN_REDIS_VERSION.0, MIN_REDIS_VERSION.1
+                )))
+            }
+            Ok(v) => {
+                if v.is_none() {
+                    log::warn!("redis did not say its version; going on");
+                }
+                connector.connected();
+                return Ok(true);
+            }
+            Err(e) => match never_heals(&e, db) {
+                Some(why) => return Err(Error::Unusable(why)),
+                None => connector.broken(&e),
+            },
+        }
+        if shutdown.wait_timeout(backoff) {
+            return Ok(false);
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// `(major, minor)` from the `redis_version:` line of `INFO server`.
+fn redis_version(info: &str) -> Option<(u32, u32)> {
+    let v = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("redis_version:"))?;
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next().flatten().unwrap_or(0)))
+}
+
+/// Why `e`, met while connecting, will recur on every try; `None` when it may
+/// heal (refused, reset, timed out, loading, ...).
+fn never_heals(e: &RedisError, db: i64) -> Option<String> {
+    let text = e.to_string();
+    let code = e.code().unwrap_or("");
+    if e.kind() == ErrorKind::AuthenticationFailed || code == "WRONGPASS" {
+        Some(
+            "Redis refused the password in redis_url (a wrong password, or a password \
+             given to a Redis that has none)"
+                .into(),
+        )
+    } else if code == "NOAUTH"
+        || text.contains("NOAUTH")
+        || text.contains("Authentication required")
+    {
+        Some("Redis requires a password: put it in redis_url (redis://:PASSWORD@host:port)".into())
+    } else if text.contains("refused to switch database") {
+        Some(format!(
+            "Redis refused to select db {db}: {}",
+            e.detail().unwrap_or("out of range")
+        ))
+    } else if e.kind() == ErrorKind::InvalidClientConfig || code == "NOPERM" {
+        Some(text)
+    } else {
+        None
     }
 }
 

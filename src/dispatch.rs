@@ -10,6 +10,7 @@
 use crate::config::Access;
 use crate::context::{Context, Origin, Services};
 use crate::error::{FnError, RequestError};
+use crate::limits::Concurrency;
 use crate::protocol::{cache_entry, cache_hit, Reply, Request};
 use crate::publisher::{Encoded, Outgoing};
 use crate::registry::{Answer, Registry};
@@ -318,6 +319,8 @@ pub(crate) struct Dispatcher {
     pub(crate) unanswered: Unanswered,
     pub(crate) stats: Arc<Stats>,
     pub(crate) hung: Option<Arc<Hung>>,
+    /// `[limits] per_user` and `[functions.NAME] max_concurrent`.
+    pub(crate) concurrency: Arc<Concurrency>,
 }
 
 impl Dispatcher {
@@ -346,6 +349,18 @@ impl Dispatcher {
             self.delay(job.reply_to, request, ms);
             return AfterCall::GoOn;
         }
+        // About to run: one user or one function may not hold more workers than
+        // the configuration allows. The slot is held until the function returns.
+        let _slot = match self
+            .concurrency
+            .enter(&request.func, request.user.as_deref())
+        {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.refuse(&job.reply_to, e);
+                return AfterCall::GoOn;
+            }
+        };
         log::debug!(
             "{} from user {:?} source {:?}",
             request.func,
@@ -596,6 +611,7 @@ mod tests {
             unanswered: Unanswered::default(),
             stats: Arc::default(),
             hung: None,
+            concurrency: Arc::default(),
         };
         Fixture {
             dispatcher,

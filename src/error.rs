@@ -60,6 +60,12 @@ pub enum RequestError {
     /// The function restricts its callers and this user is not one of them.
     #[error("user {user} may not call {func}")]
     NotAllowed { user: String, func: String },
+    /// The user already runs as many calls as `[limits] per_user` allows.
+    #[error("busy: user {user} is at its limit of {limit} running calls (limits.per_user); try again later")]
+    BusyUser { user: String, limit: usize },
+    /// The function already runs as many calls as its `max_concurrent` allows.
+    #[error("busy: function {func} is at its limit of {limit} running calls (functions.{func}.max_concurrent); try again later")]
+    BusyFunction { func: String, limit: usize },
     /// The arguments did not decode into the function's argument type.
     #[error("invalid arguments: {0}")]
     InvalidArguments(String),
@@ -123,6 +129,10 @@ pub enum Error {
     /// The configuration (file, environment or flags) is invalid.
     #[error("configuration: {0}")]
     Config(String),
+    /// The Redis server can never work with this configuration (a db it does not
+    /// have, a password it refuses, a version too old): waiting will not help.
+    #[error("cannot use this Redis: {0}")]
+    Unusable(String),
     /// Redis refused or broke a connection where we could not wait it out.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),

@@ -12,8 +12,6 @@ use std::time::Duration;
 
 /// Largest `below` that `primes` accepts.
 pub const PRIMES_CAP: u64 = 100_000_000;
-/// Longest `sleep` accepted, in milliseconds (one hour).
-pub const SLEEP_CAP_MS: u64 = 3_600_000;
 
 /// Registers every example function.
 pub fn register(r: &mut Registry) {
@@ -63,15 +61,25 @@ struct Sum {
     b: Number,
 }
 
-/// Integers add exactly (as the original's Elixir did); anything else as floats.
+/// Integers add exactly (as the original's Elixir did), anywhere in the range of
+/// 64-bit integers (`i64::MIN` to `u64::MAX`); a sum outside it is an error, not a
+/// rounded float. Anything else adds as floats; a sum too large for a float
+/// (`1e308 + 1e308`) is an error, not `null`.
 fn sum(Sum { a, b }: Sum, _: &Context) -> Result<Value, FnError> {
-    if let (Some(x), Some(y)) = (a.as_i64(), b.as_i64()) {
-        if let Some(s) = x.checked_add(y) {
+    let int = |n: &Number| n.as_i64().map(i128::from).or(n.as_u64().map(i128::from));
+    if let (Some(x), Some(y)) = (int(&a), int(&b)) {
+        let s = x + y;
+        if let Ok(s) = i64::try_from(s) {
             return Ok(json!(s));
         }
+        if let Ok(s) = u64::try_from(s) {
+            return Ok(json!(s));
+        }
+        return Err(format!("the sum {s} is outside the range of 64-bit integers").into());
     }
     match (a.as_f64(), b.as_f64()) {
-        (Some(x), Some(y)) => Ok(json!(x + y)),
+        (Some(x), Some(y)) if (x + y).is_finite() => Ok(json!(x + y)),
+        (Some(_), Some(_)) => Err("the sum is too large for a float".into()),
         _ => Err("a and b must be numbers".into()),
     }
 }
@@ -119,10 +127,20 @@ struct Sleep {
     ms: u64,
 }
 
-/// An I/O-bound call: sleeps `ms` milliseconds and answers `ms`.
-fn sleep(a: Sleep, _: &Context) -> Result<u64, FnError> {
-    if a.ms > SLEEP_CAP_MS {
-        return Err(format!("ms must be at most {SLEEP_CAP_MS}").into());
+/// An I/O-bound call: sleeps `ms` milliseconds and answers `ms`. A sleep past
+/// the call's deadline is refused at once: its caller would get `timeout` anyway,
+/// and its worker would sleep on after it (200 calls of an hour once held every
+/// worker for an hour). Raise `[functions.sleep] timeout_ms` for longer sleeps.
+fn sleep(a: Sleep, ctx: &Context) -> Result<u64, FnError> {
+    // Whole milliseconds, rounded up: a sleep as long as the function's timeout
+    // is at its deadline, not past it.
+    let left = ctx.time_left().as_micros().div_ceil(1000);
+    if u128::from(a.ms) > left {
+        return Err(format!(
+            "ms must be at most the call's deadline: {} asked, {left} left",
+            a.ms
+        )
+        .into());
     }
     std::thread::sleep(Duration::from_millis(a.ms));
     Ok(a.ms)
@@ -226,7 +244,22 @@ mod tests {
         let s = |a, b| sum(Sum { a: n(a), b: n(b) }, &ctx).unwrap();
         assert_eq!(s(json!(1), json!(2)), json!(3));
         assert_eq!(s(json!(1.5), json!(2)), json!(3.5));
-        assert_eq!(s(json!(i64::MAX), json!(1)), json!(i64::MAX as f64 + 1.0));
+        assert_eq!(s(json!(i64::MAX), json!(1)), json!(i64::MAX as u64 + 1));
+        assert_eq!(s(json!(u64::MAX), json!(-1)), json!(u64::MAX - 1));
+        assert_eq!(s(json!(i64::MIN), json!(0)), json!(i64::MIN));
+        let e = |a, b| sum(Sum { a: n(a), b: n(b) }, &ctx).unwrap_err().to_string();
+        assert_eq!(
+            e(json!(u64::MAX), json!(1)),
+            "the sum 18446744073709551616 is outside the range of 64-bit integers"
+        );
+        assert_eq!(
+            e(json!(i64::MIN), json!(-1)),
+            "the sum -9223372036854775809 is outside the range of 64-bit integers"
+        );
+        assert_eq!(
+            e(json!(1e308), json!(1e308)),
+            "the sum is too large for a float"
+        );
     }
 
     #[test]
@@ -239,13 +272,12 @@ mod tests {
             &ctx
         )
         .is_err());
-        assert!(sleep(
-            Sleep {
-                ms: SLEEP_CAP_MS + 1
-            },
-            &ctx
-        )
-        .is_err());
+        // A detached context has the default 5 s deadline.
+        let e = sleep(Sleep { ms: u64::MAX }, &ctx).unwrap_err().to_string();
+        assert!(
+            e.starts_with("ms must be at most the call's deadline: "),
+            "{e}"
+        );
         assert!(tally(Tally { name: "x".into() }, &ctx).is_err());
     }
 }

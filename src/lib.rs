@@ -30,6 +30,7 @@
 //! | [`registry`] | function name → typed handler and its [`Options`] |
 //! | [`context`] | what a function gets: caller, deadline, Redis, shutdown |
 //! | `dispatch` | the one path every request takes, and its counters |
+//! | `limits` | how many calls a user or a function may run at once |
 //! | `reader` | the queue reader thread |
 //! | `pool` | the worker threads |
 //! | [`timer`] | deadlines of running calls, delayed shutdown (in process) |
@@ -66,6 +67,7 @@ pub mod connection;
 pub mod context;
 mod dispatch;
 pub mod error;
+mod limits;
 mod pool;
 pub mod protocol;
 mod publisher;

@@ -45,7 +45,7 @@ fn load(cli: &Cli) -> Result<Config, cerbas::Error> {
             Config::default()
         }
     };
-    config.apply_env(|k| std::env::var(k).ok())?;
+    config.apply_process_env()?;
     config.apply_overrides(&Overrides {
         redis_url: cli.redis.clone(),
         env: cli.env.as_deref().map(str::parse::<Env>).transpose()?,
@@ -62,10 +62,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let config = match load(&cli) {
         Ok(c) => c,
-        Err(e) => {
-            log::error!("{e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fatal(&e),
     };
     let shutdown = Shutdown::new();
     let signals = shutdown.clone();
@@ -87,9 +84,17 @@ fn main() -> ExitCode {
     functions::register(&mut registry);
     match cerbas::run(config, registry, shutdown) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fatal(&e),
+    }
+}
+
+/// Says why the server cannot run, on stderr whatever `RUST_LOG` says (an operator
+/// who turned logging off still needs the reason), and picks the exit code: 2 for
+/// settings that can never work, 1 for anything else.
+fn fatal(e: &cerbas::Error) -> ExitCode {
+    eprintln!("cerbas: {e}");
+    match e {
+        cerbas::Error::Config(_) | cerbas::Error::Unusable(_) => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
     }
 }

@@ -5,13 +5,17 @@
 
 use crate::error::RequestError;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 
 /// The key prefix the original used and every existing client expects.
 pub const DEFAULT_PREFIX: &str = "CERBAS";
 
-/// How deep arrays and objects may nest in a request body (serde_json's own limit;
-/// it keeps a hostile body from exhausting a worker's stack).
+/// How deep arrays and objects may nest in a request body, the body's own object
+/// counting as level 1. It keeps a hostile body from exhausting the reader's stack.
+/// (serde_json's built-in limit would refuse level 128 itself; we count the levels
+/// first and parse without it.)
 pub const MAX_DEPTH: usize = 128;
 
 /// Names of every key and channel for one prefix and Redis database.
@@ -167,6 +171,27 @@ pub fn parse_queue_entry(entry: &[u8]) -> Option<u64> {
     std::str::from_utf8(entry).ok()?.parse().ok()
 }
 
+/// How much of a queue entry that is not an id the log shows.
+pub const ENTRY_SHOWN: usize = 64;
+
+/// A queue entry that is not an id, as the log shows it: its first
+/// [`ENTRY_SHOWN`] bytes (lossy UTF-8, quoted) and its size when longer, so a
+/// 20 MB entry costs a line, not 20 MB of log.
+///
+/// ```
+/// use cerbas::protocol::describe_entry;
+/// assert_eq!(describe_entry(b"abc"), r#""abc""#);
+/// assert_eq!(describe_entry(&[b'x'; 100]), format!("{:?}… (100 bytes)", "x".repeat(64)));
+/// ```
+pub fn describe_entry(entry: &[u8]) -> String {
+    let shown = String::from_utf8_lossy(&entry[..entry.len().min(ENTRY_SHOWN)]);
+    if entry.len() > ENTRY_SHOWN {
+        format!("{shown:?}… ({} bytes)", entry.len())
+    } else {
+        format!("{shown:?}")
+    }
+}
+
 /// A request body that passed every syntactic check.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
@@ -180,6 +205,11 @@ pub struct Request {
     pub source: Option<String>,
     /// Run no earlier than this many milliseconds after the request was read.
     pub delay_ms: Option<u64>,
+    /// For a request parsed with a `delay`: its body without the delay, every other
+    /// member's value as the client's own bytes. It is what is stored while the
+    /// request waits, so it comes due exactly as sent (`9e15` stays `9e15`) and
+    /// never larger than the body that was accepted.
+    pub body_without_delay: Option<String>,
 }
 
 impl Request {
@@ -191,12 +221,18 @@ impl Request {
             user: None,
             source: None,
             delay_ms: None,
+            body_without_delay: None,
         }
     }
 
     /// The request as a JSON body without its `delay`: what is stored for a delayed
-    /// request, so that when it comes due it runs as an ordinary one.
+    /// request, so that when it comes due it runs as an ordinary one. The client's
+    /// own bytes when the request was parsed from a body; otherwise built from the
+    /// fields.
     pub fn to_json_without_delay(&self) -> String {
+        if let Some(body) = &self.body_without_delay {
+            return body.clone();
+        }
         let mut obj = Map::new();
         obj.insert("func".into(), Value::String(self.func.clone()));
         obj.insert("args".into(), Value::Object(self.args.clone()));
@@ -226,13 +262,10 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<Request, RequestEr
         });
     }
     let text = std::str::from_utf8(body).map_err(|_| RequestError::NotUtf8)?;
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        if e.to_string().contains("recursion limit exceeded") {
-            RequestError::TooDeep(MAX_DEPTH)
-        } else {
-            RequestError::Malformed(e.to_string())
-        }
-    })?;
+    if nests_deeper_than(body, MAX_DEPTH) {
+        return Err(RequestError::TooDeep(MAX_DEPTH));
+    }
+    let value: Value = from_str_nested(text).map_err(|e| RequestError::Malformed(e.to_string()))?;
     let Value::Object(mut obj) = value else {
         return Err(RequestError::NotAnObject);
     };
@@ -253,13 +286,81 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<Request, RequestEr
         Some(Value::Number(n)) => Some(n.as_u64().ok_or(RequestError::BadDelay)?),
         Some(_) => return Err(RequestError::BadDelay),
     };
+    // Only a request that will wait needs its body kept; parsed a second time,
+    // cheaply: each member's value is only checked, not built.
+    let body_without_delay = match delay_ms {
+        Some(ms) if ms > 0 => Some(strip_delay(text)?),
+        _ => None,
+    };
     Ok(Request {
         func,
         args,
         user,
         source,
         delay_ms,
+        body_without_delay,
     })
+}
+
+/// `text` (a JSON object that parsed) without its top-level `delay`. Each value is
+/// the client's bytes; keys are written again (escaped minimally, so never longer).
+/// A repeated key keeps its last value, as the parse above does.
+fn strip_delay(text: &str) -> Result<String, RequestError> {
+    let members: BTreeMap<String, Box<RawValue>> =
+        from_str_nested(text).map_err(|e| RequestError::Malformed(e.to_string()))?;
+    let mut out = String::with_capacity(text.len());
+    out.push('{');
+    for (key, value) in members.iter().filter(|(k, _)| k.as_str() != "delay") {
+        if out.len() > 1 {
+            out.push(',');
+        }
+        // Serializing a string cannot fail.
+        out.push_str(&serde_json::to_string(key).unwrap_or_default());
+        out.push(':');
+        out.push_str(value.get());
+    }
+    out.push('}');
+    Ok(out)
+}
+
+/// Whether arrays and objects in `body` nest deeper than `max` levels. Brackets
+/// inside strings don't count; the text need not be valid JSON (then the parse
+/// that follows says what is wrong with it).
+fn nests_deeper_than(body: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Parses JSON without serde_json's recursion limit (it stops one level short of
+/// ours); only for text that [`nests_deeper_than`] has bounded.
+fn from_str_nested<'a, T: serde::Deserialize<'a>>(text: &'a str) -> serde_json::Result<T> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    let value = T::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
 }
 
 fn optional_string(
@@ -448,6 +549,37 @@ mod tests {
         }
     }
 
+    /// A body whose own object is level 1 and whose innermost array is `depth`.
+    fn nested(depth: usize) -> Vec<u8> {
+        let inner = depth - 3; // levels 1 to 3: the body, "args", "message"'s array.
+        format!(
+            r#"{{"func":"echo","args":{{"message":[{}"[]"{}]}},"delay":1}}"#,
+            "[".repeat(inner),
+            "]".repeat(inner)
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn the_documented_depth_is_accepted_and_one_more_refused() {
+        let r = parse_request(&nested(MAX_DEPTH), 1 << 20).expect("128 levels");
+        // Delayed: its stored body parses again at the same depth.
+        parse_request(r.to_json_without_delay().as_bytes(), 1 << 20).expect("stored");
+        assert_eq!(
+            parse_request(&nested(MAX_DEPTH + 1), 1 << 20)
+                .unwrap_err()
+                .to_string(),
+            "request nested too deeply (limit 128 levels)"
+        );
+        // Brackets inside strings are text, not nesting.
+        let text = format!(
+            r#"{{"func":"echo","args":{{"message":"{}\"{}"}}}}"#,
+            "[".repeat(500),
+            "{".repeat(500)
+        );
+        parse_request(text.as_bytes(), 1 << 20).expect("brackets in a string");
+    }
+
     #[test]
     fn deep_nesting_is_refused() {
         let body = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
@@ -491,9 +623,39 @@ mod tests {
             again,
             Request {
                 delay_ms: None,
-                ..r
+                body_without_delay: None,
+                ..r.clone()
             }
         );
+        // Built in process (no body): written from the fields.
+        let built = Request {
+            body_without_delay: None,
+            ..r
+        };
+        assert_eq!(
+            parse_request(built.to_json_without_delay().as_bytes(), 1024).unwrap(),
+            again
+        );
+    }
+
+    #[test]
+    fn a_delayed_body_keeps_the_clients_bytes() {
+        let body = br#"{"func":"echo" , "delay":5,"args":{"message":[9e15,1E300,0.10,-0,"\u00e9"]},"user":"u","source":"s"}"#;
+        let r = parse_request(body, 1024).unwrap();
+        let kept = r.to_json_without_delay();
+        assert_eq!(
+            kept,
+            r#"{"args":{"message":[9e15,1E300,0.10,-0,"\u00e9"]},"func":"echo","source":"s","user":"u"}"#
+        );
+        assert!(kept.len() <= body.len());
+        // A repeated key keeps its last value, as the parse does.
+        let r = parse_request(br#"{"func":"a","func":"b","delay":1,"delay":2}"#, 1024).unwrap();
+        assert_eq!(r.func, "b");
+        assert_eq!(r.delay_ms, Some(2));
+        assert_eq!(r.to_json_without_delay(), r#"{"func":"b"}"#);
+        // No delay, nothing kept.
+        let r = parse_request(br#"{"func":"a","delay":0}"#, 1024).unwrap();
+        assert_eq!(r.body_without_delay, None);
     }
 
     #[test]
@@ -513,6 +675,51 @@ mod tests {
         assert_eq!(cache_hit(entry.as_bytes(), "g", &a), None);
         assert_eq!(cache_hit(entry.as_bytes(), "f", &Map::new()), None);
         assert_eq!(cache_hit(b"garbage", "f", &a), None);
+    }
+
+    /// A float sent as the shortest text that names it (what every JSON encoder
+    /// writes) comes back as the same double, in both reply forms.
+    fn float_comes_back_unchanged(x: f64) {
+        let text = serde_json::to_string(&x).expect("a finite float");
+        let body = format!(r#"{{"func":"echo","args":{{"message":{text}}}}}"#);
+        let r = parse_request(body.as_bytes(), 1024).expect("a valid request");
+        let got = r.args["message"].as_f64().expect("a number");
+        assert_eq!(got.to_bits(), x.to_bits(), "{text} parsed as {got}");
+        let reply = Reply::Ok(r.args["message"].clone());
+        for back in [
+            Reply::from_json(&reply.to_json()).expect("json"),
+            Reply::from_msgpack(&reply.to_msgpack()).expect("msgpack"),
+        ] {
+            let Reply::Ok(v) = back else {
+                panic!("not ok: {back:?}")
+            };
+            let y = v.as_f64().expect("a number");
+            assert_eq!(y.to_bits(), x.to_bits(), "{text} came back as {y}");
+        }
+        // The JSON reply carries the very text the client sent.
+        let json = String::from_utf8(reply.to_json()).expect("utf-8");
+        assert!(json.contains(&format!(":{text}}}")), "{json} for {text}");
+    }
+
+    #[test]
+    fn the_issues_float_comes_back_unchanged() {
+        float_comes_back_unchanged(0.9424502837770503);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn every_finite_float_comes_back_unchanged(bits in proptest::prelude::any::<u64>()) {
+            let x = f64::from_bits(bits);
+            proptest::prop_assume!(x.is_finite());
+            float_comes_back_unchanged(x);
+        }
+
+        #[test]
+        fn floats_between_0_and_1_come_back_unchanged(x in 0.0f64..1.0) {
+            float_comes_back_unchanged(x);
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use crate::connection::Connector;
 use crate::dispatch::{Job, ReplyTo, Stats, Unanswered};
 use crate::error::RequestError;
-use crate::protocol::{parse_queue_entry, parse_request, Keys};
+use crate::protocol::{describe_entry, parse_queue_entry, parse_request, Keys};
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{SendTimeoutError, Sender};
 use redis::{Connection, RedisResult};
@@ -212,6 +212,8 @@ impl Reader {
         let missing: Vec<usize> = (0..ids.len())
             .filter(|i| matches!(bodies[*i], Ok(None)))
             .collect();
+        // The key each body came from, for error replies that name it.
+        let mut read_from: Vec<String> = ids.iter().map(|id| self.keys.request(*id)).collect();
         if !missing.is_empty() {
             let mut pipe = redis::pipe();
             for i in &missing {
@@ -219,6 +221,9 @@ impl Reader {
             }
             let fallback: Vec<RedisResult<Option<Vec<u8>>>> = pipe.ignore_errors().query(c)?;
             for (i, body) in missing.into_iter().zip(fallback) {
+                if !matches!(body, Ok(None)) {
+                    read_from[i] = self.keys.request_fallback(ids[i]);
+                }
                 bodies[i] = body;
             }
         }
@@ -226,15 +231,13 @@ impl Reader {
         Ok(ids
             .into_iter()
             .zip(bodies)
-            .map(|(id, body)| Job {
+            .zip(read_from)
+            .map(|((id, body), key)| Job {
                 reply_to: ReplyTo::Redis { id },
                 body: match body {
                     Ok(Some(b)) => parse_request(&b, self.max_request_bytes),
-                    Ok(None) => Err(RequestError::NotFound(self.keys.request(id))),
-                    Err(e) => Err(RequestError::Unreadable(
-                        self.keys.request(id),
-                        e.to_string(),
-                    )),
+                    Ok(None) => Err(RequestError::NotFound(key)),
+                    Err(e) => Err(RequestError::Unreadable(key, e.to_string())),
                 },
                 waited: false,
             })
@@ -247,8 +250,8 @@ impl Reader {
         for entry in bad {
             self.stats.bad_entries.fetch_add(1, Ordering::Relaxed);
             log::warn!(
-                "skipped a queue entry that is not a request id: {:?}",
-                String::from_utf8_lossy(&entry)
+                "skipped a queue entry that is not a request id: {}",
+                describe_entry(&entry)
             );
             pipe.cmd("LREM")
                 .arg(&self.processing)

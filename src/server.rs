@@ -54,6 +54,11 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         env!("CARGO_PKG_VERSION"),
         config.summary()
     );
+    // Settings Redis can never accept stop the start here; an absent Redis is
+    // waited for.
+    if !crate::connection::check_at_start(&client, config.db(), &shutdown)? {
+        return Ok(());
+    }
     log::info!(
         "instance {instance}; functions: {}",
         registry.names().join(", ")
@@ -64,6 +69,10 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             config.http
         );
     }
+    log::info!(
+        "the cron thread is not built yet: {} is not read",
+        config.crontab.display()
+    );
     // Socket reads must outlast BLMOVE's block (DESIGN §8), with room to spare.
     let read_timeout = BLOCK + Duration::from_secs(10);
 
@@ -103,6 +112,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         unanswered: unanswered.clone(),
         stats: stats.clone(),
         hung: Some(hung.clone()),
+        concurrency: Arc::new(crate::limits::Concurrency::from_config(&config)),
     });
     let abandon = Arc::new(AtomicBool::new(false));
     crate::pool::start(

@@ -322,14 +322,16 @@ fn ids_taken_before_a_broken_connection_are_served_after_it() {
 #[test]
 fn calls_stuck_past_their_deadline_do_not_shrink_the_pool() {
     let redis = Redis::start();
-    let config =
-        config_with("workers = 2\ndrain_timeout_ms = 300\n[functions.sleep]\ntimeout_ms = 1000\n");
+    let config = config_with(
+        "workers = 2\ndrain_timeout_ms = 300\n[functions.sleep]\ntimeout_ms = 1000\n[functions.slow]\ntimeout_ms = 1000\n",
+    );
     let server = Server::start_args(&redis, &["--config", config.to_str().unwrap()]);
-    // Five calls that never return in time (an hour each), on a pool of two.
+    // Five calls that don't return in time (6 s each: `sleep` refuses to sleep
+    // past its deadline), on a pool of two.
     let stuck: Vec<_> = (0..5)
         .map(|_| {
             let mut c = redis.client();
-            std::thread::spawn(move || c.request("sleep", json!({"ms": 3_600_000})))
+            std::thread::spawn(move || c.request("slow", json!({})))
         })
         .collect();
     for t in stuck {
@@ -358,18 +360,12 @@ fn calls_stuck_past_their_deadline_do_not_shrink_the_pool() {
 fn replacements_stop_at_max_hung_workers() {
     let redis = Redis::start();
     let config = config_with(
-        "workers = 1\nmax_hung_workers = 1\ndrain_timeout_ms = 300\n[functions.sleep]\ntimeout_ms = 300\n",
+        "workers = 1\nmax_hung_workers = 1\ndrain_timeout_ms = 300\n[functions.slow]\ntimeout_ms = 300\n",
     );
     let server = Server::start_args(&redis, &["--config", config.to_str().unwrap()]);
     let mut c = redis.client();
-    assert_eq!(
-        c.request("sleep", json!({"ms": 3_600_000})).unwrap(),
-        err("timeout")
-    );
-    assert_eq!(
-        c.request("sleep", json!({"ms": 3_600_000})).unwrap(),
-        err("timeout")
-    );
+    assert_eq!(c.request("slow", json!({})).unwrap(), err("timeout"));
+    assert_eq!(c.request("slow", json!({})).unwrap(), err("timeout"));
     let log = wait_for("the cap to be logged", Duration::from_secs(10), || {
         let log = server.log_text();
         log.contains("no replacement").then_some(log)

@@ -122,12 +122,12 @@ fn a_second_ctrl_c_exits_at_once() {
     server.wait_ready(&redis);
     let mut c = redis.client();
     for _ in 0..3 {
-        c.send("sleep", json!({"ms": 8000})).unwrap();
+        c.send("slow", json!({})).unwrap();
     }
-    server.wait_log("sleep from user", 3);
+    server.wait_log("slow from user", 3);
     server.signal(libc::SIGINT);
-    // The first signal waits for the sleeps (8 s, drain up to 10 s); the second
-    // must not.
+    // The first signal waits for the slow calls (6 s, drain up to 10 s); the
+    // second must not.
     wait_for("shutdown to begin", Duration::from_secs(10), || {
         server.log_text().contains("shutting down").then_some(())
     });
