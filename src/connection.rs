@@ -1,18 +1,23 @@
 //! Redis connections: opening them with timeouts, re-opening them with capped
 //! back-off when they break (logging once when an outage starts and once when it
-//! ends), and the small pool that lends connections to users' functions.
-//! Not for: what is sent on them (each thread owns its own commands).
+//! ends), telling a lost connection from a command Redis refused (MISCONF, OOM, a
+//! wrong-typed key: the connection stays, the thread backs off and logs the spell
+//! once), and the small pool that lends connections to users' functions, checking
+//! each before lending it. Not for: what is sent on them (each thread owns its own
+//! commands).
 
 use crate::error::FnError;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{Receiver, Sender};
-use redis::{Client, Connection, RedisError};
+use redis::{Client, Connection, ErrorKind, RedisError};
 use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Read timeout of the connections lent to functions.
+const POOL_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens a connection whose reads give up after `read_timeout`.
 pub fn open(client: &Client, read_timeout: Duration) -> Result<Connection, RedisError> {
@@ -22,13 +27,36 @@ pub fn open(client: &Client, read_timeout: Duration) -> Result<Connection, Redis
     Ok(conn)
 }
 
+/// Whether `e` means the connection is gone or out of step with Redis (an I/O
+/// error, a timeout: redis-rs then skips the next reply, DESIGN §8; a reply it
+/// could not parse), so it must be replaced. An error Redis answered with
+/// (`MISCONF`, `OOM`, `WRONGTYPE`, `LOADING`, a script error) leaves the connection
+/// in step and fit for the next command: reconnecting would not help.
+pub(crate) fn is_lost(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.kind() == ErrorKind::Parse
+}
+
+/// What a thread should do after a command failed (see [`Connector::failed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The connection is lost: drop it; [`Connector::connect`] opens another.
+    Lost,
+    /// Redis refused the command: keep the connection and wait this long first.
+    Refused(Duration),
+}
+
 /// Keeps one thread connected: [`Connector::connect`] retries with capped back-off
-/// until it succeeds or shutdown is triggered.
+/// until it succeeds or shutdown is triggered. It also paces the retries of
+/// commands Redis refuses ([`Connector::refused`], [`Connector::recovered`]), so a
+/// lasting refusal costs one log line and a few commands a second, not a
+/// reconnect and a log line per try.
 pub(crate) struct Connector {
     client: Client,
     who: &'static str,
     read_timeout: Duration,
     down_since: Option<Instant>,
+    refused_since: Option<Instant>,
+    refused_pause: Duration,
 }
 
 impl Connector {
@@ -38,7 +66,49 @@ impl Connector {
             who,
             read_timeout,
             down_since: None,
+            refused_since: None,
+            refused_pause: FIRST_BACKOFF,
         }
+    }
+
+    /// Sorts out a failed command: a lost connection is recorded as
+    /// [`Connector::broken`], a refusal as [`Connector::refused`].
+    pub(crate) fn failed(&mut self, e: &RedisError) -> Failure {
+        if is_lost(e) {
+            self.broken(e);
+            Failure::Lost
+        } else {
+            Failure::Refused(self.refused(e))
+        }
+    }
+
+    /// Records that Redis answered a command with an error while the connection
+    /// stays fine; logs only when such a spell starts. Returns how long to wait
+    /// before trying again: 50 ms, doubling to 2 s while the refusals last.
+    pub(crate) fn refused(&mut self, e: &RedisError) -> Duration {
+        if self.refused_since.is_none() {
+            log::warn!(
+                "{}: redis refuses a command, retrying with back-off: {e}",
+                self.who
+            );
+            self.refused_since = Some(Instant::now());
+        }
+        let pause = self.refused_pause;
+        self.refused_pause = (pause * 2).min(MAX_BACKOFF);
+        pause
+    }
+
+    /// Records that commands go through: ends a spell of refusals (logged once)
+    /// and resets their back-off. Cheap enough to call after every success.
+    pub(crate) fn recovered(&mut self) {
+        if let Some(since) = self.refused_since.take() {
+            log::warn!(
+                "{}: redis accepts commands again after {:.1}s",
+                self.who,
+                since.elapsed().as_secs_f64()
+            );
+        }
+        self.refused_pause = FIRST_BACKOFF;
     }
 
     /// A live connection, or `None` once shutdown is triggered while Redis is away.
@@ -84,7 +154,11 @@ impl Connector {
     }
 }
 
-/// A small pool of connections for users' functions, opened on first use.
+/// A small pool of connections for users' functions, opened on first use. A
+/// connection waiting in the pool can break without anyone noticing (a Redis
+/// restart closes it): each is checked with a `PING` before it is lent, and a
+/// broken one is replaced, so a function's command fails only when Redis is
+/// really unreachable. The check costs one round trip per loan.
 #[derive(Clone)]
 pub struct ConnectionPool {
     client: Client,
@@ -110,9 +184,10 @@ impl ConnectionPool {
             .take
             .recv_deadline(deadline)
             .map_err(|_| FnError::from("no Redis connection free before the deadline"))?;
-        let conn = match slot {
+        // Unopened, or broken (dropped here): open a fresh one.
+        let conn = match slot.and_then(|mut c| alive(&mut c).then_some(c)) {
             Some(c) => c,
-            None => match open(&self.client, Duration::from_secs(10)) {
+            None => match open(&self.client, POOL_READ_TIMEOUT) {
                 Ok(c) => c,
                 Err(e) => {
                     let _ = self.give.send(None);
@@ -124,6 +199,15 @@ impl ConnectionPool {
             conn: Some(conn),
             home: self.give.clone(),
         })
+    }
+}
+
+/// Whether `conn` still reaches Redis. A refusal (`LOADING`, say) counts as alive:
+/// the connection is in step, and the function will get Redis's own answer.
+fn alive(conn: &mut Connection) -> bool {
+    match redis::cmd("PING").query::<()>(conn) {
+        Ok(()) => true,
+        Err(e) => !is_lost(&e),
     }
 }
 
