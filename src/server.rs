@@ -66,6 +66,8 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
     let stopping = Shutdown::new();
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(config.workers);
     let (due_tx, due_rx) = crossbeam_channel::unbounded();
+    // Workers say when they are free; the reader takes only that many requests.
+    let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     // Replies are not bounded (DESIGN §3 draws them bounded): their number is
     // already bounded by the jobs taken, and the timer, which sends timeouts, must
     // never block behind a publisher waiting out a Redis outage.
@@ -106,6 +108,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             dispatcher,
             jobs: jobs_rx,
             due: due_rx,
+            ready: ready_tx,
             abandon: abandon.clone(),
             _alive: alive_tx,
         },
@@ -126,6 +129,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         processing,
         max_request_bytes: config.max_request_bytes,
         jobs: jobs_tx,
+        ready: ready_rx,
         stats: stats.clone(),
         shutdown: shutdown.clone(),
         in_hand,
