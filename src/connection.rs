@@ -237,3 +237,45 @@ impl Drop for PooledConnection {
         let _ = self.home.send(conn);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connector() -> Connector {
+        let client = Client::open("redis://127.0.0.1:1").expect("a URL");
+        Connector::new(client, "test", Duration::from_secs(1))
+    }
+
+    #[test]
+    fn a_refusal_keeps_the_connection_and_backs_off_until_recovered() {
+        let mut c = connector();
+        let misconf = RedisError::from((ErrorKind::Extension, "MISCONF"));
+        let pauses: Vec<Duration> = (0..8)
+            .map(|_| match c.failed(&misconf) {
+                Failure::Refused(p) => p,
+                Failure::Lost => panic!("a refusal is not a lost connection"),
+            })
+            .collect();
+        let ms: Vec<u128> = pauses.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [50, 100, 200, 400, 800, 1600, 2000, 2000]);
+        c.recovered();
+        assert_eq!(c.refused(&misconf), FIRST_BACKOFF);
+    }
+
+    #[test]
+    fn io_errors_lose_the_connection() {
+        let mut c = connector();
+        for kind in [
+            std::io::ErrorKind::UnexpectedEof,
+            std::io::ErrorKind::TimedOut,
+            std::io::ErrorKind::WouldBlock,
+            std::io::ErrorKind::ConnectionReset,
+        ] {
+            let e = RedisError::from(std::io::Error::new(kind, "gone"));
+            assert_eq!(c.failed(&e), Failure::Lost, "{kind:?}");
+        }
+        let parse = RedisError::from((ErrorKind::Parse, "garbage"));
+        assert!(is_lost(&parse));
+    }
+}

@@ -157,27 +157,29 @@ enum Fetched {
 
 impl Fetched {
     fn decode(v: Value) -> Option<Fetched> {
-        let Value::Array(mut parts) = v else {
+        let Value::Array(parts) = v else {
             return None;
         };
-        let text = |v: &Value| match v {
-            Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        let mut parts = parts.into_iter();
+        let Some(Value::Int(code)) = parts.next() else {
+            return None;
+        };
+        let mut text = || match parts.next()? {
+            Value::BulkString(b) => Some(b),
             _ => None,
         };
-        match parts.first()? {
-            Value::Int(0) => Some(Fetched::Missing),
-            Value::Int(1) => match parts.swap_remove(1) {
-                Value::BulkString(b) => Some(Fetched::Body(b)),
+        match code {
+            0 => Some(Fetched::Missing),
+            1 => text().map(Fetched::Body),
+            2 => match parts.next()? {
+                Value::Int(n) => usize::try_from(n).ok().map(Fetched::TooLarge),
                 _ => None,
             },
-            Value::Int(2) => match parts.get(1)? {
-                Value::Int(n) => Some(Fetched::TooLarge(usize::try_from(*n).ok()?)),
-                _ => None,
-            },
-            Value::Int(3) => Some(Fetched::WrongType {
-                key: text(parts.get(1)?)?,
-                kind: text(parts.get(2)?)?,
-            }),
+            3 => {
+                let key = String::from_utf8_lossy(&text()?).into_owned();
+                let kind = String::from_utf8_lossy(&text()?).into_owned();
+                Some(Fetched::WrongType { key, kind })
+            }
             _ => None,
         }
     }
@@ -470,5 +472,73 @@ impl Reader {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(ids: &[&str]) -> Vec<Vec<u8>> {
+        ids.iter().map(|s| s.as_bytes().to_vec()).collect()
+    }
+
+    /// Issue 7, item 11a: id 7 is taken, released (a `delay` request) and taken
+    /// again before the ack of its first take is removed from `InHand`. A set
+    /// forgot the second take there, and a reconnect served it once more.
+    #[test]
+    fn the_ack_of_a_first_take_leaves_a_second_take_in_hand() {
+        let in_hand = InHand::default();
+        in_hand.add([7]);
+        in_hand.add([7]);
+        in_hand.remove([7]);
+        // The processing list now holds 7 once: the second take, still running.
+        assert!(lost_entries(entries(&["7"]), in_hand.snapshot()).is_empty());
+        in_hand.remove([7]);
+        assert!(in_hand.snapshot().is_empty(), "no count is left behind");
+        assert_eq!(
+            lost_entries(entries(&["7"]), in_hand.snapshot()),
+            entries(&["7"])
+        );
+        // Removing what is not held changes nothing.
+        in_hand.remove([8]);
+        assert!(in_hand.snapshot().is_empty());
+    }
+
+    #[test]
+    fn lost_entries_count_repeats_and_keep_what_is_not_an_id() {
+        let known = HashMap::from([(7, 1), (9, 2)]);
+        assert_eq!(
+            lost_entries(entries(&["7", "7", "9", "x", "9", "5"]), known),
+            entries(&["7", "x", "5"])
+        );
+    }
+
+    #[test]
+    fn fetch_answers_decode() {
+        let int = Value::Int;
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        assert_eq!(
+            Fetched::decode(Value::Array(vec![int(0)])),
+            Some(Fetched::Missing)
+        );
+        assert_eq!(
+            Fetched::decode(Value::Array(vec![int(1), bulk("{}")])),
+            Some(Fetched::Body(b"{}".to_vec()))
+        );
+        assert_eq!(
+            Fetched::decode(Value::Array(vec![int(2), int(209_715_200)])),
+            Some(Fetched::TooLarge(209_715_200))
+        );
+        assert_eq!(
+            Fetched::decode(Value::Array(vec![int(3), bulk("K"), bulk("hash")])),
+            Some(Fetched::WrongType {
+                key: "K".into(),
+                kind: "hash".into()
+            })
+        );
+        assert_eq!(Fetched::decode(Value::Nil), None);
+        assert_eq!(Fetched::decode(Value::Array(vec![int(2), int(-1)])), None);
+        assert_eq!(Fetched::decode(Value::Array(vec![int(1)])), None);
     }
 }
