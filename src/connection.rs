@@ -3,7 +3,7 @@
 //! ends), telling a lost connection from a command Redis refused (MISCONF, OOM, a
 //! wrong-typed key: the connection stays, the thread backs off and logs the spell
 //! once), and the small pool that lends connections to users' functions, checking
-//! each before lending it. Not for: what is sent on them (each thread owns its own
+//! one that may have broken while it waited before lending it. Not for: what is sent on them (each thread owns its own
 //! commands).
 
 use crate::error::FnError;
@@ -11,6 +11,7 @@ use crate::shutdown::Shutdown;
 use crossbeam_channel::{Receiver, Sender};
 use redis::{Client, Connection, ErrorKind, RedisError};
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -147,6 +148,7 @@ impl Connector {
 
     /// Records that the connection broke; logs only at the start of an outage.
     pub(crate) fn broken(&mut self, e: &RedisError) {
+        LOSSES.fetch_add(1, Ordering::Relaxed);
         if self.down_since.is_none() {
             log::warn!("{}: redis unavailable, retrying: {e}", self.who);
             self.down_since = Some(Instant::now());
@@ -154,17 +156,55 @@ impl Connector {
     }
 }
 
+/// How many times a thread of this process found its connection lost, or failed
+/// to open one. A pooled connection that came back to the pool before the latest
+/// loss may be broken too (a Redis restart breaks them all at once), so it is
+/// checked before it is lent. The server's own threads notice a restart first:
+/// the reader and the scheduler talk to Redis all the time.
+static LOSSES: AtomicU64 = AtomicU64::new(0);
+
+/// A pooled connection idle this long is checked before it is lent even when no
+/// loss was seen: Redis may have closed it alone (its `timeout`, `CLIENT KILL`).
+const CHECK_IDLE: Duration = Duration::from_secs(1);
+
+/// A connection waiting in the pool.
+struct Idle {
+    conn: Connection,
+    since: Instant,
+    /// [`LOSSES`] when it came back.
+    losses: u64,
+}
+
+impl Idle {
+    fn new(conn: Connection) -> Self {
+        Idle {
+            conn,
+            since: Instant::now(),
+            losses: LOSSES.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The connection, unless it is found broken (then it is dropped). Checked
+    /// with a `PING` only when it may have broken while it waited: a loss was
+    /// seen since, or it waited long. A busy pool lends without the round trip.
+    fn lend(mut self) -> Option<Connection> {
+        let suspect =
+            self.losses != LOSSES.load(Ordering::Relaxed) || self.since.elapsed() >= CHECK_IDLE;
+        (!suspect || alive(&mut self.conn)).then_some(self.conn)
+    }
+}
+
 /// A small pool of connections for users' functions, opened on first use. A
 /// connection waiting in the pool can break without anyone noticing (a Redis
-/// restart closes it): each is checked with a `PING` before it is lent, and a
-/// broken one is replaced, so a function's command fails only when Redis is
-/// really unreachable. The check costs one round trip per loan.
+/// restart closes it): one that may have broken while it waited (see
+/// [`Idle::lend`]) is checked with a `PING` before it is lent, and a broken one is
+/// replaced, so a function's command fails only when Redis is really unreachable.
 #[derive(Clone)]
 pub struct ConnectionPool {
     client: Client,
     // A slot is a token: `None` means "may open a new connection".
-    give: Sender<Option<Connection>>,
-    take: Receiver<Option<Connection>>,
+    give: Sender<Option<Idle>>,
+    take: Receiver<Option<Idle>>,
 }
 
 impl ConnectionPool {
@@ -185,7 +225,7 @@ impl ConnectionPool {
             .recv_deadline(deadline)
             .map_err(|_| FnError::from("no Redis connection free before the deadline"))?;
         // Unopened, or broken (dropped here): open a fresh one.
-        let conn = match slot.and_then(|mut c| alive(&mut c).then_some(c)) {
+        let conn = match slot.and_then(Idle::lend) {
             Some(c) => c,
             None => match open(&self.client, POOL_READ_TIMEOUT) {
                 Ok(c) => c,
@@ -214,7 +254,7 @@ fn alive(conn: &mut Connection) -> bool {
 /// A connection borrowed from a [`ConnectionPool`]; use it as a `redis::Connection`.
 pub struct PooledConnection {
     conn: Option<Connection>,
-    home: Sender<Option<Connection>>,
+    home: Sender<Option<Idle>>,
 }
 
 impl Deref for PooledConnection {
@@ -233,8 +273,17 @@ impl DerefMut for PooledConnection {
 
 impl Drop for PooledConnection {
     fn drop(&mut self) {
-        let conn = self.conn.take().filter(redis::ConnectionLike::is_open);
-        let _ = self.home.send(conn);
+        let conn = self.conn.take();
+        let idle = match conn {
+            Some(c) if redis::ConnectionLike::is_open(&c) => Some(Idle::new(c)),
+            // It broke in a function's hands: the others may have too.
+            Some(_) => {
+                LOSSES.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            None => None,
+        };
+        let _ = self.home.send(idle);
     }
 }
 

@@ -62,7 +62,8 @@ return out
 /// KEYS: for each request, its key and its fallback key (`P-REQUEST-…`, read only
 /// where `P-REQ-…` is missing). ARGV: largest body, byte budget. For each request
 /// in order, until the budget is spent (at least one): `{0}` missing, `{1, body}`,
-/// `{2, size}` too large (not sent), `{3, key, type}` not a string.
+/// `{2, size}` too large (not sent), `{3, key, error}` not a string. The common
+/// case costs two calls: `STRLEN`, then `GET`.
 pub(crate) const FETCH: &str = r"
 local out = {}
 local max = tonumber(ARGV[1])
@@ -70,24 +71,22 @@ local budget = tonumber(ARGV[2])
 local spent = 0
 for i = 1, #KEYS, 2 do
   local key = KEYS[i]
-  local t = redis.call('TYPE', key).ok
-  if t == 'none' then
+  local n = redis.pcall('STRLEN', key)
+  if n == 0 and redis.call('EXISTS', key) == 0 then
     key = KEYS[i + 1]
-    t = redis.call('TYPE', key).ok
+    n = redis.pcall('STRLEN', key)
+    if n == 0 and redis.call('EXISTS', key) == 0 then n = nil end
   end
-  if t == 'none' then
+  if n == nil then
     out[#out + 1] = {0}
-  elseif t ~= 'string' then
-    out[#out + 1] = {3, key, t}
+  elseif type(n) == 'table' then
+    out[#out + 1] = {3, key, n.err}
+  elseif n > max then
+    out[#out + 1] = {2, n}
   else
-    local n = redis.call('STRLEN', key)
-    if n > max then
-      out[#out + 1] = {2, n}
-    else
-      if #out > 0 and spent + n > budget then break end
-      spent = spent + n
-      out[#out + 1] = {1, redis.call('GET', key)}
-    end
+    if #out > 0 and spent + n > budget then break end
+    spent = spent + n
+    out[#out + 1] = {1, redis.call('GET', key)}
   end
 end
 return out
@@ -152,7 +151,7 @@ enum Fetched {
     Missing,
     Body(Vec<u8>),
     TooLarge(usize),
-    WrongType { key: String, kind: String },
+    WrongType { key: String, error: String },
 }
 
 impl Fetched {
@@ -177,8 +176,8 @@ impl Fetched {
             },
             3 => {
                 let key = String::from_utf8_lossy(&text()?).into_owned();
-                let kind = String::from_utf8_lossy(&text()?).into_owned();
-                Some(Fetched::WrongType { key, kind })
+                let error = String::from_utf8_lossy(&text()?).into_owned();
+                Some(Fetched::WrongType { key, error })
             }
             _ => None,
         }
@@ -281,7 +280,7 @@ impl Reader {
     /// Takes up to `free` requests and hands them over; when the queue is empty,
     /// waits up to [`BLOCK`] for it to fill. False once shutdown stops it.
     fn take(
-        &mut self,
+        &self,
         c: &mut Connection,
         scripts: &Scripts,
         free: &mut i64,
@@ -334,7 +333,7 @@ impl Reader {
     /// holds: a reply that would have handed them over was lost (a broken
     /// connection, a failure after a take). False once shutdown stops it.
     fn recover_lost(
-        &mut self,
+        &self,
         c: &mut Connection,
         scripts: &Scripts,
         free: &mut i64,
@@ -424,10 +423,7 @@ impl Reader {
                 size,
                 limit: self.max_request_bytes,
             }),
-            Some(Fetched::WrongType { key, kind }) => Err(RequestError::Unreadable(
-                key,
-                format!("WRONGTYPE: the key holds a {kind}, not a string"),
-            )),
+            Some(Fetched::WrongType { key, error }) => Err(RequestError::Unreadable(key, error)),
             None => Err(RequestError::Unreadable(
                 self.keys.request(id),
                 "unexpected answer from redis".into(),
@@ -531,10 +527,10 @@ mod tests {
             Some(Fetched::TooLarge(209_715_200))
         );
         assert_eq!(
-            Fetched::decode(Value::Array(vec![int(3), bulk("K"), bulk("hash")])),
+            Fetched::decode(Value::Array(vec![int(3), bulk("K"), bulk("WRONGTYPE x")])),
             Some(Fetched::WrongType {
                 key: "K".into(),
-                kind: "hash".into()
+                error: "WRONGTYPE x".into()
             })
         );
         assert_eq!(Fetched::decode(Value::Nil), None);
