@@ -1,8 +1,11 @@
 //! Redis connections: opening them with timeouts, re-opening them with capped
 //! back-off when they break (logging once when an outage starts and once when it
-//! ends), the start-up check that tells a Redis that is away (wait) from one that
+//! ends), telling a lost connection from a command Redis refused (MISCONF, OOM, a
+//! wrong-typed key: the connection stays, the thread backs off and logs the spell
+//! once), the start-up check that tells a Redis that is away (wait) from one that
 //! can never serve the configuration (stop), and the small pool that lends
-//! connections to users' functions.
+//! connections to users' functions, checking one that may have broken while it
+//! waited before lending it.
 //! Not for: what is sent on them (each thread owns its own commands).
 
 use crate::error::{Error, FnError};
@@ -10,11 +13,14 @@ use crate::shutdown::Shutdown;
 use crossbeam_channel::{Receiver, Sender};
 use redis::{Client, Connection, ErrorKind, RedisError};
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Read timeout of the connections lent to functions.
+const POOL_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens a connection whose reads give up after `read_timeout`.
 pub fn open(client: &Client, read_timeout: Duration) -> Result<Connection, RedisError> {
@@ -24,13 +30,36 @@ pub fn open(client: &Client, read_timeout: Duration) -> Result<Connection, Redis
     Ok(conn)
 }
 
+/// Whether `e` means the connection is gone or out of step with Redis (an I/O
+/// error, a timeout: redis-rs then skips the next reply, DESIGN §8; a reply it
+/// could not parse), so it must be replaced. An error Redis answered with
+/// (`MISCONF`, `OOM`, `WRONGTYPE`, `LOADING`, a script error) leaves the connection
+/// in step and fit for the next command: reconnecting would not help.
+pub(crate) fn is_lost(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.kind() == ErrorKind::Parse
+}
+
+/// What a thread should do after a command failed (see [`Connector::failed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The connection is lost: drop it; [`Connector::connect`] opens another.
+    Lost,
+    /// Redis refused the command: keep the connection and wait this long first.
+    Refused(Duration),
+}
+
 /// Keeps one thread connected: [`Connector::connect`] retries with capped back-off
-/// until it succeeds or shutdown is triggered.
+/// until it succeeds or shutdown is triggered. It also paces the retries of
+/// commands Redis refuses ([`Connector::refused`], [`Connector::recovered`]), so a
+/// lasting refusal costs one log line and a few commands a second, not a
+/// reconnect and a log line per try.
 pub(crate) struct Connector {
     client: Client,
     who: &'static str,
     read_timeout: Duration,
     down_since: Option<Instant>,
+    refused_since: Option<Instant>,
+    refused_pause: Duration,
 }
 
 impl Connector {
@@ -40,7 +69,49 @@ impl Connector {
             who,
             read_timeout,
             down_since: None,
+            refused_since: None,
+            refused_pause: FIRST_BACKOFF,
         }
+    }
+
+    /// Sorts out a failed command: a lost connection is recorded as
+    /// [`Connector::broken`], a refusal as [`Connector::refused`].
+    pub(crate) fn failed(&mut self, e: &RedisError) -> Failure {
+        if is_lost(e) {
+            self.broken(e);
+            Failure::Lost
+        } else {
+            Failure::Refused(self.refused(e))
+        }
+    }
+
+    /// Records that Redis answered a command with an error while the connection
+    /// stays fine; logs only when such a spell starts. Returns how long to wait
+    /// before trying again: 50 ms, doubling to 2 s while the refusals last.
+    pub(crate) fn refused(&mut self, e: &RedisError) -> Duration {
+        if self.refused_since.is_none() {
+            log::warn!(
+                "{}: redis refuses a command, retrying with back-off: {e}",
+                self.who
+            );
+            self.refused_since = Some(Instant::now());
+        }
+        let pause = self.refused_pause;
+        self.refused_pause = (pause * 2).min(MAX_BACKOFF);
+        pause
+    }
+
+    /// Records that commands go through: ends a spell of refusals (logged once)
+    /// and resets their back-off. Cheap enough to call after every success.
+    pub(crate) fn recovered(&mut self) {
+        if let Some(since) = self.refused_since.take() {
+            log::warn!(
+                "{}: redis accepts commands again after {:.1}s",
+                self.who,
+                since.elapsed().as_secs_f64()
+            );
+        }
+        self.refused_pause = FIRST_BACKOFF;
     }
 
     /// A live connection, or `None` once shutdown is triggered while Redis is away.
@@ -84,6 +155,7 @@ impl Connector {
 
     /// Records that the connection broke; logs only at the start of an outage.
     pub(crate) fn broken(&mut self, e: &RedisError) {
+        LOSSES.fetch_add(1, Ordering::Relaxed);
         if self.down_since.is_none() {
             log::warn!("{}: redis unavailable, retrying: {e}", self.who);
             self.down_since = Some(Instant::now());
@@ -172,13 +244,55 @@ fn never_heals(e: &RedisError, db: i64) -> Option<String> {
     }
 }
 
-/// A small pool of connections for users' functions, opened on first use.
+/// How many times a thread of this process found its connection lost, or failed
+/// to open one. A pooled connection that came back to the pool before the latest
+/// loss may be broken too (a Redis restart breaks them all at once), so it is
+/// checked before it is lent. The server's own threads notice a restart first:
+/// the reader and the scheduler talk to Redis all the time.
+static LOSSES: AtomicU64 = AtomicU64::new(0);
+
+/// A pooled connection idle this long is checked before it is lent even when no
+/// loss was seen: Redis may have closed it alone (its `timeout`, `CLIENT KILL`).
+const CHECK_IDLE: Duration = Duration::from_secs(1);
+
+/// A connection waiting in the pool.
+struct Idle {
+    conn: Connection,
+    since: Instant,
+    /// [`LOSSES`] when it came back.
+    losses: u64,
+}
+
+impl Idle {
+    fn new(conn: Connection) -> Self {
+        Idle {
+            conn,
+            since: Instant::now(),
+            losses: LOSSES.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The connection, unless it is found broken (then it is dropped). Checked
+    /// with a `PING` only when it may have broken while it waited: a loss was
+    /// seen since, or it waited long. A busy pool lends without the round trip.
+    fn lend(mut self) -> Option<Connection> {
+        let suspect =
+            self.losses != LOSSES.load(Ordering::Relaxed) || self.since.elapsed() >= CHECK_IDLE;
+        (!suspect || alive(&mut self.conn)).then_some(self.conn)
+    }
+}
+
+/// A small pool of connections for users' functions, opened on first use. A
+/// connection waiting in the pool can break without anyone noticing (a Redis
+/// restart closes it): one that may have broken while it waited (see
+/// [`Idle::lend`]) is checked with a `PING` before it is lent, and a broken one is
+/// replaced, so a function's command fails only when Redis is really unreachable.
 #[derive(Clone)]
 pub struct ConnectionPool {
     client: Client,
     // A slot is a token: `None` means "may open a new connection".
-    give: Sender<Option<Connection>>,
-    take: Receiver<Option<Connection>>,
+    give: Sender<Option<Idle>>,
+    take: Receiver<Option<Idle>>,
 }
 
 impl ConnectionPool {
@@ -198,9 +312,10 @@ impl ConnectionPool {
             .take
             .recv_deadline(deadline)
             .map_err(|_| FnError::from("no Redis connection free before the deadline"))?;
-        let conn = match slot {
+        // Unopened, or broken (dropped here): open a fresh one.
+        let conn = match slot.and_then(Idle::lend) {
             Some(c) => c,
-            None => match open(&self.client, Duration::from_secs(10)) {
+            None => match open(&self.client, POOL_READ_TIMEOUT) {
                 Ok(c) => c,
                 Err(e) => {
                     let _ = self.give.send(None);
@@ -215,10 +330,19 @@ impl ConnectionPool {
     }
 }
 
+/// Whether `conn` still reaches Redis. A refusal (`LOADING`, say) counts as alive:
+/// the connection is in step, and the function will get Redis's own answer.
+fn alive(conn: &mut Connection) -> bool {
+    match redis::cmd("PING").query::<()>(conn) {
+        Ok(()) => true,
+        Err(e) => !is_lost(&e),
+    }
+}
+
 /// A connection borrowed from a [`ConnectionPool`]; use it as a `redis::Connection`.
 pub struct PooledConnection {
     conn: Option<Connection>,
-    home: Sender<Option<Connection>>,
+    home: Sender<Option<Idle>>,
 }
 
 impl Deref for PooledConnection {
@@ -237,7 +361,58 @@ impl DerefMut for PooledConnection {
 
 impl Drop for PooledConnection {
     fn drop(&mut self) {
-        let conn = self.conn.take().filter(redis::ConnectionLike::is_open);
-        let _ = self.home.send(conn);
+        let conn = self.conn.take();
+        let idle = match conn {
+            Some(c) if redis::ConnectionLike::is_open(&c) => Some(Idle::new(c)),
+            // It broke in a function's hands: the others may have too.
+            Some(_) => {
+                LOSSES.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            None => None,
+        };
+        let _ = self.home.send(idle);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connector() -> Connector {
+        let client = Client::open("redis://127.0.0.1:1").expect("a URL");
+        Connector::new(client, "test", Duration::from_secs(1))
+    }
+
+    #[test]
+    fn a_refusal_keeps_the_connection_and_backs_off_until_recovered() {
+        let mut c = connector();
+        let misconf = RedisError::from((ErrorKind::Extension, "MISCONF"));
+        let pauses: Vec<Duration> = (0..8)
+            .map(|_| match c.failed(&misconf) {
+                Failure::Refused(p) => p,
+                Failure::Lost => panic!("a refusal is not a lost connection"),
+            })
+            .collect();
+        let ms: Vec<u128> = pauses.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [50, 100, 200, 400, 800, 1600, 2000, 2000]);
+        c.recovered();
+        assert_eq!(c.refused(&misconf), FIRST_BACKOFF);
+    }
+
+    #[test]
+    fn io_errors_lose_the_connection() {
+        let mut c = connector();
+        for kind in [
+            std::io::ErrorKind::UnexpectedEof,
+            std::io::ErrorKind::TimedOut,
+            std::io::ErrorKind::WouldBlock,
+            std::io::ErrorKind::ConnectionReset,
+        ] {
+            let e = RedisError::from(std::io::Error::new(kind, "gone"));
+            assert_eq!(c.failed(&e), Failure::Lost, "{kind:?}");
+        }
+        let parse = RedisError::from((ErrorKind::Parse, "garbage"));
+        assert!(is_lost(&parse));
     }
 }

@@ -4,13 +4,15 @@
 //! catches it). A call past its deadline keeps its thread (threads cannot be
 //! killed), so the pool's supervisor thread starts a replacement when asked
 //! (`dispatch::Hung`), and the stuck worker retires when its call returns: the
-//! pool keeps its width. Workers exit when the reader has gone and the jobs channel
+//! pool keeps its width. A worker says on `ready` when it is free to start a job
+//! from the reader (once when it starts, and after each such job), so the reader
+//! takes from Redis only what the pool can start now. Workers exit when the reader has gone and the jobs channel
 //! is empty, or when the drain deadline has passed.
 //! Not for: deadlines (the timer) or replies (the publisher).
 
 use crate::dispatch::{AfterCall, Dispatcher, Job};
 use crate::shutdown::Shutdown;
-use crossbeam_channel::{select, Receiver};
+use crossbeam_channel::{select, Receiver, Sender};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -20,6 +22,8 @@ pub(crate) struct Worker {
     pub(crate) dispatcher: Arc<Dispatcher>,
     pub(crate) jobs: Receiver<Job>,
     pub(crate) due: Receiver<Job>,
+    /// One message each time this worker is free for a job from `jobs`.
+    pub(crate) ready: Sender<()>,
     /// Set at the drain deadline: take no more jobs.
     pub(crate) abandon: Arc<AtomicBool>,
 }
@@ -66,11 +70,18 @@ fn spawn(i: usize, w: Worker) -> std::io::Result<()> {
 
 impl Worker {
     fn run(self) {
+        // A delayed job from the timer was not counted by the reader: after one,
+        // this worker's last "free" still stands, so it is not said again.
+        let mut announce = true;
         while !self.abandon.load(Ordering::SeqCst) {
-            let job = select! {
-                recv(self.jobs) -> job => job,
-                recv(self.due) -> job => job,
+            if announce {
+                let _ = self.ready.send(());
+            }
+            let (job, from_reader) = select! {
+                recv(self.jobs) -> job => (job, true),
+                recv(self.due) -> job => (job, false),
             };
+            announce = from_reader;
             match job {
                 Ok(job) => {
                     // A replacement took this worker's place while its call ran

@@ -1,37 +1,55 @@
 //! The reader thread: takes request ids from the queue and hands jobs to the
-//! workers. It blocks on `BLMOVE` (the queue to this instance's processing list),
-//! then takes what else is waiting in one pipeline, up to the room left in the
-//! jobs channel, and fetches the bodies in one more. The bounded jobs channel is
-//! the back-pressure: when the workers are busy, requests wait in Redis.
+//! workers. It takes only what its idle workers can start now: each worker
+//! announces on `ready` when it is free, and the reader takes at most that many
+//! ids, waiting for a free worker before it asks Redis for anything. Everything
+//! else waits in Redis for whichever instance is free, and a request's deadline
+//! starts only when a worker picks it.
+//! One script ([`TAKE`]) moves the ids from the queue to this instance's
+//! processing list, and only while this instance's heartbeat is alive in Redis: an
+//! instance that was silent past its heartbeat (another instance may have returned
+//! its requests to the queue and forgotten it) registers again before it takes
+//! more, so nothing lands in a processing list nobody would recover. When the
+//! queue is empty the reader waits on it with a `BLMOVE` of the queue onto itself,
+//! which takes nothing. Bodies come from one more script ([`FETCH`]) that learns
+//! each body's size first: a body over `max_request_bytes` is refused from its
+//! size, never downloaded, and one round trip brings a few MiB at most.
 //! It stops taking as soon as shutdown is triggered; what it took but did not hand
 //! over is still in the processing list, which the publisher returns to the queue.
-//! Ids it holds are recorded in [`InHand`] until the publisher acks them; after
-//! every reconnect the reader compares the processing list with that record and
-//! serves the ids whose `BLMOVE` reply was lost with the connection.
+//! Ids it holds are counted in [`InHand`] until the publisher acks them; after
+//! every reconnect (or a failure after a take) the reader compares the processing
+//! list with that count and serves the ids whose replies were lost on the way.
+//! A command Redis refuses (`MISCONF`, a wrong-typed queue) keeps the connection
+//! and is retried with back-off (`Connector::refused`).
 //! Not for: parsing beyond the protocol (`protocol.rs`) or running requests.
 
-use crate::connection::Connector;
+use crate::connection::{Connector, Failure};
 use crate::dispatch::{Job, ReplyTo, Stats, Unanswered};
 use crate::error::RequestError;
 use crate::protocol::{describe_entry, parse_queue_entry, parse_request, Keys};
 use crate::shutdown::Shutdown;
-use crossbeam_channel::{SendTimeoutError, Sender};
-use redis::{Connection, RedisResult};
-use std::collections::HashSet;
+use crossbeam_channel::{select, Receiver, SendTimeoutError, Sender};
+use redis::{Connection, RedisResult, Value};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// How long one `BLMOVE` blocks; bounds how late the reader notices shutdown.
-/// The socket's read timeout must stay well above it (DESIGN §8).
+/// How long one wait on the queue blocks; bounds how late the reader notices
+/// shutdown. The socket's read timeout must stay well above it (DESIGN §8).
 pub(crate) const BLOCK: Duration = Duration::from_millis(500);
 
-const ERROR_PAUSE: Duration = Duration::from_millis(100);
+/// Most bytes of bodies one [`FETCH`] brings back (a single body up to
+/// `max_request_bytes` always comes, even when it is larger).
+const FETCH_BYTES: usize = 4 << 20;
 
-/// Moves up to ARGV[1] ids from the queue to the processing list in one round
-/// trip, stopping at the first empty pop (so an empty queue costs nothing).
-const TAKE_MORE: &str = r"
+/// KEYS: queue, processing, heartbeat (of this instance). ARGV: most ids to take.
+/// Moves up to ARGV[1] ids from the queue to the processing list in one step,
+/// stopping at the first empty pop, but only while the heartbeat exists: `RECOVER`
+/// (scheduler.rs) empties a processing list only once its heartbeat is gone, so
+/// what is taken here is recovered if this instance dies. Nil without heartbeat.
+pub(crate) const TAKE: &str = r"
+if redis.call('EXISTS', KEYS[3]) == 0 then return false end
 local out = {}
 for i = 1, tonumber(ARGV[1]) do
   local v = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
@@ -41,28 +59,128 @@ end
 return out
 ";
 
-/// The request ids this instance has taken and not yet acknowledged: the reader
-/// adds, the publisher removes once the ack is in Redis.
+/// KEYS: for each request, its key and its fallback key (`P-REQUEST-…`, read only
+/// where `P-REQ-…` is missing). ARGV: largest body, byte budget. For each request
+/// in order, until the budget is spent (at least one): `{0}` missing, `{1, body}`,
+/// `{2, size}` too large (not sent), `{3, key, error}` not a string. The common
+/// case costs two calls: `STRLEN`, then `GET`.
+pub(crate) const FETCH: &str = r"
+local out = {}
+local max = tonumber(ARGV[1])
+local budget = tonumber(ARGV[2])
+local spent = 0
+for i = 1, #KEYS, 2 do
+  local key = KEYS[i]
+  local n = redis.pcall('STRLEN', key)
+  if n == 0 and redis.call('EXISTS', key) == 0 then
+    key = KEYS[i + 1]
+    n = redis.pcall('STRLEN', key)
+    if n == 0 and redis.call('EXISTS', key) == 0 then n = nil end
+  end
+  if n == nil then
+    out[#out + 1] = {0}
+  elseif type(n) == 'table' then
+    out[#out + 1] = {3, key, n.err}
+  elseif n > max then
+    out[#out + 1] = {2, n}
+  else
+    if #out > 0 and spent + n > budget then break end
+    spent = spent + n
+    out[#out + 1] = {1, redis.call('GET', key)}
+  end
+end
+return out
+";
+
+/// The request ids this instance has taken and not yet acknowledged, each with
+/// how many times it is held: the reader adds, the publisher removes once the ack
+/// is in Redis. A count, not a set: the same id can be taken again before the ack
+/// of its first take is removed (a `delay` request moved back by `MOVE_DUE`, a
+/// duplicated queue entry), and that ack must not make the second take look lost.
 #[derive(Clone, Default)]
-pub(crate) struct InHand(Arc<Mutex<HashSet<u64>>>);
+pub(crate) struct InHand(Arc<Mutex<HashMap<u64, usize>>>);
 
 impl InHand {
     fn add(&self, ids: impl IntoIterator<Item = u64>) {
-        if let Ok(mut set) = self.0.lock() {
-            set.extend(ids);
-        }
-    }
-
-    pub(crate) fn remove(&self, ids: impl IntoIterator<Item = u64>) {
-        if let Ok(mut set) = self.0.lock() {
+        if let Ok(mut held) = self.0.lock() {
             for id in ids {
-                set.remove(&id);
+                *held.entry(id).or_default() += 1;
             }
         }
     }
 
-    fn snapshot(&self) -> HashSet<u64> {
+    pub(crate) fn remove(&self, ids: impl IntoIterator<Item = u64>) {
+        if let Ok(mut held) = self.0.lock() {
+            for id in ids {
+                if let Some(n) = held.get_mut(&id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        held.remove(&id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self) -> HashMap<u64, usize> {
         self.0.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// The entries of a processing list (`listed`) that this instance does not know
+/// it holds (`known`, from [`InHand`]), counting repeats: an id listed twice and
+/// known once is lost once.
+fn lost_entries(listed: Vec<Vec<u8>>, mut known: HashMap<u64, usize>) -> Vec<Vec<u8>> {
+    listed
+        .into_iter()
+        .filter(
+            |e| match parse_queue_entry(e).and_then(|id| known.get_mut(&id)) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    false
+                }
+                _ => true,
+            },
+        )
+        .collect()
+}
+
+/// One request's answer from [`FETCH`].
+#[derive(Debug, PartialEq)]
+enum Fetched {
+    Missing,
+    Body(Vec<u8>),
+    TooLarge(usize),
+    WrongType { key: String, error: String },
+}
+
+impl Fetched {
+    fn decode(v: Value) -> Option<Fetched> {
+        let Value::Array(parts) = v else {
+            return None;
+        };
+        let mut parts = parts.into_iter();
+        let Some(Value::Int(code)) = parts.next() else {
+            return None;
+        };
+        let mut text = || match parts.next()? {
+            Value::BulkString(b) => Some(b),
+            _ => None,
+        };
+        match code {
+            0 => Some(Fetched::Missing),
+            1 => text().map(Fetched::Body),
+            2 => match parts.next()? {
+                Value::Int(n) => usize::try_from(n).ok().map(Fetched::TooLarge),
+                _ => None,
+            },
+            3 => {
+                let key = String::from_utf8_lossy(&text()?).into_owned();
+                let error = String::from_utf8_lossy(&text()?).into_owned();
+                Some(Fetched::WrongType { key, error })
+            }
+            _ => None,
+        }
     }
 }
 
@@ -74,6 +192,8 @@ pub(crate) struct Reader {
     pub(crate) processing: String,
     pub(crate) max_request_bytes: usize,
     pub(crate) jobs: Sender<Job>,
+    /// One message per worker that has become free (pool.rs).
+    pub(crate) ready: Receiver<()>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) shutdown: Shutdown,
     pub(crate) in_hand: InHand,
@@ -87,161 +207,229 @@ pub(crate) fn start(r: Reader) -> std::io::Result<JoinHandle<()>> {
         .spawn(move || r.run())
 }
 
+/// The scripts the reader runs.
+struct Scripts {
+    take: redis::Script,
+    fetch: redis::Script,
+}
+
 impl Reader {
     fn run(mut self) {
-        let take_more = redis::Script::new(TAKE_MORE);
+        let scripts = Scripts {
+            take: redis::Script::new(TAKE),
+            fetch: redis::Script::new(FETCH),
+        };
         let mut conn: Option<Connection> = None;
+        // Whether everything in the processing list is known to be in hand: false
+        // after a reconnect, or after a failure between a take and its hand-over.
+        let mut synced = false;
+        // Free workers not yet given a job: announced on `ready`, spent by
+        // `hand_over`. Below zero after handing over requests found in the
+        // processing list, which were taken before.
+        let mut free: i64 = 0;
         while !self.shutdown.is_triggered() {
+            if synced && free <= 0 {
+                self.wait_for_workers(&mut free);
+                continue;
+            }
             let c = match conn.as_mut() {
                 Some(c) => c,
                 None => match self.connector.connect(&self.shutdown) {
-                    Some(mut c) => match self.recover_lost(&mut c) {
-                        Ok(jobs) => {
-                            if !self.hand_over(jobs) {
-                                break;
-                            }
-                            conn.insert(c)
-                        }
-                        Err(e) => {
-                            self.connector.broken(&e);
-                            self.shutdown.wait_timeout(ERROR_PAUSE);
-                            continue;
-                        }
-                    },
+                    Some(c) => {
+                        synced = false;
+                        conn.insert(c)
+                    }
                     None => break,
                 },
             };
-            match self.take_batch(c, &take_more) {
-                Ok(jobs) => {
-                    if !self.hand_over(jobs) {
-                        break;
+            let step = if synced {
+                self.take(c, &scripts, &mut free, &mut synced)
+            } else {
+                self.recover_lost(c, &scripts, &mut free)
+                    .inspect(|_| synced = true)
+            };
+            match step {
+                Ok(true) => self.connector.recovered(),
+                Ok(false) => break,
+                Err(e) => match self.connector.failed(&e) {
+                    Failure::Lost => conn = None,
+                    // Redis answers but refuses (a wrong-typed queue, MISCONF):
+                    // same connection, after a pause that grows while it lasts.
+                    Failure::Refused(pause) => {
+                        self.shutdown.wait_timeout(pause);
                     }
-                }
-                Err(e) => {
-                    self.connector.broken(&e);
-                    conn = None;
-                    // Not every error is a broken socket (a wrong-typed key, say):
-                    // don't spin on one.
-                    self.shutdown.wait_timeout(ERROR_PAUSE);
-                }
+                },
             }
         }
     }
 
-    /// Takes up to the jobs channel's free room of requests; none if the queue
-    /// stays empty for [`BLOCK`].
-    fn take_batch(&self, c: &mut Connection, take_more: &redis::Script) -> RedisResult<Vec<Job>> {
-        let queue = self.keys.queue();
-        let first: Option<Vec<u8>> = redis::cmd("BLMOVE")
-            .arg(&queue)
-            .arg(&self.processing)
-            .arg("LEFT")
-            .arg("RIGHT")
-            .arg(BLOCK.as_secs_f64())
-            .query(c)?;
-        let Some(first) = first else {
-            return Ok(Vec::new());
-        };
-        let capacity = self.jobs.capacity().unwrap_or(64);
-        let room = capacity.saturating_sub(self.jobs.len());
-        let mut entries = vec![first];
-        if room > 1 {
-            let more: Vec<Vec<u8>> = take_more
-                .key(&queue)
-                .key(&self.processing)
-                .arg(room - 1)
-                .invoke(c)?;
-            entries.extend(more);
+    /// Waits (up to [`BLOCK`], or shutdown) until a worker says it is free.
+    fn wait_for_workers(&self, free: &mut i64) {
+        select! {
+            recv(self.ready) -> msg => match msg {
+                Ok(()) => *free += 1,
+                // Every worker has gone: only shutdown is left to wait for.
+                Err(_) => {
+                    self.shutdown.wait_timeout(BLOCK);
+                }
+            },
+            recv(self.shutdown.receiver()) -> _ => {}
+            default(BLOCK) => {}
         }
-        self.fetch_bodies(c, entries)
     }
 
-    /// Ids in the processing list that this instance does not know it holds: their
-    /// `BLMOVE` or `GET` reply was lost with a broken connection. They have not been
-    /// served, so they are served now.
-    fn recover_lost(&self, c: &mut Connection) -> RedisResult<Vec<Job>> {
-        // Snapshot first: the publisher only removes an id after its ack is in
-        // Redis, so an id missing from the snapshot and present in the list is lost.
+    /// Takes up to `free` requests and hands them over; when the queue is empty,
+    /// waits up to [`BLOCK`] for it to fill. False once shutdown stops it.
+    fn take(
+        &self,
+        c: &mut Connection,
+        scripts: &Scripts,
+        free: &mut i64,
+        synced: &mut bool,
+    ) -> RedisResult<bool> {
+        *free += self.ready.try_iter().count() as i64;
+        let queue = self.keys.queue();
+        let taken: Option<Vec<Vec<u8>>> = scripts
+            .take
+            .key(&queue)
+            .key(&self.processing)
+            .key(self.keys.heartbeat(&self.instance))
+            .arg(*free)
+            .invoke(c)?;
+        match taken {
+            None => {
+                crate::scheduler::beat(c, &self.keys, &self.instance)?;
+                log::warn!(
+                    "this instance's heartbeat had lapsed (silent for over {:?}); another \
+                     instance may have returned its requests to the queue. Registered again \
+                     before taking more",
+                    crate::scheduler::HEARTBEAT_TTL
+                );
+                Ok(true)
+            }
+            Some(entries) if entries.is_empty() => {
+                // Wait for the queue to fill. Moving its last entry onto its own
+                // end changes nothing, and blocks like a take would.
+                let _: Option<Vec<u8>> = redis::cmd("BLMOVE")
+                    .arg(&queue)
+                    .arg(&queue)
+                    .arg("RIGHT")
+                    .arg("RIGHT")
+                    .arg(BLOCK.as_secs_f64())
+                    .query(c)?;
+                Ok(true)
+            }
+            Some(entries) => {
+                // Until all are handed over, a failure leaves some in the list
+                // unserved: the next step compares the list with `InHand`.
+                *synced = false;
+                let going = self.serve(c, scripts, entries, free)?;
+                *synced = true;
+                Ok(going)
+            }
+        }
+    }
+
+    /// Serves the ids in the processing list that this instance does not know it
+    /// holds: a reply that would have handed them over was lost (a broken
+    /// connection, a failure after a take). False once shutdown stops it.
+    fn recover_lost(
+        &self,
+        c: &mut Connection,
+        scripts: &Scripts,
+        free: &mut i64,
+    ) -> RedisResult<bool> {
         crate::scheduler::beat(c, &self.keys, &self.instance)?;
+        // Snapshot first: the publisher only removes an id after its ack is in
+        // Redis, so an id held more often in the list than in the snapshot is lost.
         let known = self.in_hand.snapshot();
         let listed: Vec<Vec<u8>> = redis::cmd("LRANGE")
             .arg(&self.processing)
             .arg(0)
             .arg(-1)
             .query(c)?;
-        let lost: Vec<Vec<u8>> = listed
-            .into_iter()
-            .filter(|e| parse_queue_entry(e).is_none_or(|id| !known.contains(&id)))
-            .collect();
+        let lost = lost_entries(listed, known);
         if !lost.is_empty() {
             log::warn!(
                 "serving {} requests taken before the connection broke",
                 lost.len()
             );
         }
-        self.fetch_bodies(c, lost)
+        self.serve(c, scripts, lost, free)
     }
 
-    fn fetch_bodies(&self, c: &mut Connection, entries: Vec<Vec<u8>>) -> RedisResult<Vec<Job>> {
-        if entries.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
+    /// Fetches the bodies of `entries` (already in the processing list) a few
+    /// MiB at a time and hands each lot to the workers. False once shutdown stops it.
+    fn serve(
+        &self,
+        c: &mut Connection,
+        scripts: &Scripts,
+        entries: Vec<Vec<u8>>,
+        free: &mut i64,
+    ) -> RedisResult<bool> {
         let mut ids = Vec::with_capacity(entries.len());
         let mut bad = Vec::new();
         for entry in entries {
             match parse_queue_entry(&entry) {
-                Some(id) => {
-                    pipe.cmd("GET").arg(self.keys.request(id));
-                    ids.push(id);
-                }
+                Some(id) => ids.push(id),
                 None => bad.push(entry),
             }
         }
         if !bad.is_empty() {
             self.drop_bad_entries(c, bad)?;
         }
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        // A key of the wrong type fails its own GET, not the batch: that request gets
-        // an error reply and the others go on.
-        let mut bodies: Vec<RedisResult<Option<Vec<u8>>>> = pipe.ignore_errors().query(c)?;
-        // Later versions of the original's Python client write P-REQUEST-…; read it
-        // only where P-REQ-… is missing.
-        let missing: Vec<usize> = (0..ids.len())
-            .filter(|i| matches!(bodies[*i], Ok(None)))
-            .collect();
-        // The key each body came from, for error replies that name it.
-        let mut read_from: Vec<String> = ids.iter().map(|id| self.keys.request(*id)).collect();
-        if !missing.is_empty() {
-            let mut pipe = redis::pipe();
-            for i in &missing {
-                pipe.cmd("GET").arg(self.keys.request_fallback(ids[*i]));
-            }
-            let fallback: Vec<RedisResult<Option<Vec<u8>>>> = pipe.ignore_errors().query(c)?;
-            for (i, body) in missing.into_iter().zip(fallback) {
-                if !matches!(body, Ok(None)) {
-                    read_from[i] = self.keys.request_fallback(ids[i]);
-                }
-                bodies[i] = body;
+        let mut rest = &ids[..];
+        while !rest.is_empty() {
+            let jobs = self.fetch(c, &scripts.fetch, rest)?;
+            let (done, left) = rest.split_at(jobs.len().min(rest.len()));
+            self.in_hand.add(done.iter().copied());
+            rest = left;
+            if !self.hand_over(jobs, free) {
+                return Ok(false);
             }
         }
-        self.in_hand.add(ids.iter().copied());
+        Ok(true)
+    }
+
+    /// The jobs of the first of `ids` whose bodies fit in one [`FETCH`] (at least one).
+    fn fetch(
+        &self,
+        c: &mut Connection,
+        fetch: &redis::Script,
+        ids: &[u64],
+    ) -> RedisResult<Vec<Job>> {
+        let mut call = fetch.prepare_invoke();
+        for id in ids {
+            call.key(self.keys.request(*id))
+                .key(self.keys.request_fallback(*id));
+        }
+        call.arg(self.max_request_bytes).arg(FETCH_BYTES);
+        let answers: Vec<Value> = call.invoke(c)?;
         Ok(ids
-            .into_iter()
-            .zip(bodies)
-            .zip(read_from)
-            .map(|((id, body), key)| Job {
-                reply_to: ReplyTo::Redis { id },
-                body: match body {
-                    Ok(Some(b)) => parse_request(&b, self.max_request_bytes),
-                    Ok(None) => Err(RequestError::NotFound(key)),
-                    Err(e) => Err(RequestError::Unreadable(key, e.to_string())),
-                },
+            .iter()
+            .zip(answers)
+            .map(|(id, answer)| Job {
+                reply_to: ReplyTo::Redis { id: *id },
+                body: self.body(*id, answer),
                 waited: false,
             })
             .collect())
+    }
+
+    fn body(&self, id: u64, answer: Value) -> Result<crate::protocol::Request, RequestError> {
+        match Fetched::decode(answer) {
+            Some(Fetched::Body(b)) => parse_request(&b, self.max_request_bytes),
+            Some(Fetched::Missing) => Err(RequestError::NotFound(self.keys.request(id))),
+            Some(Fetched::TooLarge(size)) => Err(RequestError::TooLarge {
+                size,
+                limit: self.max_request_bytes,
+            }),
+            Some(Fetched::WrongType { key, error }) => Err(RequestError::Unreadable(key, error)),
+            None => Err(RequestError::Unreadable(
+                self.keys.request(id),
+                "unexpected answer from redis".into(),
+            )),
+        }
     }
 
     /// Logs, counts and removes queue entries that are not request ids.
@@ -262,9 +450,9 @@ impl Reader {
         pipe.query(c)
     }
 
-    /// Hands jobs to the workers; false once shutdown stops it (what was not
-    /// handed over stays in the processing list, which goes back to the queue).
-    fn hand_over(&self, jobs: Vec<Job>) -> bool {
+    /// Hands jobs to the workers, each spending one free worker; false once
+    /// shutdown stops it.
+    fn hand_over(&self, jobs: Vec<Job>, free: &mut i64) -> bool {
         for mut job in jobs {
             // Counted before the send: the worker may answer before it returns.
             self.unanswered.add(1);
@@ -274,7 +462,10 @@ impl Reader {
                     return false;
                 }
                 match self.jobs.send_timeout(job, Duration::from_millis(100)) {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        *free -= 1;
+                        break;
+                    }
                     Err(SendTimeoutError::Timeout(j)) => job = j,
                     Err(SendTimeoutError::Disconnected(_)) => {
                         self.unanswered.done(1);
@@ -284,5 +475,73 @@ impl Reader {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(ids: &[&str]) -> Vec<Vec<u8>> {
+        ids.iter().map(|s| s.as_bytes().to_vec()).collect()
+    }
+
+    /// Issue 7, item 11a: id 7 is taken, released (a `delay` request) and taken
+    /// again before the ack of its first take is removed from `InHand`. A set
+    /// forgot the second take there, and a reconnect served it once more.
+    #[test]
+    fn the_ack_of_a_first_take_leaves_a_second_take_in_hand() {
+        let in_hand = InHand::default();
+        in_hand.add([7]);
+        in_hand.add([7]);
+        in_hand.remove([7]);
+        // The processing list now holds 7 once: the second take, still running.
+        assert!(lost_entries(entries(&["7"]), in_hand.snapshot()).is_empty());
+        in_hand.remove([7]);
+        assert!(in_hand.snapshot().is_empty(), "no count is left behind");
+        assert_eq!(
+            lost_entries(entries(&["7"]), in_hand.snapshot()),
+            entries(&["7"])
+        );
+        // Removing what is not held changes nothing.
+        in_hand.remove([8]);
+        assert!(in_hand.snapshot().is_empty());
+    }
+
+    #[test]
+    fn lost_entries_count_repeats_and_keep_what_is_not_an_id() {
+        let known = HashMap::from([(7, 1), (9, 2)]);
+        assert_eq!(
+            lost_entries(entries(&["7", "7", "9", "x", "9", "5"]), known),
+            entries(&["7", "x", "5"])
+        );
+    }
+
+    #[test]
+    fn fetch_answers_decode() {
+        let int = Value::Int;
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        assert_eq!(
+            Fetched::decode(Value::Array(vec![int(0)])),
+            Some(Fetched::Missing)
+        );
+        assert_eq!(
+            Fetched::decode(Value::Array(vec![int(1), bulk("{}")])),
+            Some(Fetched::Body(b"{}".to_vec()))
+        );
+        assert_eq!(
+            Fetched::decode(Value::Array(vec![int(2), int(209_715_200)])),
+            Some(Fetched::TooLarge(209_715_200))
+        );
+        assert_eq!(
+            Fetched::decode(Value::Array(vec![int(3), bulk("K"), bulk("WRONGTYPE x")])),
+            Some(Fetched::WrongType {
+                key: "K".into(),
+                error: "WRONGTYPE x".into()
+            })
+        );
+        assert_eq!(Fetched::decode(Value::Nil), None);
+        assert_eq!(Fetched::decode(Value::Array(vec![int(2), int(-1)])), None);
+        assert_eq!(Fetched::decode(Value::Array(vec![int(1)])), None);
     }
 }

@@ -3,10 +3,12 @@
 //! queue (one script, so each runs once across all instances, by the Redis
 //! server's clock); every second it renews this instance's heartbeat and returns
 //! to the queue what dead instances (heartbeat expired) still held. It does the
-//! latter at start-up too. Not for: deadlines of running calls or `halt` (the
+//! latter at start-up too. A command Redis refuses (`MISCONF`, a wrong-typed key)
+//! keeps the connection and slows the ticks down (`Connector::refused`); only a
+//! lost connection is reopened. Not for: deadlines of running calls or `halt` (the
 //! in-process timer, `timer.rs`), or taking requests (`reader.rs`).
 
-use crate::connection::Connector;
+use crate::connection::{Connector, Failure};
 use crate::protocol::Keys;
 use crate::shutdown::Shutdown;
 use redis::{Connection, RedisResult};
@@ -86,27 +88,45 @@ impl Scheduler {
                     None => break,
                 },
             };
-            let mut work = || -> RedisResult<()> {
-                if Instant::now() >= next_upkeep {
-                    beat(c, &self.keys, &self.instance)?;
-                    self.recover_dead(c, &recover)?;
+            // The two jobs fail apart: a wrong-typed P-DELAYED must not stop the
+            // heartbeat, nor a wrong-typed P-INSTANCES the due requests.
+            let upkeep = if Instant::now() >= next_upkeep {
+                let done = beat(c, &self.keys, &self.instance)
+                    .and_then(|()| self.recover_dead(c, &recover));
+                if done.is_ok() {
                     next_upkeep = Instant::now() + EVERY;
                 }
-                let moved: usize = move_due
-                    .key(self.keys.delayed())
-                    .key(self.keys.queue())
-                    .arg(MOVE_BATCH)
-                    .invoke(c)?;
-                if moved > 0 {
-                    log::debug!("{moved} delayed requests came due");
-                }
+                done
+            } else {
                 Ok(())
             };
-            if let Err(e) = work() {
-                self.connector.broken(&e);
-                conn = None;
-            }
-            self.shutdown.wait_timeout(TICK);
+            let moved = move_due
+                .key(self.keys.delayed())
+                .key(self.keys.queue())
+                .arg(MOVE_BATCH)
+                .invoke::<usize>(c)
+                .map(|moved| {
+                    if moved > 0 {
+                        log::debug!("{moved} delayed requests came due");
+                    }
+                });
+            let pause = match upkeep.and(moved) {
+                Ok(()) => {
+                    self.connector.recovered();
+                    TICK
+                }
+                Err(e) => match self.connector.failed(&e) {
+                    // `connect` paces the reconnects.
+                    Failure::Lost => {
+                        conn = None;
+                        TICK
+                    }
+                    // Redis answers, and refuses: keep the connection, slow down.
+                    // The back-off stays under the heartbeat's life (2 s < 5 s).
+                    Failure::Refused(pause) => pause,
+                },
+            };
+            self.shutdown.wait_timeout(pause);
         }
     }
 
@@ -132,21 +152,27 @@ impl Scheduler {
     }
 }
 
+/// KEYS: heartbeat, instances. ARGV: instance, heartbeat life in ms. Registers the
+/// instance and renews its heartbeat in one step, so a heartbeat never exists for
+/// an instance missing from the set (`RECOVER` removes both in one step too), and
+/// a refused `SADD` (a wrong-typed set) renews nothing.
+const BEAT: &str = r"
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[1], 1, 'PX', ARGV[2])
+return 1
+";
+
 /// Registers `instance` as alive for [`HEARTBEAT_TTL`]. The reader calls it too,
-/// before it takes anything, so no request is ever held by an unregistered instance.
+/// before it takes anything, and whenever it finds its heartbeat gone, so no
+/// request is ever held by an unregistered instance.
 pub(crate) fn beat(c: &mut Connection, keys: &Keys, instance: &str) -> RedisResult<()> {
-    redis::pipe()
-        .cmd("SET")
-        .arg(keys.heartbeat(instance))
-        .arg(1)
-        .arg("PX")
-        .arg(HEARTBEAT_TTL.as_millis() as u64)
-        .ignore()
-        .cmd("SADD")
-        .arg(keys.instances())
+    redis::Script::new(BEAT)
+        .key(keys.heartbeat(instance))
+        .key(keys.instances())
         .arg(instance)
-        .ignore()
-        .query(c)
+        .arg(HEARTBEAT_TTL.as_millis() as u64)
+        .invoke::<i64>(c)
+        .map(|_| ())
 }
 
 /// Removes this instance's heartbeat and its entry in the instance set: called by

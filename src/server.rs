@@ -79,6 +79,8 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
     let stopping = Shutdown::new();
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(config.workers);
     let (due_tx, due_rx) = crossbeam_channel::unbounded();
+    // Workers say when they are free; the reader takes only that many requests.
+    let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     // Replies are not bounded (DESIGN §3 draws them bounded): their number is
     // already bounded by the jobs taken, and the timer, which sends timeouts, must
     // never block behind a publisher waiting out a Redis outage.
@@ -121,6 +123,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             dispatcher,
             jobs: jobs_rx,
             due: due_rx,
+            ready: ready_tx,
             abandon: abandon.clone(),
         },
         replace_rx,
@@ -140,6 +143,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         processing: processing.clone(),
         max_request_bytes: config.max_request_bytes,
         jobs: jobs_tx,
+        ready: ready_rx,
         stats: stats.clone(),
         shutdown: shutdown.clone(),
         in_hand,
