@@ -26,10 +26,24 @@ use std::time::{Duration, Instant};
 pub(crate) enum ReplyTo {
     /// Published on the request's channels by the publisher, which also acks it.
     Redis { id: u64 },
+    /// A request from Redis whose client wants no reply (`"reply": false`): the
+    /// publisher acks it and publishes nothing.
+    RedisSilent { id: u64 },
     /// Sent to an in-process caller; `None` is "no reply". The HTTP plug and cron
     /// (next issues) use it; today only the tests do.
     #[cfg_attr(not(test), allow(dead_code))]
     Local(Sender<Option<Reply>>),
+}
+
+impl ReplyTo {
+    /// Where a reply goes when the client asked for none: nowhere, for a request
+    /// from Redis (it is still acknowledged); an in-process caller always gets it.
+    fn silenced(self) -> Self {
+        match self {
+            ReplyTo::Redis { id } => ReplyTo::RedisSilent { id },
+            other => other,
+        }
+    }
 }
 
 /// One request on its way to a worker.
@@ -60,6 +74,9 @@ pub struct Stats {
     pub bad_entries: AtomicU64,
     /// Replies served from the result cache.
     pub cache_hits: AtomicU64,
+    /// Replies held for late subscribers that were dropped because
+    /// `republish_max_bytes` was reached (the oldest go first).
+    pub replies_dropped: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -161,6 +178,12 @@ fn deliver(reply_to: &ReplyTo, out: &Sender<Outgoing>, reply: Option<Reply>) {
             });
             let _ = out.send(Outgoing::Reply { id: *id, encoded });
         }
+        ReplyTo::RedisSilent { id } => {
+            let _ = out.send(Outgoing::Reply {
+                id: *id,
+                encoded: None,
+            });
+        }
         ReplyTo::Local(tx) => {
             let _ = tx.send(reply);
         }
@@ -183,7 +206,7 @@ impl Dispatcher {
     /// Runs `job` to its reply. Blocks the calling worker for the function's run.
     /// Returns true when a replacement took this worker's place meanwhile (its call
     /// ran past the deadline): the worker should then retire.
-    pub(crate) fn handle(&self, job: Job) -> bool {
+    pub(crate) fn handle(&self, mut job: Job) -> bool {
         bump(&self.stats.requests);
         let mut request = match job.body {
             Ok(r) => r,
@@ -192,6 +215,9 @@ impl Dispatcher {
                 return false;
             }
         };
+        if !request.reply {
+            job.reply_to = job.reply_to.silenced();
+        }
         // Checked before a delay too, so a bad request is told at once.
         if let Err(e) = self.check_access(&request) {
             self.refuse(&job.reply_to, e);
@@ -235,7 +261,7 @@ impl Dispatcher {
             user: request.user,
             source: request.source,
             origin: match job.reply_to {
-                ReplyTo::Redis { id } => Origin::Redis { id },
+                ReplyTo::Redis { id } | ReplyTo::RedisSilent { id } => Origin::Redis { id },
                 ReplyTo::Local(_) => Origin::Local,
             },
             deadline,
@@ -338,7 +364,7 @@ impl Dispatcher {
             );
         }
         match (&reply_to, &self.services.timer, due) {
-            (ReplyTo::Redis { id }, _, _) => {
+            (ReplyTo::Redis { id } | ReplyTo::RedisSilent { id }, _, _) => {
                 bump(&self.stats.delayed);
                 let _ = self.out.send(Outgoing::Delay {
                     id: *id,
