@@ -110,10 +110,19 @@ impl Client {
         )
     }
 
-    /// Sends a one-way request (nobody waits for its reply); returns its id.
+    /// Sends a one-way request (nobody waits for its reply, and the server publishes
+    /// none: the body says `"reply": false`); returns its id.
     pub fn send(&mut self, func: &str, args: Value) -> Result<u64, Error> {
-        let body = self.body(func, args);
+        let body = self.body_one_way(func, args);
         self.submit(&body)
+    }
+
+    /// The body of a one-way request for `func` with `args`, as [`Client::send`]
+    /// sends it.
+    pub fn body_one_way(&self, func: &str, args: Value) -> Vec<u8> {
+        json!({"func": func, "args": args, "user": self.user, "source": self.source, "reply": false})
+            .to_string()
+            .into_bytes()
     }
 
     /// Stores `body` as a new request and queues it (steps A to E); returns its id.

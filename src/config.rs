@@ -10,6 +10,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+/// The largest `republish_max_bytes`: the key exists to bound memory, so a value
+/// that could not be meant as a bound is refused.
+const MAX_REPUBLISH_BYTES: usize = 1 << 30;
+
 /// `dev` or `prod`: chooses the Redis database (1 or 8, as the original) unless the
 /// URL names one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -111,6 +115,8 @@ pub struct Config {
     pub drain_timeout_ms: u64,
     /// How long a reply nobody has subscribed to yet is published again.
     pub reply_grace_ms: u64,
+    /// Most bytes of replies held meanwhile; past it the oldest are dropped.
+    pub republish_max_bytes: usize,
     /// Longest `delay` a request may ask for, in milliseconds.
     pub max_delay_ms: u64,
     /// Redis connections kept for functions (`Context::redis`).
@@ -139,6 +145,7 @@ impl Default for Config {
             max_request_bytes: 1 << 20,
             drain_timeout_ms: 10_000,
             reply_grace_ms: 5_000,
+            republish_max_bytes: 16 << 20,
             max_delay_ms: 30 * 24 * 3600 * 1000,
             redis_pool_size: 8,
             crontab: PathBuf::from("CRONTAB"),
@@ -242,6 +249,12 @@ impl Config {
         within("drain_timeout_ms", self.drain_timeout_ms, 0, DAY_MS)?;
         within("reply_grace_ms", self.reply_grace_ms, 0, HOUR_MS)?;
         within("max_delay_ms", self.max_delay_ms, 0, YEAR_MS)?;
+        within(
+            "republish_max_bytes",
+            self.republish_max_bytes,
+            0,
+            MAX_REPUBLISH_BYTES,
+        )?;
         if self.prefix.is_empty()
             || self.prefix.len() > 256
             || self.prefix.contains(char::is_whitespace)
@@ -609,6 +622,10 @@ mod tests {
                 redis_url: "http://nope".into(),
                 ..Config::default()
             },
+            Config {
+                republish_max_bytes: (1 << 30) + 1,
+                ..Config::default()
+            },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
@@ -699,5 +716,7 @@ mod tests {
         let defaults = Config::default();
         assert_eq!(c.workers, defaults.workers);
         assert_eq!(c.timeout_ms, defaults.timeout_ms);
+        assert_eq!(c.reply_grace_ms, defaults.reply_grace_ms);
+        assert_eq!(c.republish_max_bytes, defaults.republish_max_bytes);
     }
 }

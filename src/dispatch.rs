@@ -27,10 +27,24 @@ use std::time::{Duration, Instant};
 pub(crate) enum ReplyTo {
     /// Published on the request's channels by the publisher, which also acks it.
     Redis { id: u64 },
+    /// A request from Redis whose client wants no reply (`"reply": false`): the
+    /// publisher acks it and publishes nothing.
+    RedisSilent { id: u64 },
     /// Sent to an in-process caller; `None` is "no reply". The HTTP plug and cron
     /// (next issues) use it; today only the tests do.
     #[cfg_attr(not(test), allow(dead_code))]
     Local(Sender<Option<Reply>>),
+}
+
+impl ReplyTo {
+    /// Where a reply goes when the client asked for none: nowhere, for a request
+    /// from Redis (it is still acknowledged); an in-process caller always gets it.
+    fn silenced(self) -> Self {
+        match self {
+            ReplyTo::Redis { id } => ReplyTo::RedisSilent { id },
+            other => other,
+        }
+    }
 }
 
 /// One request on its way to a worker.
@@ -61,6 +75,9 @@ pub struct Stats {
     pub bad_entries: AtomicU64,
     /// Replies served from the result cache.
     pub cache_hits: AtomicU64,
+    /// Replies held for late subscribers that were dropped because
+    /// `republish_max_bytes` was reached (the oldest go first).
+    pub replies_dropped: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -302,6 +319,13 @@ fn deliver(
             });
             let _ = out.send(Outgoing::Reply { id: *id, encoded });
         }
+        ReplyTo::RedisSilent { id } => {
+            let _ = out.send(Outgoing::Reply {
+                id: *id,
+                encoded: None,
+            });
+            unanswered.done(1);
+        }
         ReplyTo::Local(tx) => {
             let _ = tx.send(reply);
         }
@@ -327,7 +351,7 @@ impl Dispatcher {
     /// Runs `job` to its reply. Blocks the calling worker for the function's run,
     /// then says whether the worker goes on or retires (a replacement took its
     /// place while its call ran past the deadline).
-    pub(crate) fn handle(&self, job: Job) -> AfterCall {
+    pub(crate) fn handle(&self, mut job: Job) -> AfterCall {
         bump(&self.stats.requests);
         let mut request = match job.body {
             Ok(r) => r,
@@ -336,6 +360,9 @@ impl Dispatcher {
                 return AfterCall::GoOn;
             }
         };
+        if !request.reply {
+            job.reply_to = job.reply_to.silenced();
+        }
         // Checked before a delay too, so a bad request is told at once.
         if let Err(e) = self.check_access(&request) {
             self.refuse(&job.reply_to, e);
@@ -392,7 +419,7 @@ impl Dispatcher {
             user: request.user,
             source: request.source,
             origin: match job.reply_to {
-                ReplyTo::Redis { id } => Origin::Redis { id },
+                ReplyTo::Redis { id } | ReplyTo::RedisSilent { id } => Origin::Redis { id },
                 ReplyTo::Local(_) => Origin::Local,
             },
             deadline,
@@ -488,7 +515,7 @@ impl Dispatcher {
             );
         }
         match (&reply_to, &self.services.timer, due) {
-            (ReplyTo::Redis { id }, _, _) => {
+            (ReplyTo::Redis { id } | ReplyTo::RedisSilent { id }, _, _) => {
                 bump(&self.stats.delayed);
                 let _ = self.out.send(Outgoing::Delay {
                     id: *id,

@@ -45,6 +45,9 @@ pub enum RequestError {
     /// `delay` is not a whole number of milliseconds ≥ 0.
     #[error("\"delay\" must be a whole number of milliseconds, 0 or more")]
     BadDelay,
+    /// `reply` is present and neither a boolean nor null.
+    #[error("\"reply\" must be true or false")]
+    ReplyNotBool,
     /// `delay` is longer than the configured maximum.
     #[error("\"delay\" must be at most {0} ms")]
     DelayTooLong(u64),

@@ -210,6 +210,9 @@ pub struct Request {
     /// request waits, so it comes due exactly as sent (`9e15` stays `9e15`) and
     /// never larger than the body that was accepted.
     pub body_without_delay: Option<String>,
+    /// Whether the client wants the reply published: `"reply": false` (a one-way
+    /// call) says no; absent or `null` is yes, as old clients expect.
+    pub reply: bool,
 }
 
 impl Request {
@@ -222,6 +225,7 @@ impl Request {
             source: None,
             delay_ms: None,
             body_without_delay: None,
+            reply: true,
         }
     }
 
@@ -240,6 +244,9 @@ impl Request {
             if let Some(v) = v {
                 obj.insert(field.into(), Value::String(v.clone()));
             }
+        }
+        if !self.reply {
+            obj.insert("reply".into(), Value::Bool(false));
         }
         Value::Object(obj).to_string()
     }
@@ -292,6 +299,11 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<Request, RequestEr
         Some(ms) if ms > 0 => Some(strip_delay(text)?),
         _ => None,
     };
+    let reply = match obj.remove("reply") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => b,
+        Some(_) => return Err(RequestError::ReplyNotBool),
+    };
     Ok(Request {
         func,
         args,
@@ -299,6 +311,7 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<Request, RequestEr
         source,
         delay_ms,
         body_without_delay,
+        reply,
     })
 }
 
@@ -508,6 +521,25 @@ mod tests {
     }
 
     #[test]
+    fn reply_is_wanted_unless_the_client_says_false() {
+        for (body, want) in [
+            (&br#"{"func":"a"}"#[..], true),
+            (br#"{"func":"a","reply":null}"#, true),
+            (br#"{"func":"a","reply":true}"#, true),
+            (br#"{"func":"a","reply":false}"#, false),
+        ] {
+            assert_eq!(parse_request(body, 100).unwrap().reply, want);
+        }
+        // A delayed one-way request stays one-way when it comes due.
+        let r = parse_request(br#"{"func":"a","delay":5,"reply":false}"#, 100).unwrap();
+        assert!(
+            !parse_request(r.to_json_without_delay().as_bytes(), 100)
+                .unwrap()
+                .reply
+        );
+    }
+
+    #[test]
     fn args_absent_or_null_is_empty() {
         let r = parse_request(br#"{"func":"hello"}"#, 100).unwrap();
         assert!(r.args.is_empty());
@@ -540,6 +572,10 @@ mod tests {
             err(br#"{"func":"a","source":[]}"#),
             "\"source\" must be a string"
         );
+        for r in ["0", "\"no\"", "[]"] {
+            let body = format!(r#"{{"func":"a","reply":{r}}}"#);
+            assert_eq!(err(body.as_bytes()), "\"reply\" must be true or false");
+        }
         for d in ["-1", "1.5", "\"10\""] {
             let body = format!(r#"{{"func":"a","delay":{d}}}"#);
             assert_eq!(

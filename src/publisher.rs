@@ -1,22 +1,60 @@
 //! The publisher thread: owns one Redis connection and sends every reply. Per
-//! batch, one pipeline: `PUBLISH` the JSON and the msgpack forms, then acknowledge
-//! each request (remove its id from this instance's processing list and delete its
-//! request key). A reply nobody was subscribed to (the seed's client subscribes
-//! after its `RPUSH`) is published again with back-off for `reply_grace_ms`.
-//! On `Finish` it flushes, then moves whatever this instance still holds back to
-//! the queue, so a shutdown loses nothing. Not for: encoding replies (the workers
-//! do that) or deciding them (`dispatch.rs`).
+//! batch, one pipeline with one script call per request: the `REPLY` script
+//! acknowledges the request (removes its id from this instance's processing list,
+//! deletes its request key) and publishes the JSON and msgpack forms only if that
+//! removal happened, so a pipeline sent again after its answer was lost (a Redis
+//! stall past the read timeout) publishes nothing twice; `SCHEDULE` does the same
+//! for a delayed request. An id leaves [`InHand`] only once its ack is in Redis: an
+//! ack Redis refuses (`MISCONF`, `LOADING`) is retried with back-off until it is
+//! accepted, so the reader never serves it again meanwhile. A reply nobody was
+//! subscribed to (the seed's client subscribes after its `RPUSH`) is published
+//! again with back-off until `reply_grace_ms` has passed, the last time at its
+//! end; at most `republish_max_bytes` of such replies are held, the oldest dropped
+//! first. On `Finish` it flushes, then moves whatever this instance still holds
+//! back to the queue, so a shutdown loses nothing. Not for: encoding replies (the
+//! workers do that) or deciding them (`dispatch.rs`).
 
 use crate::connection::Connector;
+use crate::dispatch::Stats;
 use crate::protocol::Keys;
 use crate::reader::InHand;
 use crate::scheduler::SCHEDULE;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use redis::{Connection, RedisResult};
-use std::collections::BinaryHeap;
+use redis::{Connection, RedisError, RedisResult, Script, Value};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// KEYS: processing list, request key, fallback key. ARGV: id, JSON channel (empty:
+/// publish nothing), JSON reply, msgpack reply.
+/// Acknowledges request `id` and publishes its reply only if the ack removed the id
+/// from the processing list: sent again, it does nothing. Returns `{acked, received,
+/// why}`: acked 1 (done), 0 (the id was not held: nothing published) or -1 (Redis
+/// refused the ack, `why` says how; the reply was published anyway, since the
+/// request is still in hand and only its ack is left to retry).
+const REPLY: &str = r"
+local removed = redis.pcall('LREM', KEYS[1], 1, ARGV[1])
+local acked = 1
+local why = ''
+if type(removed) == 'table' then
+  acked = -1
+  why = tostring(removed.err)
+elseif removed == 0 then
+  return {0, 0, ''}
+else
+  redis.call('DEL', KEYS[2], KEYS[3])
+end
+local received = 0
+if ARGV[2] ~= '' then
+  received = redis.call('PUBLISH', ARGV[2], ARGV[3])
+    + redis.call('PUBLISH', 'MSGPACK:' .. ARGV[2], ARGV[4])
+end
+return {acked, received, why}
+";
 
 /// A reply in both wire forms.
 pub(crate) struct Encoded {
@@ -24,9 +62,16 @@ pub(crate) struct Encoded {
     pub(crate) msgpack: Vec<u8>,
 }
 
+impl Encoded {
+    fn len(&self) -> usize {
+        self.json.len() + self.msgpack.len()
+    }
+}
+
 /// What the publisher is asked to do.
 pub(crate) enum Outgoing {
-    /// Publish (unless `encoded` is `None`: a "no reply") and acknowledge request `id`.
+    /// Publish (unless `encoded` is `None`: a "no reply", or a client that asked
+    /// for none) and acknowledge request `id`.
     Reply { id: u64, encoded: Option<Encoded> },
     /// Store request `id` in `P-DELAYED` with `body` (its request without the delay),
     /// due `delay_ms` from now, and release it from this instance.
@@ -39,17 +84,67 @@ pub(crate) enum Outgoing {
     Finish,
 }
 
-/// One request's outcome in a batch.
-enum Done {
-    Reply(Option<Encoded>),
-    Delay { body: String, delay_ms: u64 },
+/// What one request still needs from Redis: one script call, harmless to send
+/// again after its answer was lost.
+enum Ack {
+    /// Acknowledge `id`, and publish `encoded` if the ack went through.
+    Reply { id: u64, encoded: Option<Encoded> },
+    /// Store `id` as delayed and release it.
+    Delay {
+        id: u64,
+        body: String,
+        delay_ms: u64,
+    },
 }
 
+impl Ack {
+    fn id(&self) -> u64 {
+        match self {
+            Ack::Reply { id, .. } | Ack::Delay { id, .. } => *id,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Ack::Reply { encoded, .. } => encoded.as_ref().map_or(0, Encoded::len),
+            Ack::Delay { body, .. } => body.len(),
+        }
+    }
+}
+
+/// What Redis said to one [`Ack`].
+enum Acked {
+    /// Done; `received` subscribers got the reply (0 too when none was published).
+    Done { received: i64 },
+    /// The id was not in this instance's processing list: an earlier send whose
+    /// answer was lost did the work, or another instance recovered the request.
+    /// Nothing was published.
+    NotHeld,
+    /// The reply was published (to `received` subscribers) but Redis refused the
+    /// ack: only the ack is left to do.
+    AckRefused { received: i64, why: String },
+    /// Redis refused the whole call (`LOADING`, `NOSCRIPT`, ...): all of it is left.
+    Refused(RedisError),
+}
+
+/// What one pipeline did: Redis's answer to each ack, and each republish with
+/// whether anybody received it.
+type Sent = (Vec<Acked>, Vec<(Retry, bool)>);
+
+/// Most requests in one pipeline, and most bytes of replies and bodies: a batch of
+/// large replies is sent in several pipelines rather than buffered whole.
 const MAX_BATCH: usize = 512;
+const MAX_BATCH_BYTES: usize = 1 << 20;
 const FIRST_RETRY: Duration = Duration::from_millis(2);
 const RETRY_FACTOR: u32 = 3;
+/// Back-off of acks Redis refuses.
+const FIRST_PAUSE: Duration = Duration::from_millis(50);
+const MAX_PAUSE: Duration = Duration::from_secs(2);
 /// On shutdown, how long replies nobody has received yet are still retried.
 const FINISH_GRACE: Duration = Duration::from_secs(1);
+/// What a held reply costs beyond its bytes (its record, its place in the maps and
+/// the allocator's headers), so that the cap bounds memory, not only payload.
+const ENTRY_OVERHEAD: usize = 256;
 
 /// A reply published to nobody, to be published again.
 struct Retry {
@@ -57,23 +152,186 @@ struct Retry {
     wait: Duration,
     give_up: Instant,
     id: u64,
-    encoded: Encoded,
+    /// The JSON form, then the msgpack form, in one allocation of the publisher's
+    /// own: the workers' buffers are freed at once (held in the many workers'
+    /// allocator arenas, they fragmented memory to several times the cap).
+    both: Box<[u8]>,
+    json_len: usize,
+    /// Order of arrival: the smallest is the oldest.
+    seq: u64,
 }
 
-impl PartialEq for Retry {
-    fn eq(&self, other: &Self) -> bool {
-        self.due == other.due
+impl Retry {
+    fn cost(&self) -> usize {
+        self.both.len() + ENTRY_OVERHEAD
+    }
+
+    fn json(&self) -> &[u8] {
+        &self.both[..self.json_len]
+    }
+
+    fn msgpack(&self) -> &[u8] {
+        &self.both[self.json_len..]
     }
 }
-impl Eq for Retry {}
-impl PartialOrd for Retry {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
+
+/// Replies held for late subscribers: each is published again with back-off
+/// (2 ms, ×3 each time) until its grace ends, the last time at that end. At most
+/// `cap` bytes are held; past it the oldest are dropped, counted, and logged once
+/// per episode (an episode ends after a whole grace without a drop).
+struct Held {
+    by_age: BTreeMap<u64, Retry>,
+    /// (due, seq) of each held reply; entries whose reply is gone or was rescheduled
+    /// are stale and skipped.
+    due: BinaryHeap<Reverse<(Instant, u64)>>,
+    bytes: usize,
+    cap: usize,
+    grace: Duration,
+    next_seq: u64,
+    /// Drops in the current episode and when the last happened.
+    episode: Option<(u64, Instant)>,
+    stats: Arc<Stats>,
 }
-impl Ord for Retry {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        other.due.cmp(&self.due)
+
+impl Held {
+    fn new(cap: usize, grace: Duration, stats: Arc<Stats>) -> Self {
+        Held {
+            by_age: BTreeMap::new(),
+            due: BinaryHeap::new(),
+            bytes: 0,
+            cap,
+            grace,
+            next_seq: 0,
+            episode: None,
+            stats,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_age.is_empty()
+    }
+
+    /// A reply just published to nobody.
+    fn add(&mut self, id: u64, encoded: Encoded, now: Instant) {
+        // A grace or a cap of 0 turns republishing off: nothing to hold or log.
+        if self.grace.is_zero() || self.cap == 0 {
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let mut both = Vec::with_capacity(encoded.len());
+        both.extend_from_slice(&encoded.json);
+        both.extend_from_slice(&encoded.msgpack);
+        let json_len = encoded.json.len();
+        drop(encoded);
+        self.insert(
+            Retry {
+                due: now + FIRST_RETRY,
+                wait: FIRST_RETRY,
+                give_up: now + self.grace,
+                id,
+                both: both.into_boxed_slice(),
+                json_len,
+                seq,
+            },
+            now,
+        );
+    }
+
+    /// A republish, made at `now`, that reached nobody (or whose answer was lost):
+    /// again after a longer wait, but never later than the grace's end, where the
+    /// last one is made.
+    fn again(&mut self, mut r: Retry, now: Instant) {
+        if now >= r.give_up {
+            return;
+        }
+        r.wait *= RETRY_FACTOR;
+        r.due = (now + r.wait).min(r.give_up);
+        self.insert(r, now);
+    }
+
+    fn insert(&mut self, r: Retry, now: Instant) {
+        // One reply larger than the whole cap is not held, rather than pushing out
+        // every other.
+        if r.cost() > self.cap {
+            return self.dropped(1, now);
+        }
+        self.bytes += r.cost();
+        self.due.push(Reverse((r.due, r.seq)));
+        self.by_age.insert(r.seq, r);
+        let mut dropped = 0u64;
+        while self.bytes > self.cap {
+            let Some((_, old)) = self.by_age.pop_first() else {
+                break;
+            };
+            self.bytes -= old.cost();
+            dropped += 1;
+        }
+        if dropped > 0 {
+            self.dropped(dropped, now);
+        }
+        // Stale heap entries are skipped when they surface; don't let them pile up.
+        if self.due.len() > 2 * self.by_age.len() + 1024 {
+            self.due = self
+                .by_age
+                .values()
+                .map(|r| Reverse((r.due, r.seq)))
+                .collect();
+        }
+    }
+
+    /// Counts `n` replies dropped at `now`; logs when an episode of drops starts.
+    fn dropped(&mut self, n: u64, now: Instant) {
+        self.stats.replies_dropped.fetch_add(n, Ordering::Relaxed);
+        match &mut self.episode {
+            Some((count, last)) => {
+                *count += n;
+                *last = now;
+            }
+            None => {
+                log::warn!(
+                    "republish_max_bytes ({} bytes) reached: dropping the oldest replies held for late subscribers",
+                    self.cap
+                );
+                self.episode = Some((n, now));
+            }
+        }
+    }
+
+    /// When the next republish is due.
+    fn next_due(&mut self) -> Option<Instant> {
+        while let Some(Reverse((due, seq))) = self.due.peek() {
+            if self.by_age.get(seq).is_some_and(|r| r.due == *due) {
+                return Some(*due);
+            }
+            self.due.pop();
+        }
+        None
+    }
+
+    /// Takes the replies due by `now`, about `max_bytes` of them at most (at least
+    /// one; the rest stay due); ends a drop episode that has gone quiet.
+    fn take_due(&mut self, now: Instant, max_bytes: usize) -> Vec<Retry> {
+        if let Some((n, last)) = self.episode {
+            if now >= last + self.grace {
+                log::info!(
+                    "replies held for late subscribers fit in republish_max_bytes again; {n} were dropped"
+                );
+                self.episode = None;
+            }
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while bytes < max_bytes && self.next_due().is_some_and(|d| d <= now) {
+            if let Some(Reverse((_, seq))) = self.due.pop() {
+                if let Some(r) = self.by_age.remove(&seq) {
+                    self.bytes -= r.cost();
+                    bytes += r.both.len();
+                    out.push(r);
+                }
+            }
+        }
+        out
     }
 }
 
@@ -84,7 +342,10 @@ pub(crate) struct Publisher {
     pub(crate) instance: String,
     pub(crate) processing: String,
     pub(crate) grace: Duration,
+    /// Most bytes of replies held for late subscribers.
+    pub(crate) republish_max_bytes: usize,
     pub(crate) in_hand: InHand,
+    pub(crate) stats: Arc<Stats>,
     /// Triggered by the server just before `Finish`: from then on Redis is waited
     /// for only until a deadline, so a stop never hangs on an outage.
     pub(crate) stopping: Shutdown,
@@ -94,216 +355,357 @@ pub(crate) struct Publisher {
 pub(crate) fn start(p: Publisher, rx: Receiver<Outgoing>) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("cerbas-publisher".into())
-        .spawn(move || p.run(rx))
+        .spawn(move || Sender::new(p).run(rx))
 }
 
-impl Publisher {
+/// Acks Redis refused, retried with back-off; logged when refusals start and end.
+struct Refused {
+    acks: Vec<Ack>,
+    retry_at: Instant,
+    pause: Duration,
+    since: Option<Instant>,
+}
+
+/// The publisher thread's state.
+struct Sender {
+    p: Publisher,
+    reply: Script,
+    schedule: Script,
+    /// Whether the connection has the scripts loaded (DESIGN §8: a pipeline does
+    /// not load them for us).
+    loaded: bool,
+}
+
+impl Sender {
+    fn new(p: Publisher) -> Self {
+        Sender {
+            p,
+            reply: Script::new(REPLY),
+            schedule: Script::new(SCHEDULE),
+            loaded: false,
+        }
+    }
+
     fn run(mut self, rx: Receiver<Outgoing>) {
         // The publisher stops on `Finish`, after the workers, not when shutdown is
         // triggered: its reconnects wait on deadlines and on this, which nobody
         // triggers.
         let never = Shutdown::new();
         let mut conn: Option<Connection> = None;
-        let mut retries: BinaryHeap<Retry> = BinaryHeap::new();
+        let mut held = Held::new(
+            self.p.republish_max_bytes,
+            self.p.grace,
+            self.p.stats.clone(),
+        );
+        let mut refused = Refused {
+            acks: Vec::new(),
+            retry_at: Instant::now(),
+            pause: FIRST_PAUSE,
+            since: None,
+        };
         let mut finish_by: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            let mut batch = Vec::new();
-            // Adds a message to the batch; false once it says to finish.
-            let mut take = |msg: Option<Outgoing>| match msg {
-                Some(Outgoing::Reply { id, encoded }) => {
-                    batch.push((id, Done::Reply(encoded)));
-                    true
-                }
-                Some(Outgoing::Delay { id, body, delay_ms }) => {
-                    batch.push((id, Done::Delay { body, delay_ms }));
-                    true
-                }
-                Some(Outgoing::Finish) | None => false,
-            };
-            if finish_by.is_none() {
-                let wait = retries
-                    .peek()
-                    .map(|r| r.due.saturating_duration_since(now))
-                    .unwrap_or(Duration::from_secs(1));
-                let mut going = match rx.recv_timeout(wait) {
-                    Ok(msg) => take(Some(msg)),
-                    Err(RecvTimeoutError::Disconnected) => take(None),
-                    Err(RecvTimeoutError::Timeout) => true,
-                };
-                for _ in 1..MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(msg) if going => going = take(Some(msg)),
-                        _ => break,
+            let mut wake = held
+                .next_due()
+                .unwrap_or(now + Duration::from_secs(1))
+                .min(now + Duration::from_secs(1));
+            if !refused.acks.is_empty() {
+                wake = wake.min(refused.retry_at);
+            }
+            let mut acks = Vec::new();
+            match finish_by {
+                None => {
+                    if !gather(&rx, wake, &mut acks) {
+                        finish_by = Some(Instant::now() + FINISH_GRACE.min(self.p.grace));
                     }
                 }
-                if !going {
-                    finish_by = Some(Instant::now() + FINISH_GRACE.min(self.grace));
-                }
-            } else if let Some(r) = retries.peek() {
-                std::thread::sleep(r.due.saturating_duration_since(now));
+                Some(by) => std::thread::sleep(wake.min(by).saturating_duration_since(now)),
             }
             let now = Instant::now();
-            let mut again = Vec::new();
-            while retries.peek().is_some_and(|r| r.due <= now) {
-                again.extend(retries.pop());
+            if !refused.acks.is_empty() && now >= refused.retry_at {
+                // The older ones first.
+                acks.splice(0..0, refused.acks.drain(..));
             }
-            if !batch.is_empty() || !again.is_empty() {
-                let Some(received) = self.send(&never, &mut conn, &batch, &again, finish_by) else {
+            let again = held.take_due(now, MAX_BATCH_BYTES);
+            if !acks.is_empty() || !again.is_empty() {
+                let Some((acked, republished)) =
+                    self.send(&never, &mut conn, &acks, again, finish_by)
+                else {
                     log::warn!("redis unavailable at shutdown: replies not published");
                     return;
                 };
-                self.in_hand.remove(batch.iter().map(|(id, _)| *id));
-                self.schedule_retries(&mut retries, batch, again, received);
+                let now = Instant::now();
+                for (r, got) in republished {
+                    if !got {
+                        held.again(r, now);
+                    }
+                }
+                self.settle(acks, acked, &mut held, &mut refused, now);
             }
             if let Some(by) = finish_by {
-                if retries.is_empty() || Instant::now() >= by {
+                let flushed = held.is_empty() && refused.acks.is_empty();
+                if flushed || Instant::now() >= by {
+                    if !refused.acks.is_empty() {
+                        log::warn!(
+                            "{} acknowledgements still refused at shutdown: their requests may run again",
+                            refused.acks.len()
+                        );
+                    }
                     self.requeue_held(&never, &mut conn, by + Duration::from_secs(5));
+                    let dropped = self.p.stats.replies_dropped.load(Ordering::Relaxed);
+                    if dropped > 0 {
+                        log::info!(
+                            "{dropped} replies held for late subscribers were dropped (republish_max_bytes)"
+                        );
+                    }
                     return;
                 }
             }
         }
     }
 
-    /// Sends one pipeline, reconnecting until it goes through (or, when finishing,
-    /// until shortly after `finish_by`). Returns, for each reply in `batch` then
-    /// `again`, whether anybody received it.
+    /// Acts on what Redis said to each ack: ids acked leave [`InHand`], replies
+    /// nobody received are held for republishing, refused acks wait for a retry.
+    fn settle(
+        &self,
+        acks: Vec<Ack>,
+        acked: Vec<Acked>,
+        held: &mut Held,
+        refused: &mut Refused,
+        now: Instant,
+    ) {
+        let mut done = Vec::with_capacity(acks.len());
+        let mut why: Option<String> = None;
+        for (ack, result) in acks.into_iter().zip(acked) {
+            match (ack, result) {
+                (Ack::Reply { id, encoded }, Acked::Done { received }) => {
+                    done.push(id);
+                    if let (Some(e), 0) = (encoded, received) {
+                        held.add(id, e, now);
+                    }
+                }
+                (Ack::Delay { id, .. }, Acked::Done { .. }) => done.push(id),
+                (ack, Acked::NotHeld) => {
+                    log::debug!(
+                        "request {} is no longer held here (acknowledged by a send whose answer was lost, or recovered): nothing published",
+                        ack.id()
+                    );
+                    done.push(ack.id());
+                }
+                (Ack::Reply { id, encoded }, Acked::AckRefused { received, why: w }) => {
+                    refused.acks.push(Ack::Reply { id, encoded: None });
+                    if let (Some(e), 0) = (encoded, received) {
+                        held.add(id, e, now);
+                    }
+                    why.get_or_insert(w);
+                }
+                (ack, Acked::AckRefused { why: w, .. }) => {
+                    refused.acks.push(ack);
+                    why.get_or_insert(w);
+                }
+                (ack, Acked::Refused(e)) => {
+                    refused.acks.push(ack);
+                    why.get_or_insert(e.to_string());
+                }
+            }
+        }
+        self.p.in_hand.remove(done);
+        if refused.acks.is_empty() {
+            if let Some(since) = refused.since.take() {
+                log::warn!(
+                    "redis accepts acknowledgements again after {:.1}s",
+                    since.elapsed().as_secs_f64()
+                );
+            }
+            refused.pause = FIRST_PAUSE;
+        } else {
+            if refused.since.is_none() {
+                log::warn!(
+                    "redis refuses acknowledgements ({}); retrying with back-off, the requests stay in hand",
+                    why.as_deref().unwrap_or("?")
+                );
+                refused.since = Some(now);
+            }
+            refused.retry_at = now + refused.pause;
+            refused.pause = (refused.pause * 2).min(MAX_PAUSE);
+        }
+    }
+
+    /// Sends one pipeline: a script call per ack, then the republishes `again`.
+    /// Reconnects until it goes through (or, when finishing, until shortly after
+    /// `finish_by`). The acks are sent again after a lost answer (the scripts make
+    /// that harmless); the republishes are not: they go back to their schedule as
+    /// if nobody received them. Returns what Redis said to each ack, and each
+    /// republish with whether anybody received it.
     fn send(
         &mut self,
         never: &Shutdown,
         conn: &mut Option<Connection>,
-        batch: &[(u64, Done)],
-        again: &[Retry],
+        acks: &[Ack],
+        again: Vec<Retry>,
         finish_by: Option<Instant>,
-    ) -> Option<Vec<bool>> {
-        let mut pipe = redis::pipe();
-        let mut publish = |id: u64, e: &Encoded| {
-            pipe.cmd("PUBLISH")
-                .arg(self.keys.reply_channel(id))
-                .arg(&e.json)
-                .cmd("PUBLISH")
-                .arg(self.keys.msgpack_channel(id))
-                .arg(&e.msgpack);
-        };
-        for (id, done) in batch {
-            if let Done::Reply(Some(e)) = done {
-                publish(*id, e);
-            }
-        }
-        for r in again {
-            publish(r.id, &r.encoded);
-        }
-        let publishes = pipe.len();
-        for (id, done) in batch {
-            match done {
-                Done::Reply(_) => pipe
-                    .cmd("LREM")
-                    .arg(&self.processing)
-                    .arg(1)
-                    .arg(id.to_string())
-                    .cmd("DEL")
-                    .arg(self.keys.request(*id))
-                    .arg(self.keys.request_fallback(*id)),
-                // A script in a pipeline is not loaded for us (DESIGN §8): EVAL.
-                Done::Delay { body, delay_ms } => pipe
-                    .cmd("EVAL")
-                    .arg(SCHEDULE)
-                    .arg(4)
-                    .arg(self.keys.delayed())
-                    .arg(self.keys.request(*id))
-                    .arg(self.keys.request_fallback(*id))
-                    .arg(&self.processing)
-                    .arg(delay_ms)
-                    .arg(id)
-                    .arg(body),
-            };
-        }
-        // A command Redis refuses (an ack under OOM or MISCONF, say) fails alone: the
-        // replies it follows are not published again for it.
-        pipe.ignore_errors();
+    ) -> Option<Sent> {
+        let mut again = again;
+        let mut lost: Vec<(Retry, bool)> = Vec::new();
         let mut give_up = finish_by.map(|by| by + Duration::from_secs(5));
-        let mut pause = Duration::from_millis(50);
+        let mut pause = FIRST_PAUSE;
         loop {
-            if give_up.is_none() && self.stopping.is_triggered() {
+            if acks.is_empty() && again.is_empty() {
+                return Some((Vec::new(), lost));
+            }
+            if give_up.is_none() && self.p.stopping.is_triggered() {
                 give_up = Some(Instant::now() + FINISH_GRACE + Duration::from_secs(5));
             }
             // Until the server stops, wait for Redis as long as it takes; after, only
             // until `give_up`.
             let signal = if give_up.is_some() {
-                never
+                never.clone()
             } else {
-                &self.stopping
+                self.p.stopping.clone()
             };
             if conn.is_none() {
-                match self.connector.connect_until(signal, give_up) {
-                    Some(c) => *conn = Some(c),
+                match self.p.connector.connect_until(&signal, give_up) {
+                    Some(c) => {
+                        *conn = Some(c);
+                        self.loaded = false;
+                    }
                     None if give_up.is_none() => continue,
                     None => return None,
                 }
             }
             let c = conn.as_mut()?;
-            let result: RedisResult<Vec<RedisResult<i64>>> = pipe.query(c);
+            let result = self.load(c).and_then(|()| {
+                self.pipeline(acks, &again)
+                    .ignore_errors()
+                    .query::<Vec<RedisResult<Value>>>(c)
+            });
             match result {
                 Ok(results) => {
-                    if let Some(Err(e)) = results[publishes.min(results.len())..]
-                        .iter()
-                        .find(|r| r.is_err())
-                    {
-                        log::warn!("redis refused an acknowledgement: {e}");
-                    }
-                    return Some(
-                        results[..publishes.min(results.len())]
-                            .chunks(2)
-                            .map(|p| {
-                                p.iter().map(|r| r.as_ref().map_or(0, |n| *n)).sum::<i64>() > 0
-                            })
-                            .collect(),
-                    );
+                    let (acked, republished) = self.read(acks, again, results);
+                    lost.extend(republished);
+                    return Some((acked, lost));
                 }
                 Err(e) => {
-                    self.connector.broken(&e);
+                    self.p.connector.broken(&e);
                     if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
                         *conn = None;
+                        // Whether they reached anybody is unknown: back to their
+                        // schedule, not sent again at once.
+                        lost.extend(again.drain(..).map(|r| (r, false)));
                     } else if give_up.is_some_and(|g| Instant::now() >= g) {
                         return None;
                     } else {
                         // Redis answers but refuses: don't hammer it.
                         signal.wait_timeout(pause);
-                        pause = (pause * 2).min(Duration::from_secs(2));
+                        pause = (pause * 2).min(MAX_PAUSE);
                     }
                 }
             }
         }
     }
 
-    fn schedule_retries(
-        &self,
-        retries: &mut BinaryHeap<Retry>,
-        batch: Vec<(u64, Done)>,
-        again: Vec<Retry>,
-        received: Vec<bool>,
-    ) {
-        let now = Instant::now();
-        let fresh = batch.into_iter().filter_map(|(id, done)| match done {
-            Done::Reply(Some(encoded)) => Some(Retry {
-                due: now,
-                wait: FIRST_RETRY / RETRY_FACTOR,
-                give_up: now + self.grace,
-                id,
-                encoded,
-            }),
-            _ => None,
-        });
-        for (r, got) in fresh.chain(again).zip(received) {
-            let wait = r.wait * RETRY_FACTOR;
-            if !got && now + wait <= r.give_up {
-                retries.push(Retry {
-                    due: now + wait,
-                    wait,
-                    ..r
-                });
+    /// Loads the scripts into a new connection's Redis (or after a `NOSCRIPT`).
+    fn load(&mut self, c: &mut Connection) -> RedisResult<()> {
+        if !self.loaded {
+            self.reply.load(c)?;
+            self.schedule.load(c)?;
+            self.loaded = true;
+        }
+        Ok(())
+    }
+
+    fn pipeline(&self, acks: &[Ack], again: &[Retry]) -> redis::Pipeline {
+        let keys = &self.p.keys;
+        let mut pipe = redis::pipe();
+        for ack in acks {
+            match ack {
+                Ack::Reply { id, encoded } => {
+                    pipe.cmd("EVALSHA")
+                        .arg(self.reply.get_hash())
+                        .arg(3)
+                        .arg(&self.p.processing)
+                        .arg(keys.request(*id))
+                        .arg(keys.request_fallback(*id))
+                        .arg(id);
+                    match encoded {
+                        Some(e) => pipe
+                            .arg(keys.reply_channel(*id))
+                            .arg(&e.json)
+                            .arg(&e.msgpack),
+                        None => pipe.arg("").arg("").arg(""),
+                    };
+                }
+                Ack::Delay { id, body, delay_ms } => {
+                    pipe.cmd("EVALSHA")
+                        .arg(self.schedule.get_hash())
+                        .arg(4)
+                        .arg(keys.delayed())
+                        .arg(keys.request(*id))
+                        .arg(keys.request_fallback(*id))
+                        .arg(&self.p.processing)
+                        .arg(delay_ms)
+                        .arg(id)
+                        .arg(body);
+                }
             }
         }
+        for r in again {
+            pipe.cmd("PUBLISH")
+                .arg(keys.reply_channel(r.id))
+                .arg(r.json())
+                .cmd("PUBLISH")
+                .arg(keys.msgpack_channel(r.id))
+                .arg(r.msgpack());
+        }
+        pipe
+    }
+
+    /// Reads a pipeline's results: one per ack, then two per republish.
+    fn read(&mut self, acks: &[Ack], again: Vec<Retry>, results: Vec<RedisResult<Value>>) -> Sent {
+        let mut results = results.into_iter();
+        let mut acked = Vec::with_capacity(acks.len());
+        for ack in acks {
+            let result = results
+                .next()
+                .unwrap_or_else(|| Err(RedisError::from(std::io::Error::other("missing reply"))));
+            let outcome = match (ack, result) {
+                (_, Err(e)) => {
+                    if e.code() == Some("NOSCRIPT") {
+                        // Someone flushed the scripts: load them before the next send.
+                        self.loaded = false;
+                    }
+                    Acked::Refused(e)
+                }
+                (Ack::Reply { .. }, Ok(v)) => {
+                    match redis::from_redis_value::<(i64, i64, String)>(v) {
+                        Ok((1, received, _)) => Acked::Done { received },
+                        Ok((-1, received, why)) => Acked::AckRefused { received, why },
+                        Ok(_) => Acked::NotHeld,
+                        Err(e) => Acked::Refused(e.into()),
+                    }
+                }
+                (Ack::Delay { .. }, Ok(v)) => match redis::from_redis_value::<i64>(v) {
+                    Ok(1) => Acked::Done { received: 0 },
+                    Ok(_) => Acked::NotHeld,
+                    Err(e) => Acked::Refused(e.into()),
+                },
+            };
+            acked.push(outcome);
+        }
+        let republished = again
+            .into_iter()
+            .map(|r| {
+                let received: i64 = results
+                    .by_ref()
+                    .take(2)
+                    .map(|p| p.ok().and_then(|v| redis::from_redis_value(v).ok()))
+                    .map(|n: Option<i64>| n.unwrap_or(0))
+                    .sum();
+                (r, received > 0)
+            })
+            .collect();
+        (acked, republished)
     }
 
     /// Moves every id still in this instance's processing list back to the head of
@@ -312,15 +714,15 @@ impl Publisher {
         let mut moved = 0u64;
         loop {
             if conn.is_none() {
-                match self.connector.connect_until(never, Some(give_up)) {
+                match self.p.connector.connect_until(never, Some(give_up)) {
                     Some(c) => *conn = Some(c),
                     None => break,
                 }
             }
             let Some(c) = conn.as_mut() else { break };
             let r: RedisResult<Option<String>> = redis::cmd("LMOVE")
-                .arg(&self.processing)
-                .arg(self.keys.queue())
+                .arg(&self.p.processing)
+                .arg(self.p.keys.queue())
                 .arg("RIGHT")
                 .arg("LEFT")
                 .query(c);
@@ -330,13 +732,13 @@ impl Publisher {
                     if moved > 0 {
                         log::info!("returned {moved} unfinished requests to the queue");
                     }
-                    if let Err(e) = crate::scheduler::retire(c, &self.keys, &self.instance) {
+                    if let Err(e) = crate::scheduler::retire(c, &self.p.keys, &self.p.instance) {
                         log::warn!("could not remove this instance's heartbeat: {e}");
                     }
                     return;
                 }
                 Err(e) => {
-                    self.connector.broken(&e);
+                    self.p.connector.broken(&e);
                     *conn = None;
                     if Instant::now() >= give_up {
                         break;
@@ -347,7 +749,119 @@ impl Publisher {
         }
         log::warn!(
             "could not return unfinished requests to the queue; they stay in {}",
-            self.processing
+            self.p.processing
         );
+    }
+}
+
+/// Takes what the workers sent into `acks`: waits for the first until `wake`, then
+/// takes what else is waiting, up to [`MAX_BATCH`] requests and about
+/// [`MAX_BATCH_BYTES`]. False once it was told to finish.
+fn gather(rx: &Receiver<Outgoing>, wake: Instant, acks: &mut Vec<Ack>) -> bool {
+    let first = match rx.recv_deadline(wake) {
+        Ok(msg) => msg,
+        Err(RecvTimeoutError::Disconnected) => return false,
+        Err(RecvTimeoutError::Timeout) => return true,
+    };
+    let Some(ack) = to_ack(first) else {
+        return false;
+    };
+
+    let mut bytes = ack.bytes();
+    acks.push(ack);
+    while acks.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+        let Ok(msg) = rx.try_recv() else { break };
+        let Some(ack) = to_ack(msg) else {
+            return false;
+        };
+        bytes += ack.bytes();
+        acks.push(ack);
+    }
+    true
+}
+
+/// The work a message asks for; `None` for `Finish`.
+fn to_ack(msg: Outgoing) -> Option<Ack> {
+    match msg {
+        Outgoing::Reply { id, encoded } => Some(Ack::Reply { id, encoded }),
+        Outgoing::Delay { id, body, delay_ms } => Some(Ack::Delay { id, body, delay_ms }),
+        Outgoing::Finish => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(n: usize) -> Encoded {
+        Encoded {
+            json: vec![b'j'; n],
+            msgpack: vec![b'm'; n],
+        }
+    }
+
+    /// Publishes every due reply at its due time to nobody, until none is left;
+    /// returns the times (ms after the first publish) of the republishes.
+    fn schedule_of(grace_ms: u64) -> Vec<u64> {
+        let t0 = Instant::now();
+        let mut held = Held::new(1 << 20, Duration::from_millis(grace_ms), Arc::default());
+        held.add(1, reply(10), t0);
+        let mut times = Vec::new();
+        while let Some(due) = held.next_due() {
+            for r in held.take_due(due, usize::MAX) {
+                times.push((due - t0).as_millis() as u64);
+                held.again(r, due);
+            }
+        }
+        times
+    }
+
+    #[test]
+    fn the_last_republish_is_at_the_grace_end() {
+        assert_eq!(
+            schedule_of(5_000),
+            [2, 8, 26, 80, 242, 728, 2186, 5000],
+            "2 ms, then ×3, and once more at the end"
+        );
+        assert_eq!(schedule_of(100), [2, 8, 26, 80, 100]);
+        assert_eq!(schedule_of(0), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn the_cap_drops_the_oldest_and_counts() {
+        let stats = Arc::new(Stats::default());
+        let t0 = Instant::now();
+        let one = 2 * 1000 + ENTRY_OVERHEAD;
+        let mut held = Held::new(3 * one, Duration::from_secs(5), stats.clone());
+        for id in 1..=5 {
+            held.add(id, reply(1000), t0);
+        }
+        assert!(held.bytes <= 3 * one);
+        assert_eq!(stats.replies_dropped.load(Ordering::Relaxed), 2);
+        let kept: Vec<u64> = held.by_age.values().map(|r| r.id).collect();
+        assert_eq!(kept, [3, 4, 5]);
+        // A republish put back keeps its age: it is dropped before younger ones.
+        let due = held.next_due().expect("due");
+        let taken = held.take_due(due, usize::MAX);
+        assert_eq!(taken.len(), 3);
+        for r in taken {
+            held.again(r, due);
+        }
+        held.add(6, reply(1000), due);
+        let kept: Vec<u64> = held.by_age.values().map(|r| r.id).collect();
+        assert_eq!(kept, [4, 5, 6]);
+        assert_eq!(stats.replies_dropped.load(Ordering::Relaxed), 3);
+        // A reply larger than the cap is not held at all, and pushes out nothing.
+        held.add(7, reply(4 * one), due);
+        let kept: Vec<u64> = held.by_age.values().map(|r| r.id).collect();
+        assert_eq!(kept, [4, 5, 6]);
+        assert_eq!(stats.replies_dropped.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn nothing_is_held_when_republishing_is_off() {
+        let mut held = Held::new(0, Duration::from_secs(5), Arc::default());
+        held.add(1, reply(10), Instant::now());
+        assert!(held.is_empty());
     }
 }

@@ -48,14 +48,19 @@ return n
 ";
 
 /// KEYS: delayed, request key, fallback key, processing. ARGV: delay ms, id, body.
-/// Stores a delayed request (without its delay) and releases it from this instance.
+/// Stores a delayed request (without its delay) and releases it from this
+/// instance, only if it is still held here and not stored already: the publisher
+/// sends it again when an answer was lost, and by then the request may have come
+/// due and been taken again (its stored body is then the one without the delay).
+/// Returns 1 when stored, 0 when there was nothing to do.
 pub(crate) const SCHEDULE: &str = r"
+if redis.call('GET', KEYS[2]) == ARGV[3] then return 0 end
+if redis.call('LREM', KEYS[4], 1, ARGV[2]) == 0 then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('SET', KEYS[2], ARGV[3])
 redis.call('DEL', KEYS[3])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
-redis.call('LREM', KEYS[4], 1, ARGV[2])
 return 1
 ";
 

@@ -28,7 +28,7 @@
  *     await c.request('hello');                      // { status: 'ok', data: 'hello world!' }
  *     await c.request('sum', { a: 1, b: 2 });        // { status: 'ok', data: 3 }
  *     await c.request('hello', null, { msgpack: true }); // same reply, sent as msgpack
- *     await c.send('tally', { name: 'x' });          // one-way; resolves to the id
+ *     await c.send('tally', { name: 'x' });          // one-way (no reply published); the id
  *     try {
  *       await c.request('sleep', { ms: 3000 }, { timeoutMs: 500 });
  *     } catch (e) {
@@ -140,13 +140,17 @@ class Client extends EventEmitter {
     return msgpack ? `MSGPACK:${channel}` : channel;
   }
 
-  /** The JSON request body, as a string. */
-  body(func, args, { user, source, delay } = {}) {
+  /**
+   * The JSON request body, as a string. `reply: false` tells the server to publish
+   * no reply (a one-way call).
+   */
+  body(func, args, { user, source, delay, reply } = {}) {
     const d = { func };
     if (args !== undefined && args !== null) d.args = args;
     d.user = user ?? this.user;
     d.source = source ?? this.source;
     if (delay !== undefined && delay !== null) d.delay = delay;
+    if (reply === false) d.reply = false;
     return JSON.stringify(d);
   }
 
@@ -193,12 +197,13 @@ class Client extends EventEmitter {
   }
 
   /**
-   * Queues a one-way call (nobody waits for its reply) and resolves to its id.
+   * Queues a one-way call (nobody waits for its reply, and the server publishes
+   * none: the body says `"reply": false`) and resolves to its id.
    * Options: `user`, `source`, `delay`, `timeoutMs` (for queueing it; on
    * CerbasTimeout the request may still be queued later, once Redis answers).
    */
   async send(func, args, { timeoutMs = this.timeoutMs, ...opts } = {}) {
-    const body = this.body(func, args, opts);
+    const body = this.body(func, args, { ...opts, reply: false });
     let timer;
     const expired = new Promise((_, reject) => {
       timer = setTimeout(

@@ -12,7 +12,9 @@ A client needs nothing but Redis. To call a function it
    ``{"status": "ok", "data": ...}`` or ``{"status": "error", "data": "message"}``.
 
 Subscribing before pushing closes the race of the original client, which could
-miss a reply published before its subscription existed.
+miss a reply published before its subscription existed. A one-way call
+(``request_without_response``) adds ``"reply": false`` to the body: the server
+then publishes nothing for it.
 
 Redis is found as the server finds it: the URL is the argument, else
 ``CERBAS_REDIS_URL``, else ``redis://127.0.0.1:6379`` (a password goes in the URL:
@@ -118,13 +120,16 @@ class Client:
         channel = "%s-RESPONSE-%d-%010d" % (self.prefix, self.db, id)
         return "MSGPACK:" + channel if msgpack else channel
 
-    def body(self, func, args=None, user=None, source=None):
-        """The JSON request body, as bytes."""
+    def body(self, func, args=None, user=None, source=None, reply=True):
+        """The JSON request body, as bytes. ``reply=False`` tells the server to
+        publish no reply (a one-way call)."""
         d = {"func": func}
         if args is not None:
             d["args"] = args
         d["user"] = self.user if user is None else user
         d["source"] = self.source if source is None else source
+        if not reply:
+            d["reply"] = False
         return json.dumps(d, separators=(",", ":")).encode("utf-8")
 
     def _push(self, id, body):
@@ -168,8 +173,9 @@ class Client:
             ps.close()
 
     def request_without_response(self, func, args=None, user=None, source=None):
-        """Queues a one-way call (nobody waits for its reply); returns its id."""
-        body = self.body(func, args, user, source)
+        """Queues a one-way call (nobody waits for its reply, and the server
+        publishes none); returns its id."""
+        body = self.body(func, args, user, source, reply=False)
         id = self.redis.incr(self.counter_key())
         self._push(id, body)
         return id

@@ -279,16 +279,31 @@ def test_client_timeout(client):
 
 
 def test_one_way_request(client):
+    assert b'"reply":false' in client.body("tally", {"name": "x"}, reply=False)
+    assert b'"reply"' not in client.body("tally", {"name": "x"})
     name = "pytest-" + uuid.uuid4().hex
-    id = client.request_without_response("tally", {"name": name})
-    assert isinstance(id, int) and id > 0
     r = redis.Redis.from_url(client.url, db=1)
+    ps = r.pubsub()
     try:
+        # Listening on every reply channel: the one-way call must get nothing.
+        ps.psubscribe("CERBAS-RESPONSE-1-*")
+        assert ps.get_message(timeout=5.0)["type"] == "psubscribe"
+        id = client.request_without_response("tally", {"name": name})
+        assert isinstance(id, int) and id > 0
         deadline = time.monotonic() + 10.0
-        while r.get("CERBAS-TALLY-" + name) != b"1":
-            assert time.monotonic() < deadline, "tally never reached 1"
+        # Acknowledged (its key deleted) in the same step as a publish would be.
+        while r.get("CERBAS-TALLY-" + name) != b"1" or r.exists(client.request_key(id)):
+            assert time.monotonic() < deadline, "tally never reached 1, or no ack"
             time.sleep(0.02)  # poll interval, bounded by the deadline
+        channel = client.reply_channel(id).encode()
+        heard = []
+        msg = ps.get_message(timeout=0.2)
+        while msg is not None:
+            heard.append(msg["channel"])
+            msg = ps.get_message(timeout=0.2)
+        assert channel not in heard
     finally:
+        ps.close()
         r.close()
 
 

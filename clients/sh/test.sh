@@ -179,23 +179,42 @@ expect_timeout "client timeout (sleep 3000 ms, CERBAS_TIMEOUT=1)" 2.5 \
 expect_timeout "CERBAS_ENV=prod (db 8, nobody serves it)" 2.5 \
     CERBAS_ENV=prod CERBAS_TIMEOUT=1 -- hello
 
-# one-way: prints the id, then the tally shows up in db 1
+# one-way: prints the id, then the tally shows up in db 1, and nothing is published
+# (the body says "reply": false): a listener on every reply channel hears nothing.
+redis-cli -u "$URL" -n 1 PSUBSCRIBE 'CERBAS-RESPONSE-1-*' >"$WORK/heard" 2>/dev/null &
+LISTENER=$!
+for ((i = 0; i < 100; i++)); do   # 10 s
+    grep -q '^psubscribe' "$WORK/heard" && break
+    sleep 0.1
+done
 call -- -n tally "{\"name\":\"$TALLY-b\"}"
 if [[ $RC != 0 || ! $OUT =~ ^[0-9]+$ ]]; then
     fail "one-way tally" "exit $RC, out '$OUT', err '$ERR'"
 else
-    got=''
-    for ((i = 0; i < 50; i++)); do   # 5 s
+    printf -v key 'CERBAS-REQ-%010d' "$OUT"
+    got='' left=1
+    for ((i = 0; i < 100; i++)); do   # 10 s
         got=$(redis-cli -u "$URL" -n 1 --raw GET "CERBAS-TALLY-$TALLY-b" 2>/dev/null)
-        [[ $got == 1 ]] && break
+        left=$(redis-cli -u "$URL" -n 1 --raw EXISTS "$key" 2>/dev/null)
+        [[ $got == 1 && $left == 0 ]] && break
         sleep 0.1
     done
-    if [[ $got == 1 ]]; then
-        pass "one-way tally (id $OUT, CERBAS-TALLY-$TALLY-b = 1 in db 1)"
-    else
+    sleep 0.2   # time for a message already sent to arrive
+    printf -v chan 'CERBAS-RESPONSE-1-%010d' "$OUT"
+    if [[ $got != 1 ]]; then
         fail "one-way tally" "CERBAS-TALLY-$TALLY-b is '$got', wanted 1"
+    elif [[ $left != 0 ]]; then
+        fail "one-way tally" "$key was not acknowledged"
+    elif ! grep -q '^psubscribe' "$WORK/heard"; then
+        fail "one-way tally" "the listener never subscribed"
+    elif grep -qx "$chan" "$WORK/heard"; then
+        fail "one-way tally" "a reply was published on $chan"
+    else
+        pass "one-way tally (id $OUT, CERBAS-TALLY-$TALLY-b = 1 in db 1, nothing published)"
     fi
 fi
+kill "$LISTENER" 2>/dev/null
+wait "$LISTENER" 2>/dev/null
 
 # errors of the client itself: exit 2, a message, nothing on stdout
 expect_usage() {

@@ -330,18 +330,29 @@ test('a delayed request is answered after its delay', async () => {
 });
 
 test('one-way send of tally', async () => {
+  assert.equal(JSON.parse(client.body('tally', { name: 'x' }, { reply: false })).reply, false);
+  assert.equal(JSON.parse(client.body('tally', { name: 'x' })).reply, undefined);
   const name = `node-${process.pid}-${Date.now()}-send`;
-  const id = await client.send('tally', { name });
-  assert.ok(Number.isInteger(id) && id > 0, `id ${id}`);
   const r = createClient({ url: redisSrv.url, database: 1, RESP: 2 });
   await r.connect();
+  const sub = r.duplicate();
+  await sub.connect();
+  const heard = [];
   try {
+    // Listening on every reply channel: the one-way call must get nothing.
+    await sub.pSubscribe('CERBAS-RESPONSE-1-*', (_message, channel) => heard.push(channel));
+    const id = await client.send('tally', { name });
+    assert.ok(Number.isInteger(id) && id > 0, `id ${id}`);
     const deadline = Date.now() + 10000;
-    while ((await r.get(`CERBAS-TALLY-${name}`)) !== '1') {
-      assert.ok(Date.now() < deadline, 'tally never reached 1');
+    // Acknowledged (its key deleted) in the same step as a publish would be.
+    while ((await r.get(`CERBAS-TALLY-${name}`)) !== '1' || (await r.exists(client.requestKey(id)))) {
+      assert.ok(Date.now() < deadline, 'tally never reached 1, or no ack');
       await sleep(20); // poll interval, bounded by the deadline
     }
+    await sleep(200); // time for a message already sent to arrive
+    assert.ok(!heard.includes(client.replyChannel(id)), `heard ${heard}`);
   } finally {
+    await sub.close();
     await r.close();
   }
 });

@@ -27,7 +27,7 @@
 #   c.request("hello")                    # => {"status"=>"ok", "data"=>"hello world!"}
 #   c.request("sum", {"a" => 1, "b" => 2}) # => {"status"=>"ok", "data"=>3}
 #   c.request("hello", msgpack: true)     # the same reply, sent as msgpack
-#   c.send_one_way("tally", {"name" => "x"}) # queued, nobody waits; => the id
+#   c.send_one_way("tally", {"name" => "x"}) # queued, no reply published; => the id
 #   begin
 #     c.request("sleep", {"ms" => 3000}, timeout: 0.5)
 #   rescue CerbasClient::Timeout => e
@@ -135,13 +135,15 @@ module CerbasClient
     end
 
     # The JSON request body. +delay+ (ms) asks the server to run it no earlier
-    # than that long after it reads it.
-    def body(func, args = nil, user: nil, source: nil, delay: nil)
+    # than that long after it reads it; <tt>reply: false</tt> asks it to publish
+    # no reply (a one-way call).
+    def body(func, args = nil, user: nil, source: nil, delay: nil, reply: true)
       request = { "func" => func }
       request["args"] = args unless args.nil?
       request["user"] = user || self.user
       request["source"] = source || self.source
       request["delay"] = delay unless delay.nil?
+      request["reply"] = false unless reply
       JSON.generate(request, max_nesting: false)
     end
 
@@ -188,9 +190,10 @@ module CerbasClient
       msgpack ? MessagePack.unpack(reply.b) : JSON.parse(reply.dup.force_encoding(Encoding::UTF_8), max_nesting: false)
     end
 
-    # Queues a one-way call (nobody waits for its reply); returns its id.
+    # Queues a one-way call (nobody waits for its reply, and the server publishes
+    # none: the body says <tt>"reply": false</tt>); returns its id.
     def send_one_way(func, args = nil, user: nil, source: nil, delay: nil)
-      payload = body(func, args, user: user, source: source, delay: delay)
+      payload = body(func, args, user: user, source: source, delay: delay, reply: false)
       id = redis.incr(counter_key)
       push(id, payload)
       id

@@ -364,19 +364,45 @@ class CerbasFunctionsTest < Minitest::Test
   end
 
   def test_one_way_request
+    assert_equal false, JSON.parse(@client.body("tally", { "name" => "x" }, reply: false))["reply"]
+    refute JSON.parse(@client.body("tally", { "name" => "x" })).key?("reply")
     name = "rb-#{SecureRandom.hex(8)}"
-    id = @client.send_one_way("tally", { "name" => name })
-    assert_kind_of Integer, id
-    assert_operator id, :>, 0
     redis = Redis.new(url: @redis_url, db: 1)
+    listener = Redis.new(url: @redis_url, db: 1)
+    heard = Queue.new
+    ready = Queue.new
+    # Listens on every reply channel until 2 s pass without a message: the one-way
+    # call must get nothing.
+    thread = Thread.new do
+      listener.psubscribe_with_timeout(2.0, "CERBAS-RESPONSE-1-*") do |on|
+        on.psubscribe { ready << true }
+        on.pmessage { |_pattern, channel, _message| heard << channel }
+      end
+    rescue Redis::TimeoutError
+      nil
+    end
     begin
       deadline = CerbasTest.now + 10.0
-      until redis.get("CERBAS-TALLY-#{name}") == "1"
-        flunk "tally never reached 1" if CerbasTest.now > deadline
+      while ready.empty?
+        flunk "no subscription" if CerbasTest.now > deadline
+        sleep 0.01 # poll interval, bounded by the deadline
+      end
+      id = @client.send_one_way("tally", { "name" => name })
+      assert_kind_of Integer, id
+      assert_operator id, :>, 0
+      # Acknowledged (its key deleted) in the same step as a publish would be.
+      until redis.get("CERBAS-TALLY-#{name}") == "1" && !redis.exists?(@client.request_key(id))
+        flunk "tally never reached 1, or no ack" if CerbasTest.now > deadline
         sleep 0.02 # poll interval, bounded by the deadline
       end
       assert_equal "1", redis.get("CERBAS-TALLY-#{name}")
+      refute_nil thread.join(15), "the listener did not stop"
+      channels = []
+      channels << heard.pop until heard.empty?
+      refute_includes channels, @client.reply_channel(id)
     ensure
+      thread.kill
+      listener.close
       redis.close
     end
   end
