@@ -144,3 +144,32 @@ fn a_stop_against_a_hung_redis_ends_within_the_drain_time_and_five_seconds() {
         || leftover_keys(&mut conn).is_empty().then_some(()),
     );
 }
+
+/// A one-way request that asked for no reply (`"reply": false`) is answered like
+/// any other as far as the stop is concerned: once served, a stop does not wait
+/// the drain time for it.
+#[test]
+fn a_stop_does_not_wait_for_served_requests_that_wanted_no_reply() {
+    let redis = Redis::start();
+    let config = config_with("drain_timeout_ms = 6000\n");
+    let mut server = Server::start_args(&redis, &["--config", config.to_str().expect("path")]);
+    let mut conn = redis.conn();
+    let body = json!({"func": "hello", "args": {}, "user": "foo", "source": "web", "reply": false});
+    queue(&mut conn, 3, &body);
+    wait_for(
+        "the one-way requests served",
+        Duration::from_secs(20),
+        || leftover_keys(&mut conn).is_empty().then_some(()),
+    );
+    let start = Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .expect("the server exits");
+    let took = start.elapsed();
+    assert!(status.success(), "exit 0: {status:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "stop took {took:?} with nothing in hand (drain_timeout_ms is 6 s)"
+    );
+}
