@@ -285,7 +285,7 @@ impl Idle {
 /// A small pool of connections for users' functions, opened on first use. A
 /// connection waiting in the pool can break without anyone noticing (a Redis
 /// restart closes it): one that may have broken while it waited (see
-/// [`Idle::lend`]) is checked with a `PING` before it is lent, and a broken one is
+/// `Idle::lend`) is checked with a `PING` before it is lent, and a broken one is
 /// replaced, so a function's command fails only when Redis is really unreachable.
 #[derive(Clone)]
 pub struct ConnectionPool {

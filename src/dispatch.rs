@@ -10,101 +10,20 @@
 use crate::config::Access;
 use crate::context::{Context, Origin, Services};
 use crate::error::{FnError, RequestError};
+use crate::job::{Encoded, Job, Outgoing, ReplyTo, Stats, Unanswered};
 use crate::limits::Concurrency;
 use crate::protocol::{cache_entry, cache_hit, Reply, Request};
-use crate::publisher::{Encoded, Outgoing};
 use crate::registry::{Answer, Registry};
-use crate::timer::TimerEvent;
+use crate::timer::{Expire, TimerEvent};
 use crossbeam_channel::Sender;
 use serde_json::{Map, Value};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Where a job's reply goes.
-#[derive(Clone, Debug)]
-pub(crate) enum ReplyTo {
-    /// Published on the request's channels by the publisher, which also acks it.
-    Redis { id: u64 },
-    /// A request from Redis whose client wants no reply (`"reply": false`): the
-    /// publisher acks it and publishes nothing.
-    RedisSilent { id: u64 },
-    /// Sent to an in-process caller; `None` is "no reply". The HTTP plug and cron
-    /// (next issues) use it; today only the tests do.
-    #[cfg_attr(not(test), allow(dead_code))]
-    Local(Sender<Option<Reply>>),
-}
-
-impl ReplyTo {
-    /// Where a reply goes when the client asked for none: nowhere, for a request
-    /// from Redis (it is still acknowledged); an in-process caller always gets it.
-    fn silenced(self) -> Self {
-        match self {
-            ReplyTo::Redis { id } => ReplyTo::RedisSilent { id },
-            other => other,
-        }
-    }
-}
-
-/// One request on its way to a worker.
-pub(crate) struct Job {
-    pub(crate) reply_to: ReplyTo,
-    pub(crate) body: Result<Request, RequestError>,
-    /// Set once a delayed request has waited its delay.
-    pub(crate) waited: bool,
-}
-
-/// Counters of what the server did, for logs and (later) metrics.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Requests that reached a worker (a delayed request twice: when it was read,
-    /// and again when it came due).
-    pub requests: AtomicU64,
-    /// Requests put off by their `delay`.
-    pub delayed: AtomicU64,
-    /// Replies with `status: ok`.
-    pub ok: AtomicU64,
-    /// Replies with `status: error` (timeouts included).
-    pub errors: AtomicU64,
-    /// Calls that ran past their deadline.
-    pub timeouts: AtomicU64,
-    /// Calls that panicked.
-    pub panics: AtomicU64,
-    /// Queue entries that were not request ids.
-    pub bad_entries: AtomicU64,
-    /// Replies served from the result cache.
-    pub cache_hits: AtomicU64,
-    /// Replies held for late subscribers that were dropped because
-    /// `republish_max_bytes` was reached (the oldest go first).
-    pub replies_dropped: AtomicU64,
-}
-
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Requests from Redis handed to the workers and not yet answered: the reader
-/// counts one up before it hands a job over, the dispatcher counts it down when
-/// the job's reply (or its delay) goes to the publisher. A graceful stop waits for
-/// this to reach 0, not for worker threads: a worker stuck in a call whose caller
-/// already has `timeout` holds nothing.
-#[derive(Clone, Default)]
-pub(crate) struct Unanswered(Arc<AtomicI64>);
-
-impl Unanswered {
-    pub(crate) fn add(&self, n: usize) {
-        self.0.fetch_add(n as i64, Ordering::SeqCst);
-    }
-
-    pub(crate) fn done(&self, n: usize) {
-        self.0.fetch_sub(n as i64, Ordering::SeqCst);
-    }
-
-    /// Whether every job handed over has been answered.
-    pub(crate) fn is_zero(&self) -> bool {
-        self.0.load(Ordering::SeqCst) <= 0
-    }
 }
 
 /// Workers stuck in calls past their deadline, and how to replace them.
@@ -177,6 +96,16 @@ pub(crate) struct Pending {
     stats: Arc<Stats>,
 }
 
+impl Expire for Pending {
+    /// The deadline passed: answers `timeout` if the function has not answered,
+    /// then starts a replacement worker unless the call returns meanwhile.
+    fn expire(&self) {
+        if self.answer_timeout() {
+            self.replace_worker();
+        }
+    }
+}
+
 /// What the worker does once its call has returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AfterCall {
@@ -238,14 +167,6 @@ impl Pending {
             return AfterCall::Retire;
         }
         AfterCall::GoOn
-    }
-
-    /// The deadline passed: answers `timeout` if the function has not answered,
-    /// then starts a replacement worker unless the call returns meanwhile.
-    pub(crate) fn expire(&self) {
-        if self.answer_timeout() {
-            self.replace_worker();
-        }
     }
 
     /// First half of [`Pending::expire`]: answers `timeout` unless answered.

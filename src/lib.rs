@@ -6,19 +6,25 @@
 //! (DESIGN §2, `docs/` in the repository), so its clients keep working.
 //!
 //! ```text
-//!  Redis P-QUEUE ──BLMOVE/batch──▶ reader ──▶ jobs (bounded) ──▶ worker pool (N threads)
-//!     ▲                                                              │   dispatch: access,
-//!     │ due delayed ids,                     deadlines ──▶ timer     │   cache, deadline,
-//!     │ dead instances' ids                  (timeout replies,       │   panics; replaces
-//!  scheduler (P-DELAYED, heartbeat)           halt, hung workers)    │   hung workers
-//!                                                                    ▼
+//!  Redis P-QUEUE ──TAKE (only for idle workers)──▶ reader ──▶ jobs (bounded) ──▶ worker pool
+//!     ▲                                             ▲ "ready"        │   dispatch: access,
+//!     │ due delayed ids,                            └─ idle workers  │   limits, cache,
+//!     │ dead instances' ids        deadlines ──▶ timer               │   deadline, panics;
+//!  scheduler (P-DELAYED,           (timeout replies, halt,           │   replaces hung
+//!  heartbeat, recovery)             hung-worker replacement)         ▼   workers
 //!                                                           replies (channel)
 //!                                                                    │
-//!                                           publisher (one connection; PUBLISH json +
-//!                                           msgpack, ack, republish to late subscribers)
-//!  ctrl-c / SIGTERM / halt ──▶ shutdown: stop reader → drain workers → flush publisher
-//!                                        → return unfinished requests to the queue
+//!                                           publisher (one connection; one script per
+//!                                           reply: ack, then PUBLISH json + msgpack;
+//!                                           republish to late subscribers)
+//!  ctrl-c / SIGTERM / halt ──▶ shutdown: stop taking → wait for unanswered calls
+//!        (drain_timeout_ms) → flush publisher → return unfinished requests to the
+//!        queue; all within drain_timeout_ms + 5 s
 //! ```
+//!
+//! The data that travels between these threads (jobs, replies, the ids in hand,
+//! the counters) lives in `job`, below them all: each thread depends on data, not
+//! on another thread.
 //!
 //! ## Layout
 //!
@@ -29,7 +35,8 @@
 //! | [`error`] | [`RequestError`] (one per bad-request case) and [`Error`] |
 //! | [`registry`] | function name → typed handler and its [`Options`] |
 //! | [`context`] | what a function gets: caller, deadline, Redis, shutdown |
-//! | `dispatch` | the one path every request takes, and its counters |
+//! | `job` | data between threads: jobs, replies, ids in hand, counters |
+//! | `dispatch` | the one path every request takes |
 //! | `limits` | how many calls a user or a function may run at once |
 //! | `reader` | the queue reader thread |
 //! | `pool` | the worker threads |
@@ -67,6 +74,7 @@ pub mod connection;
 pub mod context;
 mod dispatch;
 pub mod error;
+mod job;
 mod limits;
 mod pool;
 pub mod protocol;
@@ -81,8 +89,8 @@ pub mod timer;
 pub use client::Client;
 pub use config::{Config, Env, Overrides};
 pub use context::{Context, Origin};
-pub use dispatch::Stats;
 pub use error::{Error, FnError, RequestError};
+pub use job::Stats;
 pub use protocol::{Keys, Reply, Request};
 pub use registry::{Answer, IntoAnswer, NoArgs, Options, Registry};
 pub use server::run;

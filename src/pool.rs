@@ -10,7 +10,8 @@
 //! is empty, or when the drain deadline has passed.
 //! Not for: deadlines (the timer) or replies (the publisher).
 
-use crate::dispatch::{AfterCall, Dispatcher, Job};
+use crate::dispatch::{AfterCall, Dispatcher};
+use crate::job::Job;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{select, Receiver, Sender};
 use std::sync::atomic::{AtomicBool, Ordering};

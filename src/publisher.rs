@@ -15,9 +15,8 @@
 //! workers do that) or deciding them (`dispatch.rs`).
 
 use crate::connection::Connector;
-use crate::dispatch::Stats;
+use crate::job::{Encoded, InHand, Outgoing, Stats};
 use crate::protocol::Keys;
-use crate::reader::InHand;
 use crate::scheduler::SCHEDULE;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -55,34 +54,6 @@ if ARGV[2] ~= '' then
 end
 return {acked, received, why}
 ";
-
-/// A reply in both wire forms.
-pub(crate) struct Encoded {
-    pub(crate) json: Vec<u8>,
-    pub(crate) msgpack: Vec<u8>,
-}
-
-impl Encoded {
-    fn len(&self) -> usize {
-        self.json.len() + self.msgpack.len()
-    }
-}
-
-/// What the publisher is asked to do.
-pub(crate) enum Outgoing {
-    /// Publish (unless `encoded` is `None`: a "no reply", or a client that asked
-    /// for none) and acknowledge request `id`.
-    Reply { id: u64, encoded: Option<Encoded> },
-    /// Store request `id` in `P-DELAYED` with `body` (its request without the delay),
-    /// due `delay_ms` from now, and release it from this instance.
-    Delay {
-        id: u64,
-        body: String,
-        delay_ms: u64,
-    },
-    /// Flush everything before this, requeue what is still held, and stop.
-    Finish,
-}
 
 /// What one request still needs from Redis: one script call, harmless to send
 /// again after its answer was lost.

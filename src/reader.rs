@@ -23,15 +23,15 @@
 //! Not for: parsing beyond the protocol (`protocol.rs`) or running requests.
 
 use crate::connection::{Connector, Failure};
-use crate::dispatch::{Job, ReplyTo, Stats, Unanswered};
 use crate::error::RequestError;
+use crate::job::{InHand, Job, ReplyTo, Stats, Unanswered};
 use crate::protocol::{describe_entry, parse_queue_entry, parse_request, Keys};
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{select, Receiver, SendTimeoutError, Sender};
 use redis::{Connection, RedisResult, Value};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -91,41 +91,6 @@ for i = 1, #KEYS, 2 do
 end
 return out
 ";
-
-/// The request ids this instance has taken and not yet acknowledged, each with
-/// how many times it is held: the reader adds, the publisher removes once the ack
-/// is in Redis. A count, not a set: the same id can be taken again before the ack
-/// of its first take is removed (a `delay` request moved back by `MOVE_DUE`, a
-/// duplicated queue entry), and that ack must not make the second take look lost.
-#[derive(Clone, Default)]
-pub(crate) struct InHand(Arc<Mutex<HashMap<u64, usize>>>);
-
-impl InHand {
-    fn add(&self, ids: impl IntoIterator<Item = u64>) {
-        if let Ok(mut held) = self.0.lock() {
-            for id in ids {
-                *held.entry(id).or_default() += 1;
-            }
-        }
-    }
-
-    pub(crate) fn remove(&self, ids: impl IntoIterator<Item = u64>) {
-        if let Ok(mut held) = self.0.lock() {
-            for id in ids {
-                if let Some(n) = held.get_mut(&id) {
-                    *n -= 1;
-                    if *n == 0 {
-                        held.remove(&id);
-                    }
-                }
-            }
-        }
-    }
-
-    fn snapshot(&self) -> HashMap<u64, usize> {
-        self.0.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-}
 
 /// The entries of a processing list (`listed`) that this instance does not know
 /// it holds (`known`, from [`InHand`]), counting repeats: an id listed twice and

@@ -7,12 +7,13 @@
 use crate::config::Config;
 use crate::connection::{ConnectionPool, Connector};
 use crate::context::Services;
-use crate::dispatch::{Dispatcher, Hung, Stats, Unanswered};
+use crate::dispatch::{Dispatcher, Hung};
 use crate::error::Error;
+use crate::job::{InHand, Outgoing, Stats, Unanswered};
 use crate::pool::Worker;
 use crate::protocol::Keys;
-use crate::publisher::{Outgoing, Publisher};
-use crate::reader::{InHand, Reader, BLOCK};
+use crate::publisher::Publisher;
+use crate::reader::{Reader, BLOCK};
 use crate::registry::Registry;
 use crate::scheduler::Scheduler;
 use crate::shutdown::Shutdown;

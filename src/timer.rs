@@ -4,7 +4,7 @@
 //! as an argument, so it is tested without sleeping. Not for: running functions (the
 //! workers do; due requests go to them on a channel).
 
-use crate::dispatch::{Job, Pending};
+use crate::job::Job;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::cmp::Ordering;
@@ -93,10 +93,17 @@ impl<T> TimerQueue<T> {
     }
 }
 
+/// Something with a deadline: a call in progress (`dispatch::Pending`). The timer
+/// knows only this, not the dispatcher.
+pub(crate) trait Expire: Send + Sync {
+    /// The deadline has passed.
+    fn expire(&self);
+}
+
 /// What the timer thread does when an entry comes due.
 pub(crate) enum TimerEvent {
     /// A call's deadline: answer `timeout` unless it answered already.
-    Deadline(Arc<Pending>),
+    Deadline(Arc<dyn Expire>),
     /// A delayed request is due: hand it to the workers.
     Due(Job),
     /// Trigger shutdown (`halt`).

@@ -1,0 +1,160 @@
+//! The data that travels between the server's threads, below all of them: a job
+//! on its way from the reader (or the timer) to a worker and where its reply goes
+//! ([`Job`], [`ReplyTo`]); what the workers ask of the publisher ([`Outgoing`],
+//! [`Encoded`]); the request ids this instance holds until their acks are in Redis
+//! ([`InHand`]: the reader adds, the publisher removes); the jobs handed over and
+//! not yet answered ([`Unanswered`]: the reader counts up, the dispatcher down,
+//! the stop waits for 0); and the server's counters ([`Stats`]). Each thread
+//! depends on this module, not on another thread's. Not for: behaviour (the
+//! threads own it) or the wire format (`protocol.rs`).
+
+use crate::error::RequestError;
+use crate::protocol::{Reply, Request};
+use crossbeam_channel::Sender;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Where a job's reply goes.
+#[derive(Clone, Debug)]
+pub(crate) enum ReplyTo {
+    /// Published on the request's channels by the publisher, which also acks it.
+    Redis { id: u64 },
+    /// A request from Redis whose client wants no reply (`"reply": false`): the
+    /// publisher acks it and publishes nothing.
+    RedisSilent { id: u64 },
+    /// Sent to an in-process caller; `None` is "no reply". The HTTP plug and cron
+    /// (next issues) use it; today only the tests do.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Local(Sender<Option<Reply>>),
+}
+
+impl ReplyTo {
+    /// Where a reply goes when the client asked for none: nowhere, for a request
+    /// from Redis (it is still acknowledged); an in-process caller always gets it.
+    pub(crate) fn silenced(self) -> Self {
+        match self {
+            ReplyTo::Redis { id } => ReplyTo::RedisSilent { id },
+            other => other,
+        }
+    }
+}
+
+/// One request on its way to a worker.
+pub(crate) struct Job {
+    pub(crate) reply_to: ReplyTo,
+    pub(crate) body: Result<Request, RequestError>,
+    /// Set once a delayed request has waited its delay.
+    pub(crate) waited: bool,
+}
+
+/// A reply in both wire forms.
+pub(crate) struct Encoded {
+    pub(crate) json: Vec<u8>,
+    pub(crate) msgpack: Vec<u8>,
+}
+
+impl Encoded {
+    pub(crate) fn len(&self) -> usize {
+        self.json.len() + self.msgpack.len()
+    }
+}
+
+/// What the publisher is asked to do.
+pub(crate) enum Outgoing {
+    /// Publish (unless `encoded` is `None`: a "no reply", or a client that asked
+    /// for none) and acknowledge request `id`.
+    Reply { id: u64, encoded: Option<Encoded> },
+    /// Store request `id` in `P-DELAYED` with `body` (its request without the delay),
+    /// due `delay_ms` from now, and release it from this instance.
+    Delay {
+        id: u64,
+        body: String,
+        delay_ms: u64,
+    },
+    /// Flush everything before this, requeue what is still held, and stop.
+    Finish,
+}
+
+/// The request ids this instance has taken and not yet acknowledged, each with
+/// how many times it is held: the reader adds, the publisher removes once the ack
+/// is in Redis. A count, not a set: the same id can be taken again before the ack
+/// of its first take is removed (a `delay` request moved back by `MOVE_DUE`, a
+/// duplicated queue entry), and that ack must not make the second take look lost.
+#[derive(Clone, Default)]
+pub(crate) struct InHand(Arc<Mutex<HashMap<u64, usize>>>);
+
+impl InHand {
+    pub(crate) fn add(&self, ids: impl IntoIterator<Item = u64>) {
+        if let Ok(mut held) = self.0.lock() {
+            for id in ids {
+                *held.entry(id).or_default() += 1;
+            }
+        }
+    }
+
+    pub(crate) fn remove(&self, ids: impl IntoIterator<Item = u64>) {
+        if let Ok(mut held) = self.0.lock() {
+            for id in ids {
+                if let Some(n) = held.get_mut(&id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        held.remove(&id);
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> HashMap<u64, usize> {
+        self.0.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// Requests from Redis handed to the workers and not yet answered: the reader
+/// counts one up before it hands a job over, the dispatcher counts it down when
+/// the job's reply (or its delay) goes to the publisher. A graceful stop waits for
+/// this to reach 0, not for worker threads: a worker stuck in a call whose caller
+/// already has `timeout` holds nothing.
+#[derive(Clone, Default)]
+pub(crate) struct Unanswered(Arc<AtomicI64>);
+
+impl Unanswered {
+    pub(crate) fn add(&self, n: usize) {
+        self.0.fetch_add(n as i64, Ordering::SeqCst);
+    }
+
+    pub(crate) fn done(&self, n: usize) {
+        self.0.fetch_sub(n as i64, Ordering::SeqCst);
+    }
+
+    /// Whether every job handed over has been answered.
+    pub(crate) fn is_zero(&self) -> bool {
+        self.0.load(Ordering::SeqCst) <= 0
+    }
+}
+
+/// Counters of what the server did, for logs and (later) metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Requests that reached a worker (a delayed request twice: when it was read,
+    /// and again when it came due).
+    pub requests: AtomicU64,
+    /// Requests put off by their `delay`.
+    pub delayed: AtomicU64,
+    /// Replies with `status: ok`.
+    pub ok: AtomicU64,
+    /// Replies with `status: error` (timeouts included).
+    pub errors: AtomicU64,
+    /// Calls that ran past their deadline.
+    pub timeouts: AtomicU64,
+    /// Calls that panicked.
+    pub panics: AtomicU64,
+    /// Queue entries that were not request ids.
+    pub bad_entries: AtomicU64,
+    /// Replies served from the result cache.
+    pub cache_hits: AtomicU64,
+    /// Replies held for late subscribers that were dropped because
+    /// `republish_max_bytes` was reached (the oldest go first).
+    pub replies_dropped: AtomicU64,
+}
