@@ -233,12 +233,13 @@ fn deliver(
 ) {
     match reply_to {
         ReplyTo::Redis { id } => {
-            unanswered.done(1);
             let encoded = reply.map(|r| Encoded {
                 json: r.to_json(),
                 msgpack: r.to_msgpack(),
             });
             let _ = out.send(Outgoing::Reply { id: *id, encoded });
+            // After the send: a stop that sees 0 queues its `Finish` behind this.
+            unanswered.done(1);
         }
         ReplyTo::RedisSilent { id } => {
             let _ = out.send(Outgoing::Reply {
