@@ -63,12 +63,14 @@ fn a_reply_finished_inside_the_drain_is_published_not_requeued() {
             },
         )
         .timeout_ms(30_000);
-    let mut config = Config::default();
-    config.redis_url = redis.url();
+    let mut config = Config {
+        redis_url: redis.url(),
+        workers: 2,
+        drain_timeout_ms: 10_000,
+        ..Config::default()
+    };
     config.access.users = vec!["foo".into()];
     config.access.sources = vec!["web".into()];
-    config.workers = 2;
-    config.drain_timeout_ms = 10_000;
     let shutdown = Shutdown::new();
     let server = {
         let shutdown = shutdown.clone();
