@@ -4,8 +4,8 @@
 //!
 //! ```text
 //! cargo run --release --example loadgen -- --redis redis://127.0.0.1:6399 \
-//!     [--workload w1|w2|w3|w4|seed|delay|all (or a list: w1,w3)] [--n N] [--env dev|prod]
-//!     [--budget SECS] [--no-ref]
+//!     [--workload w1|w2|w3|w4|seed|delay|rss|all (or a list: w1,w3)] [--n N] [--env dev|prod]
+//!     [--budget SECS] [--no-ref] [--server-pid PID]
 //! ```
 //!
 //! It assumes a cerbas server already serves that Redis with the shipped
@@ -29,6 +29,14 @@
 //!   `RPUSH` each as fast as possible. Per reply, lateness = arrival − (instant
 //!   before its `RPUSH` + delay): p50, p99, max. A reply with lateness < 0 is early
 //!   (a server bug); one later than delay + 10 s counts as missing.
+//! - `rss` (not in `all`; needs `--server-pid`, the pid of the cerbas process on this
+//!   machine): the server's memory while N (default 1,000,000) waiting one-way
+//!   `hello` requests drain, twice: as old clients send them (no `reply` field, so
+//!   every reply is held for late subscribers, up to `republish_max_bytes`), then
+//!   with `"reply": false`. All are stored and queued first, then the server drains
+//!   them; its RSS is sampled every 50 ms. Per pass: requests/s, RSS before, peak
+//!   (the sampled maximum, and VmHWM when it could be reset through
+//!   `/proc/PID/clear_refs`), and after (once the grace has passed).
 //!
 //! `ref` is a lean reference server run inside this program on another Redis db
 //! (15, or 14 if the server uses 15), speaking the same protocol with the same
@@ -53,8 +61,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const USAGE: &str =
-    "usage: loadgen --redis redis://127.0.0.1:PORT [--workload w1|w2|w3|w4|seed|delay|all] \
-[--n N] [--env dev|prod] [--budget SECS] [--no-ref]";
+    "usage: loadgen --redis redis://127.0.0.1:PORT [--workload w1|w2|w3|w4|seed|delay|rss|all] \
+[--n N] [--env dev|prod] [--budget SECS] [--no-ref] [--server-pid PID]";
 
 /// Callers in W2 (DESIGN §6).
 const CALLERS: usize = 16;
@@ -81,6 +89,7 @@ enum Workload {
     W4,
     Seed,
     Delay,
+    Rss,
 }
 
 impl Workload {
@@ -92,6 +101,7 @@ impl Workload {
             Workload::W4 => 200,
             Workload::Seed => 10_000,
             Workload::Delay => 1_000,
+            Workload::Rss => 1_000_000,
         }
     }
 }
@@ -103,6 +113,7 @@ struct Opts {
     n: Option<u64>,
     budget: Duration,
     reference: bool,
+    server_pid: Option<u32>,
 }
 
 fn parse_args() -> Result<Opts, String> {
@@ -120,6 +131,7 @@ fn parse_args() -> Result<Opts, String> {
     let mut n = None;
     let mut budget = Duration::from_secs(120);
     let mut reference = true;
+    let mut server_pid = None;
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
@@ -147,6 +159,7 @@ fn parse_args() -> Result<Opts, String> {
                         "w4" => workloads.push(Workload::W4),
                         "seed" => workloads.push(Workload::Seed),
                         "delay" => workloads.push(Workload::Delay),
+                        "rss" => workloads.push(Workload::Rss),
                         "all" => workloads.extend([
                             Workload::W1,
                             Workload::W2,
@@ -160,11 +173,17 @@ fn parse_args() -> Result<Opts, String> {
                 }
             }
             "--no-ref" => reference = false,
+            "--server-pid" => {
+                server_pid = Some(value()?.parse().map_err(|_| "--server-pid wants a pid")?);
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
     let redis = redis.ok_or("--redis is required")?;
+    if workloads.contains(&Workload::Rss) && server_pid.is_none() {
+        return Err("--workload rss needs --server-pid".into());
+    }
     Ok(Opts {
         redis,
         env,
@@ -172,6 +191,7 @@ fn parse_args() -> Result<Opts, String> {
         n,
         budget,
         reference,
+        server_pid,
     })
 }
 
@@ -309,12 +329,16 @@ fn run(opts: &Opts) -> Result<(), String> {
             Workload::W4 => w4(&cerbas, n, opts.budget),
             Workload::Seed => seed(&cerbas, n, opts.budget),
             Workload::Delay => delay(&cerbas, n, opts.budget),
+            Workload::Rss => match opts.server_pid {
+                Some(pid) => rss(&cerbas, pid, n, opts.budget),
+                None => Err("--server-pid is required".into()),
+            },
         };
         if let Err(e) = r {
             println!("{w:?}: failed: {e}");
             result = Err(format!("{w:?} failed"));
         }
-        if *w == Workload::W3 && i + 1 < opts.workloads.len() {
+        if matches!(w, Workload::W3 | Workload::Rss) && i + 1 < opts.workloads.len() {
             eprintln!(
                 "(settling {}s: cerbas republishes unheard replies)",
                 SETTLE_AFTER_W3.as_secs()
@@ -326,6 +350,95 @@ fn run(opts: &Opts) -> Result<(), String> {
         s.stop();
     }
     result
+}
+
+// ---------------------------------------------------------------- rss
+
+/// A `/proc/PID/status` field in kB (`VmRSS`, `VmHWM`), as MiB.
+fn proc_mib(pid: u32, field: &str) -> Result<f64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("/proc/{pid}/status: {e} (is --server-pid the cerbas pid?)"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .ok_or(format!("no {field} in /proc/{pid}/status"))
+}
+
+/// Resets the process's VmHWM to its current RSS; false if not allowed.
+fn reset_peak(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+/// One pass of the `rss` workload: `n` one-way `hello` requests stored and queued,
+/// then drained while the server's RSS is sampled.
+fn rss_pass(t: &Target, pid: u32, n: u64, budget: Duration, field: bool) -> Result<(), String> {
+    let client = t.client()?;
+    let keys = t.keys();
+    let mut c = t.conn()?;
+    let body = if field {
+        client.body_one_way("hello", json!({}))
+    } else {
+        client.body("hello", json!({}))
+    };
+    let before = proc_mib(pid, "VmRSS")?;
+    let ids = store(&mut c, &keys, n, &body)?;
+    let hwm = reset_peak(pid);
+    let t0 = Instant::now();
+    let deadline = t0 + budget;
+    for chunk in ids.chunks(10_000) {
+        redis::cmd("RPUSH")
+            .arg(keys.queue())
+            .arg(chunk)
+            .query::<u64>(&mut c)
+            .map_err(|e| e.to_string())?;
+    }
+    let mut peak = before;
+    let mut last_check = t0;
+    let mut drained = None;
+    while Instant::now() < deadline {
+        peak = peak.max(proc_mib(pid, "VmRSS")?);
+        if last_check.elapsed() >= Duration::from_millis(500) {
+            last_check = Instant::now();
+            let queued: u64 = redis::cmd("LLEN")
+                .arg(keys.queue())
+                .query(&mut c)
+                .map_err(|e| e.to_string())?;
+            if queued == 0 && existing(&mut c, &keys, &ids)? == 0 {
+                drained = Some(t0.elapsed());
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Past the grace (5 s shipped) nothing is held for late subscribers any more.
+    let settle = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < settle {
+        peak = peak.max(proc_mib(pid, "VmRSS")?);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = proc_mib(pid, "VmRSS")?;
+    let hwm_part = if hwm {
+        format!(", VmHWM {:.1} MiB", proc_mib(pid, "VmHWM")?)
+    } else {
+        " (VmHWM could not be reset)".into()
+    };
+    println!(
+        "RSS drain: {n} waiting one-way hello, {}: drained {}; server RSS before {before:.1} MiB, peak {peak:.1} MiB{hwm_part}, after {after:.1} MiB",
+        if field {
+            "\"reply\": false"
+        } else {
+            "no reply field (old clients)"
+        },
+        rate(n, drained),
+    );
+    Ok(())
+}
+
+fn rss(cerbas: &Target, pid: u32, n: u64, budget: Duration) -> Result<(), String> {
+    rss_pass(cerbas, pid, n, budget, false)?;
+    rss_pass(cerbas, pid, n, budget, true)
 }
 
 // ---------------------------------------------------------------- measuring
