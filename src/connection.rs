@@ -175,22 +175,30 @@ pub(crate) fn check_at_start(client: &Client, db: i64, shutdown: &Shutdown) -> R
     let mut connector = Connector::new(client.clone(), "start-up", CONNECT_TIMEOUT);
     let mut backoff = FIRST_BACKOFF;
     loop {
+        // Connecting (with its AUTH and SELECT) tells what can never work; the
+        // version is read with INFO, which an operator may have renamed away or
+        // denied by ACL: then it is not known, and the server goes on.
         let checked = open(client, CONNECT_TIMEOUT).and_then(|mut c| {
-            redis::cmd("INFO")
-                .arg("server")
-                .query::<String>(&mut c)
-                .map(|info| redis_version(&info))
+            match redis::cmd("INFO").arg("server").query::<String>(&mut c) {
+                Ok(info) => Ok(redis_version(&info).ok_or("no redis_version line".into())),
+                Err(e) if is_lost(&e) => Err(e),
+                Err(e) => Ok(Err(e.to_string())),
+            }
         });
         match checked {
-            Ok(Some(v)) if v < MIN_REDIS_VERSION => {
+            Ok(Ok(v)) if v < MIN_REDIS_VERSION => {
                 return Err(Error::Unusable(format!(
                     "Redis {}.{} is too old: cerbas needs {}.{} or later (BLMOVE, LMOVE)",
                     v.0, v.1, MIN_REDIS_VERSION.0, MIN_REDIS_VERSION.1
                 )))
             }
             Ok(v) => {
-                if v.is_none() {
-                    log::warn!("redis did not say its version; going on");
+                if let Err(why) = v {
+                    log::warn!(
+                        "could not read the Redis version ({why}); going on: cerbas needs {}.{} or later",
+                        MIN_REDIS_VERSION.0,
+                        MIN_REDIS_VERSION.1
+                    );
                 }
                 connector.connected();
                 return Ok(true);

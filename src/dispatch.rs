@@ -104,6 +104,10 @@ impl Expire for Pending {
             self.replace_worker();
         }
     }
+
+    fn settled(&self) -> bool {
+        self.state.load(Ordering::SeqCst) != state::RUNNING
+    }
 }
 
 /// What the worker does once its call has returned.

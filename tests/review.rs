@@ -195,3 +195,32 @@ fn a_refused_ack_is_not_served_again_after_a_reconnect() {
         server.log_text()
     );
 }
+
+/// A Redis that has `INFO` renamed away (a common hardening step; cerbas never
+/// needs `INFO` to serve) answers every command cerbas sends, yet the start-up
+/// check (connection.rs `check_at_start`) asks `INFO server`, files "unknown
+/// command" under "may heal", and waits forever, logging "redis unavailable"
+/// about a Redis that answers. It should start (the check already goes on when
+/// the version is unknown), or exit 2 with the reason; not wait forever.
+#[test]
+fn a_redis_without_info_is_served_or_refused_not_waited_for() {
+    let redis = Redis::start_with(&["--rename-command", "INFO", ""], None);
+    let mut server = Server::spawn(&redis, &[], &[]);
+    let deadline = Instant::now() + Duration::from_secs(12);
+    let outcome = loop {
+        if server.log_text().contains("ready: taking requests") {
+            break "ready".to_string();
+        }
+        if let Some(status) = server.wait_exit(Duration::from_millis(100)) {
+            break format!("exit {status}");
+        }
+        if Instant::now() >= deadline {
+            break "still waiting after 12 s".to_string();
+        }
+    };
+    assert_eq!(outcome, "ready", "log:\n{}", server.log_text());
+    server.wait_ready(&redis);
+    assert!(server
+        .log_text()
+        .contains("could not read the Redis version"));
+}
