@@ -11,7 +11,7 @@ use crate::config::Access;
 use crate::context::{Context, Origin, Services};
 use crate::error::{FnError, RequestError};
 use crate::protocol::{cache_entry, cache_hit, Reply, Request};
-use crate::publisher::{Encoded, Outgoing};
+use crate::publisher::{Encoded, Outbox, Outgoing};
 use crate::registry::{Answer, Registry};
 use crate::timer::TimerEvent;
 use crossbeam_channel::Sender;
@@ -130,7 +130,7 @@ pub(crate) struct Pending {
     hung: Option<Arc<Hung>>,
     func: String,
     reply_to: ReplyTo,
-    out: Sender<Outgoing>,
+    out: Outbox,
     stats: Arc<Stats>,
 }
 
@@ -169,7 +169,7 @@ impl Pending {
     }
 }
 
-fn deliver(reply_to: &ReplyTo, out: &Sender<Outgoing>, reply: Option<Reply>) {
+fn deliver(reply_to: &ReplyTo, out: &Outbox, reply: Option<Reply>) {
     match reply_to {
         ReplyTo::Redis { id } => {
             let encoded = reply.map(|r| Encoded {
@@ -197,7 +197,7 @@ pub(crate) struct Dispatcher {
     pub(crate) default_timeout: Duration,
     pub(crate) max_delay: Duration,
     pub(crate) services: Arc<Services>,
-    pub(crate) out: Sender<Outgoing>,
+    pub(crate) out: Outbox,
     pub(crate) stats: Arc<Stats>,
     pub(crate) hung: Option<Arc<Hung>>,
 }
@@ -472,7 +472,7 @@ mod tests {
                 pool: None,
                 timer: Some(timer.clone()),
             }),
-            out,
+            out: out.into(),
             stats: Arc::default(),
             hung: None,
         };

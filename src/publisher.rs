@@ -10,9 +10,10 @@
 //! subscribed to (the seed's client subscribes after its `RPUSH`) is published
 //! again with back-off until `reply_grace_ms` has passed, the last time at its
 //! end; at most `republish_max_bytes` of such replies are held, the oldest dropped
-//! first. On `Finish` it flushes, then moves whatever this instance still holds
-//! back to the queue, so a shutdown loses nothing. Not for: encoding replies (the
-//! workers do that) or deciding them (`dispatch.rs`).
+//! first. What waits for it is counted ([`Backlog`]): the reader takes no more
+//! requests while too much does. On `Finish` it flushes, then moves whatever this
+//! instance still holds back to the queue, so a shutdown loses nothing. Not for:
+//! encoding replies (the workers do that) or deciding them (`dispatch.rs`).
 
 use crate::connection::Connector;
 use crate::dispatch::Stats;
@@ -20,12 +21,12 @@ use crate::protocol::Keys;
 use crate::reader::InHand;
 use crate::scheduler::SCHEDULE;
 use crate::shutdown::Shutdown;
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendError};
 use redis::{Connection, RedisError, RedisResult, Script, Value};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -82,6 +83,93 @@ pub(crate) enum Outgoing {
     },
     /// Flush everything before this, requeue what is still held, and stop.
     Finish,
+}
+
+impl Outgoing {
+    fn bytes(&self) -> usize {
+        match self {
+            Outgoing::Reply { encoded, .. } => encoded.as_ref().map_or(0, Encoded::len),
+            Outgoing::Delay { body, .. } => body.len(),
+            Outgoing::Finish => 0,
+        }
+    }
+}
+
+/// Most messages, and bytes, waiting for the publisher before the reader stops
+/// taking requests.
+const BACKLOG_COUNT: usize = 2 * MAX_BATCH;
+const BACKLOG_BYTES: usize = 8 * MAX_BATCH_BYTES;
+
+/// What waits for the publisher in its channel. The reader takes no more requests
+/// while it is over [`BACKLOG_COUNT`] or [`BACKLOG_BYTES`], so when the publisher
+/// falls behind (a slow Redis, a flood of replies nobody hears) requests wait in
+/// Redis, not in this process's memory. (The channel itself stays unbounded: the
+/// timer, which sends timeout replies, must never block.)
+#[derive(Default)]
+pub(crate) struct Backlog {
+    load: Mutex<(usize, usize)>,
+    room: Condvar,
+}
+
+impl Backlog {
+    fn add(&self, bytes: usize) {
+        if let Ok(mut load) = self.load.lock() {
+            load.0 += 1;
+            load.1 += bytes;
+        }
+    }
+
+    fn taken(&self, count: usize, bytes: usize) {
+        if let Ok(mut load) = self.load.lock() {
+            load.0 = load.0.saturating_sub(count);
+            load.1 = load.1.saturating_sub(bytes);
+            if load.0 <= BACKLOG_COUNT && load.1 <= BACKLOG_BYTES {
+                self.room.notify_all();
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the backlog to be within its bounds; says whether
+    /// it is.
+    pub(crate) fn wait_room(&self, timeout: Duration) -> bool {
+        let Ok(load) = self.load.lock() else {
+            return true;
+        };
+        match self
+            .room
+            .wait_timeout_while(load, timeout, |(count, bytes)| {
+                *count > BACKLOG_COUNT || *bytes > BACKLOG_BYTES
+            }) {
+            Ok((_, waited)) => !waited.timed_out(),
+            Err(_) => true,
+        }
+    }
+}
+
+/// The sending end of the publisher's channel, counting what it sends into the
+/// [`Backlog`].
+#[derive(Clone)]
+pub(crate) struct Outbox {
+    tx: crossbeam_channel::Sender<Outgoing>,
+    backlog: Arc<Backlog>,
+}
+
+impl Outbox {
+    pub(crate) fn new(tx: crossbeam_channel::Sender<Outgoing>, backlog: Arc<Backlog>) -> Self {
+        Outbox { tx, backlog }
+    }
+
+    pub(crate) fn send(&self, msg: Outgoing) -> Result<(), SendError<Outgoing>> {
+        self.backlog.add(msg.bytes());
+        self.tx.send(msg)
+    }
+}
+
+impl From<crossbeam_channel::Sender<Outgoing>> for Outbox {
+    /// An outbox with a backlog of its own (nobody waits on it), for tests.
+    fn from(tx: crossbeam_channel::Sender<Outgoing>) -> Self {
+        Outbox::new(tx, Arc::default())
+    }
 }
 
 /// What one request still needs from Redis: one script call, harmless to send
@@ -346,6 +434,8 @@ pub(crate) struct Publisher {
     pub(crate) republish_max_bytes: usize,
     pub(crate) in_hand: InHand,
     pub(crate) stats: Arc<Stats>,
+    /// What the workers sent and the publisher has not taken yet.
+    pub(crate) backlog: Arc<Backlog>,
     /// Triggered by the server just before `Finish`: from then on Redis is waited
     /// for only until a deadline, so a stop never hangs on an outage.
     pub(crate) stopping: Shutdown,
@@ -416,7 +506,11 @@ impl Sender {
             let mut acks = Vec::new();
             match finish_by {
                 None => {
-                    if !gather(&rx, wake, &mut acks) {
+                    let going = gather(&rx, wake, &mut acks);
+                    self.p
+                        .backlog
+                        .taken(acks.len() + usize::from(!going), bytes(&acks));
+                    if !going {
                         finish_by = Some(Instant::now() + FINISH_GRACE.min(self.p.grace));
                     }
                 }
@@ -778,6 +872,10 @@ fn gather(rx: &Receiver<Outgoing>, wake: Instant, acks: &mut Vec<Ack>) -> bool {
         acks.push(ack);
     }
     true
+}
+
+fn bytes(acks: &[Ack]) -> usize {
+    acks.iter().map(Ack::bytes).sum()
 }
 
 /// The work a message asks for; `None` for `Finish`.

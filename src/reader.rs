@@ -77,6 +77,8 @@ pub(crate) struct Reader {
     pub(crate) stats: Arc<Stats>,
     pub(crate) shutdown: Shutdown,
     pub(crate) in_hand: InHand,
+    /// Replies waiting for the publisher: no taking while it is full.
+    pub(crate) backlog: Arc<crate::publisher::Backlog>,
 }
 
 /// Starts the reader thread.
@@ -110,6 +112,10 @@ impl Reader {
                     None => break,
                 },
             };
+            // While the publisher is behind, requests wait in Redis.
+            if !self.backlog.wait_room(ERROR_PAUSE) {
+                continue;
+            }
             match self.take_batch(c, &take_more) {
                 Ok(jobs) => {
                     if !self.hand_over(jobs) {

@@ -11,7 +11,7 @@ use crate::dispatch::{Dispatcher, Hung, Stats};
 use crate::error::Error;
 use crate::pool::Worker;
 use crate::protocol::Keys;
-use crate::publisher::{Outgoing, Publisher};
+use crate::publisher::{Backlog, Outbox, Outgoing, Publisher};
 use crate::reader::{InHand, Reader, BLOCK};
 use crate::registry::Registry;
 use crate::scheduler::Scheduler;
@@ -70,6 +70,10 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
     // already bounded by the jobs taken, and the timer, which sends timeouts, must
     // never block behind a publisher waiting out a Redis outage.
     let (out_tx, out_rx) = crossbeam_channel::unbounded();
+    // What waits in it is bounded by the reader, which stops taking while the
+    // publisher's backlog is full.
+    let backlog = Arc::new(Backlog::default());
+    let out_tx = Outbox::new(out_tx, backlog.clone());
     let (timer, timer_thread) = crate::timer::start(due_tx, shutdown.clone())?;
     let publisher = crate::publisher::start(
         Publisher {
@@ -81,6 +85,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             republish_max_bytes: config.republish_max_bytes,
             in_hand: in_hand.clone(),
             stats: stats.clone(),
+            backlog: backlog.clone(),
             stopping: stopping.clone(),
         },
         out_rx,
@@ -131,6 +136,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         stats: stats.clone(),
         shutdown: shutdown.clone(),
         in_hand,
+        backlog,
     })?;
     log::info!("ready: taking requests from {queue}");
 
