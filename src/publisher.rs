@@ -97,7 +97,7 @@ impl Outgoing {
 
 /// Most messages, and bytes, waiting for the publisher before the reader stops
 /// taking requests.
-const BACKLOG_COUNT: usize = 2 * MAX_BATCH;
+const BACKLOG_COUNT: usize = 8 * MAX_BATCH;
 const BACKLOG_BYTES: usize = 8 * MAX_BATCH_BYTES;
 
 /// What waits for the publisher in its channel. The reader takes no more requests
