@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Before/after in one sitting: runs `loadgen --workload all` against two cerbas
 # binaries in turn (A, B, A, B, ...), each on a fresh redis-server of its own on a
-# free loopback port, with the shipped configuration. The machine is shared and
+# free loopback port, each with the configuration shipped beside it (the
+# cerbas.toml of the checkout whose target/release it is in, else this one). The machine is shared and
 # noisy, so compare the two columns of the same run, never numbers across runs.
 #   scripts/bench-compare.sh OLD_CERBAS NEW_CERBAS [ROUNDS] [LOADGEN]
 # Not for: `make test` (speed is measured, not asserted).
@@ -19,9 +20,14 @@ for round in $(seq 1 "$rounds"); do
     redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
       --dir "$dir" --daemonize yes --logfile "$dir/redis.log"
     until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done
-    RUST_LOG=warn "$bin" --config cerbas.toml --redis "redis://127.0.0.1:$port" 2>"$dir/cerbas.log" &
+    config="$(dirname "$bin")/../../cerbas.toml"
+    [ -f "$config" ] || config=cerbas.toml
+    RUST_LOG=warn "$bin" --config "$config" --redis "redis://127.0.0.1:$port" 2>"$dir/cerbas.log" &
     pid=$!
-    until redis-cli -p "$port" -n 1 exists CERBAS-INSTANCES | grep -q 1; do sleep 0.05; done
+    until redis-cli -p "$port" -n 1 exists CERBAS-INSTANCES | grep -q 1; do
+      kill -0 "$pid" 2>/dev/null || { echo "cerbas did not start:" >&2; cat "$dir/cerbas.log" >&2; exit 1; }
+      sleep 0.05
+    done
     echo "== round $round: $which ($bin)"
     "$loadgen" --redis "redis://127.0.0.1:$port" --workload all 2>/dev/null || echo "loadgen failed"
     kill -TERM "$pid"; wait "$pid" || true

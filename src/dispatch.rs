@@ -10,7 +10,7 @@
 use crate::config::Access;
 use crate::context::{Context, Origin, Services};
 use crate::error::{FnError, RequestError};
-use crate::job::{Encoded, Job, Outgoing, ReplyTo, Stats, Unanswered};
+use crate::job::{Encoded, Job, Outbox, Outgoing, ReplyTo, Stats, Unanswered};
 use crate::limits::Concurrency;
 use crate::protocol::{cache_entry, cache_hit, Reply, Request};
 use crate::registry::{Answer, Registry};
@@ -91,7 +91,7 @@ pub(crate) struct Pending {
     hung: Option<Arc<Hung>>,
     func: String,
     reply_to: ReplyTo,
-    out: Sender<Outgoing>,
+    out: Outbox,
     unanswered: Unanswered,
     stats: Arc<Stats>,
 }
@@ -125,7 +125,7 @@ impl Pending {
         hung: Option<Arc<Hung>>,
         func: String,
         reply_to: ReplyTo,
-        out: Sender<Outgoing>,
+        out: Outbox,
         unanswered: Unanswered,
         stats: Arc<Stats>,
     ) -> Self {
@@ -229,12 +229,7 @@ impl Pending {
     }
 }
 
-fn deliver(
-    reply_to: &ReplyTo,
-    out: &Sender<Outgoing>,
-    unanswered: &Unanswered,
-    reply: Option<Reply>,
-) {
+fn deliver(reply_to: &ReplyTo, out: &Outbox, unanswered: &Unanswered, reply: Option<Reply>) {
     match reply_to {
         ReplyTo::Redis { id } => {
             let encoded = reply.map(|r| Encoded {
@@ -265,7 +260,7 @@ pub(crate) struct Dispatcher {
     pub(crate) default_timeout: Duration,
     pub(crate) max_delay: Duration,
     pub(crate) services: Arc<Services>,
-    pub(crate) out: Sender<Outgoing>,
+    pub(crate) out: Outbox,
     pub(crate) unanswered: Unanswered,
     pub(crate) stats: Arc<Stats>,
     pub(crate) hung: Option<Arc<Hung>>,
@@ -560,7 +555,7 @@ mod tests {
                 pool,
                 timer: Some(timer.clone()),
             }),
-            out,
+            out: out.into(),
             unanswered: Unanswered::default(),
             stats: Arc::default(),
             hung: None,
@@ -713,7 +708,7 @@ mod tests {
             Some(hung.clone()),
             "f".into(),
             ReplyTo::Local(tx),
-            out,
+            out.into(),
             Unanswered::default(),
             Arc::default(),
         );

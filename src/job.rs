@@ -1,7 +1,8 @@
 //! The data that travels between the server's threads, below all of them: a job
 //! on its way from the reader (or the timer) to a worker and where its reply goes
 //! ([`Job`], [`ReplyTo`]); what the workers ask of the publisher ([`Outgoing`],
-//! [`Encoded`]); the request ids this instance holds until their acks are in Redis
+//! [`Encoded`]), sent through an [`Outbox`] that counts what waits for it
+//! ([`Backlog`]: the reader takes nothing while too much does); the request ids this instance holds until their acks are in Redis
 //! ([`InHand`]: the reader adds, the publisher removes); the jobs handed over and
 //! not yet answered ([`Unanswered`]: the reader counts up, the dispatcher down,
 //! the stop waits for 0); and the server's counters ([`Stats`]). Each thread
@@ -10,10 +11,11 @@
 
 use crate::error::RequestError;
 use crate::protocol::{Reply, Request};
-use crossbeam_channel::Sender;
+use crossbeam_channel::{SendError, Sender};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 /// Where a job's reply goes.
 #[derive(Clone, Debug)]
@@ -74,6 +76,93 @@ pub(crate) enum Outgoing {
     },
     /// Flush everything before this, requeue what is still held, and stop.
     Finish,
+}
+
+impl Outgoing {
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            Outgoing::Reply { encoded, .. } => encoded.as_ref().map_or(0, Encoded::len),
+            Outgoing::Delay { body, .. } => body.len(),
+            Outgoing::Finish => 0,
+        }
+    }
+}
+
+/// Most messages, and bytes, waiting for the publisher before the reader stops
+/// taking requests.
+const BACKLOG_COUNT: usize = 4096;
+const BACKLOG_BYTES: usize = 8 << 20;
+
+/// What waits for the publisher in its channel. The reader takes no more requests
+/// while it is over [`BACKLOG_COUNT`] or [`BACKLOG_BYTES`], so when the publisher
+/// falls behind (a slow Redis, a flood of replies nobody hears) requests wait in
+/// Redis, not in this process's memory. (The channel itself stays unbounded: the
+/// timer, which sends timeout replies, must never block.)
+#[derive(Default)]
+pub(crate) struct Backlog {
+    load: Mutex<(usize, usize)>,
+    room: Condvar,
+}
+
+impl Backlog {
+    fn add(&self, bytes: usize) {
+        if let Ok(mut load) = self.load.lock() {
+            load.0 += 1;
+            load.1 += bytes;
+        }
+    }
+
+    pub(crate) fn taken(&self, count: usize, bytes: usize) {
+        if let Ok(mut load) = self.load.lock() {
+            load.0 = load.0.saturating_sub(count);
+            load.1 = load.1.saturating_sub(bytes);
+            if load.0 <= BACKLOG_COUNT && load.1 <= BACKLOG_BYTES {
+                self.room.notify_all();
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the backlog to be within its bounds; says whether
+    /// it is.
+    pub(crate) fn wait_room(&self, timeout: Duration) -> bool {
+        let Ok(load) = self.load.lock() else {
+            return true;
+        };
+        match self
+            .room
+            .wait_timeout_while(load, timeout, |(count, bytes)| {
+                *count > BACKLOG_COUNT || *bytes > BACKLOG_BYTES
+            }) {
+            Ok((_, waited)) => !waited.timed_out(),
+            Err(_) => true,
+        }
+    }
+}
+
+/// The sending end of the publisher's channel, counting what it sends into the
+/// [`Backlog`].
+#[derive(Clone)]
+pub(crate) struct Outbox {
+    tx: Sender<Outgoing>,
+    backlog: Arc<Backlog>,
+}
+
+impl Outbox {
+    pub(crate) fn new(tx: Sender<Outgoing>, backlog: Arc<Backlog>) -> Self {
+        Outbox { tx, backlog }
+    }
+
+    pub(crate) fn send(&self, msg: Outgoing) -> Result<(), SendError<Outgoing>> {
+        self.backlog.add(msg.bytes());
+        self.tx.send(msg)
+    }
+}
+
+impl From<Sender<Outgoing>> for Outbox {
+    /// An outbox with a backlog of its own (nobody waits on it), for tests.
+    fn from(tx: Sender<Outgoing>) -> Self {
+        Outbox::new(tx, Arc::default())
+    }
 }
 
 /// The request ids this instance has taken and not yet acknowledged, each with

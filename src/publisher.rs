@@ -10,12 +10,13 @@
 //! subscribed to (the seed's client subscribes after its `RPUSH`) is published
 //! again with back-off until `reply_grace_ms` has passed, the last time at its
 //! end; at most `republish_max_bytes` of such replies are held, the oldest dropped
-//! first. On `Finish` it flushes, then moves whatever this instance still holds
-//! back to the queue, so a shutdown loses nothing. Not for: encoding replies (the
-//! workers do that) or deciding them (`dispatch.rs`).
+//! first. What waits for it is counted ([`Backlog`]): the reader takes no more
+//! requests while too much does. On `Finish` it flushes, then moves whatever this
+//! instance still holds back to the queue, so a shutdown loses nothing. Not for:
+//! encoding replies (the workers do that) or deciding them (`dispatch.rs`).
 
 use crate::connection::Connector;
-use crate::job::{Encoded, InHand, Outgoing, Stats};
+use crate::job::{Backlog, Encoded, InHand, Outgoing, Stats};
 use crate::protocol::Keys;
 use crate::scheduler::SCHEDULE;
 use crate::shutdown::Shutdown;
@@ -317,6 +318,8 @@ pub(crate) struct Publisher {
     pub(crate) republish_max_bytes: usize,
     pub(crate) in_hand: InHand,
     pub(crate) stats: Arc<Stats>,
+    /// What the workers sent and the publisher has not taken yet.
+    pub(crate) backlog: Arc<Backlog>,
     /// Triggered by the server just before `Finish`: from then on Redis is waited
     /// for only until a deadline, so a stop never hangs on an outage.
     pub(crate) stopping: Shutdown,
@@ -387,7 +390,11 @@ impl Sender {
             let mut acks = Vec::new();
             match finish_by {
                 None => {
-                    if !gather(&rx, wake, &mut acks) {
+                    let going = gather(&rx, wake, &mut acks);
+                    self.p
+                        .backlog
+                        .taken(acks.len() + usize::from(!going), bytes(&acks));
+                    if !going {
                         finish_by = Some(Instant::now() + FINISH_GRACE.min(self.p.grace));
                     }
                 }
@@ -749,6 +756,10 @@ fn gather(rx: &Receiver<Outgoing>, wake: Instant, acks: &mut Vec<Ack>) -> bool {
         acks.push(ack);
     }
     true
+}
+
+fn bytes(acks: &[Ack]) -> usize {
+    acks.iter().map(Ack::bytes).sum()
 }
 
 /// The work a message asks for; `None` for `Finish`.

@@ -24,7 +24,7 @@
 
 use crate::connection::{Connector, Failure};
 use crate::error::RequestError;
-use crate::job::{InHand, Job, ReplyTo, Stats, Unanswered};
+use crate::job::{Backlog, InHand, Job, ReplyTo, Stats, Unanswered};
 use crate::protocol::{describe_entry, parse_queue_entry, parse_request, Keys};
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{select, Receiver, SendTimeoutError, Sender};
@@ -163,6 +163,8 @@ pub(crate) struct Reader {
     pub(crate) shutdown: Shutdown,
     pub(crate) in_hand: InHand,
     pub(crate) unanswered: Unanswered,
+    /// Replies waiting for the publisher: no taking while it is full.
+    pub(crate) backlog: Arc<Backlog>,
 }
 
 /// Starts the reader thread.
@@ -207,6 +209,10 @@ impl Reader {
                     None => break,
                 },
             };
+            // While the publisher is behind, requests wait in Redis.
+            if synced && !self.backlog.wait_room(BLOCK) {
+                continue;
+            }
             let step = if synced {
                 self.take(c, &scripts, &mut free, &mut synced)
             } else {

@@ -9,7 +9,7 @@ use crate::connection::{ConnectionPool, Connector};
 use crate::context::Services;
 use crate::dispatch::{Dispatcher, Hung};
 use crate::error::Error;
-use crate::job::{InHand, Outgoing, Stats, Unanswered};
+use crate::job::{Backlog, InHand, Outbox, Outgoing, Stats, Unanswered};
 use crate::pool::Worker;
 use crate::protocol::Keys;
 use crate::publisher::Publisher;
@@ -86,6 +86,10 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
     // already bounded by the jobs taken, and the timer, which sends timeouts, must
     // never block behind a publisher waiting out a Redis outage.
     let (out_tx, out_rx) = crossbeam_channel::unbounded();
+    // What waits in it is bounded by the reader, which stops taking while the
+    // publisher's backlog is full.
+    let backlog = Arc::new(Backlog::default());
+    let out_tx = Outbox::new(out_tx, backlog.clone());
     let (timer, timer_thread) = crate::timer::start(due_tx, shutdown.clone())?;
     let publisher = crate::publisher::start(
         Publisher {
@@ -97,6 +101,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             republish_max_bytes: config.republish_max_bytes,
             in_hand: in_hand.clone(),
             stats: stats.clone(),
+            backlog: backlog.clone(),
             stopping: stopping.clone(),
         },
         out_rx,
@@ -151,6 +156,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         shutdown: shutdown.clone(),
         in_hand,
         unanswered: unanswered.clone(),
+        backlog,
     })?;
     log::info!("ready: taking requests from {queue}");
 
