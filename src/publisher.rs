@@ -29,31 +29,39 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// KEYS: processing list, request key, fallback key. ARGV: id, JSON channel (empty:
-/// publish nothing), JSON reply, msgpack reply.
-/// Acknowledges request `id` and publishes its reply only if the ack removed the id
-/// from the processing list: sent again, it does nothing. Returns `{acked, received,
-/// why}`: acked 1 (done), 0 (the id was not held: nothing published) or -1 (Redis
-/// refused the ack, `why` says how; the reply was published anyway, since the
-/// request is still in hand and only its ack is left to retry).
+/// KEYS: the processing list, then for each request its key and its fallback key.
+/// ARGV: for each request, its id, its JSON channel (empty: publish nothing), its
+/// JSON reply and its msgpack reply. One call acknowledges a whole batch (a script
+/// call costs Redis far more than the commands in it).
+/// Each request is acknowledged and its reply published only if the ack removed the
+/// id from the processing list: sent again, it does nothing. Returns, per request,
+/// `acked, received, why`: acked 1 (done), 0 (the id was not held: nothing
+/// published) or -1 (Redis refused the ack, `why` says how; the reply was published
+/// anyway, since the request is still in hand and only its ack is left to retry).
 const REPLY: &str = r"
-local removed = redis.pcall('LREM', KEYS[1], 1, ARGV[1])
-local acked = 1
-local why = ''
-if type(removed) == 'table' then
-  acked = -1
-  why = tostring(removed.err)
-elseif removed == 0 then
-  return {0, 0, ''}
-else
-  redis.call('DEL', KEYS[2], KEYS[3])
+local out = {}
+for i = 0, #ARGV / 4 - 1 do
+  local id, channel = ARGV[4 * i + 1], ARGV[4 * i + 2]
+  local removed = redis.pcall('LREM', KEYS[1], 1, id)
+  local acked, why = 1, ''
+  if type(removed) == 'table' then
+    acked = -1
+    why = tostring(removed.err)
+  elseif removed == 0 then
+    acked = 0
+  else
+    redis.call('DEL', KEYS[2 * i + 2], KEYS[2 * i + 3])
+  end
+  local received = 0
+  if acked ~= 0 and channel ~= '' then
+    received = redis.call('PUBLISH', channel, ARGV[4 * i + 3])
+      + redis.call('PUBLISH', 'MSGPACK:' .. channel, ARGV[4 * i + 4])
+  end
+  out[#out + 1] = acked
+  out[#out + 1] = received
+  out[#out + 1] = why
 end
-local received = 0
-if ARGV[2] ~= '' then
-  received = redis.call('PUBLISH', ARGV[2], ARGV[3])
-    + redis.call('PUBLISH', 'MSGPACK:' .. ARGV[2], ARGV[4])
-end
-return {acked, received, why}
+return out
 ";
 
 /// What one request still needs from Redis: one script call, harmless to send
@@ -96,7 +104,7 @@ enum Acked {
     /// ack: only the ack is left to do.
     AckRefused { received: i64, why: String },
     /// Redis refused the whole call (`LOADING`, `NOSCRIPT`, ...): all of it is left.
-    Refused(RedisError),
+    Refused(String),
 }
 
 /// What one pipeline did: Redis's answer to each ack, and each republish with
@@ -484,7 +492,7 @@ impl Sender {
                 }
                 (ack, Acked::Refused(e)) => {
                     refused.acks.push(ack);
-                    why.get_or_insert(e.to_string());
+                    why.get_or_insert(e);
                 }
             }
         }
@@ -593,39 +601,50 @@ impl Sender {
         Ok(())
     }
 
+    /// One `REPLY` call for every reply of the batch, then one `SCHEDULE` call per
+    /// delayed request, then the republishes; [`Sender::read`] reads them in that
+    /// order.
     fn pipeline(&self, acks: &[Ack], again: &[Retry]) -> redis::Pipeline {
         let keys = &self.p.keys;
         let mut pipe = redis::pipe();
+        let replies: Vec<(u64, &Option<Encoded>)> = acks
+            .iter()
+            .filter_map(|a| match a {
+                Ack::Reply { id, encoded } => Some((*id, encoded)),
+                Ack::Delay { .. } => None,
+            })
+            .collect();
+        if !replies.is_empty() {
+            pipe.cmd("EVALSHA")
+                .arg(self.reply.get_hash())
+                .arg(1 + 2 * replies.len())
+                .arg(&self.p.processing);
+            for (id, _) in &replies {
+                pipe.arg(keys.request(*id)).arg(keys.request_fallback(*id));
+            }
+            for (id, encoded) in &replies {
+                pipe.arg(id);
+                match encoded {
+                    Some(e) => pipe
+                        .arg(keys.reply_channel(*id))
+                        .arg(&e.json)
+                        .arg(&e.msgpack),
+                    None => pipe.arg("").arg("").arg(""),
+                };
+            }
+        }
         for ack in acks {
-            match ack {
-                Ack::Reply { id, encoded } => {
-                    pipe.cmd("EVALSHA")
-                        .arg(self.reply.get_hash())
-                        .arg(3)
-                        .arg(&self.p.processing)
-                        .arg(keys.request(*id))
-                        .arg(keys.request_fallback(*id))
-                        .arg(id);
-                    match encoded {
-                        Some(e) => pipe
-                            .arg(keys.reply_channel(*id))
-                            .arg(&e.json)
-                            .arg(&e.msgpack),
-                        None => pipe.arg("").arg("").arg(""),
-                    };
-                }
-                Ack::Delay { id, body, delay_ms } => {
-                    pipe.cmd("EVALSHA")
-                        .arg(self.schedule.get_hash())
-                        .arg(4)
-                        .arg(keys.delayed())
-                        .arg(keys.request(*id))
-                        .arg(keys.request_fallback(*id))
-                        .arg(&self.p.processing)
-                        .arg(delay_ms)
-                        .arg(id)
-                        .arg(body);
-                }
+            if let Ack::Delay { id, body, delay_ms } = ack {
+                pipe.cmd("EVALSHA")
+                    .arg(self.schedule.get_hash())
+                    .arg(4)
+                    .arg(keys.delayed())
+                    .arg(keys.request(*id))
+                    .arg(keys.request_fallback(*id))
+                    .arg(&self.p.processing)
+                    .arg(delay_ms)
+                    .arg(id)
+                    .arg(body);
             }
         }
         for r in again {
@@ -639,35 +658,72 @@ impl Sender {
         pipe
     }
 
+    /// After `NOSCRIPT` (someone flushed the scripts), loads them before the next
+    /// send.
+    fn noscript(&mut self, e: &RedisError) {
+        if e.code() == Some("NOSCRIPT") {
+            self.loaded = false;
+        }
+    }
+
     /// Reads a pipeline's results: one per ack, then two per republish.
     fn read(&mut self, acks: &[Ack], again: Vec<Retry>, results: Vec<RedisResult<Value>>) -> Sent {
         let mut results = results.into_iter();
+        let mut next = || {
+            results
+                .next()
+                .unwrap_or_else(|| Err(RedisError::from(std::io::Error::other("missing reply"))))
+        };
+        let replies = acks
+            .iter()
+            .filter(|a| matches!(a, Ack::Reply { .. }))
+            .count();
+        // The one `REPLY` call answers three values per reply, in order.
+        let mut of_replies: Vec<Acked> = Vec::with_capacity(replies);
+        if replies > 0 {
+            match next().and_then(|v| Ok(redis::from_redis_value::<Vec<Value>>(v)?)) {
+                Ok(values) if values.len() == 3 * replies => {
+                    for v in values.chunks(3) {
+                        of_replies.push(
+                            match redis::from_redis_value::<(i64, i64, String)>(Value::Array(
+                                v.to_vec(),
+                            )) {
+                                Ok((1, received, _)) => Acked::Done { received },
+                                Ok((-1, received, why)) => Acked::AckRefused { received, why },
+                                Ok(_) => Acked::NotHeld,
+                                Err(e) => Acked::Refused(e.to_string()),
+                            },
+                        );
+                    }
+                }
+                Ok(values) => {
+                    let why = format!("{} values for {replies} replies", values.len());
+                    of_replies.extend((0..replies).map(|_| Acked::Refused(why.clone())));
+                }
+                Err(e) => {
+                    self.noscript(&e);
+                    let why = e.to_string();
+                    of_replies.extend((0..replies).map(|_| Acked::Refused(why.clone())));
+                }
+            }
+        }
+        let mut of_replies = of_replies.into_iter();
         let mut acked = Vec::with_capacity(acks.len());
         for ack in acks {
-            let result = results
-                .next()
-                .unwrap_or_else(|| Err(RedisError::from(std::io::Error::other("missing reply"))));
-            let outcome = match (ack, result) {
-                (_, Err(e)) => {
-                    if e.code() == Some("NOSCRIPT") {
-                        // Someone flushed the scripts: load them before the next send.
-                        self.loaded = false;
-                    }
-                    Acked::Refused(e)
-                }
-                (Ack::Reply { .. }, Ok(v)) => {
-                    match redis::from_redis_value::<(i64, i64, String)>(v) {
-                        Ok((1, received, _)) => Acked::Done { received },
-                        Ok((-1, received, why)) => Acked::AckRefused { received, why },
+            let outcome = match ack {
+                Ack::Reply { .. } => of_replies
+                    .next()
+                    .unwrap_or_else(|| Acked::Refused("missing reply".into())),
+                Ack::Delay { .. } => {
+                    match next().and_then(|v| Ok(redis::from_redis_value::<i64>(v)?)) {
+                        Ok(1) => Acked::Done { received: 0 },
                         Ok(_) => Acked::NotHeld,
-                        Err(e) => Acked::Refused(e.into()),
+                        Err(e) => {
+                            self.noscript(&e);
+                            Acked::Refused(e.to_string())
+                        }
                     }
                 }
-                (Ack::Delay { .. }, Ok(v)) => match redis::from_redis_value::<i64>(v) {
-                    Ok(1) => Acked::Done { received: 0 },
-                    Ok(_) => Acked::NotHeld,
-                    Err(e) => Acked::Refused(e.into()),
-                },
             };
             acked.push(outcome);
         }
