@@ -13,32 +13,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Queues one request per body (ids reserved with one INCRBY), in a few pipelines.
-fn submit_many(conn: &mut redis::Connection, bodies: &[String]) -> Vec<u64> {
-    let last: u64 = redis::cmd("INCRBY")
-        .arg("CERBAS-COUNTER")
-        .arg(bodies.len())
-        .query(conn)
-        .unwrap();
-    let first = last + 1 - bodies.len() as u64;
-    let ids: Vec<u64> = (first..=last).collect();
-    for chunk in ids.iter().zip(bodies).collect::<Vec<_>>().chunks(500) {
-        let mut pipe = redis::pipe();
-        for (id, body) in chunk {
-            pipe.cmd("SET")
-                .arg(format!("CERBAS-REQ-{id:010}"))
-                .arg(body.as_str())
-                .ignore()
-                .cmd("RPUSH")
-                .arg("CERBAS-QUEUE")
-                .arg(**id)
-                .ignore();
-        }
-        pipe.query::<()>(conn).unwrap();
-    }
-    ids
-}
-
 fn tally_body(name: &str, delay: Option<u64>) -> String {
     let mut b = json!({"func": "tally", "args": {"name": name}, "user": "foo", "source": "web"});
     if let Some(d) = delay {

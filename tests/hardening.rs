@@ -24,27 +24,20 @@ fn worker_threads(pid: i32) -> usize {
         .count()
 }
 
-/// Queues `n` copies of `body` in one pipeline; returns their ids.
+/// SIGTERM, then how long the server took to exit (it must exit 0).
+fn graceful_stop(server: &mut Server) -> Duration {
+    let start = Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .expect("the server exits");
+    assert!(status.success(), "exit 0: {status:?}");
+    start.elapsed()
+}
+
+/// Queues `n` copies of `body`; returns their ids.
 fn queue(conn: &mut redis::Connection, n: usize, body: &serde_json::Value) -> Vec<u64> {
-    let last: u64 = redis::cmd("INCRBY")
-        .arg("CERBAS-COUNTER")
-        .arg(n)
-        .query(conn)
-        .expect("INCRBY");
-    let ids: Vec<u64> = (last + 1 - n as u64..=last).collect();
-    let mut pipe = redis::pipe();
-    for id in &ids {
-        pipe.cmd("SET")
-            .arg(format!("CERBAS-REQ-{id:010}"))
-            .arg(body.to_string())
-            .ignore()
-            .cmd("RPUSH")
-            .arg("CERBAS-QUEUE")
-            .arg(id)
-            .ignore();
-    }
-    pipe.query::<()>(conn).expect("queue");
-    ids
+    submit_many(conn, &vec![body.to_string(); n])
 }
 
 /// Item 1: calls that return right at their deadline race the timer's decision to
@@ -90,13 +83,7 @@ fn a_stop_does_not_wait_for_a_call_already_answered() {
         c.request("slow", json!({})).expect("reply"),
         cerbas::Reply::Error("timeout".into())
     );
-    let start = Instant::now();
-    server.signal(libc::SIGTERM);
-    let status = server
-        .wait_exit(Duration::from_secs(30))
-        .expect("the server exits");
-    let took = start.elapsed();
-    assert!(status.success(), "exit 0: {status:?}");
+    let took = graceful_stop(&mut server);
     assert!(
         took < Duration::from_secs(2),
         "stop took {took:?} with nothing in hand (drain_timeout_ms is 6 s)"
@@ -161,13 +148,7 @@ fn a_stop_does_not_wait_for_served_requests_that_wanted_no_reply() {
         Duration::from_secs(20),
         || leftover_keys(&mut conn).is_empty().then_some(()),
     );
-    let start = Instant::now();
-    server.signal(libc::SIGTERM);
-    let status = server
-        .wait_exit(Duration::from_secs(30))
-        .expect("the server exits");
-    let took = start.elapsed();
-    assert!(status.success(), "exit 0: {status:?}");
+    let took = graceful_stop(&mut server);
     assert!(
         took < Duration::from_secs(3),
         "stop took {took:?} with nothing in hand (drain_timeout_ms is 6 s)"

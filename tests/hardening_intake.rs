@@ -87,15 +87,6 @@ fn instances(conn: &mut redis::Connection) -> Vec<String> {
         .expect("SMEMBERS")
 }
 
-fn info_field(conn: &mut redis::Connection, section: &str, field: &str) -> String {
-    let info: String = redis::cmd("INFO").arg(section).query(conn).expect("INFO");
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
 fn connections_received(conn: &mut redis::Connection) -> i64 {
     info_field(conn, "stats", "total_connections_received")
         .parse()
@@ -218,28 +209,6 @@ fn pooled_connections_are_replaced_after_a_redis_restart() {
         failed.is_empty(),
         "calls failed after the restart: {failed:?}; log:\n{}",
         server.log_text()
-    );
-}
-
-/// Makes every write fail with `MISCONF` until `CONFIG SET
-/// stop-writes-on-bgsave-error no`: a save point, then a BGSAVE that cannot write
-/// (its directory is gone).
-fn start_misconf(redis: &Redis, conn: &mut redis::Connection) {
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("save")
-        .arg("3600 1")
-        .query::<()>(conn)
-        .expect("CONFIG SET save");
-    std::fs::remove_dir_all(&redis.dir).expect("remove redis dir");
-    redis::cmd("BGSAVE").query::<()>(conn).expect("BGSAVE");
-    wait_for("a failed BGSAVE", Duration::from_secs(20), || {
-        (info_field(conn, "persistence", "rdb_last_bgsave_status") == "err").then_some(())
-    });
-    let refused = redis::cmd("SET").arg("probe").arg(1).query::<()>(conn);
-    assert!(
-        refused.is_err_and(|e| e.to_string().contains("MISCONF")),
-        "writes refused"
     );
 }
 

@@ -14,32 +14,6 @@ use std::collections::HashMap;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// Stores and queues one request per body, in a few pipelines; returns the ids.
-fn submit_many(conn: &mut redis::Connection, bodies: &[String]) -> Vec<u64> {
-    let last: u64 = redis::cmd("INCRBY")
-        .arg("CERBAS-COUNTER")
-        .arg(bodies.len())
-        .query(conn)
-        .expect("INCRBY");
-    let first = last + 1 - bodies.len() as u64;
-    let ids: Vec<u64> = (first..=last).collect();
-    for chunk in ids.iter().zip(bodies).collect::<Vec<_>>().chunks(100) {
-        let mut pipe = redis::pipe();
-        for (id, body) in chunk {
-            pipe.cmd("SET")
-                .arg(format!("CERBAS-REQ-{id:010}"))
-                .arg(body.as_str())
-                .ignore()
-                .cmd("RPUSH")
-                .arg("CERBAS-QUEUE")
-                .arg(**id)
-                .ignore();
-        }
-        pipe.query::<()>(conn).expect("submit");
-    }
-    ids
-}
-
 fn body(func: &str, args: serde_json::Value) -> String {
     json!({"func": func, "args": args, "user": "foo", "source": "web"}).to_string()
 }

@@ -109,30 +109,6 @@ fn a_reply_finished_inside_the_drain_is_published_not_requeued() {
     );
 }
 
-fn info_field(conn: &mut redis::Connection, section: &str, field: &str) -> String {
-    let info: String = redis::cmd("INFO").arg(section).query(conn).expect("INFO");
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
-/// Every write refused with `MISCONF` (a save point, a BGSAVE that cannot write).
-fn start_misconf(redis: &Redis, conn: &mut redis::Connection) {
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("save")
-        .arg("3600 1")
-        .query::<()>(conn)
-        .expect("save");
-    std::fs::remove_dir_all(&redis.dir).expect("remove redis dir");
-    redis::cmd("BGSAVE").query::<()>(conn).expect("BGSAVE");
-    wait_for("a failed BGSAVE", Duration::from_secs(20), || {
-        (info_field(conn, "persistence", "rdb_last_bgsave_status") == "err").then_some(())
-    });
-}
-
 /// A reply published while Redis refuses writes (`MISCONF`): its ack (`LREM`,
 /// `DEL`) is refused, yet the publisher drops the id from `InHand`. Once Redis
 /// accepts writes again, the reader's next reconnect (here: `CLIENT KILL`) finds

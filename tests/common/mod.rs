@@ -353,3 +353,61 @@ impl Redis {
         }
     }
 }
+
+/// Queues one request per body (ids reserved with one INCRBY), in a few pipelines.
+pub fn submit_many(conn: &mut redis::Connection, bodies: &[String]) -> Vec<u64> {
+    let last: u64 = redis::cmd("INCRBY")
+        .arg("CERBAS-COUNTER")
+        .arg(bodies.len())
+        .query(conn)
+        .unwrap();
+    let first = last + 1 - bodies.len() as u64;
+    let ids: Vec<u64> = (first..=last).collect();
+    for chunk in ids.iter().zip(bodies).collect::<Vec<_>>().chunks(500) {
+        let mut pipe = redis::pipe();
+        for (id, body) in chunk {
+            pipe.cmd("SET")
+                .arg(format!("CERBAS-REQ-{id:010}"))
+                .arg(body.as_str())
+                .ignore()
+                .cmd("RPUSH")
+                .arg("CERBAS-QUEUE")
+                .arg(**id)
+                .ignore();
+        }
+        pipe.query::<()>(conn).unwrap();
+    }
+    ids
+}
+
+/// One field of `INFO section`, as text (empty if absent).
+pub fn info_field(conn: &mut redis::Connection, section: &str, field: &str) -> String {
+    let info: String = redis::cmd("INFO").arg(section).query(conn).expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Makes every write fail with `MISCONF` until `CONFIG SET
+/// stop-writes-on-bgsave-error no`: a save point, then a BGSAVE that cannot write
+/// (its directory is gone).
+pub fn start_misconf(redis: &Redis, conn: &mut redis::Connection) {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("save")
+        .arg("3600 1")
+        .query::<()>(conn)
+        .expect("CONFIG SET save");
+    std::fs::remove_dir_all(&redis.dir).expect("remove redis dir");
+    redis::cmd("BGSAVE").query::<()>(conn).expect("BGSAVE");
+    wait_for("a failed BGSAVE", Duration::from_secs(20), || {
+        (info_field(conn, "persistence", "rdb_last_bgsave_status") == "err").then_some(())
+    });
+    let refused = redis::cmd("SET").arg("probe").arg(1).query::<()>(conn);
+    assert!(
+        refused.is_err_and(|e| e.to_string().contains("MISCONF")),
+        "writes refused"
+    );
+}
