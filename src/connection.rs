@@ -294,7 +294,8 @@ impl Idle {
 /// connection waiting in the pool can break without anyone noticing (a Redis
 /// restart closes it): one that may have broken while it waited (see
 /// `Idle::lend`) is checked with a `PING` before it is lent, and a broken one is
-/// replaced, so a function's command fails only when Redis is really unreachable.
+/// replaced, so a Redis restart does not fail one call per pooled connection. (One
+/// closed while it was in use less than [`CHECK_IDLE`] ago still fails a call.)
 #[derive(Clone)]
 pub struct ConnectionPool {
     client: Client,

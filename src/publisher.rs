@@ -15,7 +15,7 @@
 //! instance still holds back to the queue, so a shutdown loses nothing. Not for:
 //! encoding replies (the workers do that) or deciding them (`dispatch.rs`).
 
-use crate::connection::Connector;
+use crate::connection::{Connector, Failure};
 use crate::job::{Backlog, Encoded, InHand, Outgoing, Stats};
 use crate::protocol::Keys;
 use crate::scheduler::SCHEDULE;
@@ -337,7 +337,7 @@ pub(crate) struct Publisher {
 pub(crate) fn start(p: Publisher, rx: Receiver<Outgoing>) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("cerbas-publisher".into())
-        .spawn(move || Sender::new(p).run(rx))
+        .spawn(move || Publishing::new(p).run(rx))
 }
 
 /// Acks Redis refused, retried with back-off; logged when refusals start and end.
@@ -349,7 +349,7 @@ struct Refused {
 }
 
 /// The publisher thread's state.
-struct Sender {
+struct Publishing {
     p: Publisher,
     reply: Script,
     schedule: Script,
@@ -358,9 +358,9 @@ struct Sender {
     loaded: bool,
 }
 
-impl Sender {
+impl Publishing {
     fn new(p: Publisher) -> Self {
-        Sender {
+        Publishing {
             p,
             reply: Script::new(REPLY),
             schedule: Script::new(SCHEDULE),
@@ -518,7 +518,8 @@ impl Sender {
         }
     }
 
-    /// Sends one pipeline: a script call per ack, then the republishes `again`.
+    /// Sends one pipeline (see [`Publishing::pipeline`]): the acks, then the
+    /// republishes `again`.
     /// Reconnects until it goes through (or, when finishing, until shortly after
     /// `finish_by`). The acks are sent again after a lost answer (the scripts make
     /// that harmless); the republishes are not: they go back to their schedule as
@@ -535,7 +536,6 @@ impl Sender {
         let mut again = again;
         let mut lost: Vec<(Retry, bool)> = Vec::new();
         let mut give_up = finish_by.map(|by| by + Duration::from_secs(5));
-        let mut pause = FIRST_PAUSE;
         loop {
             if acks.is_empty() && again.is_empty() {
                 return Some((Vec::new(), lost));
@@ -568,25 +568,26 @@ impl Sender {
             });
             match result {
                 Ok(results) => {
+                    self.p.connector.recovered();
                     let (acked, republished) = self.read(acks, again, results);
                     lost.extend(republished);
                     return Some((acked, lost));
                 }
-                Err(e) => {
-                    self.p.connector.broken(&e);
-                    if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                Err(e) => match self.p.connector.failed(&e) {
+                    Failure::Lost => {
                         *conn = None;
                         // Whether they reached anybody is unknown: back to their
                         // schedule, not sent again at once.
                         lost.extend(again.drain(..).map(|r| (r, false)));
-                    } else if give_up.is_some_and(|g| Instant::now() >= g) {
-                        return None;
-                    } else {
-                        // Redis answers but refuses: don't hammer it.
-                        signal.wait_timeout(pause);
-                        pause = (pause * 2).min(MAX_PAUSE);
                     }
-                }
+                    Failure::Refused(_) if give_up.is_some_and(|g| Instant::now() >= g) => {
+                        return None;
+                    }
+                    // Redis answers but refuses: don't hammer it.
+                    Failure::Refused(pause) => {
+                        signal.wait_timeout(pause);
+                    }
+                },
             }
         }
     }
@@ -602,7 +603,7 @@ impl Sender {
     }
 
     /// One `REPLY` call for every reply of the batch, then one `SCHEDULE` call per
-    /// delayed request, then the republishes; [`Sender::read`] reads them in that
+    /// delayed request, then the republishes; [`Publishing::read`] reads them in that
     /// order.
     fn pipeline(&self, acks: &[Ack], again: &[Retry]) -> redis::Pipeline {
         let keys = &self.p.keys;

@@ -399,10 +399,16 @@ fn config_text() -> impl Strategy<Value = String> {
         })
 }
 
-/// The password a generated URL carries (they all start `Zq`), if any.
+/// The password a generated URL carries (`Zq` and six of `[a-z0-9]`), if any. The
+/// generated junk around it may hold a `Zq` of its own, possibly at the very end.
 fn secret_in(url: &str) -> Option<String> {
-    let at = url.find("Zq")?;
-    Some(url[at..at + 8].to_string())
+    url.match_indices("Zq").find_map(|(at, _)| {
+        let s = url.get(at..at + 8)?;
+        s[2..]
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            .then(|| s.to_string())
+    })
 }
 
 /// What must hold for any configuration: one answer, no panic; one that validates

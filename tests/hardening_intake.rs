@@ -15,20 +15,6 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// Stores `body` under a new id and returns the id; the caller queues it.
-fn store(conn: &mut redis::Connection, body: &[u8]) -> u64 {
-    let id: u64 = redis::cmd("INCR")
-        .arg("CERBAS-COUNTER")
-        .query(conn)
-        .expect("INCR");
-    redis::cmd("SET")
-        .arg(format!("CERBAS-REQ-{id:010}"))
-        .arg(body)
-        .query::<()>(conn)
-        .expect("SET");
-    id
-}
-
 fn body(func: &str, args: Value) -> Vec<u8> {
     json!({"func": func, "args": args, "user": "foo", "source": "web"})
         .to_string()

@@ -11,17 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn store(conn: &mut redis::Connection, body: &serde_json::Value) -> u64 {
-    let id: u64 = redis::cmd("INCR")
-        .arg("CERBAS-COUNTER")
-        .query(conn)
-        .expect("INCR");
-    redis::cmd("SET")
-        .arg(format!("CERBAS-REQ-{id:010}"))
-        .arg(body.to_string())
-        .query::<()>(conn)
-        .expect("SET");
-    id
+/// Stores a JSON body under a new id ([`store`]); the caller queues it.
+fn store_json(conn: &mut redis::Connection, body: &serde_json::Value) -> u64 {
+    store(conn, body.to_string().as_bytes())
 }
 
 fn list(conn: &mut redis::Connection, key: &str) -> Vec<String> {
@@ -76,7 +68,7 @@ fn a_reply_finished_inside_the_drain_is_published_not_requeued() {
         let shutdown = shutdown.clone();
         std::thread::spawn(move || cerbas::run(config, registry, shutdown))
     };
-    let id = store(
+    let id = store_json(
         &mut conn,
         &json!({"func": "bigslow", "args": {"ms": 1000, "bytes": 4 << 20},
                 "user": "foo", "source": "web"}),
@@ -121,7 +113,7 @@ fn a_refused_ack_is_not_served_again_after_a_reconnect() {
     let server = Server::spawn(&redis, &[], &[("RUST_LOG", "cerbas=debug")]);
     server.wait_ready(&redis);
     let mut conn = redis.conn();
-    let id = store(
+    let id = store_json(
         &mut conn,
         &json!({"func": "sleep", "args": {"ms": 2500}, "user": "foo", "source": "web"}),
     );

@@ -411,3 +411,17 @@ pub fn start_misconf(redis: &Redis, conn: &mut redis::Connection) {
         "writes refused"
     );
 }
+
+/// Stores `body` under a new id and returns the id; the caller queues it.
+pub fn store(conn: &mut redis::Connection, body: &[u8]) -> u64 {
+    let id: u64 = redis::cmd("INCR")
+        .arg("CERBAS-COUNTER")
+        .query(conn)
+        .expect("INCR");
+    redis::cmd("SET")
+        .arg(format!("CERBAS-REQ-{id:010}"))
+        .arg(body)
+        .query::<()>(conn)
+        .expect("SET");
+    id
+}
