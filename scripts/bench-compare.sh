@@ -5,6 +5,7 @@
 # cerbas.toml of the checkout whose target/release it is in, else this one). The machine is shared and
 # noisy, so compare the two columns of the same run, never numbers across runs.
 #   scripts/bench-compare.sh OLD_CERBAS NEW_CERBAS [ROUNDS] [LOADGEN]
+# WORKLOAD=w1,w3 picks workloads (default all); LOADGEN_ARGS adds flags (--no-ref).
 # Not for: `make test` (speed is measured, not asserted).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,7 @@ for round in $(seq 1 "$rounds"); do
       sleep 0.05
     done
     echo "== round $round: $which ($bin)"
-    "$loadgen" --redis "redis://127.0.0.1:$port" --workload all 2>/dev/null || echo "loadgen failed"
+    "$loadgen" --redis "redis://127.0.0.1:$port" --workload "${WORKLOAD:-all}" ${LOADGEN_ARGS:-} 2>/dev/null || echo "loadgen failed"
     kill -TERM "$pid"; wait "$pid" || true
     redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
     sleep 0.5

@@ -63,13 +63,30 @@ impl Keys {
 
     /// `P-REQ-{id:010}`: where a client stores the request body.
     pub fn request(&self, id: u64) -> String {
-        format!("{}-REQ-{id:010}", self.prefix)
+        format!("{}{id:010}", self.request_prefixes().0)
     }
 
     /// `P-REQUEST-{id:010}`: the name later versions of the original's Python client
     /// use; read only when [`Keys::request`] is missing.
     pub fn request_fallback(&self, id: u64) -> String {
-        format!("{}-REQUEST-{id:010}", self.prefix)
+        format!("{}{id:010}", self.request_prefixes().1)
+    }
+
+    /// What precedes the padded id in [`Keys::request`] and
+    /// [`Keys::request_fallback`], for the reader's script, which names the keys
+    /// of the ids it takes itself.
+    ///
+    /// ```
+    /// let keys = cerbas::Keys::new("CERBAS", 1);
+    /// let (key, fallback) = keys.request_prefixes();
+    /// assert_eq!(format!("{key}0000000042"), keys.request(42));
+    /// assert_eq!(format!("{fallback}0000000042"), keys.request_fallback(42));
+    /// ```
+    pub fn request_prefixes(&self) -> (String, String) {
+        (
+            format!("{}-REQ-", self.prefix),
+            format!("{}-REQUEST-", self.prefix),
+        )
     }
 
     /// `P-RESPONSE-{db}-{id:010}`: the channel the JSON reply is published on.

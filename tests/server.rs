@@ -144,6 +144,54 @@ fn the_request_fallback_key_is_read_when_req_is_missing() {
     assert!(!left, "the fallback key is deleted once served");
 }
 
+/// One take of many ids: the first body comes with the take, the others by size
+/// and `MGET`, from either key name, and an id without a body in between gets
+/// its error while the rest run.
+#[test]
+fn a_batch_taken_at_once_reads_both_key_names_and_skips_a_missing_body() {
+    let redis = Redis::start();
+    let mut c = redis.client();
+    let mut conn = redis.conn();
+    let mut missing = 0;
+    for i in 0..40u64 {
+        let id: u64 = redis::cmd("INCR")
+            .arg("CERBAS-COUNTER")
+            .query(&mut conn)
+            .unwrap();
+        let key = match i % 3 {
+            0 => c.keys().request(id),
+            _ => c.keys().request_fallback(id),
+        };
+        let mut pipe = redis::pipe();
+        if i == 17 {
+            missing = id;
+        } else {
+            let body = c.body("tally", json!({"name": format!("batch-{i}")}));
+            pipe.cmd("SET").arg(key).arg(body).ignore();
+        }
+        pipe.cmd("RPUSH").arg(c.keys().queue()).arg(id).ignore();
+        pipe.query::<()>(&mut conn).unwrap();
+    }
+    let mut listen = redis.conn();
+    let mut sub = listen.as_pubsub();
+    sub.subscribe(c.keys().reply_channel(missing)).unwrap();
+    sub.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _server = Server::start(&redis);
+    let msg = sub.get_message().expect("the missing body's error reply");
+    let reply: Value = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
+    assert_eq!(reply["status"], "error", "{reply}");
+    assert!(
+        reply["data"].as_str().unwrap_or("").contains("not found"),
+        "{reply}"
+    );
+    for i in (0..40).filter(|i| *i != 17) {
+        let key = format!("CERBAS-TALLY-batch-{i}");
+        wait_for(&key, Duration::from_secs(20), || {
+            (get_int(&mut conn, &key) == 1).then_some(())
+        });
+    }
+}
+
 #[test]
 fn requests_waiting_before_start_are_served_and_the_counter_is_kept() {
     let redis = Redis::start();
