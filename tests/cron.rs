@@ -335,3 +335,55 @@ fn cron_check_and_list_report_on_a_file() {
         "{out}"
     );
 }
+
+/// Keys Redis refuses to write: a wrong-typed outcome record is logged and the
+/// ticks go on; a wrong-typed queue refuses the claim whole (no claim without its
+/// request), and the ticks resume once the queue is mended.
+#[test]
+fn keys_redis_refuses_lose_no_tick() {
+    let redis = Redis::start();
+    let tab = crontab(&tally_line("* * * * * *", "refused"));
+    let s = cron_server(&redis, &tab, &[]);
+    let mut conn = redis.conn();
+    wait_for("a recorded run", Duration::from_secs(10), || {
+        (runs(&mut conn) >= 1).then_some(())
+    });
+    let last_key = keys(&mut conn, "CERBAS-CRON-LAST-*").remove(0);
+    redis::pipe()
+        .cmd("DEL")
+        .arg(&last_key)
+        .cmd("SET")
+        .arg(&last_key)
+        .arg("not a hash")
+        .query::<()>(&mut conn)
+        .expect("wrong-typed record");
+    s.wait_log("was not recorded: ", 1);
+    let ran = get_int(&mut conn, "CERBAS-TALLY-refused");
+    wait_for("runs go on", Duration::from_secs(10), || {
+        (get_int(&mut conn, "CERBAS-TALLY-refused") >= ran + 2).then_some(())
+    });
+    redis::cmd("SET")
+        .arg("CERBAS-QUEUE")
+        .arg("not a list")
+        .query::<()>(&mut conn)
+        .expect("wrong-typed queue");
+    s.wait_log("cron: redis refuses a command", 1);
+    redis::cmd("DEL")
+        .arg("CERBAS-QUEUE")
+        .query::<()>(&mut conn)
+        .expect("mend the queue");
+    let ran = get_int(&mut conn, "CERBAS-TALLY-refused");
+    wait_for("runs resume", Duration::from_secs(15), || {
+        (get_int(&mut conn, "CERBAS-TALLY-refused") >= ran + 2).then_some(())
+    });
+    std::fs::write(&tab, "").expect("empty CRONTAB");
+    s.wait_log("cron: removed line 1", 1);
+    wait_for("every claimed tick served", Duration::from_secs(20), || {
+        all_served(&mut conn).then_some(())
+    });
+    assert_eq!(
+        claimed_ticks(&mut conn).len() as i64,
+        get_int(&mut conn, "CERBAS-TALLY-refused"),
+        "each claim became a request that ran"
+    );
+}

@@ -44,9 +44,15 @@ const LAST_TTL_SECS: u64 = 400 * 86_400;
 /// KEYS: claim, counter, queue. ARGV: claim life in ms, request key prefix, body.
 /// Claims one tick and turns it into a request, as a client would write it (INCR,
 /// SET, RPUSH), in one step: a crash cannot leave a claim without its request.
-/// Returns the new id, or 0 when the tick was claimed already.
+/// Returns the new id, or 0 when the tick was claimed already. Redis does not undo
+/// a script's writes when a later command fails, so what can fail (a wrong-typed
+/// queue or counter) is checked, or written, before the others.
 pub(crate) const CLAIM: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local queue = redis.call('TYPE', KEYS[3]).ok
+if queue ~= 'list' and queue ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[3] .. ' is not a list')
+end
 local id = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], id, 'PX', ARGV[1])
 redis.call('SET', ARGV[2] .. string.format('%010d', id), ARGV[3])
@@ -143,12 +149,13 @@ impl Cron {
                         .map(|c| conn.insert(c)),
                 };
                 if let Some(c) = c {
-                    let done =
-                        self.record(c, &record, &mut outcomes)
-                            .and_then(|()| match claiming {
-                                true => self.claim_due(c, &claim, &mut dues),
-                                false => Ok(()),
-                            });
+                    // Claims first: they are due now, and a record Redis refuses
+                    // must not hold them up.
+                    let claimed = match claiming {
+                        true => self.claim_due(c, &claim, &mut dues),
+                        false => Ok(()),
+                    };
+                    let done = claimed.and_then(|()| self.record(c, &record, &mut outcomes));
                     match done {
                         Ok(()) => self.connector.recovered(),
                         Err(e) => match self.connector.failed(&e) {
@@ -255,7 +262,9 @@ impl Cron {
         }
     }
 
-    /// Writes the outcomes waiting; what was written leaves `outcomes`.
+    /// Writes the outcomes waiting; what was written leaves `outcomes`. One Redis
+    /// refuses (a wrong-typed key) is logged and dropped; on a lost connection the
+    /// rest wait for the next one.
     fn record(
         &self,
         c: &mut Connection,
@@ -268,7 +277,7 @@ impl Cron {
                 Outcome::Error(m) => ("error", m.as_str()),
                 Outcome::Timeout => ("timeout", ""),
             };
-            record
+            let recorded = record
                 .key(self.keys.cron_last(&run.tag.entry))
                 .arg(outcome)
                 .arg(message)
@@ -278,7 +287,16 @@ impl Cron {
                 .arg(&run.func)
                 .arg(&self.instance)
                 .arg(LAST_TTL_SECS)
-                .invoke::<i64>(c)?;
+                .invoke::<i64>(c);
+            match recorded {
+                Err(e) if crate::connection::is_lost(&e) => return Err(e),
+                Err(e) => log::warn!(
+                    "cron: the outcome of {} (entry {}) was not recorded: {e}",
+                    run.func,
+                    run.tag.entry
+                ),
+                Ok(_) => {}
+            }
             outcomes.remove(0);
         }
         Ok(())
