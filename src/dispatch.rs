@@ -12,7 +12,9 @@
 use crate::config::Access;
 use crate::context::{Context, Origin, Services};
 use crate::error::{FnError, RequestError};
-use crate::job::{CronRun, Encoded, Job, Outbox, Outcome, Outgoing, ReplyTo, Stats, Unanswered};
+use crate::job::{
+    unix_ms, CronRun, Encoded, Job, Outbox, Outcome, Outgoing, ReplyTo, Stats, Unanswered,
+};
 use crate::limits::Concurrency;
 use crate::protocol::{cache_entry, cache_hit, CronTag, Reply, Request};
 use crate::registry::{Answer, Registry};
@@ -106,14 +108,11 @@ impl CronWatch {
                 log::info!("cron {func} (entry {entry}, tick {tick}): timeout after {ms} ms")
             }
         }
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
         let _ = self.runs.send(CronRun {
             tag: self.tag.clone(),
             func: func.to_string(),
             outcome,
-            at_ms,
+            at_ms: unix_ms(),
             duration,
         });
     }

@@ -249,6 +249,13 @@ pub(crate) struct CronRun {
     pub(crate) duration: Duration,
 }
 
+/// Now, in ms since the epoch (as [`CronRun::at_ms`] counts).
+pub(crate) fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Counters of what the server did, for logs and (later) metrics.
 #[derive(Debug, Default)]
 pub struct Stats {

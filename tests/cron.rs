@@ -149,7 +149,7 @@ fn three_instances_run_each_tick_exactly_once() {
 fn a_tick_whose_claimant_is_killed_still_runs_once() {
     let redis = Redis::start();
     let tab = crontab(
-        "*/3 * * * * * | {\"func\": \"sleep\", \"args\": {\"ms\": 1500}, \"source\": \"foo\"}\n",
+        "*/3 * * * * * | {\"func\": \"sleep\", \"args\": {\"ms\": 4000}, \"source\": \"foo\"}\n",
     );
     let mut a = cron_server(&redis, &tab, &[]);
     a.wait_log("cron: claimed tick ", 1);

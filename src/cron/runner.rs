@@ -19,14 +19,14 @@
 use super::parse::{parse_crontab, Entry, Known};
 use super::schedule::Zone;
 use crate::connection::{Connector, Failure};
-use crate::job::{CronRun, Outcome};
+use crate::job::{unix_ms, CronRun, Outcome};
 use crate::protocol::Keys;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{select, Receiver};
 use redis::{Connection, RedisResult};
 use std::path::PathBuf;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// How often CRONTAB is read again: an edit takes effect within this (plus the
 /// read), well inside the 2 s promised.
@@ -37,6 +37,8 @@ pub(crate) const CATCH_UP: Duration = Duration::from_secs(60);
 /// How long a claim lives: longer than [`CATCH_UP`] plus any sane clock skew
 /// between instances, so no instance can claim a tick again.
 pub(crate) const CLAIM_TTL: Duration = Duration::from_secs(600);
+/// Largest CRONTAB read, in bytes: it is read twice a second.
+const MAX_FILE: u64 = 1 << 20;
 /// How long an entry's last outcome is kept after its last run: past a year, so
 /// even a `@yearly` entry shows its last run.
 const LAST_TTL_SECS: u64 = 400 * 86_400;
@@ -110,12 +112,6 @@ enum Seen {
     Nothing,
     Text(String),
     Unreadable(String),
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Cron {
@@ -193,7 +189,7 @@ impl Cron {
     }
 
     fn any_due(&self, dues: &[Due]) -> bool {
-        let now = now_ms();
+        let now = unix_ms();
         dues.iter()
             .any(|d| d.next.is_some_and(|t| t.saturating_mul(1000) <= now))
     }
@@ -204,7 +200,7 @@ impl Cron {
             .saturating_duration_since(Instant::now())
             .min(POLL);
         if claiming {
-            let now = now_ms();
+            let now = unix_ms();
             if let Some(first) = dues.iter().filter_map(|d| d.next).min() {
                 let ms = first.saturating_mul(1000).saturating_sub(now).max(0) as u64;
                 wait = wait.min(Duration::from_millis(ms));
@@ -220,7 +216,7 @@ impl Cron {
         claim: &redis::Script,
         dues: &mut [Due],
     ) -> RedisResult<()> {
-        let now = now_ms();
+        let now = unix_ms();
         for d in dues.iter_mut() {
             while let Some(tick) = d.next.filter(|t| t.saturating_mul(1000) <= now) {
                 let id: u64 = claim
@@ -247,7 +243,7 @@ impl Cron {
     /// Skips ticks more than [`CATCH_UP`] old (this instance could not reach Redis):
     /// another instance may have run them; this one does not run them late.
     fn skip_late(&self, dues: &mut [Due]) {
-        let oldest = (now_ms() - CATCH_UP.as_millis() as i64).div_euclid(1000);
+        let oldest = (unix_ms() - CATCH_UP.as_millis() as i64).div_euclid(1000);
         for d in dues.iter_mut() {
             if d.next.is_some_and(|t| t < oldest) {
                 d.next = d.entry.schedule.next_after(oldest, &self.zone);
@@ -309,8 +305,15 @@ impl Cron {
             return;
         }
         let path = self.path.display();
-        let now = ((now_ms()) / 1000).max(0);
-        let text = match std::fs::read_to_string(&self.path) {
+        let now = (unix_ms() / 1000).max(0);
+        let read = match std::fs::metadata(&self.path) {
+            Ok(m) if m.len() > MAX_FILE => Err(std::io::Error::other(format!(
+                "larger than {MAX_FILE} bytes ({})",
+                m.len()
+            ))),
+            _ => std::fs::read_to_string(&self.path),
+        };
+        let text = match read {
             Ok(text) => text,
             Err(e) => {
                 let why = match e.kind() {
