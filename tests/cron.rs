@@ -387,3 +387,30 @@ fn keys_redis_refuses_lose_no_tick() {
         "each claim became a request that ran"
     );
 }
+
+/// A graceful stop in the middle of cron runs: the runs in hand finish, their
+/// outcomes are recorded before the process exits, and it exits promptly.
+#[test]
+fn a_graceful_stop_records_the_outcomes_of_the_drain() {
+    let redis = Redis::start();
+    let tab = crontab(
+        "* * * * * * | {\"func\": \"sleep\", \"args\": {\"ms\": 1500}, \"source\": \"foo\"}\n",
+    );
+    let mut s = cron_server(&redis, &tab, &[]);
+    // The second claim comes while the first tick's call still sleeps.
+    s.wait_log("cron: claimed tick ", 2);
+    s.signal(libc::SIGTERM);
+    let status = s
+        .wait_exit(Duration::from_secs(15))
+        .expect("stopped in time");
+    assert!(status.success(), "{status:?}");
+    let log = s.log_text();
+    let ran = log.matches("): ok in ").count() as i64;
+    let drained = log.split("shutting down").nth(1).unwrap_or_default();
+    assert!(
+        drained.contains("): ok in "),
+        "a run ended in the drain: {log}"
+    );
+    let mut conn = redis.conn();
+    assert_eq!(runs(&mut conn), ran, "every run of the drain recorded");
+}

@@ -123,6 +123,7 @@ impl Cron {
         let mut seen = Seen::Nothing;
         let mut next_poll = Instant::now();
         let mut outcomes: Vec<CronRun> = Vec::new();
+        let mut runs = self.runs.clone();
         if self.path.as_os_str().is_empty() {
             log::info!("cron is off (crontab = \"\")");
         }
@@ -165,18 +166,19 @@ impl Cron {
                 self.skip_late(&mut dues);
             }
             let wait = pause.unwrap_or_else(|| self.until_next(&dues, next_poll, claiming));
-            if claiming {
-                select! {
-                    recv(self.runs) -> run => outcomes.extend(run),
-                    recv(self.shutdown.receiver()) -> _ => {}
-                    default(wait) => {}
-                }
-            } else {
-                select! {
-                    recv(self.runs) -> run => outcomes.extend(run),
-                    recv(self.stopping.receiver()) -> _ => {}
-                    default(wait) => {}
-                }
+            // While claiming, shutdown wakes it; then only the end of the drain.
+            let stop = match claiming {
+                true => self.shutdown.receiver(),
+                false => self.stopping.receiver(),
+            };
+            select! {
+                recv(runs) -> run => match run {
+                    Ok(run) => outcomes.push(run),
+                    // The workers are gone: nothing more to record.
+                    Err(_) => runs = crossbeam_channel::never(),
+                },
+                recv(stop) -> _ => {}
+                default(wait) => {}
             }
         }
         // The last outcomes of the drain: one try, as the stop is bounded.
@@ -194,17 +196,18 @@ impl Cron {
             .any(|d| d.next.is_some_and(|t| t.saturating_mul(1000) <= now))
     }
 
-    /// How long to sleep: until the next tick, the next poll, or at most 500 ms.
+    /// How long to sleep: until the next tick, the next poll, or at most 500 ms
+    /// (no polls nor ticks once claiming has stopped).
     fn until_next(&self, dues: &[Due], next_poll: Instant, claiming: bool) -> Duration {
+        if !claiming {
+            return POLL;
+        }
         let mut wait = next_poll
             .saturating_duration_since(Instant::now())
             .min(POLL);
-        if claiming {
-            let now = unix_ms();
-            if let Some(first) = dues.iter().filter_map(|d| d.next).min() {
-                let ms = first.saturating_mul(1000).saturating_sub(now).max(0) as u64;
-                wait = wait.min(Duration::from_millis(ms));
-            }
+        if let Some(first) = dues.iter().filter_map(|d| d.next).min() {
+            let ms = first.saturating_mul(1000).saturating_sub(unix_ms()).max(0) as u64;
+            wait = wait.min(Duration::from_millis(ms));
         }
         wait
     }
