@@ -414,3 +414,33 @@ fn a_graceful_stop_records_the_outcomes_of_the_drain() {
     let mut conn = redis.conn();
     assert_eq!(runs(&mut conn), ran, "every run of the drain recorded");
 }
+
+/// Redis restarts (with its AOF) while a 1-second entry runs: the ticks that
+/// came while it was down are claimed late, once, when it is back (they are
+/// within the minute of catch-up), and every tick runs once.
+#[test]
+fn a_redis_restart_loses_no_tick() {
+    let mut redis = Redis::start_with(&["--appendonly", "yes", "--appendfsync", "always"], None);
+    let tab = crontab(&tally_line("* * * * * *", "restart"));
+    let s = cron_server(&redis, &tab, &[]);
+    let mut conn = redis.conn();
+    wait_for("runs", Duration::from_secs(10), || {
+        (get_int(&mut conn, "CERBAS-TALLY-restart") >= 2).then_some(())
+    });
+    redis.restart(Duration::from_millis(2500));
+    let mut conn = redis.conn();
+    s.wait_log("cron: redis is back", 1);
+    let ran = get_int(&mut conn, "CERBAS-TALLY-restart");
+    wait_for("runs go on", Duration::from_secs(10), || {
+        (get_int(&mut conn, "CERBAS-TALLY-restart") >= ran + 2).then_some(())
+    });
+    std::fs::write(&tab, "").expect("empty CRONTAB");
+    s.wait_log("cron: removed line 1", 1);
+    wait_for("every claimed tick served", Duration::from_secs(20), || {
+        all_served(&mut conn).then_some(())
+    });
+    let ticks = claimed_ticks(&mut conn);
+    let expected = ticks[ticks.len() - 1] - ticks[0] + 1;
+    assert_eq!(ticks.len() as i64, expected, "no tick missing: {ticks:?}");
+    assert_eq!(get_int(&mut conn, "CERBAS-TALLY-restart"), expected);
+}
