@@ -444,3 +444,50 @@ fn a_redis_restart_loses_no_tick() {
     assert_eq!(ticks.len() as i64, expected, "no tick missing: {ticks:?}");
     assert_eq!(get_int(&mut conn, "CERBAS-TALLY-restart"), expected);
 }
+
+/// A slow entry holds a worker like any request: the other entries and the
+/// queue go on at their pace meanwhile.
+#[test]
+fn a_slow_entry_delays_neither_other_entries_nor_the_queue() {
+    let redis = Redis::start();
+    let tab = crontab(&format!(
+        "* * * * * * | {{\"func\": \"sleep\", \"args\": {{\"ms\": 4000}}, \"source\": \"foo\"}}\n{}",
+        tally_line("* * * * * *", "fast")
+    ));
+    let s = cron_server(&redis, &tab, &[]);
+    // Four slow calls are running at once…
+    wait_for("four slow calls", Duration::from_secs(20), || {
+        (s.log_text().matches("(sleep) as request").count() >= 5).then_some(())
+    });
+    let mut conn = redis.conn();
+    let fast = get_int(&mut conn, "CERBAS-TALLY-fast");
+    // …while the fast entry runs every second and a client is answered at once.
+    let asked = Instant::now();
+    let mut c = redis.client();
+    assert_eq!(
+        c.request("hello", serde_json::Value::Null).ok(),
+        Some(cerbas::Reply::Ok("hello world!".into()))
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    wait_for("the fast entry goes on", Duration::from_secs(5), || {
+        (get_int(&mut conn, "CERBAS-TALLY-fast") >= fast + 2).then_some(())
+    });
+    // Each slow call took its 4 s; none waited for another.
+    s.wait_log("cron sleep (entry ", 2);
+    for line in s
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("cron sleep (entry "))
+    {
+        let ms: u64 = line
+            .split("): ok in ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("not ok: {line}"));
+        assert!((4000..4900).contains(&ms), "{line}");
+    }
+}
