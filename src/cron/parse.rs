@@ -98,6 +98,8 @@ pub struct Crontab {
 
 /// Parses a whole file.
 pub fn parse_crontab(text: &str, known: &Known) -> Crontab {
+    // Some editors start a UTF-8 file with a byte-order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut tab = Crontab::default();
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
@@ -258,6 +260,10 @@ mod tests {
             !tab.entries[1].request.contains_key("args"),
             "args may be omitted"
         );
+        // Windows line ends and a byte-order mark are fine too.
+        let crlf = format!("\u{feff}{}", ORIGINAL.replace('\n', "\r\n"));
+        let tab = parse_crontab(&crlf, &known());
+        assert_eq!((tab.entries.len(), tab.errors.len()), (2, 0));
     }
 
     #[test]
