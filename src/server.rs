@@ -1,7 +1,8 @@
 //! Starts the threads in order and stops them in order (DESIGN §3):
-//! timer → publisher → workers → scheduler → reader → cron; then, on shutdown: the
-//! reader and cron stop taking, the workers drain what they hold until the drain deadline, the
-//! publisher flushes and returns what is left to the queue, the timer stops.
+//! timer → publisher → workers → scheduler → cron → reader; then, on shutdown:
+//! the reader and cron stop taking, the workers drain what they hold until the
+//! drain deadline, the publisher flushes and returns what is left to the queue,
+//! cron records the drain's outcomes, the timer stops.
 //! Not for: signals or flags (`main.rs`).
 
 use crate::config::Config;
