@@ -62,6 +62,18 @@ fn runs(conn: &mut redis::Connection) -> i64 {
         .unwrap_or(0)
 }
 
+/// Empties the CRONTAB, waits until every server dropped its entry, then until
+/// every tick they claimed was served.
+fn stop_ticks(tab: &std::path::Path, servers: &[&Server], conn: &mut redis::Connection) {
+    std::fs::write(tab, "").expect("empty CRONTAB");
+    for s in servers {
+        s.wait_log("cron: removed line 1", 1);
+    }
+    wait_for("every claimed tick served", Duration::from_secs(20), || {
+        all_served(conn).then_some(())
+    });
+}
+
 /// Nothing waits in the queue and no request key is left: every claimed tick
 /// was served.
 fn all_served(conn: &mut redis::Connection) -> bool {
@@ -113,15 +125,9 @@ fn three_instances_run_each_tick_exactly_once() {
         (t.len() >= 12 && t[t.len() - 1] - t[0] >= 11).then_some(())
     });
     // Stop the ticks: every instance drops the entry on reload.
-    std::fs::write(&tab, "").expect("empty CRONTAB");
-    for s in &servers {
-        s.wait_log("cron: removed line 1", 1);
-    }
+    stop_ticks(&tab, &servers.iter().collect::<Vec<_>>(), &mut conn);
     let ticks = claimed_ticks(&mut conn);
     let expected = ticks[ticks.len() - 1] - ticks[0] + 1;
-    wait_for("every claimed tick served", Duration::from_secs(20), || {
-        all_served(&mut conn).then_some(())
-    });
     let seen = get_int(&mut conn, "CERBAS-TALLY-three");
     let claims: Vec<usize> = servers
         .iter()
@@ -189,11 +195,7 @@ fn a_tick_whose_claimant_is_killed_still_runs_once() {
     let ran = format!("tick {tick}): ok in ");
     b.wait_log(&ran, 1);
     // Stop the ticks, then let everything claimed be served.
-    std::fs::write(&tab, "").expect("empty CRONTAB");
-    b.wait_log("cron: removed line 1", 1);
-    wait_for("every claimed tick served", Duration::from_secs(20), || {
-        all_served(&mut conn).then_some(())
-    });
+    stop_ticks(&tab, &[&b], &mut conn);
     let claims = claimed_ticks(&mut conn).len() as i64;
     wait_for("every run recorded", Duration::from_secs(5), || {
         (runs(&mut conn) >= claims).then_some(())
@@ -376,11 +378,7 @@ fn keys_redis_refuses_lose_no_tick() {
     wait_for("runs resume", Duration::from_secs(15), || {
         (get_int(&mut conn, "CERBAS-TALLY-refused") >= ran + 2).then_some(())
     });
-    std::fs::write(&tab, "").expect("empty CRONTAB");
-    s.wait_log("cron: removed line 1", 1);
-    wait_for("every claimed tick served", Duration::from_secs(20), || {
-        all_served(&mut conn).then_some(())
-    });
+    stop_ticks(&tab, &[&s], &mut conn);
     assert_eq!(
         claimed_ticks(&mut conn).len() as i64,
         get_int(&mut conn, "CERBAS-TALLY-refused"),
@@ -434,11 +432,7 @@ fn a_redis_restart_loses_no_tick() {
     wait_for("runs go on", Duration::from_secs(10), || {
         (get_int(&mut conn, "CERBAS-TALLY-restart") >= ran + 2).then_some(())
     });
-    std::fs::write(&tab, "").expect("empty CRONTAB");
-    s.wait_log("cron: removed line 1", 1);
-    wait_for("every claimed tick served", Duration::from_secs(20), || {
-        all_served(&mut conn).then_some(())
-    });
+    stop_ticks(&tab, &[&s], &mut conn);
     let ticks = claimed_ticks(&mut conn);
     let expected = ticks[ticks.len() - 1] - ticks[0] + 1;
     assert_eq!(ticks.len() as i64, expected, "no tick missing: {ticks:?}");
