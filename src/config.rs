@@ -121,8 +121,12 @@ pub struct Config {
     pub max_delay_ms: u64,
     /// Redis connections kept for functions (`Context::redis`).
     pub redis_pool_size: usize,
-    /// The cron file.
+    /// The cron file; empty turns cron off.
     pub crontab: PathBuf,
+    /// The time zone of the cron schedules: `UTC`, an IANA name, or `local`.
+    pub cron_tz: String,
+    /// The user of cron entries that name none.
+    pub cron_user: String,
     /// Address of the HTTP plug, empty for none.
     pub http: String,
     /// Registered users and sources.
@@ -149,6 +153,8 @@ impl Default for Config {
             max_delay_ms: 30 * 24 * 3600 * 1000,
             redis_pool_size: 8,
             crontab: PathBuf::from("CRONTAB"),
+            cron_tz: "UTC".into(),
+            cron_user: "cron".into(),
             http: String::new(),
             access: Access::default(),
             limits: Limits::default(),
@@ -267,6 +273,10 @@ impl Config {
         if let Some(n) = self.limits.per_user {
             within("limits.per_user", n, 1, 10_000)?;
         }
+        self.cron_zone()?;
+        if self.cron_user.is_empty() {
+            return Err(Error::Config("cron_user must not be empty".into()));
+        }
         url_db(&self.redis_url)?;
         redis::Client::open(self.connection_url()?.as_str())
             .map_err(|e| Error::Config(format!("redis_url: {e}")))?;
@@ -287,6 +297,13 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `cron_tz` as a zone.
+    pub fn cron_zone(&self) -> Result<crate::cron::Zone, Error> {
+        self.cron_tz
+            .parse()
+            .map_err(|e| Error::Config(format!("cron_tz: {e}")))
     }
 
     /// The Redis database in use: the URL's, else the environment's.
@@ -626,6 +643,14 @@ mod tests {
                 republish_max_bytes: (1 << 30) + 1,
                 ..Config::default()
             },
+            Config {
+                cron_tz: "Mars/Olympus".into(),
+                ..Config::default()
+            },
+            Config {
+                cron_user: String::new(),
+                ..Config::default()
+            },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
@@ -712,6 +737,9 @@ mod tests {
             assert!(c.access.sources.iter().any(|x| x == s), "{s}");
         }
         assert_eq!(c.functions["halt"].users, Some(vec!["foo".to_string()]));
+        // Cron runs entries without a user as `cron`, which is registered.
+        assert_eq!((c.cron_user.as_str(), c.cron_tz.as_str()), ("cron", "UTC"));
+        assert!(c.access.users.contains(&c.cron_user));
         // Every other key keeps its documented default.
         let defaults = Config::default();
         assert_eq!(c.workers, defaults.workers);

@@ -1,7 +1,9 @@
-//! The one path every request takes, whatever brought it (the Redis queue today;
-//! HTTP and cron later): parse errors become replies, a delayed request goes to the
-//! timer, then access checks, argument decoding, the call with its deadline, panics,
-//! and the counters. Each call is answered once: by the function when it
+//! The one path every request takes, whatever brought it (the Redis queue, which
+//! cron's ticks come through too; HTTP later): parse errors become replies, a
+//! delayed request goes to the timer, then access checks, argument decoding, the
+//! call with its deadline, panics, and the counters. A request cron wrote (its
+//! `cron` tag) also has its outcome logged and sent to the cron thread
+//! ([`CronRun`]), which records it for its entry. Each call is answered once: by the function when it
 //! returns in time, or by the timer at the deadline ([`Pending`]); the publisher
 //! may then publish that answer more than once to reach a late subscriber. Runs on the worker
 //! threads. Not for: fetching requests (`reader.rs`) or talking to Redis
@@ -10,9 +12,11 @@
 use crate::config::Access;
 use crate::context::{Context, Origin, Services};
 use crate::error::{FnError, RequestError};
-use crate::job::{Encoded, Job, Outbox, Outgoing, ReplyTo, Stats, Unanswered};
+use crate::job::{
+    unix_ms, CronRun, Encoded, Job, Outbox, Outcome, Outgoing, ReplyTo, Stats, Unanswered,
+};
 use crate::limits::Concurrency;
-use crate::protocol::{cache_entry, cache_hit, Reply, Request};
+use crate::protocol::{cache_entry, cache_hit, CronTag, Reply, Request};
 use crate::registry::{Answer, Registry};
 use crate::timer::{Expire, TimerEvent};
 use crossbeam_channel::Sender;
@@ -83,6 +87,37 @@ mod state {
     pub(super) const RETURNED_LATE: u8 = 5;
 }
 
+/// A cron run being watched: its outcome is logged and sent to the cron thread.
+pub(crate) struct CronWatch {
+    tag: CronTag,
+    started: Instant,
+    runs: Sender<CronRun>,
+}
+
+impl CronWatch {
+    fn report(&self, func: &str, outcome: Outcome) {
+        let duration = self.started.elapsed();
+        let ms = duration.as_millis();
+        let (entry, tick) = (&self.tag.entry, self.tag.tick);
+        match &outcome {
+            Outcome::Ok => log::info!("cron {func} (entry {entry}, tick {tick}): ok in {ms} ms"),
+            Outcome::Error(m) => {
+                log::info!("cron {func} (entry {entry}, tick {tick}): error in {ms} ms: {m}")
+            }
+            Outcome::Timeout => {
+                log::info!("cron {func} (entry {entry}, tick {tick}): timeout after {ms} ms")
+            }
+        }
+        let _ = self.runs.send(CronRun {
+            tag: self.tag.clone(),
+            func: func.to_string(),
+            outcome,
+            at_ms: unix_ms(),
+            duration,
+        });
+    }
+}
+
 /// A call in progress: whoever answers first (the function or its deadline)
 /// delivers the reply; the other finds it answered.
 pub(crate) struct Pending {
@@ -94,6 +129,8 @@ pub(crate) struct Pending {
     out: Outbox,
     unanswered: Unanswered,
     stats: Arc<Stats>,
+    /// Set for a cron run.
+    cron: Option<CronWatch>,
 }
 
 impl Expire for Pending {
@@ -138,6 +175,7 @@ impl Pending {
             out,
             unanswered,
             stats,
+            cron: None,
         }
     }
 
@@ -151,7 +189,7 @@ impl Pending {
     /// answered already, and says whether this worker goes on or retires.
     pub(crate) fn returned(&self, answer: Answer) -> AfterCall {
         if self.settle(state::RUNNING, state::DONE) {
-            self.deliver(answer);
+            self.deliver(answer, false);
             return AfterCall::GoOn;
         }
         log::warn!(
@@ -178,7 +216,7 @@ impl Pending {
         if !self.settle(state::RUNNING, state::EXPIRING) {
             return false;
         }
-        self.deliver(Answer::Error(RequestError::Timeout.to_string()));
+        self.deliver(Answer::Error(RequestError::Timeout.to_string()), true);
         bump(&self.stats.timeouts);
         log::warn!("{}: timed out; the caller got a timeout reply", self.func);
         true
@@ -213,7 +251,15 @@ impl Pending {
         }
     }
 
-    fn deliver(&self, answer: Answer) {
+    fn deliver(&self, answer: Answer, timed_out: bool) {
+        if let Some(cron) = &self.cron {
+            let outcome = match &answer {
+                _ if timed_out => Outcome::Timeout,
+                Answer::Error(m) => Outcome::Error(m.clone()),
+                Answer::Value(_) | Answer::NoReply => Outcome::Ok,
+            };
+            cron.report(&self.func, outcome);
+        }
         let reply = match answer {
             Answer::Value(v) => {
                 bump(&self.stats.ok);
@@ -266,6 +312,8 @@ pub(crate) struct Dispatcher {
     pub(crate) hung: Option<Arc<Hung>>,
     /// `[limits] per_user` and `[functions.NAME] max_concurrent`.
     pub(crate) concurrency: Arc<Concurrency>,
+    /// Where the outcomes of cron runs go (the cron thread records them).
+    pub(crate) cron_runs: Sender<CronRun>,
 }
 
 impl Dispatcher {
@@ -284,14 +332,29 @@ impl Dispatcher {
         if !request.reply {
             job.reply_to = job.reply_to.silenced();
         }
+        let started = Instant::now();
+        let watch = |request: &Request| {
+            request.cron.as_deref().map(|tag| CronWatch {
+                tag: tag.clone(),
+                started,
+                runs: self.cron_runs.clone(),
+            })
+        };
+        // A cron run refused before it starts is an outcome of its entry too.
+        let refuse = |reply_to: &ReplyTo, request: &Request, e: RequestError| {
+            if let Some(w) = watch(request) {
+                w.report(&request.func, Outcome::Error(e.to_string()));
+            }
+            self.refuse(reply_to, e);
+            AfterCall::GoOn
+        };
         // Checked before a delay too, so a bad request is told at once.
         if let Err(e) = self.check_access(&request) {
-            self.refuse(&job.reply_to, e);
-            return AfterCall::GoOn;
+            return refuse(&job.reply_to, &request, e);
         }
         let Some(function) = self.registry.get(&request.func) else {
-            self.refuse(&job.reply_to, RequestError::UnknownFunction(request.func));
-            return AfterCall::GoOn;
+            let e = RequestError::UnknownFunction(request.func.clone());
+            return refuse(&job.reply_to, &request, e);
         };
         if let (Some(ms), false) = (request.delay_ms.filter(|ms| *ms > 0), job.waited) {
             self.delay(job.reply_to, request, ms);
@@ -304,10 +367,7 @@ impl Dispatcher {
             .enter(&request.func, request.user.as_deref())
         {
             Ok(slot) => slot,
-            Err(e) => {
-                self.refuse(&job.reply_to, e);
-                return AfterCall::GoOn;
-            }
+            Err(e) => return refuse(&job.reply_to, &request, e),
         };
         log::debug!(
             "{} from user {:?} source {:?}",
@@ -316,7 +376,7 @@ impl Dispatcher {
             request.source
         );
         let deadline = Instant::now() + function.options.timeout.unwrap_or(self.default_timeout);
-        let pending = Arc::new(Pending::new(
+        let mut pending = Pending::new(
             deadline,
             self.hung.clone(),
             request.func.clone(),
@@ -324,7 +384,9 @@ impl Dispatcher {
             self.out.clone(),
             self.unanswered.clone(),
             self.stats.clone(),
-        ));
+        );
+        pending.cron = watch(&request);
+        let pending = Arc::new(pending);
         // Scheduled before anything that can block (the cache lookup waits on the
         // connection pool and on Redis), so the caller hears `timeout` in time
         // whatever happens after.
@@ -498,6 +560,7 @@ mod tests {
         timer: crate::timer::TimerHandle,
         thread: Option<std::thread::JoinHandle<()>>,
         due: crossbeam_channel::Receiver<Job>,
+        cron_runs: crossbeam_channel::Receiver<CronRun>,
     }
 
     impl Drop for Fixture {
@@ -542,6 +605,7 @@ mod tests {
         let (due_tx, due) = crossbeam_channel::unbounded();
         let (timer, thread) = crate::timer::start(due_tx, Shutdown::new()).unwrap();
         let (out, _out_rx) = crossbeam_channel::unbounded();
+        let (cron_tx, cron_runs) = crossbeam_channel::unbounded();
         let dispatcher = Dispatcher {
             registry: Arc::new(registry),
             access: Access {
@@ -560,12 +624,14 @@ mod tests {
             stats: Arc::default(),
             hung: None,
             concurrency: Arc::default(),
+            cron_runs: cron_tx,
         };
         Fixture {
             dispatcher,
             timer,
             thread: Some(thread),
             due,
+            cron_runs,
         }
     }
 
@@ -632,6 +698,58 @@ mod tests {
             error(&f, Ok(Request::new("hello", Map::new()))),
             "missing \"user\""
         );
+    }
+
+    #[test]
+    fn a_cron_run_reports_its_outcome_ok_error_refusal_and_timeout() {
+        let f = fixture();
+        let tagged = |func: &str, user: &str| Request {
+            cron: Some(Box::new(CronTag {
+                entry: "e1".into(),
+                tick: 60,
+            })),
+            ..request(func, user, "web")
+        };
+        let outcome = |f: &Fixture| {
+            let run = f
+                .cron_runs
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a cron outcome");
+            assert_eq!((run.tag.entry.as_str(), run.tag.tick), ("e1", 60));
+            assert!(run.at_ms > 0);
+            (run.func, run.outcome)
+        };
+        run(&f, Ok(tagged("hello", "tom")));
+        assert_eq!(outcome(&f), ("hello".into(), Outcome::Ok));
+        run(&f, Ok(tagged("boom", "tom")));
+        assert_eq!(
+            outcome(&f),
+            (
+                "boom".into(),
+                Outcome::Error("internal error: function boom panicked".into())
+            )
+        );
+        run(&f, Ok(tagged("secret", "tom")));
+        assert_eq!(
+            outcome(&f),
+            (
+                "secret".into(),
+                Outcome::Error("user tom may not call secret".into())
+            )
+        );
+        run(&f, Ok(tagged("nope", "tom")));
+        assert_eq!(
+            outcome(&f),
+            (
+                "nope".into(),
+                Outcome::Error("unknown function: nope".into())
+            )
+        );
+        assert_eq!(error(&f, Ok(tagged("nap", "tom"))), "timeout");
+        assert_eq!(outcome(&f), ("nap".into(), Outcome::Timeout));
+        // Untagged requests report nothing.
+        run(&f, Ok(request("hello", "tom", "web")));
+        assert!(f.cron_runs.try_recv().is_err());
     }
 
     #[test]

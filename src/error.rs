@@ -48,6 +48,9 @@ pub enum RequestError {
     /// `reply` is present and neither a boolean nor null.
     #[error("\"reply\" must be true or false")]
     ReplyNotBool,
+    /// `cron` is present and not `{"entry": id, "tick": seconds}`.
+    #[error("\"cron\" must be {{\"entry\": \"<entry id>\", \"tick\": <unix seconds>}}")]
+    BadCron,
     /// `delay` is longer than the configured maximum.
     #[error("\"delay\" must be at most {0} ms")]
     DelayTooLong(u64),

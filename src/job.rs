@@ -5,12 +5,14 @@
 //! ([`Backlog`]: the reader takes nothing while too much does); the request ids this instance holds until their acks are in Redis
 //! ([`InHand`]: the reader adds, the publisher removes); the jobs handed over and
 //! not yet answered ([`Unanswered`]: the reader counts up, the dispatcher down,
-//! the stop waits for 0); and the server's counters ([`Stats`]). Each thread
+//! the stop waits for 0); the outcome of each cron run ([`CronRun`]: the
+//! dispatcher sends, the cron thread records it in Redis); and the server's
+//! counters ([`Stats`]). Each thread
 //! depends on this module, not on another thread's. Not for: behaviour (the
 //! threads own it) or the wire format (`protocol.rs`).
 
 use crate::error::RequestError;
-use crate::protocol::{Reply, Request};
+use crate::protocol::{CronTag, Reply, Request};
 use crossbeam_channel::{SendError, Sender};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -221,6 +223,37 @@ impl Unanswered {
     pub(crate) fn is_zero(&self) -> bool {
         self.0.load(Ordering::SeqCst) <= 0
     }
+}
+
+/// How a cron run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The function answered a value (or "no reply").
+    Ok,
+    /// An error reply: the function's message, or why the request was refused.
+    Error(String),
+    /// The function ran past its deadline.
+    Timeout,
+}
+
+/// The outcome of one cron run, from the dispatcher (a worker, or the timer at a
+/// deadline) to the cron thread, which records it for the entry in Redis.
+#[derive(Debug, Clone)]
+pub(crate) struct CronRun {
+    pub(crate) tag: CronTag,
+    pub(crate) func: String,
+    pub(crate) outcome: Outcome,
+    /// When it ended, in ms since the epoch.
+    pub(crate) at_ms: i64,
+    /// From the worker taking it to its answer.
+    pub(crate) duration: Duration,
+}
+
+/// Now, in ms since the epoch (as [`CronRun::at_ms`] counts).
+pub(crate) fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Counters of what the server did, for logs and (later) metrics.

@@ -17,6 +17,8 @@
 //!                                           publisher (one connection; one script per
 //!                                           reply: ack, then PUBLISH json + msgpack;
 //!                                           republish to late subscribers)
+//!  CRONTAB ──▶ cron thread ──each tick, claimed once (SET NX + request + RPUSH,
+//!              one script)──▶ P-QUEUE; outcomes of cron runs ◀── dispatch
 //!  ctrl-c / SIGTERM / halt ──▶ shutdown: stop taking → wait for unanswered calls
 //!        (drain_timeout_ms) → flush publisher → return unfinished requests to the
 //!        queue; all within drain_timeout_ms + 5 s
@@ -47,6 +49,7 @@
 //! | [`shutdown`] | the signal every loop watches |
 //! | `server` | [`run`]: starts and stops the threads in order |
 //! | [`client`] | a blocking Rust client |
+//! | [`cron`] | CRONTAB: schedules, the file, the cron thread (`src/cron/`) |
 //!
 //! The binary (`src/main.rs`) adds flags, logging and signals, and registers the
 //! example functions of `src/functions.rs`, which use only this public API.
@@ -72,6 +75,7 @@ pub mod client;
 pub mod config;
 pub mod connection;
 pub mod context;
+pub mod cron;
 mod dispatch;
 pub mod error;
 mod job;

@@ -1,11 +1,12 @@
 //! The `cerbas` binary: flags, logging and signals, the only code with
 //! process-wide effects. It registers the example functions of `functions.rs`
-//! and hands over to [`cerbas::run`].
+//! and hands over to [`cerbas::run`]; `cerbas cron check|list` print a CRONTAB's
+//! report instead (`cerbas::cron`).
 
 mod functions;
 
 use cerbas::{Config, Env, Overrides, Registry, Shutdown};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,6 +33,64 @@ struct Cli {
     /// Address of the HTTP plug, e.g. 127.0.0.1:4455
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
+    /// Without one, the server runs.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check or list a CRONTAB
+    #[command(subcommand)]
+    Cron(CronCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CronCommand {
+    /// Report every bad line (number, reason, line); exit 1 if there is one
+    Check {
+        /// The file [default: the configuration's crontab]
+        path: Option<PathBuf>,
+    },
+    /// Print each entry with its next three runs and, if Redis answers, its last outcome
+    List {
+        /// The file [default: the configuration's crontab]
+        path: Option<PathBuf>,
+    },
+}
+
+/// `cerbas cron check|list`: prints the report on stdout.
+fn cron_command(config: &Config, command: &CronCommand) -> ExitCode {
+    let mut registry = Registry::new();
+    functions::register(&mut registry);
+    registry.apply_config(&config.functions);
+    let known = cerbas::cron::Known::new(config, &registry);
+    let (CronCommand::Check { path } | CronCommand::List { path }) = command;
+    let path = path.clone().unwrap_or_else(|| config.crontab.clone());
+    if path.as_os_str().is_empty() {
+        eprintln!("cerbas: no crontab given (the configuration says crontab = \"\")");
+        return ExitCode::from(2);
+    }
+    let report = match command {
+        CronCommand::Check { .. } => {
+            cerbas::cron::read(&path, &known).map(|tab| cerbas::cron::check_report(&path, &tab))
+        }
+        CronCommand::List { .. } => cerbas::cron::list(config, &known, &path).map(|r| (r, true)),
+    };
+    match report {
+        Ok((text, ok)) => {
+            print!("{text}");
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("cerbas: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn load(cli: &Cli) -> Result<Config, cerbas::Error> {
@@ -64,6 +123,9 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fatal(&e),
     };
+    if let Some(Command::Cron(c)) = &cli.command {
+        return cron_command(&config, c);
+    }
     let shutdown = Shutdown::new();
     let signals = shutdown.clone();
     let seen = AtomicUsize::new(0);

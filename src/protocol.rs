@@ -66,6 +66,12 @@ impl Keys {
         format!("{}{id:010}", self.request_prefixes().0)
     }
 
+    /// `P-REQ-`: what [`Keys::request`] puts before the padded id (cron's claim
+    /// script writes request keys itself).
+    pub fn request_prefix(&self) -> String {
+        format!("{}-REQ-", self.prefix)
+    }
+
     /// `P-REQUEST-{id:010}`: the name later versions of the original's Python client
     /// use; read only when [`Keys::request`] is missing.
     pub fn request_fallback(&self, id: u64) -> String {
@@ -126,6 +132,19 @@ impl Keys {
         format!("{}-DELAYED", self.prefix)
     }
 
+    /// `P-CRON-TICK-{entry}-{tick}`: the claim of one tick of one cron entry (an
+    /// entry's id is a hash of its line, the tick in unix seconds). The instance
+    /// that creates it turns the tick into a request; it expires on its own.
+    pub fn cron_claim(&self, entry: &str, tick: i64) -> String {
+        format!("{}-CRON-TICK-{entry}-{tick}", self.prefix)
+    }
+
+    /// `P-CRON-LAST-{entry}`: a hash with the last outcome of a cron entry (and
+    /// counts of its runs), for `cerbas cron list`, metrics and dashboards.
+    pub fn cron_last(&self, entry: &str) -> String {
+        format!("{}-CRON-LAST-{entry}", self.prefix)
+    }
+
     /// `P-CACHE-{func}-{hash}`: a cached ok reply of `func` for `args`. The value
     /// holds the function and arguments too ([`cache_entry`]), so a hash collision
     /// is detected, never served.
@@ -164,7 +183,9 @@ pub fn cache_hit(entry: &[u8], func: &str, args: &Map<String, Value>) -> Option<
     }
 }
 
-fn fnv1a(text: &str) -> u64 {
+/// A 64-bit FNV-1a hash: cache keys and cron entry ids (stable across builds and
+/// machines, unlike `std`'s hasher).
+pub(crate) fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
@@ -230,6 +251,47 @@ pub struct Request {
     /// Whether the client wants the reply published: `"reply": false` (a one-way
     /// call) says no; absent or `null` is yes, as old clients expect.
     pub reply: bool,
+    /// Set on the requests cron writes (`"cron": {"entry": …, "tick": …}`): which
+    /// entry and tick the run is for, so its outcome is recorded for the entry.
+    /// (Boxed: most requests have none, and jobs are moved between threads.)
+    pub cron: Option<Box<CronTag>>,
+}
+
+/// Which cron entry, and which of its ticks, a request runs for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CronTag {
+    /// The entry's id: 16 hex digits, a hash of its CRONTAB line.
+    pub entry: String,
+    /// The tick, in unix seconds.
+    pub tick: i64,
+}
+
+impl CronTag {
+    /// The tag as the request's `cron` member.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({"entry": self.entry, "tick": self.tick})
+    }
+
+    fn parse(v: Value) -> Result<CronTag, RequestError> {
+        let Value::Object(mut o) = v else {
+            return Err(RequestError::BadCron);
+        };
+        let entry = match o.remove("entry") {
+            Some(Value::String(e))
+                if !e.is_empty()
+                    && e.len() <= 64
+                    && e.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+            {
+                e
+            }
+            _ => return Err(RequestError::BadCron),
+        };
+        let tick = o
+            .remove("tick")
+            .and_then(|t| t.as_i64())
+            .ok_or(RequestError::BadCron)?;
+        Ok(CronTag { entry, tick })
+    }
 }
 
 impl Request {
@@ -243,6 +305,7 @@ impl Request {
             delay_ms: None,
             body_without_delay: None,
             reply: true,
+            cron: None,
         }
     }
 
@@ -264,6 +327,9 @@ impl Request {
         }
         if !self.reply {
             obj.insert("reply".into(), Value::Bool(false));
+        }
+        if let Some(tag) = &self.cron {
+            obj.insert("cron".into(), tag.to_json());
         }
         Value::Object(obj).to_string()
     }
@@ -321,6 +387,10 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<Request, RequestEr
         Some(Value::Bool(b)) => b,
         Some(_) => return Err(RequestError::ReplyNotBool),
     };
+    let cron = match obj.remove("cron") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(Box::new(CronTag::parse(v)?)),
+    };
     Ok(Request {
         func,
         args,
@@ -329,6 +399,7 @@ pub fn parse_request(body: &[u8], max_bytes: usize) -> Result<Request, RequestEr
         delay_ms,
         body_without_delay,
         reply,
+        cron,
     })
 }
 
@@ -503,6 +574,40 @@ mod tests {
         assert_eq!(k.processing("h-1"), "CERBAS-PROCESSING-h-1");
         // Ids past ten digits are not truncated.
         assert_eq!(k.request(12_345_678_901), "CERBAS-REQ-12345678901");
+        assert_eq!(k.request_prefix() + "0000000001", k.request(1));
+        assert_eq!(k.cron_claim("00ff", 60), "CERBAS-CRON-TICK-00ff-60");
+        assert_eq!(k.cron_last("00ff"), "CERBAS-CRON-LAST-00ff");
+    }
+
+    #[test]
+    fn a_cron_tag_is_read_and_a_bad_one_refused() {
+        let r = parse_request(
+            br#"{"func":"hello","reply":false,"cron":{"entry":"0123abcd","tick":1764415500}}"#,
+            1024,
+        )
+        .unwrap();
+        assert_eq!(
+            r.cron.as_deref(),
+            Some(&CronTag {
+                entry: "0123abcd".into(),
+                tick: 1_764_415_500
+            })
+        );
+        let again = parse_request(r.to_json_without_delay().as_bytes(), 1024).unwrap();
+        assert_eq!(again.cron, r.cron);
+        for bad in [
+            r#"{"func":"f","cron":1}"#,
+            r#"{"func":"f","cron":{"entry":"ab"}}"#,
+            r#"{"func":"f","cron":{"entry":"a b","tick":1}}"#,
+            r#"{"func":"f","cron":{"entry":"","tick":1}}"#,
+            r#"{"func":"f","cron":{"entry":"ab","tick":1.5}}"#,
+        ] {
+            assert_eq!(
+                parse_request(bad.as_bytes(), 1024).unwrap_err().to_string(),
+                r#""cron" must be {"entry": "<entry id>", "tick": <unix seconds>}"#,
+                "{bad}"
+            );
+        }
     }
 
     #[test]

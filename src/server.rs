@@ -1,7 +1,8 @@
 //! Starts the threads in order and stops them in order (DESIGN §3):
-//! timer → publisher → workers → reader; then, on shutdown: the reader stops
-//! taking, the workers drain what they hold until the drain deadline, the
-//! publisher flushes and returns what is left to the queue, the timer stops.
+//! timer → publisher → workers → scheduler → cron → reader; then, on shutdown:
+//! the reader and cron stop taking, the workers drain what they hold until the
+//! drain deadline, the publisher flushes and returns what is left to the queue,
+//! cron records the drain's outcomes, the timer stops.
 //! Not for: signals or flags (`main.rs`).
 
 use crate::config::Config;
@@ -70,10 +71,6 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             config.http
         );
     }
-    log::info!(
-        "the cron thread is not built yet: {} is not read",
-        config.crontab.display()
-    );
     // Socket reads must outlast BLMOVE's block (DESIGN §8), with room to spare.
     let read_timeout = BLOCK + Duration::from_secs(10);
 
@@ -106,6 +103,9 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         },
         out_rx,
     )?;
+    // Outcomes of cron runs, from the dispatcher to the cron thread.
+    let (cron_tx, cron_rx) = crossbeam_channel::unbounded();
+    let cron_known = crate::cron::Known::new(&config, &registry);
     let (replace_tx, replace_rx) = crossbeam_channel::unbounded();
     let hung = Arc::new(Hung::new(config.max_hung_workers, replace_tx));
     let dispatcher = Arc::new(Dispatcher {
@@ -123,6 +123,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         stats: stats.clone(),
         hung: Some(hung.clone()),
         concurrency: Arc::new(crate::limits::Concurrency::from_config(&config)),
+        cron_runs: cron_tx,
     });
     let abandon = Arc::new(AtomicBool::new(false));
     crate::pool::start(
@@ -144,6 +145,17 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         shutdown: shutdown.clone(),
     })?;
     let queue = keys.queue();
+    let cron = crate::cron::runner::start(crate::cron::runner::Cron {
+        connector: Connector::new(client.clone(), "cron", read_timeout),
+        keys: keys.clone(),
+        instance: instance.clone(),
+        path: config.crontab.clone(),
+        zone: config.cron_zone()?,
+        known: cron_known,
+        shutdown: shutdown.clone(),
+        stopping: stopping.clone(),
+        runs: cron_rx,
+    })?;
     let reader = crate::reader::start(Reader {
         connector: Connector::new(client, "reader", read_timeout),
         keys,
@@ -195,6 +207,8 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             processing
         );
     }
+    // It records the drain's last cron outcomes, once.
+    wait_until(stop_by, || cron.is_finished());
     timer.stop();
     let _ = timer_thread.join();
     log::info!(
