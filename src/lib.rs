@@ -68,14 +68,17 @@
 //! registry.register("greet", greet).timeout_ms(1_000);
 //! ```
 
+mod caller;
 pub mod client;
 pub mod config;
 pub mod connection;
 pub mod context;
 mod dispatch;
 pub mod error;
+mod http;
 mod job;
 mod limits;
+mod metrics;
 mod pool;
 pub mod protocol;
 mod publisher;

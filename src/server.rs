@@ -64,12 +64,11 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         "instance {instance}; functions: {}",
         registry.names().join(", ")
     );
-    if !config.http.is_empty() {
-        log::warn!(
-            "the HTTP plug is not built yet: --http {} is ignored",
-            config.http
-        );
-    }
+    // Bound before any thread starts: a taken port stops the start here.
+    let http_listener = match config.http.listen.as_str() {
+        "" => None,
+        _ => Some(crate::http::bind(&config.http)?),
+    };
     log::info!(
         "the cron thread is not built yet: {} is not read",
         config.crontab.display()
@@ -90,6 +89,8 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
     // publisher's backlog is full.
     let backlog = Arc::new(Backlog::default());
     let out_tx = Outbox::new(out_tx, backlog.clone());
+    // In-process calls (HTTP) go to the workers on the timer's channel (caller.rs).
+    let local_jobs = due_tx.clone();
     let (timer, timer_thread) = crate::timer::start(due_tx, shutdown.clone())?;
     let publisher = crate::publisher::start(
         Publisher {
@@ -143,6 +144,27 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         instance: instance.clone(),
         shutdown: shutdown.clone(),
     })?;
+    let plug = match http_listener {
+        Some(listener) => Some(crate::http::start(
+            listener,
+            crate::http::Plug {
+                config: config.http.clone(),
+                proxy: config.proxy.clone(),
+                caller: crate::caller::Caller {
+                    jobs: local_jobs,
+                    unanswered: unanswered.clone(),
+                    shutdown: shutdown.clone(),
+                    abandon: abandon.clone(),
+                },
+                stats: stats.clone(),
+                redis: client.clone(),
+                keys: keys.clone(),
+                instance: instance.clone(),
+                in_hand: in_hand.clone(),
+            },
+        )?),
+        None => None,
+    };
     let queue = keys.queue();
     let reader = crate::reader::start(Reader {
         connector: Connector::new(client, "reader", read_timeout),
@@ -175,6 +197,11 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         } else {
             log::warn!("requests still in hand at the drain deadline; they go back to the queue");
         }
+    }
+    // In-flight HTTP calls were counted in `unanswered`: they are answered (or
+    // gave up at the drain deadline, 503). Now the HTTP threads stop.
+    if let Some(plug) = plug {
+        plug.stop(stop_by);
     }
     // Before the publisher returns what is held to the queue and retires this
     // instance, the reader must be gone (its BLMOVE would take a returned id

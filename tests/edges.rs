@@ -406,13 +406,9 @@ fn serve(args: &[&str]) -> (Redis, Server) {
 }
 
 #[test]
-fn unbuilt_http_and_cron_settings_are_said_to_be_ignored() {
-    let (_redis, server) = serve(&["--http", "not an address", "--crontab", "/nonexistent"]);
+fn unbuilt_cron_settings_are_said_to_be_ignored() {
+    let (_redis, server) = serve(&["--crontab", "/nonexistent"]);
     let log = server.log_text();
-    assert!(
-        log.contains("the HTTP plug is not built yet: --http not an address is ignored"),
-        "{log}"
-    );
     assert!(
         log.contains("the cron thread is not built yet: /nonexistent is not read"),
         "{log}"
