@@ -17,6 +17,8 @@
 //!                                           publisher (one connection; one script per
 //!                                           reply: ack, then PUBLISH json + msgpack;
 //!                                           republish to late subscribers)
+//!  HTTP handler threads (the Plug) ──caller: a job on the timer's channel──▶ workers
+//!        (reply on a channel; /health, /metrics, reverse proxy beside it)
 //!  ctrl-c / SIGTERM / halt ──▶ shutdown: stop taking → wait for unanswered calls
 //!        (drain_timeout_ms) → flush publisher → return unfinished requests to the
 //!        queue; all within drain_timeout_ms + 5 s
@@ -37,6 +39,9 @@
 //! | [`context`] | what a function gets: caller, deadline, Redis, shutdown |
 //! | `job` | data between threads: jobs, replies, ids in hand, counters |
 //! | `dispatch` | the one path every request takes |
+//! | `caller` | its in-process entry point (HTTP, cron): request in, reply out |
+//! | `metrics` | the Prometheus registry every thread counts into |
+//! | `http` | the Plug: HTTP threads, `/api` routes, tokens, proxy, breaker, health |
 //! | `limits` | how many calls a user or a function may run at once |
 //! | `reader` | the queue reader thread |
 //! | `pool` | the worker threads |

@@ -42,6 +42,9 @@ pub struct Metrics {
     pub(crate) delayed: Gauge,
     /// Replies held for late subscribers that were dropped (from `Stats`).
     pub(crate) replies_dropped: Gauge,
+    /// Redis connection losses seen, each followed by a reconnect (from
+    /// `connection.rs`), set at each scrape.
+    pub(crate) reconnects: Gauge,
     http_requests: Family<Labels, Counter>,
     proxy_requests: Family<Labels, Counter>,
     breaker_state: Family<Labels, Gauge>,
@@ -71,6 +74,7 @@ impl Metrics {
             in_hand: Gauge::default(),
             delayed: Gauge::default(),
             replies_dropped: Gauge::default(),
+            reconnects: Gauge::default(),
             http_requests: Family::default(),
             proxy_requests: Family::default(),
             breaker_state: Family::default(),
@@ -104,6 +108,11 @@ impl Metrics {
             "replies_dropped",
             "Replies held for late subscribers that were dropped (republish_max_bytes reached)",
             m.replies_dropped.clone(),
+        );
+        registry.register(
+            "redis_reconnects",
+            "Redis connections lost and reopened since the start (all threads)",
+            m.reconnects.clone(),
         );
         registry.register(
             "http_requests",

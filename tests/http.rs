@@ -367,6 +367,31 @@ fn each_outcome_has_its_status() {
     assert_eq!((quiet.0, quiet.2.len()), (204, 0), "no reply");
 }
 
+#[test]
+fn over_a_concurrency_limit_is_429() {
+    let redis = Redis::start();
+    let (plug, started) = Plug::start(&redis, |c| {
+        c.functions.insert(
+            "sleep".into(),
+            cerbas::config::FunctionConfig {
+                max_concurrent: Some(1),
+                ..Default::default()
+            },
+        );
+    });
+    let url = plug.url("/api/sleep?ms=800");
+    let first = std::thread::spawn(move || must_get(&url));
+    started.recv_timeout(10 * SECS).expect("the call started");
+    let busy = must_get(&plug.url("/api/sleep?ms=1"));
+    assert_eq!(busy.0, 429);
+    assert_eq!(header(&busy, "retry-after"), "1");
+    assert!(json_of(&busy)["data"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("busy: function sleep"));
+    assert_eq!(first.join().expect("first").0, 200);
+}
+
 // ---- tokens ----
 
 #[test]
@@ -1004,6 +1029,7 @@ fn metrics_are_prometheus_text_and_count_what_happened() {
         "cerbas_requests_in_hand",
         "cerbas_delayed_waiting",
         "cerbas_replies_dropped",
+        "cerbas_redis_reconnects",
     ] {
         assert!(sample(&m, gauge, &[]).is_some(), "{gauge}");
     }

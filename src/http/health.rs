@@ -62,6 +62,7 @@ pub(super) fn metrics(plug: &Plug) -> Reply {
     m.in_hand.set(held as i64);
     m.replies_dropped
         .set(plug.stats.replies_dropped.load(Ordering::Relaxed) as i64);
+    m.reconnects.set(crate::connection::losses() as i64);
     respond(
         200,
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
