@@ -53,8 +53,8 @@ fn reference(threads: usize) -> String {
     for _ in 0..threads {
         let server = server.clone();
         std::thread::spawn(move || {
-            let ct = tiny_http::Header::from_bytes("Content-Type", "application/json")
-                .expect("header");
+            let ct =
+                tiny_http::Header::from_bytes("Content-Type", "application/json").expect("header");
             for rq in server.incoming_requests() {
                 let r = tiny_http::Response::from_data(
                     br#"{"status":"ok","data":"hello world!"}"#.to_vec(),
