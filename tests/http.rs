@@ -755,6 +755,26 @@ fn the_breaker_opens_answers_at_once_and_recovers_per_target() {
 }
 
 #[test]
+fn a_slow_target_is_cut_off_by_its_breaker() {
+    let redis = Redis::start();
+    let (upstream, _) = Upstream::start();
+    let (plug, _) = Plug::start(&redis, |c| {
+        c.proxy = vec![upstream.target("/api5", "flask")]
+    });
+    let timed = |path: &str| {
+        let t = Instant::now();
+        (must_get(&plug.url(path)).0, t.elapsed())
+    };
+    let (s1, t1) = timed("/api5/slow");
+    let (s2, t2) = timed("/api5/slow");
+    let (s3, t3) = timed("/api5/slow");
+    eprintln!("breaker on timeouts: {s1} in {t1:?}, {s2} in {t2:?}, then {s3} in {t3:?}");
+    assert_eq!((s1, s2, s3), (504, 504, 503));
+    assert!(t1 >= Duration::from_millis(450) && t2 >= Duration::from_millis(450));
+    assert!(t3 < Duration::from_millis(100), "503 at once: {t3:?}");
+}
+
+#[test]
 fn five_hundreds_count_and_a_failed_trial_opens_it_again() {
     let redis = Redis::start();
     let (upstream, _) = Upstream::start();
@@ -1057,6 +1077,43 @@ fn health_says_whether_redis_answers() {
     wait_for("health again", 10 * SECS, || {
         (must_get(&plug.url("/health")).0 == 200).then_some(())
     });
+}
+
+/// HTTP calls run on the workers without inflating the reader's count of idle
+/// workers: after many HTTP calls, the reader still takes from Redis only what
+/// the pool can start (caller.rs, "the reader's ready count").
+#[test]
+fn http_calls_leave_the_readers_count_of_idle_workers_right() {
+    let redis = Redis::start();
+    let (plug, _) = Plug::start(&redis, |c| c.workers = 2);
+    for _ in 0..50 {
+        assert_eq!(must_get(&plug.url("/api/hello")).0, 200);
+    }
+    let mut conn = redis.conn();
+    let bodies: Vec<String> = (0..8)
+        .map(|_| {
+            json!({"func": "sleep", "args": {"ms": 300}, "user": "tom", "source": "web"})
+                .to_string()
+        })
+        .collect();
+    common::submit_many(&mut conn, &bodies);
+    let mut most_in_hand = 0.0f64;
+    wait_for("the sleeps to be served", 20 * SECS, || {
+        let m = scrape(&plug);
+        let in_hand = sample(&m, "cerbas_requests_in_hand", &[]).unwrap_or(0.0);
+        most_in_hand = most_in_hand.max(in_hand);
+        let served = sample(
+            &m,
+            "cerbas_requests_total",
+            &[("function", "sleep"), ("outcome", "ok")],
+        );
+        (served == Some(8.0)).then_some(())
+    });
+    assert!(most_in_hand >= 1.0, "sampled while running");
+    assert!(
+        most_in_hand <= 3.0,
+        "the reader took {most_in_hand} at once for 2 workers"
+    );
 }
 
 // ---- the graceful stop ----
