@@ -1188,6 +1188,49 @@ fn the_binary_serves_the_shipped_configuration() {
 }
 
 #[test]
+fn tokens_are_never_logged_and_wide_listening_is_warned_about() {
+    let redis = Redis::start();
+    let port = free_port();
+    let config = common::config_with("[http.tokens]\n\"tom-secret-token-0123456789\" = \"tom\"\n");
+    let server = Server::spawn(
+        &redis,
+        &[
+            "--config",
+            config.to_str().expect("path"),
+            "--http",
+            &format!("0.0.0.0:{port}"),
+        ],
+        &[("RUST_LOG", "debug")],
+    );
+    server.wait_ready(&redis);
+    let url = format!("http://127.0.0.1:{port}/api/hello");
+    let right = get_with(
+        &url,
+        &[("Authorization", "Bearer tom-secret-token-0123456789")],
+    );
+    assert_eq!(right.0, 200);
+    let wrong = get_with(
+        &url,
+        &[("Authorization", "Bearer wrong-secret-token-0123456789")],
+    );
+    assert_eq!(wrong.0, 401);
+    let log = server.log_text();
+    assert!(!log.contains("secret-token"), "a token in the log:\n{log}");
+    assert!(
+        !log.contains("beyond loopback"),
+        "tokens are set: no warning"
+    );
+
+    let port = free_port();
+    let wide = Server::start_args(&redis, &["--http", &format!("0.0.0.0:{port}")]);
+    let hello = must_get(&format!("http://127.0.0.1:{port}/api/hello"));
+    assert_eq!(hello.0, 200);
+    assert!(wide
+        .log_text()
+        .contains("beyond loopback, without [http.tokens]"));
+}
+
+#[test]
 fn bad_http_settings_stop_the_start() {
     let out = std::process::Command::new(bin())
         .args([
