@@ -199,9 +199,10 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         }
     }
     // In-flight HTTP calls were counted in `unanswered`: they are answered (or
-    // gave up at the drain deadline, 503). Now the HTTP threads stop.
-    if let Some(plug) = plug {
-        plug.stop(stop_by);
+    // gave up at the drain deadline, 503). The HTTP plug stops accepting now; a
+    // proxied request still streaming is waited for at the end.
+    if let Some(plug) = &plug {
+        plug.close();
     }
     // Before the publisher returns what is held to the queue and retires this
     // instance, the reader must be gone (its BLMOVE would take a returned id
@@ -221,6 +222,9 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             "redis did not answer in time: unfinished requests stay in {} for recovery",
             processing
         );
+    }
+    if let Some(plug) = plug {
+        plug.join(stop_by);
     }
     timer.stop();
     let _ = timer_thread.join();

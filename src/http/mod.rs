@@ -113,10 +113,16 @@ pub(crate) fn start(listener: TcpListener, plug: Plug) -> Result<Running, Error>
 }
 
 impl Running {
-    /// Stops accepting and waits for the handler threads until `by`; says whether
-    /// all have stopped (a thread still streaming a proxied body is left behind).
-    pub(crate) fn stop(self, by: Instant) -> bool {
+    /// Stops accepting: the handler threads end once their requests are
+    /// answered. Returns at once.
+    pub(crate) fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits for the handler threads until `by`; says whether all have stopped
+    /// (a thread still streaming a proxied body is left behind).
+    pub(crate) fn join(self, by: Instant) -> bool {
+        self.close();
         loop {
             if self.threads.iter().all(|t| t.is_finished()) {
                 for t in self.threads {
