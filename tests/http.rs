@@ -1225,8 +1225,10 @@ fn tokens_are_never_logged_and_wide_listening_is_warned_about() {
     );
 
     let port = free_port();
-    let wide = Server::start_args(&redis, &["--http", &format!("0.0.0.0:{port}")]);
-    let hello = must_get(&format!("http://127.0.0.1:{port}/api/hello"));
+    // Not wait_ready: the first server, on the same Redis, could answer that.
+    let wide = Server::spawn(&redis, &["--http", &format!("0.0.0.0:{port}")], &[]);
+    let url = format!("http://127.0.0.1:{port}/api/hello");
+    let hello = wait_for("the second server", 20 * SECS, || get(&url).ok());
     assert_eq!(hello.0, 200);
     assert!(wide
         .log_text()
