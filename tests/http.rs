@@ -661,6 +661,36 @@ fn the_proxy_is_not_an_open_proxy() {
 }
 
 #[test]
+fn requests_the_client_got_wrong_do_not_open_the_breaker() {
+    let redis = Redis::start();
+    let (upstream, _) = Upstream::start();
+    let (plug, _) = Plug::start(&redis, |c| {
+        c.proxy = vec![upstream.target("/api5", "flask")]
+    });
+    let twice = b"POST /api5/x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
+    for _ in 0..3 {
+        let got = raw(plug.port, twice, 5 * SECS);
+        assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    }
+    assert_eq!(
+        must_get(&plug.url("/api5/x")).0,
+        200,
+        "the breaker is still closed"
+    );
+    // Any method goes through.
+    let got = raw(
+        plug.port,
+        b"PROPFIND /api5/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        5 * SECS,
+    );
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(
+        got.to_ascii_lowercase().contains("x-echo-method: propfind"),
+        "{got}"
+    );
+}
+
+#[test]
 fn upstream_failures_are_502_and_504() {
     let redis = Redis::start();
     let (upstream, _) = Upstream::start();

@@ -69,6 +69,8 @@ impl Proxy {
             .timeout_connect(Some(Duration::from_millis(config.proxy_connect_timeout_ms)))
             .timeout_recv_response(Some(Duration::from_millis(config.proxy_read_timeout_ms)))
             .timeout_per_read(Some(Duration::from_millis(config.proxy_read_timeout_ms)))
+            .allow_non_standard_methods(true)
+            .max_idle_connections(config.threads * targets.len().max(1))
             .max_idle_connections_per_host(config.threads)
             .build()
             .into();
@@ -180,17 +182,19 @@ impl Proxy {
                 return 408;
             }
             Err(e) => {
-                self.record(t, plug, false);
-                let (status, why) = match &e {
-                    ureq::Error::Timeout(ureq::Timeout::Connect) => (502, "cannot connect"),
-                    ureq::Error::Io(io) if io.kind() == ErrorKind::ConnectionRefused => {
-                        (502, "cannot connect")
+                let (status, why) = match blame(&e) {
+                    Blame::Request => {
+                        // The client's request cannot be sent as it is: its fault,
+                        // not the target's, so the breaker does not count it.
+                        log::debug!("proxy {}: cannot forward this request: {e}", t.label);
+                        (400, "cannot forward this request")
                     }
-                    ureq::Error::Timeout(_) => (504, "timed out"),
-                    ureq::Error::Io(io) if io.kind() == ErrorKind::TimedOut => (504, "timed out"),
-                    _ => (502, "cannot reach it"),
+                    Blame::Target(status, why) => {
+                        self.record(t, plug, false);
+                        log::warn!("proxy {}: {why}: {e}", t.label);
+                        (status, why)
+                    }
                 };
-                log::warn!("proxy {}: {why}: {e}", t.label);
                 super::send(req, text(status, &format!("{}: {why}", t.label)));
                 return status;
             }
@@ -294,6 +298,46 @@ fn connection_names(headers: &http::HeaderMap, lower_name: &str) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|n| n.trim().eq_ignore_ascii_case(lower_name))
+}
+
+/// Who a failed exchange is the fault of.
+enum Blame {
+    /// The client's request (a header or body framing the HTTP client refuses).
+    Request,
+    /// The target: the status to answer and why.
+    Target(u16, &'static str),
+}
+
+/// Only the target's failures (cannot connect, timed out, broke the connection,
+/// answered what is not HTTP) count against its breaker: a client must not be
+/// able to open it for everyone with requests that cannot be sent.
+fn blame(e: &ureq::Error) -> Blame {
+    use ureq_proto::Error as P;
+    match e {
+        ureq::Error::Timeout(ureq::Timeout::Connect | ureq::Timeout::Resolve) => {
+            Blame::Target(502, "cannot connect")
+        }
+        ureq::Error::Timeout(_) => Blame::Target(504, "timed out"),
+        ureq::Error::Io(io) => match io.kind() {
+            ErrorKind::TimedOut | ErrorKind::WouldBlock => Blame::Target(504, "timed out"),
+            ErrorKind::ConnectionRefused => Blame::Target(502, "cannot connect"),
+            _ => Blame::Target(502, "connection failed"),
+        },
+        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => {
+            Blame::Target(502, "cannot connect")
+        }
+        ureq::Error::Protocol(
+            P::ChunkLenNotAscii
+            | P::ChunkLenNotANumber
+            | P::ChunkExpectedCrLf
+            | P::HttpParseFail(_)
+            | P::HttpParseTooManyHeaders
+            | P::UnsupportedVersion
+            | P::HeadersWith100
+            | P::BadReject100Status(_),
+        ) => Blame::Target(502, "answered what is not HTTP/1.1"),
+        _ => Blame::Request,
+    }
 }
 
 /// Whether a path may be forwarded: no `.` or `..` segment (also percent-encoded),
