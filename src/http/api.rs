@@ -8,7 +8,7 @@
 
 use super::{auth, respond, text, with, Plug, Reply};
 use crate::caller::Stopping;
-use crate::error::RequestError;
+use crate::error::{HttpError, RequestError};
 use crate::protocol::{parse_request, Reply as Answer, Request};
 use serde_json::{Map, Value};
 use std::io::ErrorKind;
@@ -39,12 +39,11 @@ pub(super) fn handle(
     ) {
         Ok(user) => user,
         Err(denied) => {
-            let why = match denied {
-                auth::Denied::Missing => "missing bearer token (Authorization: Bearer <token>)",
-                auth::Denied::Invalid => "invalid token",
+            let e = match denied {
+                auth::Denied::Missing => HttpError::MissingToken,
+                auth::Denied::Invalid => HttpError::InvalidToken,
             };
-            let r = json(401, &Answer::Error(why.into()));
-            return ("api", with(r, "WWW-Authenticate", "Bearer"));
+            return ("api", with(refused(e), "WWW-Authenticate", "Bearer"));
         }
     };
     let get = matches!(rq.method(), Method::Get | Method::Head);
@@ -68,12 +67,12 @@ pub(super) fn handle(
                 "api",
                 call(plug, request(&func, args, &user, &plug.config.source)),
             ),
-            Err(e) => ("api", error(400, &e)),
+            Err(e) => ("api", refused(e)),
         },
         _ if post => {
             let func = match decode(name) {
                 Ok(f) => f,
-                Err(e) => return ("api", error(400, &e)),
+                Err(e) => return ("api", refused(e)),
             };
             let args = read_body(plug, rq).and_then(|body| body_args(&body));
             match args {
@@ -110,11 +109,7 @@ fn call(plug: &Plug, request: Request) -> Reply {
                 _ => r,
             }
         }
-        Err(Stopping) => with(
-            json(503, &Answer::Error("stopping: try again later".into())),
-            "Retry-After",
-            "1",
-        ),
+        Err(Stopping) => with(refused(HttpError::Stopping), "Retry-After", "1"),
     }
 }
 
@@ -147,12 +142,30 @@ fn json(status: u16, answer: &Answer) -> Reply {
     respond(status, "application/json", answer.to_json())
 }
 
-fn error(status: u16, message: &str) -> Reply {
-    json(status, &Answer::Error(message.to_string()))
+/// The plug's own error reply, with its status.
+fn refused(e: HttpError) -> Reply {
+    let status = match e {
+        HttpError::MissingToken | HttpError::InvalidToken => 401,
+        HttpError::MethodNotAllowed => 405,
+        HttpError::SlowBody => 408,
+        HttpError::Stopping => 503,
+        HttpError::RepeatedArgument(_)
+        | HttpError::NameNotUtf8
+        | HttpError::BodyNotArguments
+        | HttpError::NotGeneral
+        | HttpError::DelayOverHttp
+        | HttpError::Unreadable(_) => 400,
+    };
+    json(status, &Answer::Error(e.to_string()))
+}
+
+/// A [`RequestError`] found before the call (parsing the body), with its status.
+fn refused_request(e: RequestError) -> Reply {
+    json(status(&e), &e.into())
 }
 
 fn allow(methods: &str) -> Reply {
-    with(error(405, "method not allowed"), "Allow", methods)
+    with(refused(HttpError::MethodNotAllowed), "Allow", methods)
 }
 
 /// The original's `/api/foo`: `{"var1":…,"var2":…}`, or 403 without them.
@@ -188,28 +201,18 @@ fn general(plug: &Plug, rq: &mut tiny_http::Request, user: &str) -> Reply {
     let inner = match serde_json::from_slice::<Value>(&body) {
         Ok(Value::Object(mut outer)) => match outer.remove("request") {
             Some(inner @ Value::Object(_)) => inner,
-            _ => {
-                return error(
-                    400,
-                    "body must be {\"request\": {\"func\", \"args\", \"source\"}}",
-                )
-            }
+            _ => return refused(HttpError::NotGeneral),
         },
-        Ok(_) => {
-            return error(
-                400,
-                "body must be {\"request\": {\"func\", \"args\", \"source\"}}",
-            )
-        }
-        Err(e) => return error(400, &RequestError::Malformed(e.to_string()).to_string()),
+        Ok(_) => return refused(HttpError::NotGeneral),
+        Err(e) => return refused_request(RequestError::Malformed(e.to_string())),
     };
     let mut request = match parse_request(inner.to_string().as_bytes(), plug.config.max_body_bytes)
     {
         Ok(r) => r,
-        Err(e) => return json(status(&e), &e.into()),
+        Err(e) => return refused_request(e),
     };
     if request.delay_ms.is_some() {
-        return error(400, "\"delay\" is not supported over HTTP");
+        return refused(HttpError::DelayOverHttp);
     }
     request.user = Some(user.to_string());
     if request.source.is_none() {
@@ -219,8 +222,8 @@ fn general(plug: &Plug, rq: &mut tiny_http::Request, user: &str) -> Reply {
 }
 
 /// A function name from the path, percent-decoded.
-fn decode(segment: &str) -> Result<String, String> {
-    percent_encoding_decode(segment).ok_or_else(|| "function name is not valid UTF-8".into())
+fn decode(segment: &str) -> Result<String, HttpError> {
+    percent_encoding_decode(segment).ok_or(HttpError::NameNotUtf8)
 }
 
 fn percent_encoding_decode(s: &str) -> Option<String> {
@@ -255,13 +258,13 @@ fn percent_encoding_decode(s: &str) -> Option<String> {
 /// Arguments from a query string: a value that parses as JSON is taken as JSON
 /// (`n=3` is the number 3, `f=true` a boolean), else as a string; a key given
 /// twice is an error.
-fn query_args(query: &str) -> Result<Map<String, Value>, String> {
+fn query_args(query: &str) -> Result<Map<String, Value>, HttpError> {
     let mut args = Map::new();
     for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
         let value =
             serde_json::from_str::<Value>(&v).unwrap_or_else(|_| Value::String(v.into_owned()));
         if args.insert(k.clone().into_owned(), value).is_some() {
-            return Err(format!("argument {k:?} given more than once"));
+            return Err(HttpError::RepeatedArgument(k.into_owned()));
         }
     }
     Ok(args)
@@ -274,11 +277,8 @@ fn body_args(body: &[u8]) -> Result<Map<String, Value>, Reply> {
     }
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(args)) => Ok(args),
-        Ok(_) => Err(error(400, "body must be a JSON object of arguments")),
-        Err(e) => Err(error(
-            400,
-            &RequestError::Malformed(e.to_string()).to_string(),
-        )),
+        Ok(_) => Err(refused(HttpError::BodyNotArguments)),
+        Err(e) => Err(refused_request(RequestError::Malformed(e.to_string()))),
     }
 }
 
@@ -289,7 +289,7 @@ fn read_body(plug: &Plug, rq: &mut tiny_http::Request) -> Result<Vec<u8>, Reply>
     let max = plug.config.max_body_bytes;
     let too_large = |size: usize| {
         let e = RequestError::TooLarge { size, limit: max };
-        with(json(413, &e.into()), "Connection", "close")
+        with(refused_request(e), "Connection", "close")
     };
     if let Some(n) = rq.body_length().filter(|n| *n > max) {
         return Err(too_large(n));
@@ -300,11 +300,7 @@ fn read_body(plug: &Plug, rq: &mut tiny_http::Request) -> Result<Vec<u8>, Reply>
     let reader = rq.as_reader();
     loop {
         if Instant::now() > deadline {
-            return Err(with(
-                error(408, "request body too slow"),
-                "Connection",
-                "close",
-            ));
+            return Err(with(refused(HttpError::SlowBody), "Connection", "close"));
         }
         match reader.read(&mut chunk) {
             Ok(0) => return Ok(body),
@@ -316,13 +312,9 @@ fn read_body(plug: &Plug, rq: &mut tiny_http::Request) -> Result<Vec<u8>, Reply>
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return Err(with(
-                    error(408, "request body too slow"),
-                    "Connection",
-                    "close",
-                ));
+                return Err(with(refused(HttpError::SlowBody), "Connection", "close"));
             }
-            Err(e) => return Err(error(400, &format!("cannot read the body: {e}"))),
+            Err(e) => return Err(refused(HttpError::Unreadable(e.to_string()))),
         }
     }
 }
@@ -339,9 +331,10 @@ mod tests {
             Value::Object(args),
             json!({"a": 1, "b": "x", "c": true, "d": "q", "e": "", "f": {"k": 1}})
         );
-        assert!(query_args("a=1&a=2")
-            .unwrap_err()
-            .contains("more than once"));
+        assert_eq!(
+            query_args("a=1&a=2").unwrap_err().to_string(),
+            "argument \"a\" given more than once"
+        );
         assert!(query_args("").unwrap().is_empty());
     }
 
@@ -365,6 +358,19 @@ mod tests {
             Some(400)
         );
         assert_eq!(body_args(b"{").err().map(|r| r.status_code().0), Some(400));
+    }
+
+    #[test]
+    fn the_plugs_own_errors_have_their_status_and_message() {
+        assert_eq!(
+            HttpError::NotGeneral.to_string(),
+            r#"body must be {"request": {"func", "args", "source"}}"#
+        );
+        assert_eq!(refused(HttpError::NotGeneral).status_code().0, 400);
+        assert_eq!(refused(HttpError::MissingToken).status_code().0, 401);
+        assert_eq!(refused(HttpError::SlowBody).status_code().0, 408);
+        assert_eq!(refused(HttpError::Stopping).status_code().0, 503);
+        assert_eq!(refused(HttpError::MethodNotAllowed).status_code().0, 405);
     }
 
     #[test]
