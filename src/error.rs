@@ -2,7 +2,9 @@
 //! `Display` text is exactly the message the caller gets in `{"status":"error"}`.
 //! `Error` is what stops the server itself (bad configuration, Redis unreachable at a
 //! point where we cannot wait). Turning errors into replies happens in one place:
-//! `impl From<RequestError> for Reply` in `protocol.rs`.
+//! `impl From<RequestError> for Reply` in `protocol.rs`. `HttpError` is what the HTTP
+//! plug refuses on its own (tokens, body shape, stopping); `http/api.rs` turns it
+//! into a status and a reply.
 
 use thiserror::Error;
 
