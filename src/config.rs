@@ -127,8 +127,10 @@ pub struct Config {
     pub cron_tz: String,
     /// The user of cron entries that name none.
     pub cron_user: String,
-    /// Address of the HTTP plug, empty for none.
-    pub http: String,
+    /// The HTTP plug (`[http]`; `--http ADDR` sets its `listen`).
+    pub http: HttpConfig,
+    /// Paths the HTTP plug forwards to other web apps (`[[proxy]]`).
+    pub proxy: Vec<ProxyTarget>,
     /// Registered users and sources.
     pub access: Access,
     /// Concurrency limits.
@@ -155,7 +157,8 @@ impl Default for Config {
             crontab: PathBuf::from("CRONTAB"),
             cron_tz: "UTC".into(),
             cron_user: "cron".into(),
-            http: String::new(),
+            http: HttpConfig::default(),
+            proxy: Vec::new(),
             access: Access::default(),
             limits: Limits::default(),
             functions: BTreeMap::new(),
@@ -238,7 +241,7 @@ impl Config {
             self.crontab = v.clone();
         }
         if let Some(v) = &o.http {
-            self.http = v.clone();
+            self.http.listen = v.clone();
         }
     }
 
@@ -277,6 +280,8 @@ impl Config {
         if self.cron_user.is_empty() {
             return Err(Error::Config("cron_user must not be empty".into()));
         }
+        self.http.validate()?;
+        validate_proxy(&self.proxy)?;
         url_db(&self.redis_url)?;
         redis::Client::open(self.connection_url()?.as_str())
             .map_err(|e| Error::Config(format!("redis_url: {e}")))?;
@@ -336,6 +341,182 @@ impl Config {
             self.access.sources.len()
         )
     }
+}
+
+// ---- The HTTP plug (`[http]`, `[http.tokens]`, `[[proxy]]`), issue 10 ----
+
+/// The HTTP plug's settings (`[http]`). See `cerbas.toml` for each key.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on, e.g. `127.0.0.1:4455`; empty for no HTTP.
+    pub listen: String,
+    /// Handler threads: how many HTTP requests are served at once.
+    pub threads: usize,
+    /// The user calls run as when no tokens are configured (the `http_user`).
+    pub user: String,
+    /// The source of HTTP calls (unless `/api/general` names one).
+    pub source: String,
+    /// Largest `/api` request body, in bytes (413 past it). Proxied bodies are
+    /// streamed and not limited here.
+    pub max_body_bytes: usize,
+    /// A client read that waits longer than this fails, in ms; so does reading a
+    /// whole `/api` body.
+    pub read_timeout_ms: u64,
+    /// A client write that waits longer than this fails, in ms.
+    pub write_timeout_ms: u64,
+    /// Bearer token → user. When set, every `/api` call needs a token.
+    pub tokens: BTreeMap<String, String>,
+    /// Forward the `Authorization` header to proxy targets (off: it is removed).
+    pub forward_token: bool,
+    /// Connecting to a proxy target may take this long, in ms (then 502).
+    pub proxy_connect_timeout_ms: u64,
+    /// A proxy target must answer (and each read of its body return) within
+    /// this, in ms (then 504).
+    pub proxy_read_timeout_ms: u64,
+    /// This many failures of one target ...
+    pub breaker_failures: u32,
+    /// ... within this many ms open its breaker ...
+    pub breaker_window_ms: u64,
+    /// ... for this many ms (503 at once), then one trial request decides.
+    pub breaker_open_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: String::new(),
+            threads: 16,
+            user: "web".into(),
+            source: "web".into(),
+            max_body_bytes: 1 << 20,
+            read_timeout_ms: 10_000,
+            write_timeout_ms: 10_000,
+            tokens: BTreeMap::new(),
+            forward_token: false,
+            proxy_connect_timeout_ms: 2_000,
+            proxy_read_timeout_ms: 30_000,
+            breaker_failures: 2,
+            breaker_window_ms: 3_000,
+            breaker_open_ms: 10_000,
+        }
+    }
+}
+
+impl HttpConfig {
+    fn validate(&self) -> Result<(), Error> {
+        within("http.threads", self.threads, 1, 1_000)?;
+        within("http.max_body_bytes", self.max_body_bytes, 64, 512 << 20)?;
+        within("http.read_timeout_ms", self.read_timeout_ms, 1, HOUR_MS)?;
+        within("http.write_timeout_ms", self.write_timeout_ms, 1, HOUR_MS)?;
+        within(
+            "http.proxy_connect_timeout_ms",
+            self.proxy_connect_timeout_ms,
+            1,
+            HOUR_MS,
+        )?;
+        within(
+            "http.proxy_read_timeout_ms",
+            self.proxy_read_timeout_ms,
+            1,
+            HOUR_MS,
+        )?;
+        within("http.breaker_failures", self.breaker_failures, 1, 1_000)?;
+        within("http.breaker_window_ms", self.breaker_window_ms, 1, DAY_MS)?;
+        within("http.breaker_open_ms", self.breaker_open_ms, 1, DAY_MS)?;
+        if !self.listen.is_empty() {
+            self.listen.parse::<std::net::SocketAddr>().map_err(|_| {
+                Error::Config(format!(
+                    "http.listen must be an address like 127.0.0.1:4455, not {:?}",
+                    self.listen
+                ))
+            })?;
+        }
+        if self.user.is_empty() || self.source.is_empty() {
+            return Err(Error::Config(
+                "http.user and http.source must not be empty".into(),
+            ));
+        }
+        // Tokens are never shown, not even in this message.
+        if self
+            .tokens
+            .iter()
+            .any(|(t, u)| t.len() < 16 || u.is_empty())
+        {
+            return Err(Error::Config(
+                "http.tokens: each token must be at least 16 characters and map to a user".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One `[[proxy]]` entry: requests under `prefix` go to `target`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyTarget {
+    /// A path prefix such as `/api5`; `/api5` and `/api5/…` are forwarded.
+    pub prefix: String,
+    /// Where to, `http://host:port` (no path).
+    pub target: String,
+    /// A name for the target (`flask`), used by the metrics and `proxiedhostport`;
+    /// the prefix without its `/` when absent.
+    pub name: Option<String>,
+}
+
+impl ProxyTarget {
+    /// The target's name: `name`, else the prefix without its leading `/`.
+    pub fn label(&self) -> &str {
+        self.name
+            .as_deref()
+            .unwrap_or_else(|| self.prefix.trim_start_matches('/'))
+    }
+
+    /// The target's port (from `target`, 80 when it names none); `None` if the
+    /// target is not a valid `http://` URL.
+    pub fn port(&self) -> Option<u16> {
+        let url = url::Url::parse(&self.target).ok()?;
+        (url.scheme() == "http").then(|| url.port().unwrap_or(80))
+    }
+}
+
+fn validate_proxy(targets: &[ProxyTarget]) -> Result<(), Error> {
+    let mut seen = std::collections::BTreeSet::new();
+    for t in targets {
+        let bad = |why: &str| Error::Config(format!("[[proxy]] {}: {why}", t.prefix));
+        let segment_ok = t.prefix.len() > 1
+            && t.prefix.starts_with('/')
+            && !t.prefix.ends_with('/')
+            && !t.prefix.contains("//")
+            && !t.prefix.split('/').any(|s| s == "." || s == "..")
+            && t.prefix
+                .chars()
+                .all(|c| c.is_ascii_graphic() && c != '?' && c != '#');
+        if !segment_ok {
+            return Err(bad(
+                "prefix must be a path like /api5 (no trailing /, ?, # or ..)",
+            ));
+        }
+        if t.prefix == "/api"
+            || t.prefix.starts_with("/api/")
+            || t.prefix == "/health"
+            || t.prefix == "/metrics"
+        {
+            return Err(bad("prefix takes a path the plug serves itself"));
+        }
+        let url = url::Url::parse(&t.target).map_err(|e| bad(&format!("target: {e}")))?;
+        if url.scheme() != "http"
+            || url.host().is_none()
+            || url.path() != "/"
+            || url.query().is_some()
+        {
+            return Err(bad("target must be http://host:port, without a path"));
+        }
+        if !seen.insert(t.label().to_string()) {
+            return Err(bad("two targets have the same name"));
+        }
+    }
+    Ok(())
 }
 
 const HOUR_MS: u64 = 3_600_000;

@@ -259,6 +259,12 @@ fn never_heals(e: &RedisError, db: i64) -> Option<String> {
 /// the reader and the scheduler talk to Redis all the time.
 static LOSSES: AtomicU64 = AtomicU64::new(0);
 
+/// Redis connection losses this process has seen (each is followed by a
+/// reconnect); for `/metrics`.
+pub(crate) fn losses() -> u64 {
+    LOSSES.load(Ordering::Relaxed)
+}
+
 /// A pooled connection idle this long is checked before it is lent even when no
 /// loss was seen: Redis may have closed it alone (its `timeout`, `CLIENT KILL`).
 const CHECK_IDLE: Duration = Duration::from_secs(1);

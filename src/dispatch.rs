@@ -13,7 +13,8 @@ use crate::config::Access;
 use crate::context::{Context, Origin, Services};
 use crate::error::{FnError, RequestError};
 use crate::job::{
-    unix_ms, CronRun, Encoded, Job, Outbox, Outcome, Outgoing, ReplyTo, Stats, Unanswered,
+    unix_ms, CronRun, Encoded, Job, LocalReply, Outbox, Outcome, Outgoing, ReplyTo, Stats,
+    Unanswered,
 };
 use crate::limits::Concurrency;
 use crate::protocol::{cache_entry, cache_hit, CronTag, Reply, Request};
@@ -92,6 +93,7 @@ pub(crate) struct CronWatch {
     tag: CronTag,
     started: Instant,
     runs: Sender<CronRun>,
+    stats: Arc<Stats>,
 }
 
 impl CronWatch {
@@ -99,6 +101,12 @@ impl CronWatch {
         let duration = self.started.elapsed();
         let ms = duration.as_millis();
         let (entry, tick) = (&self.tag.entry, self.tag.tick);
+        let label = match &outcome {
+            Outcome::Ok => "ok",
+            Outcome::Error(_) => "error",
+            Outcome::Timeout => "timeout",
+        };
+        self.stats.metrics.cron_run(entry, label);
         match &outcome {
             Outcome::Ok => log::info!("cron {func} (entry {entry}, tick {tick}): ok in {ms} ms"),
             Outcome::Error(m) => {
@@ -122,6 +130,7 @@ impl CronWatch {
 /// delivers the reply; the other finds it answered.
 pub(crate) struct Pending {
     state: AtomicU8,
+    started: Instant,
     deadline: Instant,
     hung: Option<Arc<Hung>>,
     func: String,
@@ -168,6 +177,7 @@ impl Pending {
     ) -> Self {
         Pending {
             state: AtomicU8::new(state::RUNNING),
+            started: Instant::now(),
             deadline,
             hung,
             func,
@@ -187,9 +197,9 @@ impl Pending {
 
     /// The function returned with `answer`: delivers it if the deadline has not
     /// answered already, and says whether this worker goes on or retires.
-    pub(crate) fn returned(&self, answer: Answer) -> AfterCall {
+    pub(crate) fn returned(&self, answer: Result<Answer, RequestError>) -> AfterCall {
         if self.settle(state::RUNNING, state::DONE) {
-            self.deliver(answer, false);
+            self.deliver(answer);
             return AfterCall::GoOn;
         }
         log::warn!(
@@ -216,7 +226,7 @@ impl Pending {
         if !self.settle(state::RUNNING, state::EXPIRING) {
             return false;
         }
-        self.deliver(Answer::Error(RequestError::Timeout.to_string()), true);
+        self.deliver(Err(RequestError::Timeout));
         bump(&self.stats.timeouts);
         log::warn!("{}: timed out; the caller got a timeout reply", self.func);
         true
@@ -251,33 +261,58 @@ impl Pending {
         }
     }
 
-    fn deliver(&self, answer: Answer, timed_out: bool) {
+    fn deliver(&self, answer: Result<Answer, RequestError>) {
         if let Some(cron) = &self.cron {
             let outcome = match &answer {
-                _ if timed_out => Outcome::Timeout,
-                Answer::Error(m) => Outcome::Error(m.clone()),
-                Answer::Value(_) | Answer::NoReply => Outcome::Ok,
+                Err(RequestError::Timeout) => Outcome::Timeout,
+                Err(e) => Outcome::Error(e.to_string()),
+                Ok(Answer::Error(m)) => Outcome::Error(m.clone()),
+                Ok(Answer::Value(_) | Answer::NoReply) => Outcome::Ok,
             };
             cron.report(&self.func, outcome);
         }
         let reply = match answer {
-            Answer::Value(v) => {
+            Ok(Answer::Value(v)) => {
                 bump(&self.stats.ok);
-                Some(Reply::Ok(v))
+                Ok(Some(Reply::Ok(v)))
             }
-            Answer::Error(m) => {
+            Ok(Answer::Error(m)) => {
                 bump(&self.stats.errors);
-                Some(Reply::Error(m))
+                Ok(Some(Reply::Error(m)))
             }
-            Answer::NoReply => None,
+            Ok(Answer::NoReply) => Ok(None),
+            Err(e) => {
+                bump(&self.stats.errors);
+                Err(e)
+            }
         };
+        self.stats
+            .metrics
+            .call(&self.func, outcome(&reply), Some(self.started.elapsed()));
         deliver(&self.reply_to, &self.out, &self.unanswered, reply);
     }
 }
 
-fn deliver(reply_to: &ReplyTo, out: &Outbox, unanswered: &Unanswered, reply: Option<Reply>) {
+/// The `outcome` label of a delivered reply in the metrics.
+fn outcome(reply: &LocalReply) -> &'static str {
+    match reply {
+        Ok(Some(Reply::Ok(_))) => "ok",
+        Ok(Some(Reply::Error(_))) => "error",
+        Ok(None) => "no_reply",
+        Err(RequestError::Timeout) => "timeout",
+        Err(RequestError::Panicked(_)) => "panic",
+        Err(RequestError::InvalidArguments(_)) => "invalid_arguments",
+        Err(_) => "refused",
+    }
+}
+
+/// Sends `reply` where it goes: to the publisher for a request from Redis (an
+/// error becomes its message there, as everywhere: `From<RequestError> for
+/// Reply`), as it is to an in-process caller.
+fn deliver(reply_to: &ReplyTo, out: &Outbox, unanswered: &Unanswered, reply: LocalReply) {
     match reply_to {
         ReplyTo::Redis { id } => {
+            let reply = reply.unwrap_or_else(|e| Some(e.into()));
             let encoded = reply.map(|r| Encoded {
                 json: r.to_json(),
                 msgpack: r.to_msgpack(),
@@ -325,7 +360,7 @@ impl Dispatcher {
         let mut request = match job.body {
             Ok(r) => r,
             Err(e) => {
-                self.refuse(&job.reply_to, e);
+                self.refuse(&job.reply_to, None, e);
                 return AfterCall::GoOn;
             }
         };
@@ -338,6 +373,7 @@ impl Dispatcher {
                 tag: tag.clone(),
                 started,
                 runs: self.cron_runs.clone(),
+                stats: self.stats.clone(),
             })
         };
         // A cron run refused before it starts is an outcome of its entry too.
@@ -345,7 +381,7 @@ impl Dispatcher {
             if let Some(w) = watch(request) {
                 w.report(&request.func, Outcome::Error(e.to_string()));
             }
-            self.refuse(reply_to, e);
+            self.refuse(reply_to, Some(&request.func), e);
             AfterCall::GoOn
         };
         // Checked before a delay too, so a bad request is told at once.
@@ -396,7 +432,7 @@ impl Dispatcher {
         let cache = self.cache(&request, function.options.cache_secs, deadline);
         if let Some(Ok(data)) = cache {
             bump(&self.stats.cache_hits);
-            return pending.returned(Answer::Value(data));
+            return pending.returned(Ok(Answer::Value(data)));
         }
         let ctx = Context {
             user: request.user,
@@ -414,15 +450,14 @@ impl Dispatcher {
             None => std::mem::take(&mut request.args),
         };
         let answer = match catch_unwind(AssertUnwindSafe(|| (function.handler)(args, &ctx))) {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => Answer::Error(e.to_string()),
+            Ok(answer) => answer,
             Err(_) => {
                 bump(&self.stats.panics);
                 log::warn!("{}: panicked", pending.func);
-                Answer::Error(RequestError::Panicked(pending.func.clone()).to_string())
+                Err(RequestError::Panicked(pending.func.clone()))
             }
         };
-        if let (Some(Err(key)), Answer::Value(data)) = (&cache, &answer) {
+        if let (Some(Err(key)), Ok(Answer::Value(data))) = (&cache, &answer) {
             self.cache_store(
                 key,
                 &pending.func,
@@ -480,10 +515,16 @@ impl Dispatcher {
         }
     }
 
-    fn refuse(&self, reply_to: &ReplyTo, e: RequestError) {
+    /// Answers `e` without running the function (`func`, the request's function
+    /// name if it has one, labels the metrics only when it is registered).
+    fn refuse(&self, reply_to: &ReplyTo, func: Option<&str>, e: RequestError) {
         log::debug!("refused: {e}");
         bump(&self.stats.errors);
-        deliver(reply_to, &self.out, &self.unanswered, Some(e.into()));
+        let label = func
+            .filter(|f| self.registry.get(f).is_some())
+            .unwrap_or("-");
+        self.stats.metrics.call(label, "refused", None);
+        deliver(reply_to, &self.out, &self.unanswered, Err(e));
     }
 
     /// A request from Redis waits in Redis (`P-DELAYED`, via the publisher), so it
@@ -494,6 +535,7 @@ impl Dispatcher {
         if delay > self.max_delay {
             return self.refuse(
                 &reply_to,
+                Some(&request.func),
                 RequestError::DelayTooLong(self.max_delay.as_millis() as u64),
             );
         }
@@ -518,6 +560,7 @@ impl Dispatcher {
             }
             _ => self.refuse(
                 &reply_to,
+                None,
                 RequestError::DelayTooLong(self.max_delay.as_millis() as u64),
             ),
         }
@@ -652,6 +695,48 @@ mod tests {
         });
         rx.recv_timeout(Duration::from_secs(10))
             .expect("a reply or no-reply")
+            .unwrap_or_else(|e| Some(e.into()))
+    }
+
+    /// An in-process caller gets refusals, timeouts and panics as types (the
+    /// HTTP plug picks its status from them); a function's own error is a reply.
+    #[test]
+    fn a_local_caller_gets_errors_as_types() {
+        let f = fixture();
+        let typed = |body| {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            f.dispatcher.handle(Job {
+                reply_to: ReplyTo::Local(tx),
+                body: Ok(body),
+                waited: false,
+            });
+            rx.recv_timeout(Duration::from_secs(10)).expect("a reply")
+        };
+        assert_eq!(
+            typed(request("nope", "tom", "web")),
+            Err(RequestError::UnknownFunction("nope".into()))
+        );
+        assert_eq!(
+            typed(request("boom", "tom", "web")),
+            Err(RequestError::Panicked("boom".into()))
+        );
+        assert_eq!(
+            typed(request("nap", "tom", "web")),
+            Err(RequestError::Timeout)
+        );
+        let text = f.dispatcher.stats.metrics.encode();
+        assert!(
+            text.contains(r#"cerbas_requests_total{function="-",outcome="refused"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"cerbas_requests_total{function="boom",outcome="panic"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"cerbas_requests_total{function="nap",outcome="timeout"} 1"#),
+            "{text}"
+        );
     }
 
     fn error(f: &Fixture, body: Result<Request, RequestError>) -> String {
@@ -750,6 +835,14 @@ mod tests {
         // Untagged requests report nothing.
         run(&f, Ok(request("hello", "tom", "web")));
         assert!(f.cron_runs.try_recv().is_err());
+        let text = f.dispatcher.stats.metrics.encode();
+        for line in [
+            r#"cerbas_cron_runs_total{entry="e1",outcome="ok"} 1"#,
+            r#"cerbas_cron_runs_total{entry="e1",outcome="error"} 3"#,
+            r#"cerbas_cron_runs_total{entry="e1",outcome="timeout"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 
     #[test]
@@ -804,7 +897,7 @@ mod tests {
         };
         let reply = rx.recv_timeout(Duration::from_secs(30)).expect("a reply");
         let took = start.elapsed();
-        assert_eq!(reply, Some(Reply::Error("timeout".into())));
+        assert_eq!(reply, Err(RequestError::Timeout));
         assert!(
             took < Duration::from_secs(2),
             "timeout after {took:?}, the deadline is 100 ms"
@@ -836,7 +929,7 @@ mod tests {
     #[test]
     fn a_call_that_returns_in_time_is_never_replaced() {
         let (p, hung, replacements) = pending(5);
-        assert_eq!(p.returned(Answer::NoReply), AfterCall::GoOn);
+        assert_eq!(p.returned(Ok(Answer::NoReply)), AfterCall::GoOn);
         p.expire();
         assert_eq!(hung.count(), 0);
         assert!(replacements.try_recv().is_err());
@@ -848,7 +941,7 @@ mod tests {
         p.expire();
         assert_eq!(hung.count(), 1);
         assert!(replacements.try_recv().is_ok());
-        assert_eq!(p.returned(Answer::NoReply), AfterCall::Retire);
+        assert_eq!(p.returned(Ok(Answer::NoReply)), AfterCall::Retire);
         assert_eq!(hung.count(), 0);
     }
 
@@ -858,7 +951,7 @@ mod tests {
     fn a_call_returning_while_the_timer_decides_keeps_its_worker() {
         let (p, hung, replacements) = pending(5);
         assert!(p.answer_timeout());
-        assert_eq!(p.returned(Answer::NoReply), AfterCall::GoOn);
+        assert_eq!(p.returned(Ok(Answer::NoReply)), AfterCall::GoOn);
         p.replace_worker();
         assert_eq!(hung.count(), 0, "no place kept for a worker that went on");
         assert!(replacements.try_recv().is_err(), "no replacement started");
@@ -870,7 +963,7 @@ mod tests {
         p.expire();
         assert_eq!(hung.count(), 0);
         assert!(replacements.try_recv().is_err());
-        assert_eq!(p.returned(Answer::NoReply), AfterCall::GoOn);
+        assert_eq!(p.returned(Ok(Answer::NoReply)), AfterCall::GoOn);
     }
 
     #[test]
@@ -882,7 +975,7 @@ mod tests {
                 let p = p.clone();
                 std::thread::spawn(move || p.expire())
             };
-            let after = p.returned(Answer::NoReply);
+            let after = p.returned(Ok(Answer::NoReply));
             timer.join().expect("timer side");
             assert_eq!(hung.count(), 0, "count after {after:?}");
         }
@@ -906,7 +999,7 @@ mod tests {
         f.dispatcher.handle(job);
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(10)).unwrap(),
-            Some(Reply::Ok(Value::from("hello world!")))
+            Ok(Some(Reply::Ok(Value::from("hello world!"))))
         );
         let mut r = request("nope", "tom", "web");
         r.delay_ms = Some(10_000);

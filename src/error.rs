@@ -2,7 +2,9 @@
 //! `Display` text is exactly the message the caller gets in `{"status":"error"}`.
 //! `Error` is what stops the server itself (bad configuration, Redis unreachable at a
 //! point where we cannot wait). Turning errors into replies happens in one place:
-//! `impl From<RequestError> for Reply` in `protocol.rs`.
+//! `impl From<RequestError> for Reply` in `protocol.rs`. `HttpError` is what the HTTP
+//! plug refuses on its own (tokens, body shape, stopping); `http/api.rs` turns it
+//! into a status and a reply.
 
 use thiserror::Error;
 
@@ -81,6 +83,46 @@ pub enum RequestError {
     /// The function panicked.
     #[error("internal error: function {0} panicked")]
     Panicked(String),
+}
+
+/// Why the HTTP plug answered an `/api` request with an error of its own, before
+/// (or instead of) a call; the reply is `{"status":"error","data":<this text>}`.
+/// The HTTP status of each is in `http/api.rs` (and the README's table).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HttpError {
+    /// Tokens are configured and the request has no bearer token.
+    #[error("missing bearer token (Authorization: Bearer <token>)")]
+    MissingToken,
+    /// The bearer token is not one of the configured tokens.
+    #[error("invalid token")]
+    InvalidToken,
+    /// A query-string argument is given twice.
+    #[error("argument {0:?} given more than once")]
+    RepeatedArgument(String),
+    /// The function name in the path does not decode to UTF-8.
+    #[error("function name is not valid UTF-8")]
+    NameNotUtf8,
+    /// A `POST /api/{func}` body that is JSON but not an object.
+    #[error("body must be a JSON object of arguments")]
+    BodyNotArguments,
+    /// A `POST /api/general` body without its `request` object.
+    #[error("body must be {{\"request\": {{\"func\", \"args\", \"source\"}}}}")]
+    NotGeneral,
+    /// `delay` in an HTTP call (the caller waits for the reply).
+    #[error("\"delay\" is not supported over HTTP")]
+    DelayOverHttp,
+    /// The body did not arrive whole within the read timeout.
+    #[error("request body too slow")]
+    SlowBody,
+    /// Reading the body failed.
+    #[error("cannot read the body: {0}")]
+    Unreadable(String),
+    /// The route does not take this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The server is stopping.
+    #[error("stopping: try again later")]
+    Stopping,
 }
 
 /// The error a user's function returns: its message becomes the reply's `data`.

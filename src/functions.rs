@@ -4,10 +4,12 @@
 //! user's own functions would; copy one to start yours.
 //! Not for: anything the engine needs (the library knows none of these).
 
+use cerbas::config::ProxyTarget;
 use cerbas::{Context, FnError, NoArgs, Registry};
 use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::{json, Number, Value};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// Largest `below` that `primes` accepts.
@@ -27,6 +29,30 @@ pub fn register(r: &mut Registry) {
     r.register("sleep", sleep);
     r.register("tally", tally);
     r.register("primes", primes);
+}
+
+#[derive(Deserialize)]
+struct Proxied {
+    server: String,
+}
+
+/// Registers the original's `proxiedhostport {server}`: the port of the proxy
+/// target named `server` in the configuration (`flask` → 5000), which the
+/// original's demo web apps call to learn the port to listen on.
+pub fn register_proxied(r: &mut Registry, targets: &[ProxyTarget]) {
+    let ports: BTreeMap<String, u16> = targets
+        .iter()
+        .filter_map(|t| Some((t.label().to_string(), t.port()?)))
+        .collect();
+    r.register(
+        "proxiedhostport",
+        move |a: Proxied, _: &Context| -> Result<u16, FnError> {
+            ports
+                .get(&a.server)
+                .copied()
+                .ok_or_else(|| format!("no proxy target named {:?}", a.server).into())
+        },
+    );
 }
 
 fn hello(_: NoArgs, _: &Context) -> Result<&'static str, FnError> {

@@ -27,11 +27,17 @@ pub(crate) enum ReplyTo {
     /// A request from Redis whose client wants no reply (`"reply": false`): the
     /// publisher acks it and publishes nothing.
     RedisSilent { id: u64 },
-    /// Sent to an in-process caller; `None` is "no reply". The HTTP plug and cron
-    /// (next issues) use it; today only the tests do.
-    #[cfg_attr(not(test), allow(dead_code))]
-    Local(Sender<Option<Reply>>),
+    /// Sent to an in-process caller (the HTTP plug through `caller.rs`; cron next).
+    /// It gets the error as a type, not only as a message, so it can tell a
+    /// refusal from a timeout (the HTTP status).
+    Local(Sender<LocalReply>),
 }
+
+/// What an in-process caller gets: the function's reply (`None` for "no reply";
+/// a function's own error is `Some(Reply::Error)`), or why the request was
+/// refused or failed (bad request, access, timeout, panic). The reply message of
+/// an `Err` is its `Display` text, as for a Redis client.
+pub(crate) type LocalReply = Result<Option<Reply>, RequestError>;
 
 impl ReplyTo {
     /// Where a reply goes when the client asked for none: nowhere, for a request
@@ -279,4 +285,7 @@ pub struct Stats {
     /// Replies held for late subscribers that were dropped because
     /// `republish_max_bytes` was reached (the oldest go first).
     pub replies_dropped: AtomicU64,
+    /// The Prometheus metrics (`/metrics`), beside these counters so that every
+    /// thread that counts can reach them.
+    pub(crate) metrics: crate::metrics::Metrics,
 }

@@ -19,6 +19,8 @@
 //!                                           republish to late subscribers)
 //!  CRONTAB ──▶ cron thread ──each tick, claimed once (SET NX + request + RPUSH,
 //!              one script)──▶ P-QUEUE; outcomes of cron runs ◀── dispatch
+//!  HTTP handler threads (the Plug) ──caller: a job on the timer's channel──▶ workers
+//!        (reply on a channel; /health, /metrics, reverse proxy beside it)
 //!  ctrl-c / SIGTERM / halt ──▶ shutdown: stop taking → wait for unanswered calls
 //!        (drain_timeout_ms) → flush publisher → return unfinished requests to the
 //!        queue; all within drain_timeout_ms + 5 s
@@ -39,6 +41,9 @@
 //! | [`context`] | what a function gets: caller, deadline, Redis, shutdown |
 //! | `job` | data between threads: jobs, replies, ids in hand, counters |
 //! | `dispatch` | the one path every request takes |
+//! | `caller` | its in-process entry point (HTTP, cron): request in, reply out |
+//! | `metrics` | the Prometheus registry every thread counts into |
+//! | `http` | the Plug: HTTP threads, `/api` routes, tokens, proxy, breaker, health |
 //! | `limits` | how many calls a user or a function may run at once |
 //! | `reader` | the queue reader thread |
 //! | `pool` | the worker threads |
@@ -71,6 +76,7 @@
 //! registry.register("greet", greet).timeout_ms(1_000);
 //! ```
 
+mod caller;
 pub mod client;
 pub mod config;
 pub mod connection;
@@ -78,8 +84,10 @@ pub mod context;
 pub mod cron;
 mod dispatch;
 pub mod error;
+mod http;
 mod job;
 mod limits;
+mod metrics;
 mod pool;
 pub mod protocol;
 mod publisher;

@@ -144,6 +144,7 @@ fn main() -> ExitCode {
     }
     let mut registry = Registry::new();
     functions::register(&mut registry);
+    functions::register_proxied(&mut registry, &config.proxy);
     match cerbas::run(config, registry, shutdown) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fatal(&e),

@@ -91,8 +91,18 @@ impl Worker {
                         return;
                     }
                 }
-                // The reader (or the timer) has stopped: nothing more will come.
-                Err(_) => break,
+                // The reader (or the timer) has stopped: nothing more will come
+                // from it. Local calls (HTTP) already handed over on `due` are
+                // still served, so their callers are not left waiting for the
+                // drain deadline.
+                Err(_) => {
+                    while let Ok(job) = self.due.try_recv() {
+                        if self.dispatcher.handle(job) == AfterCall::Retire {
+                            return;
+                        }
+                    }
+                    break;
+                }
             }
         }
     }

@@ -414,6 +414,7 @@ impl Publishing {
                 acks.splice(0..0, refused.acks.drain(..));
             }
             let again = held.take_due(now, MAX_BATCH_BYTES);
+            self.p.stats.metrics.republished.inc_by(again.len() as u64);
             if !acks.is_empty() || !again.is_empty() {
                 let Some((acked, republished)) =
                     self.send(&never, &mut conn, &acks, again, finish_by)

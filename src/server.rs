@@ -1,8 +1,10 @@
 //! Starts the threads in order and stops them in order (DESIGN §3):
-//! timer → publisher → workers → scheduler → cron → reader; then, on shutdown:
-//! the reader and cron stop taking, the workers drain what they hold until the
-//! drain deadline, the publisher flushes and returns what is left to the queue,
-//! cron records the drain's outcomes, the timer stops.
+//! timer → publisher → workers → scheduler → HTTP plug → cron → reader; then, on
+//! shutdown: the reader and cron stop taking and the plug answers 503 to new
+//! calls, the workers drain what they hold (Redis requests and HTTP calls alike)
+//! until the drain deadline, the plug stops accepting, the publisher flushes and
+//! returns what is left to the queue, cron records the drain's outcomes, the
+//! plug's last connections end, the timer stops.
 //! Not for: signals or flags (`main.rs`).
 
 use crate::config::Config;
@@ -65,12 +67,11 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         "instance {instance}; functions: {}",
         registry.names().join(", ")
     );
-    if !config.http.is_empty() {
-        log::warn!(
-            "the HTTP plug is not built yet: --http {} is ignored",
-            config.http
-        );
-    }
+    // Bound before any thread starts: a taken port stops the start here.
+    let http_listener = match config.http.listen.as_str() {
+        "" => None,
+        _ => Some(crate::http::bind(&config.http)?),
+    };
     // Socket reads must outlast BLMOVE's block (DESIGN §8), with room to spare.
     let read_timeout = BLOCK + Duration::from_secs(10);
 
@@ -87,6 +88,8 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
     // publisher's backlog is full.
     let backlog = Arc::new(Backlog::default());
     let out_tx = Outbox::new(out_tx, backlog.clone());
+    // In-process calls (HTTP) go to the workers on the timer's channel (caller.rs).
+    let local_jobs = due_tx.clone();
     let (timer, timer_thread) = crate::timer::start(due_tx, shutdown.clone())?;
     let publisher = crate::publisher::start(
         Publisher {
@@ -144,6 +147,27 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         instance: instance.clone(),
         shutdown: shutdown.clone(),
     })?;
+    let plug = match http_listener {
+        Some(listener) => Some(crate::http::start(
+            listener,
+            crate::http::Plug {
+                config: config.http.clone(),
+                proxy: config.proxy.clone(),
+                caller: crate::caller::Caller {
+                    jobs: local_jobs,
+                    unanswered: unanswered.clone(),
+                    shutdown: shutdown.clone(),
+                    abandon: abandon.clone(),
+                },
+                stats: stats.clone(),
+                redis: client.clone(),
+                keys: keys.clone(),
+                instance: instance.clone(),
+                in_hand: in_hand.clone(),
+            },
+        )?),
+        None => None,
+    };
     let queue = keys.queue();
     let cron = crate::cron::runner::start(crate::cron::runner::Cron {
         connector: Connector::new(client.clone(), "cron", read_timeout),
@@ -188,6 +212,12 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             log::warn!("requests still in hand at the drain deadline; they go back to the queue");
         }
     }
+    // In-flight HTTP calls were counted in `unanswered`: they are answered (or
+    // gave up at the drain deadline, 503). The HTTP plug stops accepting now; a
+    // proxied request still streaming is waited for at the end.
+    if let Some(plug) = &plug {
+        plug.close();
+    }
     // Before the publisher returns what is held to the queue and retires this
     // instance, the reader must be gone (its BLMOVE would take a returned id
     // back) and so must the scheduler (it renews the heartbeat). Both stop within
@@ -209,6 +239,9 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
     }
     // It records the drain's last cron outcomes, once.
     wait_until(stop_by, || cron.is_finished());
+    if let Some(plug) = plug {
+        plug.join(stop_by);
+    }
     timer.stop();
     let _ = timer_thread.join();
     log::info!(

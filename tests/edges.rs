@@ -406,21 +406,6 @@ fn serve(args: &[&str]) -> (Redis, Server) {
 }
 
 #[test]
-fn unbuilt_http_and_cron_settings_are_said_to_be_ignored() {
-    let (_redis, server) = serve(&["--http", "not an address", "--crontab", "/nonexistent"]);
-    let log = server.log_text();
-    assert!(
-        log.contains("the HTTP plug is not built yet: --http not an address is ignored"),
-        "{log}"
-    );
-    // Cron is built (issue 9): a missing CRONTAB is said once, and the server runs.
-    server.wait_log(
-        "cron: /nonexistent: not found; no entries run until it can be read",
-        1,
-    );
-}
-
-#[test]
 fn sum_is_exact_over_the_64_bit_range_and_never_null() {
     let (redis, _server) = serve(&[]);
     let mut c = redis.client();

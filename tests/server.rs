@@ -150,7 +150,7 @@ fn the_request_fallback_key_is_read_when_req_is_missing() {
 #[test]
 fn a_batch_taken_at_once_reads_both_key_names_and_skips_a_missing_body() {
     let redis = Redis::start();
-    let mut c = redis.client();
+    let c = redis.client();
     let mut conn = redis.conn();
     let mut missing = 0;
     for i in 0..40u64 {

@@ -108,7 +108,7 @@ class CerbasServer:
         env.setdefault("RUST_LOG", "info")
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [CERBAS_BIN, "--config", CONFIG, "--redis", redis_url],
+                [CERBAS_BIN, "--config", CONFIG, "--redis", redis_url, "--http", ""],
                 stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         try:
             self._wait_ready(deadline=time.monotonic() + 20.0)

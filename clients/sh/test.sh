@@ -80,7 +80,7 @@ URL=redis://127.0.0.1:$PORT
 
 # ---------------------------------------------------------------- cerbas
 env -u CERBAS_REDIS_URL -u CERBAS_ENV \
-    "$CERBAS_BIN" --config "$REPO/cerbas.toml" --redis "$URL" >"$WORK/cerbas.log" 2>&1 &
+    "$CERBAS_BIN" --config "$REPO/cerbas.toml" --redis "$URL" --http "" >"$WORK/cerbas.log" 2>&1 &
 SERVER_PID=$!
 
 # The client's environment: this server, db from CERBAS_ENV's default (dev = 1).

@@ -24,7 +24,8 @@ pub fn scratch(tag: &str) -> PathBuf {
     dir
 }
 
-fn free_port() -> u16 {
+/// A port nobody listens on now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -231,6 +232,11 @@ impl Server {
         // entries (an empty file) unless a test names its file.
         if !args.contains(&"--crontab") {
             cmd.args(["--crontab", "/dev/null"]);
+        }
+        // The shipped configuration listens on 127.0.0.1:4455: servers running at
+        // once (tests run in parallel) would fight over it. HTTP tests say --http.
+        if !args.contains(&"--http") {
+            cmd.args(["--http", ""]);
         }
         cmd.args(args)
             .env_remove("CERBAS_REDIS_URL")

@@ -115,7 +115,7 @@ async function startCerbas(redisUrl, dir) {
   delete env.CERBAS_REDIS_URL;
   delete env.CERBAS_ENV;
   const log = path.join(dir, `cerbas-${Date.now()}-${Math.random().toString(16).slice(2, 8)}.log`);
-  const proc = start(CERBAS_BIN, ['--config', CONFIG, '--redis', redisUrl], log, { cwd: REPO, env });
+  const proc = start(CERBAS_BIN, ['--config', CONFIG, '--redis', redisUrl, '--http', ''], log, { cwd: REPO, env });
   // Round trip `hello` until the server answers (a debug build may start slowly).
   const c = new Client({ url: redisUrl, env: 'dev' });
   const deadline = Date.now() + 20000;

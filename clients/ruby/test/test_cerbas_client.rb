@@ -150,7 +150,7 @@ module CerbasTest
       # nil unsets: the server must take Redis from its flag, the db from `dev`.
       env = { "CERBAS_REDIS_URL" => nil, "CERBAS_ENV" => nil }
       env["RUST_LOG"] = "info" unless ENV["RUST_LOG"]
-      @child = Child.new([CERBAS_BIN, "--config", CONFIG, "--redis", redis_url],
+      @child = Child.new([CERBAS_BIN, "--config", CONFIG, "--redis", redis_url, "--http", ""],
                          env: env, log: File.join(dir, "cerbas-#{SecureRandom.hex(4)}.log"))
       begin
         wait_ready(CerbasTest.now + 20.0)

@@ -1,0 +1,151 @@
+//! The one in-process entry point to the dispatch path: a [`Caller`] turns a
+//! [`Request`] into a [`Job`] with [`ReplyTo::Local`], hands it to the worker pool
+//! and waits for its reply. The HTTP plug uses it (and cron will): access checks,
+//! deadlines, panics, the cache and the counters are the dispatcher's, run on a
+//! worker exactly as for a request from Redis. Runs on the caller's thread (an
+//! HTTP handler thread). Not for: what a caller does with the reply (the HTTP
+//! status is `http/api.rs`'s business).
+//!
+//! Two interactions with the rest of the server, on purpose:
+//! - The drain. Each call counts in [`Unanswered`] from before it is handed over
+//!   until its reply is back, so a graceful stop waits for in-flight local calls
+//!   as for requests from Redis. Once the stop is triggered no new call is taken
+//!   ([`Stopping`]); a call still waiting when the drain deadline passes (the
+//!   server sets `abandon`) gives up with [`Stopping`] too.
+//! - The reader's "ready" count. Jobs go on the workers' `due` channel (the one
+//!   the timer uses), not on the reader's `jobs` channel: a worker that takes a
+//!   job from `due` does not announce itself free again afterwards (`pool.rs`),
+//!   so the reader's count of idle workers never grows past the pool. While a
+//!   worker runs a local call, the reader may still count it idle and take one
+//!   request from Redis for it; that request waits in the bounded `jobs` channel
+//!   (its deadline not yet started) until a worker is free. So with H local calls
+//!   running, at most H requests wait in this instance instead of in Redis.
+
+use crate::job::{Job, LocalReply, ReplyTo, Unanswered};
+use crate::protocol::Request;
+use crate::shutdown::Shutdown;
+use crossbeam_channel::{RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often a waiting call looks at the drain deadline.
+const POLL: Duration = Duration::from_millis(50);
+
+/// The server is stopping: the call was not taken, or was given up at the drain
+/// deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stopping;
+
+/// Hands requests to the worker pool and waits for their replies. Cheap to
+/// clone; one per thread that calls.
+#[derive(Clone)]
+pub(crate) struct Caller {
+    /// The workers' `due` channel.
+    pub(crate) jobs: Sender<Job>,
+    pub(crate) unanswered: Unanswered,
+    /// The server's shutdown: once triggered, no new calls.
+    pub(crate) shutdown: Shutdown,
+    /// Set by the server at the drain deadline: stop waiting.
+    pub(crate) abandon: Arc<AtomicBool>,
+}
+
+/// Counts a call in [`Unanswered`] until dropped, whichever way the call ends.
+struct Counted(Unanswered);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.done(1);
+    }
+}
+
+impl Caller {
+    /// Runs `request` through the dispatch path and returns its reply (or why it
+    /// was refused, typed). Blocks until a worker has answered: the function's
+    /// deadline bounds that once a worker has picked the job.
+    pub(crate) fn call(&self, request: Request) -> Result<LocalReply, Stopping> {
+        if self.shutdown.is_triggered() {
+            return Err(Stopping);
+        }
+        self.unanswered.add(1);
+        let _counted = Counted(self.unanswered.clone());
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let job = Job {
+            reply_to: ReplyTo::Local(tx),
+            body: Ok(request),
+            waited: false,
+        };
+        if self.jobs.send(job).is_err() {
+            return Err(Stopping);
+        }
+        loop {
+            match rx.recv_timeout(POLL) {
+                Ok(reply) => return Ok(reply),
+                Err(RecvTimeoutError::Timeout) if !self.abandon.load(Ordering::SeqCst) => {}
+                // Abandoned at the drain deadline, or the job was dropped unanswered
+                // (the workers are gone).
+                Err(_) => return Err(Stopping),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Reply;
+    use serde_json::Map;
+
+    fn caller() -> (Caller, crossbeam_channel::Receiver<Job>) {
+        let (jobs, rx) = crossbeam_channel::unbounded();
+        (
+            Caller {
+                jobs,
+                unanswered: Unanswered::default(),
+                shutdown: Shutdown::new(),
+                abandon: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn a_call_counts_until_its_reply_is_back() {
+        let (c, jobs) = caller();
+        let worker = {
+            let unanswered = c.unanswered.clone();
+            std::thread::spawn(move || {
+                let job = jobs.recv().expect("a job");
+                assert!(!unanswered.is_zero(), "counted while it runs");
+                if let ReplyTo::Local(tx) = job.reply_to {
+                    let _ = tx.send(Ok(Some(Reply::Ok("hi".into()))));
+                }
+            })
+        };
+        let reply = c.call(Request::new("hello", Map::new()));
+        assert_eq!(reply, Ok(Ok(Some(Reply::Ok("hi".into())))));
+        assert!(c.unanswered.is_zero());
+        worker.join().expect("worker");
+    }
+
+    #[test]
+    fn no_call_is_taken_once_stopping_and_waits_end_at_the_drain_deadline() {
+        let (c, jobs) = caller();
+        c.abandon.store(true, Ordering::SeqCst);
+        assert_eq!(c.call(Request::new("hello", Map::new())), Err(Stopping));
+        assert!(jobs.try_recv().is_ok(), "it was handed over");
+        assert!(c.unanswered.is_zero(), "and no longer counted");
+        c.shutdown.trigger();
+        assert_eq!(c.call(Request::new("hello", Map::new())), Err(Stopping));
+        assert!(jobs.try_recv().is_err(), "nothing handed over");
+        assert!(c.unanswered.is_zero());
+    }
+
+    #[test]
+    fn a_job_dropped_unanswered_ends_the_wait() {
+        let (c, jobs) = caller();
+        drop(jobs);
+        assert_eq!(c.call(Request::new("hello", Map::new())), Err(Stopping));
+        assert!(c.unanswered.is_zero());
+    }
+}

@@ -1,0 +1,230 @@
+//! The server's Prometheus metrics: one registry of counters, gauges and
+//! histograms (the maintained `prometheus-client` crate does the encoding, not us),
+//! written by the threads that see each event and read by `/metrics` (src/http/).
+//! Like `job.rs`, it is data below the threads: the dispatcher records calls and
+//! cron runs, the publisher its republishes, the HTTP server its requests, the
+//! proxy its requests and breakers; whoever scrapes
+//! sets the gauges that are read from Redis at that moment. Not for: serving HTTP
+//! (`http/`) or deciding anything.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+/// A metric's labels, as `(name, value)` pairs.
+type Labels = Vec<(&'static str, String)>;
+
+/// Call durations: 1 ms to about 33 s, doubling.
+fn call_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Every metric the server exports. Cloning a metric shares it, so the registry
+/// and the fields below see the same values.
+pub struct Metrics {
+    registry: Registry,
+    calls: Family<Labels, Counter>,
+    durations: Family<Labels, Histogram, fn() -> Histogram>,
+    /// `P-QUEUE`'s length, set at each scrape.
+    pub(crate) queue_length: Gauge,
+    /// Requests this instance holds (taken, not yet acknowledged), set at each scrape.
+    pub(crate) in_hand: Gauge,
+    /// Delayed requests waiting in `P-DELAYED` (all instances), set at each scrape.
+    pub(crate) delayed: Gauge,
+    /// Replies held for late subscribers that were dropped (from `Stats`).
+    pub(crate) replies_dropped: Gauge,
+    /// Redis connection losses seen, each followed by a reconnect (from
+    /// `connection.rs`), set at each scrape.
+    pub(crate) reconnects: Gauge,
+    http_requests: Family<Labels, Counter>,
+    proxy_requests: Family<Labels, Counter>,
+    breaker_state: Family<Labels, Gauge>,
+    cron_runs: Family<Labels, Counter>,
+    /// Replies published again for late subscribers (each republish counts).
+    pub(crate) republished: Counter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric registered, all at zero.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("cerbas");
+        let m = Metrics {
+            registry: Registry::default(),
+            calls: Family::default(),
+            durations: Family::new_with_constructor(call_histogram),
+            queue_length: Gauge::default(),
+            in_hand: Gauge::default(),
+            delayed: Gauge::default(),
+            replies_dropped: Gauge::default(),
+            reconnects: Gauge::default(),
+            http_requests: Family::default(),
+            proxy_requests: Family::default(),
+            breaker_state: Family::default(),
+            cron_runs: Family::default(),
+            republished: Counter::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests by function and outcome (ok, error, no_reply, timeout, panic, invalid_arguments, refused), whatever brought them (Redis, HTTP)",
+            m.calls.clone(),
+        );
+        registry.register(
+            "call_duration_seconds",
+            "How long calls took, by function (timeouts count their deadline)",
+            m.durations.clone(),
+        );
+        registry.register(
+            "queue_length",
+            "Request ids waiting in the queue",
+            m.queue_length.clone(),
+        );
+        registry.register(
+            "requests_in_hand",
+            "Requests this instance has taken and not yet acknowledged",
+            m.in_hand.clone(),
+        );
+        registry.register(
+            "delayed_waiting",
+            "Delayed requests waiting in Redis (all instances)",
+            m.delayed.clone(),
+        );
+        registry.register(
+            "replies_dropped",
+            "Replies held for late subscribers that were dropped (republish_max_bytes reached)",
+            m.replies_dropped.clone(),
+        );
+        registry.register(
+            "redis_reconnects",
+            "Redis connections lost and reopened since the start (all threads)",
+            m.reconnects.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            m.http_requests.clone(),
+        );
+        registry.register(
+            "proxy_requests",
+            "Proxied requests by target and status (502/503/504 are ours)",
+            m.proxy_requests.clone(),
+        );
+        registry.register(
+            "breaker_state",
+            "Circuit breaker of each proxy target: 0 closed, 1 open, 2 half-open",
+            m.breaker_state.clone(),
+        );
+        registry.register(
+            "cron_runs",
+            "Cron runs by entry (its id, as `cerbas cron list` and the log show it) and outcome (ok, error, timeout)",
+            m.cron_runs.clone(),
+        );
+        registry.register(
+            "republishes",
+            "Replies published again because nobody had received them yet (late subscribers)",
+            m.republished.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Counts one answered call of a registered `function` (`"-"` when the name is
+    /// not registered: client-chosen names must not grow the label set), and its
+    /// duration when it ran.
+    pub(crate) fn call(&self, function: &str, outcome: &'static str, took: Option<Duration>) {
+        self.calls
+            .get_or_create(&vec![
+                ("function", function.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc();
+        if let Some(took) = took {
+            self.durations
+                .get_or_create(&vec![("function", function.to_string())])
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// Counts one run of cron entry `entry` (its id) with `outcome`.
+    pub(crate) fn cron_run(&self, entry: &str, outcome: &'static str) {
+        self.cron_runs
+            .get_or_create(&vec![
+                ("entry", entry.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Counts one HTTP request answered with `status` on `route` (a route name,
+    /// never the raw path).
+    pub(crate) fn http_request(&self, route: &'static str, status: u16) {
+        self.http_requests
+            .get_or_create(&vec![
+                ("route", route.to_string()),
+                ("status", status.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Counts one proxied request to `target` answered with `status`.
+    pub(crate) fn proxy_request(&self, target: &str, status: u16) {
+        self.proxy_requests
+            .get_or_create(&vec![
+                ("target", target.to_string()),
+                ("status", status.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Sets the breaker state of `target` (0 closed, 1 open, 2 half-open).
+    pub(crate) fn breaker(&self, target: &str, state: i64) {
+        self.breaker_state
+            .get_or_create(&vec![("target", target.to_string())])
+            .set(state);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_counted_by_function_and_outcome() {
+        let m = Metrics::new();
+        m.call("hello", "ok", Some(Duration::from_millis(3)));
+        m.call("hello", "ok", None);
+        m.http_request("api", 200);
+        m.breaker("flask", 1);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"cerbas_requests_total{function="hello",outcome="ok"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"cerbas_call_duration_seconds_count{function="hello"} 1"#));
+        assert!(text.contains(r#"cerbas_http_requests_total{route="api",status="200"} 1"#));
+        assert!(text.contains(r#"cerbas_breaker_state{target="flask"} 1"#));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
