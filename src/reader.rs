@@ -282,9 +282,22 @@ impl Workers {
         }
     }
 
-    /// How many requests to take now.
+    /// How many requests to take now (0: none yet): enough for the free workers
+    /// and the pace's lead. With no worker free, only once what waits for one has
+    /// fallen to half the lead: a take of one or two ids would cost a round trip
+    /// each.
     fn wanted(&mut self) -> i64 {
-        self.free + self.pace.ahead(Instant::now(), self.width)
+        wanted(self.free, self.pace.ahead(Instant::now(), self.width))
+    }
+}
+
+/// [`Workers::wanted`] for `free` workers and a lead of `ahead`.
+fn wanted(free: i64, ahead: i64) -> i64 {
+    let want = free + ahead;
+    if free > 0 || (ahead > 0 && 2 * want >= ahead) {
+        want
+    } else {
+        0
     }
 }
 
@@ -336,7 +349,7 @@ impl Reader {
             width: self.jobs.capacity().unwrap_or(1),
         };
         while !self.shutdown.is_triggered() {
-            if synced && workers.free <= 0 {
+            if synced && workers.wanted() <= 0 {
                 self.wait_for_workers(&mut workers);
                 continue;
             }
@@ -720,6 +733,17 @@ mod tests {
             slow.finished(1, ms(i * 100));
         }
         assert_eq!(slow.ahead(ms(2000), 100), 0);
+    }
+
+    #[test]
+    fn the_lead_is_refilled_at_half_and_free_workers_always_get_work() {
+        assert_eq!(wanted(0, 0), 0, "nothing free, no pace: wait");
+        assert_eq!(wanted(3, 0), 3);
+        assert_eq!(wanted(3, 40), 43);
+        assert_eq!(wanted(-10, 40), 30, "a quarter of the lead left: refill");
+        assert_eq!(wanted(-20, 40), 20, "half left: refill");
+        assert_eq!(wanted(-21, 40), 0, "over half left: wait");
+        assert_eq!(wanted(-5, 0), 0);
     }
 
     #[test]
