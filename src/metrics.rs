@@ -35,11 +35,13 @@ pub struct Metrics {
     pub(crate) in_hand: Gauge,
     /// Delayed requests waiting in `P-DELAYED` (all instances), set at each scrape.
     pub(crate) delayed: Gauge,
-    /// Replies held for late subscribers that were dropped (from `Stats`).
-    pub(crate) replies_dropped: Gauge,
-    /// Redis connection losses seen, each followed by a reconnect (from
-    /// `connection.rs`), set at each scrape.
-    pub(crate) reconnects: Gauge,
+    /// Replies held for late subscribers that were dropped (counted in `Stats`),
+    /// and Redis connection losses, each followed by a reconnect (counted in
+    /// `connection.rs`): brought up to date at each scrape ([`Metrics::totals`]).
+    replies_dropped: Counter,
+    reconnects: Counter,
+    /// One scrape at a time brings those up to date.
+    totals: std::sync::Mutex<()>,
     http_requests: Family<Labels, Counter>,
     proxy_requests: Family<Labels, Counter>,
     breaker_state: Family<Labels, Gauge>,
@@ -71,8 +73,9 @@ impl Metrics {
             queue_length: Gauge::default(),
             in_hand: Gauge::default(),
             delayed: Gauge::default(),
-            replies_dropped: Gauge::default(),
-            reconnects: Gauge::default(),
+            replies_dropped: Counter::default(),
+            reconnects: Counter::default(),
+            totals: std::sync::Mutex::new(()),
             http_requests: Family::default(),
             proxy_requests: Family::default(),
             breaker_state: Family::default(),
@@ -159,6 +162,17 @@ impl Metrics {
         }
     }
 
+    /// Brings the counters kept elsewhere (they only grow) up to their totals.
+    pub(crate) fn totals(&self, replies_dropped: u64, reconnects: u64) {
+        let _one = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        for (counter, total) in [
+            (&self.replies_dropped, replies_dropped),
+            (&self.reconnects, reconnects),
+        ] {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+    }
+
     /// Counts one run of cron entry `entry` (its id) with `outcome`.
     pub(crate) fn cron_run(&self, entry: &str, outcome: &'static str) {
         self.cron_runs
@@ -226,5 +240,21 @@ mod tests {
         assert!(text.contains(r#"cerbas_http_requests_total{route="api",status="200"} 1"#));
         assert!(text.contains(r#"cerbas_breaker_state{target="flask"} 1"#));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn totals_kept_elsewhere_are_counters_that_follow_them() {
+        let m = Metrics::new();
+        m.totals(3, 1);
+        m.totals(5, 1);
+        // A smaller total (never expected) does not take a counter back.
+        m.totals(4, 0);
+        let text = m.encode();
+        assert!(
+            text.contains("# TYPE cerbas_replies_dropped counter"),
+            "{text}"
+        );
+        assert!(text.contains("cerbas_replies_dropped_total 5\n"), "{text}");
+        assert!(text.contains("cerbas_redis_reconnects_total 1\n"), "{text}");
     }
 }

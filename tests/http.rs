@@ -1084,8 +1084,8 @@ fn metrics_are_prometheus_text_and_count_what_happened() {
         "cerbas_queue_length",
         "cerbas_requests_in_hand",
         "cerbas_delayed_waiting",
-        "cerbas_replies_dropped",
-        "cerbas_redis_reconnects",
+        "cerbas_replies_dropped_total",
+        "cerbas_redis_reconnects_total",
     ] {
         assert!(sample(&m, gauge, &[]).is_some(), "{gauge}");
     }

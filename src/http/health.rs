@@ -60,9 +60,10 @@ pub(super) fn metrics(plug: &Plug) -> Reply {
     }
     let held: usize = plug.in_hand.snapshot().values().sum();
     m.in_hand.set(held as i64);
-    m.replies_dropped
-        .set(plug.stats.replies_dropped.load(Ordering::Relaxed) as i64);
-    m.reconnects.set(crate::connection::losses() as i64);
+    m.totals(
+        plug.stats.replies_dropped.load(Ordering::Relaxed),
+        crate::connection::losses(),
+    );
     respond(
         200,
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
