@@ -364,3 +364,147 @@ fn bad_requests_and_bad_data_get_clear_answers() {
     assert!(started.elapsed() < 5 * SECS);
     a.wait_state("answers again", |_| true);
 }
+
+// ---- in a real browser ----
+
+/// The Chromium binary: `CERBAS_CHROMIUM`, else `chromium` on the PATH. A
+/// missing browser fails the test (it is not skipped): `make test` installs it.
+fn chromium() -> String {
+    let bin = std::env::var("CERBAS_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+    let found = std::process::Command::new(&bin)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{bin} not found: the dashboard's browser test needs Debian's chromium \
+         (scripts/setup.sh --clients installs it; or set CERBAS_CHROMIUM)"
+    );
+    bin
+}
+
+/// Runs headless Chromium on `url` with `extra` arguments until it exits (at most
+/// 60 s); returns its stdout. `--virtual-time-budget` lets the page's script run
+/// (and poll) for that long before the DOM is dumped.
+fn run_chromium(url: &str, extra: &[&str]) -> String {
+    let bin = chromium();
+    let profile = common::scratch("chromium");
+    let mut child = std::process::Command::new(bin)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--virtual-time-budget=4000")
+        .args(extra)
+        .arg(url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start chromium");
+    let mut out = String::new();
+    let reader = child.stdout.take().map(|mut s| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut s, &mut text);
+            text
+        })
+    });
+    let done = wait_for("chromium to finish", 60 * SECS, || {
+        child.try_wait().ok().flatten()
+    });
+    if let Some(r) = reader {
+        out = r.join().unwrap_or_default();
+    }
+    let _ = std::fs::remove_dir_all(&profile);
+    assert!(done.success(), "chromium failed: {done:?}");
+    out
+}
+
+#[test]
+fn browser_runs_the_script_which_fills_the_page_and_runs_no_injected_code() {
+    let redis = Redis::start();
+    let (a, _b) = busy_cluster(&redis);
+    // One more hostile argument, whose handler would mark the page if it ran.
+    let marker = "<img src=x onerror=\"document.body.setAttribute('data-pwned','1')\">";
+    submit_many(
+        &mut redis.conn(),
+        &[body_of("echo", json!({"message": marker}), json!({}))],
+    );
+    a.wait_state("three requests waiting", |s| {
+        s["waiting"].as_array().is_some_and(|w| w.len() == 3)
+    });
+    let dom = run_chromium(&a.url("/dashboard"), &["--dump-dom"]);
+    // The script fetched state.json and refilled the tables.
+    assert!(dom.contains("live, updated"), "{dom}");
+    assert!(!dom.contains("data-live=\"0\""), "{dom}");
+    for table in ["instances", "waiting", "delayed", "cron"] {
+        assert!(
+            dom.contains(&format!("<tbody id=\"{table}\" data-filled=\"script\">")),
+            "{table} not filled by the script: {dom}"
+        );
+    }
+    assert_eq!(dom.matches("<tr class=\"alive\">").count(), 2, "{dom}");
+    // The hostile values are text in the live DOM: no element made of them, no
+    // handler run.
+    assert!(dom.contains("&lt;img src=x onerror=alert(1)&gt;"), "{dom}");
+    assert!(
+        dom.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{dom}"
+    );
+    assert!(!dom.contains("<img"), "{dom}");
+    // (The marker's text is in the table; the attribute it would set is not.)
+    assert!(dom.contains("<body>\n"), "{dom}");
+    assert!(!dom.contains("data-pwned=\"1\""), "{dom}");
+    assert_eq!(dom.matches("<script").count(), 1, "{dom}");
+    // The live chart, drawn by the script.
+    assert!(dom.contains("<svg"), "{dom}");
+    // A screenshot, kept as the test's artifact.
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    run_chromium(
+        &a.url("/dashboard"),
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1280,1200",
+            "--hide-scrollbars",
+        ],
+    );
+    let png = std::fs::read(&shot).expect("the screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG at {}", shot.display());
+    eprintln!("dashboard screenshot: {}", shot.display());
+}
+
+#[test]
+fn cron_entries_show_their_last_outcome() {
+    let redis = Redis::start();
+    let dir = common::scratch("crontab");
+    let tab = dir.join("CRONTAB");
+    std::fs::write(
+        &tab,
+        "* * * * * * | {\"func\": \"witherror\", \"source\": \"foo\"}\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start_args(
+        &redis,
+        &["--http", &addr, "--crontab", &tab.to_string_lossy()],
+    );
+    let node_url = format!("http://127.0.0.1:{port}/dashboard/state.json");
+    let s = wait_for("a cron outcome", 20 * SECS, || {
+        let a = get(&node_url);
+        let s: Value = serde_json::from_slice(&a.2).ok()?;
+        (s["cron"][0]["runs"].as_u64()? >= 1).then_some(s)
+    });
+    let c = &s["cron"][0];
+    assert_eq!(c["func"], "witherror", "{c}");
+    assert_eq!(c["outcome"], "error");
+    assert_eq!(c["message"], "unexpected error");
+    assert!(c["entry"].as_str().is_some_and(|e| e.len() == 16), "{c}");
+    let html = body(&get(&node_url.replace("/state.json", "")));
+    assert!(html.contains("<tr class=\"error\"><td>"), "{html}");
+    assert!(html.contains("unexpected error"));
+}
