@@ -120,10 +120,10 @@ pub(crate) fn render(state: &State) -> String {
          <link rel=\"stylesheet\" href=\"/dashboard/style.css\">\
          <script src=\"/dashboard/app.js\" defer></script></head>\n<body>\n",
     );
-    let _ = write!(
+    let _ = writeln!(
         out,
         "<header><h1>cerbas</h1><p>served by <span id=\"serving\">{}</span>; \
-         <span id=\"status\" data-live=\"0\">snapshot of {}</span></p></header>\n",
+         <span id=\"status\" data-live=\"0\">snapshot of {}</span></p></header>",
         escape(&state.serving),
         escape(&time(state.now_ms))
     );
@@ -209,9 +209,9 @@ pub(crate) fn render(state: &State) -> String {
     for w in &state.waiting {
         row(&mut rows, "", &waiting_cells(w));
     }
-    let _ = write!(
+    let _ = writeln!(
         out,
-        "<section><h2>Queue: first {} waiting</h2>\n",
+        "<section><h2>Queue: first {} waiting</h2>",
         super::state::MAX_REQUESTS
     );
     table(
@@ -226,9 +226,9 @@ pub(crate) fn render(state: &State) -> String {
     for w in &state.delayed {
         row(&mut rows, "", &delayed_cells(w));
     }
-    let _ = write!(
+    let _ = writeln!(
         out,
-        "<section><h2>Delayed: next {} due</h2>\n",
+        "<section><h2>Delayed: next {} due</h2>",
         super::state::MAX_REQUESTS
     );
     table(
