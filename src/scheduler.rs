@@ -102,10 +102,7 @@ impl Scheduler {
             let upkeep = if Instant::now() >= next_upkeep {
                 let done = beat(c, &self.keys, &self.instance)
                     .and_then(|()| self.recover_dead(c, &recover))
-                    .and_then(|()| {
-                        let s = self.snapshot.build(&self.instance);
-                        crate::dashboard::snapshot::write(c, &self.keys, &self.instance, &s)
-                    });
+                    .and_then(|()| self.snapshot.publish(c, &self.keys, &self.instance));
                 if done.is_ok() {
                     next_upkeep = Instant::now() + EVERY;
                 }

@@ -153,6 +153,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             hung: hung.clone(),
             workers: config.workers,
             started: Instant::now(),
+            refused: Default::default(),
         },
     })?;
     let plug = match http_listener {

@@ -508,3 +508,79 @@ fn cron_entries_show_their_last_outcome() {
     assert!(html.contains("<tr class=\"error\"><td>"), "{html}");
     assert!(html.contains("unexpected error"));
 }
+
+#[test]
+fn a_wrong_typed_snapshot_index_costs_the_server_nothing_else() {
+    let redis = Redis::start();
+    let a = Node::start(&redis, &long_sleep_config(), "2");
+    a.wait_state("the instance alive", |s| alive_names(s).len() == 1);
+    let mut c = redis.conn();
+    redis::cmd("DEL")
+        .arg("CERBAS-SNAPSHOTS")
+        .query::<()>(&mut c)
+        .unwrap();
+    redis::cmd("SET")
+        .arg("CERBAS-SNAPSHOTS")
+        .arg("not a sorted set")
+        .query::<()>(&mut c)
+        .unwrap();
+    a.server
+        .wait_log("dashboard: redis refuses this instance's snapshot", 1);
+    // The page says why it has nothing to show.
+    let r = get(&a.url("/dashboard/state.json"));
+    assert_eq!(r.0, 503);
+    assert!(body(&r).contains("redis refused a read"), "{}", body(&r));
+    // Heartbeat and delayed requests go on at their pace for 4 s of refusals:
+    // each 50 ms delay is served well within a second.
+    let mut client = redis.client();
+    let started = std::time::Instant::now();
+    let mut served = 0;
+    while started.elapsed() < 4 * SECS {
+        let t = std::time::Instant::now();
+        let body = json!({"func": "hello", "args": {}, "user": "foo", "source": "cerbastest", "delay": 50});
+        let reply = client.call(
+            body.to_string().as_bytes(),
+            cerbas::client::Mode {
+                msgpack: false,
+                subscribe_late: false,
+            },
+        );
+        assert!(reply.is_ok(), "{reply:?}");
+        assert!(t.elapsed() < SECS, "a 50 ms delay took {:?}", t.elapsed());
+        served += 1;
+    }
+    assert!(served >= 4);
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(format!(
+            "CERBAS-HEARTBEAT-{}",
+            alive_names(&a.state_after_fix(&mut c))[0]
+        ))
+        .query(&mut c)
+        .unwrap();
+    assert!(pttl > 0);
+    a.server
+        .wait_log("dashboard: redis takes this instance's snapshot again", 1);
+    assert_eq!(
+        a.server
+            .log_text()
+            .matches("refuses this instance's snapshot")
+            .count(),
+        1,
+        "logged once per episode"
+    );
+}
+
+impl Node {
+    /// Deletes the wrong-typed index and waits for the state to come back.
+    fn state_after_fix(&self, c: &mut redis::Connection) -> Value {
+        redis::cmd("DEL")
+            .arg("CERBAS-SNAPSHOTS")
+            .query::<()>(c)
+            .unwrap();
+        wait_for("the state again", 20 * SECS, || {
+            let a = get(&self.url("/dashboard/state.json"));
+            let s: Value = serde_json::from_slice(&a.2).ok()?;
+            (a.0 == 200 && alive_names(&s).len() == 1).then_some(s)
+        })
+    }
+}

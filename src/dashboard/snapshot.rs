@@ -12,7 +12,7 @@ use crate::job::{InHand, Stats, Unanswered};
 use crate::protocol::Keys;
 use redis::{Connection, RedisResult};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,9 +59,38 @@ pub(crate) struct Live {
     pub(crate) hung: Arc<Hung>,
     pub(crate) workers: usize,
     pub(crate) started: Instant,
+    /// Whether Redis refuses the snapshot now (logged once per episode).
+    pub(crate) refused: AtomicBool,
 }
 
 impl Live {
+    /// Writes this instance's snapshot. Only a lost connection is an error: a
+    /// write Redis refuses (a wrong-typed `P-SNAPSHOTS`, `MISCONF`) is logged when
+    /// the refusals start and end, and must not slow the scheduler's other work
+    /// (its heartbeat, due delayed requests).
+    pub(crate) fn publish(
+        &self,
+        c: &mut Connection,
+        keys: &Keys,
+        instance: &str,
+    ) -> RedisResult<()> {
+        match write(c, keys, instance, &self.build(instance)) {
+            Err(e) if crate::connection::is_lost(&e) => Err(e),
+            Err(e) => {
+                if !self.refused.swap(true, Ordering::Relaxed) {
+                    log::warn!("dashboard: redis refuses this instance's snapshot: {e}");
+                }
+                Ok(())
+            }
+            Ok(()) => {
+                if self.refused.swap(false, Ordering::Relaxed) {
+                    log::info!("dashboard: redis takes this instance's snapshot again");
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// This instance's snapshot now.
     pub(crate) fn build(&self, instance: &str) -> Snapshot {
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -172,6 +201,7 @@ mod tests {
             hung: Arc::new(Hung::new(10, tx)),
             workers,
             started: Instant::now(),
+            refused: AtomicBool::new(false),
         }
     }
 

@@ -97,13 +97,20 @@ fn route(plug: &Plug, dash: &Dashboard, rq: &tiny_http::Request, path: &str) -> 
     }
 }
 
-/// 503 when Redis does not answer; the reason is logged, not shown (it could
-/// name hosts).
+/// 503 when Redis does not answer or refuses a read (a wrong-typed key). The
+/// page says which kind of failure; the message itself is logged, not shown.
 fn unavailable(e: &redis::RedisError, content_type: &str) -> Reply {
     log::debug!("dashboard: redis: {e}");
+    let why = match crate::connection::is_lost(e) || e.is_timeout() {
+        true => "redis did not answer".to_string(),
+        false => format!(
+            "redis refused a read ({:?}); see the server's log at debug",
+            e.kind()
+        ),
+    };
     let body = match content_type {
-        "application/json" => br#"{"error":"redis did not answer"}"#.to_vec(),
-        _ => b"redis did not answer".to_vec(),
+        "application/json" => serde_json::json!({ "error": why }).to_string().into_bytes(),
+        _ => why.into_bytes(),
     };
     with(respond(503, content_type, body), "Retry-After", "1")
 }
