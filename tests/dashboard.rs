@@ -90,12 +90,14 @@ fn instance<'a>(state: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|i| i["name"] == name)
 }
 
+/// The instances alive whose snapshot is in (an instance registers before its
+/// first snapshot: for a moment it shows with its name only).
 fn alive_names(state: &Value) -> Vec<String> {
     state["instances"]
         .as_array()
         .map(|a| {
             a.iter()
-                .filter(|i| i["alive"] == true)
+                .filter(|i| i["alive"] == true && i["pid"].as_u64().is_some_and(|p| p > 0))
                 .filter_map(|i| i["name"].as_str().map(str::to_string))
                 .collect()
         })
