@@ -442,7 +442,7 @@ fn browser_runs_the_script_which_fills_the_page_and_runs_no_injected_code() {
     // The script fetched state.json and refilled the tables.
     assert!(dom.contains("live, updated"), "{dom}");
     assert!(!dom.contains("data-live=\"0\""), "{dom}");
-    for table in ["instances", "waiting", "delayed", "cron"] {
+    for table in ["instances", "waiting", "delayed", "functions", "cron"] {
         assert!(
             dom.contains(&format!("<tbody id=\"{table}\" data-filled=\"script\">")),
             "{table} not filled by the script: {dom}"
@@ -499,7 +499,13 @@ fn cron_entries_show_their_last_outcome() {
     let s = wait_for("a cron outcome", 20 * SECS, || {
         let a = get(&node_url);
         let s: Value = serde_json::from_slice(&a.2).ok()?;
-        (s["cron"][0]["runs"].as_u64()? >= 1).then_some(s)
+        // The outcome is recorded at once; the function's counts come with the
+        // next snapshot (every second).
+        let counted = s["functions"]
+            .as_array()?
+            .iter()
+            .any(|f| f["name"] == "witherror");
+        (s["cron"][0]["runs"].as_u64()? >= 1 && counted).then_some(s)
     });
     let c = &s["cron"][0];
     assert_eq!(c["func"], "witherror", "{c}");
@@ -507,8 +513,17 @@ fn cron_entries_show_their_last_outcome() {
     assert_eq!(c["message"], "unexpected error");
     assert!(c["entry"].as_str().is_some_and(|e| e.len() == 16), "{c}");
     let html = body(&get(&node_url.replace("/state.json", "")));
-    assert!(html.contains("<tr class=\"error\"><td>"), "{html}");
+    assert!(html.contains("<tr class=\"error\"><td>"), "{s:#}\n{html}");
     assert!(html.contains("unexpected error"));
+    // The runs count per function too, with their durations.
+    let f = s["functions"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["name"] == "witherror"))
+        .unwrap_or_else(|| panic!("witherror in functions: {s:#}"));
+    assert!(f["errors"].as_u64().is_some_and(|e| e >= 1), "{f}");
+    assert_eq!(f["ok"], 0);
+    assert!(f["p50_ms"].as_u64().is_some(), "{f}");
+    assert!(html.contains("<td>witherror</td>"), "{html}");
 }
 
 #[test]

@@ -96,6 +96,14 @@
           c.count_timeout + ' timeouts)']
       };
     }), 8);
+    var ms = function (v) { return v === null || v === undefined ? '–' : '≤ ' + v + ' ms'; };
+    fill('functions', s.functions.map(function (f) {
+      return {
+        cls: '',
+        cells: [f.name, f.calls, f.ok, f.errors, f.timeouts, f.panics, f.refused,
+          ms(f.p50_ms), ms(f.p95_ms), ms(f.p99_ms)]
+      };
+    }), 10);
     samples.push({ t: s.now_ms, ok: t.ok, errors: t.errors });
     while (samples.length && samples[0].t < s.now_ms - WINDOW_MS) samples.shift();
     chart();

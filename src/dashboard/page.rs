@@ -242,6 +242,38 @@ pub(crate) fn render(state: &State) -> String {
     out.push_str("</section>\n");
 
     let mut rows = String::new();
+    let ms = |v: Option<u64>| v.map_or("–".to_string(), |v| format!("≤ {v} ms"));
+    for f in &state.functions {
+        row(
+            &mut rows,
+            "",
+            &[
+                f.name.clone(),
+                f.calls.to_string(),
+                f.ok.to_string(),
+                f.errors.to_string(),
+                f.timeouts.to_string(),
+                f.panics.to_string(),
+                f.refused.to_string(),
+                ms(f.p50_ms),
+                ms(f.p95_ms),
+                ms(f.p99_ms),
+            ],
+        );
+    }
+    out.push_str("<section><h2>Functions (since each instance's start)</h2>\n");
+    table(
+        &mut out,
+        "functions",
+        &[
+            "function", "calls", "ok", "errors", "timeouts", "panics", "refused", "p50", "p95",
+            "p99",
+        ],
+        &rows,
+    );
+    out.push_str("</section>\n");
+
+    let mut rows = String::new();
     for c in &state.cron {
         row(
             &mut rows,
@@ -311,6 +343,52 @@ mod tests {
         assert_eq!(html.matches("<script").count(), 1);
         assert!(html.contains("<script src=\"/dashboard/app.js\" defer></script>"));
         assert!(!html.contains("style="), "{html}");
+    }
+
+    #[test]
+    fn each_table_holds_its_own_rows() {
+        let mut state = assemble(Raw::default());
+        state.cron = vec![super::super::state::Cron {
+            entry: "00ff00ff00ff00ff".into(),
+            func: "cronfunc".into(),
+            outcome: "ok".into(),
+            message: String::new(),
+            at_ms: None,
+            duration_ms: None,
+            instance: String::new(),
+            runs: 1,
+            count_ok: 1,
+            count_error: 0,
+            count_timeout: 0,
+        }];
+        state.functions = vec![super::super::state::Function {
+            name: "fnname".into(),
+            calls: 1,
+            ok: 1,
+            errors: 0,
+            timeouts: 0,
+            panics: 0,
+            refused: 0,
+            p50_ms: Some(1),
+            p95_ms: None,
+            p99_ms: None,
+        }];
+        let html = render(&state);
+        let body = |id: &str| {
+            let start = html.find(&format!("<tbody id=\"{id}\">")).unwrap();
+            let end = start + html[start..].find("</tbody>").unwrap();
+            html[start..end].to_string()
+        };
+        assert!(body("cron").contains("<td>cronfunc</td>"), "{html}");
+        assert!(!body("cron").contains("fnname"), "{html}");
+        assert!(
+            body("functions").contains("<td>fnname</td><td>1</td>"),
+            "{html}"
+        );
+        assert!(
+            body("functions").contains("<td>≤ 1 ms</td><td>–</td>"),
+            "{html}"
+        );
     }
 
     #[test]

@@ -7,11 +7,13 @@
 //! only this process's counters; [`write`] and [`forget`] are the Redis side.
 //! Not for: reading snapshots back (`state.rs`, `http/dashboard.rs`).
 
+use super::functions::Counts;
 use crate::dispatch::Hung;
 use crate::job::{InHand, Stats, Unanswered};
 use crate::protocol::Keys;
 use redis::{Connection, RedisResult};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,8 +26,9 @@ pub(crate) const SNAPSHOT_TTL: Duration = Duration::from_secs(60);
 /// size is bounded whatever the host is called.
 const MAX_NAME: usize = 200;
 
-/// What one instance says of itself. Every field is a number or a bounded
-/// string, so the encoded snapshot stays under 1 KiB.
+/// What one instance says of itself. Every field is a number, a bounded string
+/// or the counts of at most 50 functions, so the encoded snapshot stays under
+/// 32 KiB at worst (about 1 KiB with a few functions).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default)]
 pub(crate) struct Snapshot {
@@ -48,6 +51,8 @@ pub(crate) struct Snapshot {
     pub(crate) panics: u64,
     pub(crate) cache_hits: u64,
     pub(crate) delayed: u64,
+    /// The busiest functions' counts since the start (at most 50).
+    pub(crate) functions: BTreeMap<String, Counts>,
 }
 
 /// Where a running instance's snapshot comes from: its counters, shared with
@@ -113,6 +118,7 @@ impl Live {
             panics: load(&s.panics),
             cache_hits: load(&s.cache_hits),
             delayed: load(&s.delayed),
+            functions: s.metrics.functions.snapshot(),
         }
     }
 }
@@ -190,6 +196,7 @@ pub(crate) fn forget(pipe: &mut redis::Pipeline, keys: &Keys, instance: &str) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::functions::{BUCKETS, MAX_FUNCTIONS};
     use super::*;
 
     fn live(workers: usize) -> Live {
@@ -234,6 +241,23 @@ mod tests {
         assert!(s.name.len() <= MAX_NAME && s.host.len() <= MAX_NAME);
         let json = serde_json::to_string(&s).unwrap();
         assert!(json.len() < 1024, "{} bytes", json.len());
+        // The most functions, each with every count and bucket at its largest.
+        let full = Counts {
+            calls: u64::MAX,
+            ok: u64::MAX,
+            errors: u64::MAX,
+            timeouts: u64::MAX,
+            panics: u64::MAX,
+            refused: u64::MAX,
+            buckets: vec![u64::MAX; BUCKETS],
+        };
+        let mut s = s;
+        // Registered names are short; 64 characters is generous.
+        s.functions = (0..MAX_FUNCTIONS)
+            .map(|i| (format!("{i:064}"), full.clone()))
+            .collect();
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.len() < 32 * 1024, "{} bytes", json.len());
         // It reads back as written.
         assert_eq!(serde_json::from_str::<Snapshot>(&json).unwrap(), s);
     }

@@ -7,9 +7,11 @@
 //! [`MAX_ARGS`] characters; escaping is the page's job (`page.rs`, `app.js`).
 //! Not for: reading Redis or rendering.
 
+use super::functions::{merge, quantile, Counts, MAX_FUNCTIONS};
 use super::snapshot::Snapshot;
 use serde::Serialize;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 
 /// Most waiting (and delayed) requests shown.
@@ -75,6 +77,24 @@ pub(crate) struct State {
     pub(crate) waiting: Vec<Waiting>,
     pub(crate) delayed: Vec<Waiting>,
     pub(crate) cron: Vec<Cron>,
+    /// Per function, over every instance shown, busiest first.
+    pub(crate) functions: Vec<Function>,
+}
+
+/// One function's counts over the cluster since each instance's start.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub(crate) struct Function {
+    pub(crate) name: String,
+    pub(crate) calls: u64,
+    pub(crate) ok: u64,
+    pub(crate) errors: u64,
+    pub(crate) timeouts: u64,
+    pub(crate) panics: u64,
+    pub(crate) refused: u64,
+    /// Duration quantiles, ms: upper bounds of doubling buckets (`functions.rs`).
+    pub(crate) p50_ms: Option<u64>,
+    pub(crate) p95_ms: Option<u64>,
+    pub(crate) p99_ms: Option<u64>,
 }
 
 /// Sums over the instances shown, and the queue.
@@ -197,6 +217,11 @@ pub(crate) fn assemble(raw: Raw) -> State {
         .map(|(entry, h)| cron_entry(entry, &h))
         .collect();
     cron.sort_by(|a, b| a.func.cmp(&b.func).then_with(|| a.entry.cmp(&b.entry)));
+    let functions = functions(&instances);
+    // Each instance's own list is the state's `functions` now: not sent twice.
+    for i in instances.iter_mut() {
+        i.snapshot.functions.clear();
+    }
     State {
         now_ms: now,
         serving: raw.serving,
@@ -205,7 +230,35 @@ pub(crate) fn assemble(raw: Raw) -> State {
         waiting,
         delayed,
         cron,
+        functions,
     }
+}
+
+fn functions(instances: &[Instance]) -> Vec<Function> {
+    let mut merged: BTreeMap<&str, Counts> = BTreeMap::new();
+    for i in instances {
+        for (name, c) in &i.snapshot.functions {
+            merge(merged.entry(name.as_str()).or_default(), c);
+        }
+    }
+    let mut out: Vec<Function> = merged
+        .into_iter()
+        .map(|(name, c)| Function {
+            name: cut(name, MAX_ARGS),
+            calls: c.calls,
+            ok: c.ok,
+            errors: c.errors,
+            timeouts: c.timeouts,
+            panics: c.panics,
+            refused: c.refused,
+            p50_ms: quantile(&c.buckets, 0.50),
+            p95_ms: quantile(&c.buckets, 0.95),
+            p99_ms: quantile(&c.buckets, 0.99),
+        })
+        .collect();
+    out.sort_by(|a, b| b.calls.cmp(&a.calls).then_with(|| a.name.cmp(&b.name)));
+    out.truncate(MAX_FUNCTIONS);
+    out
 }
 
 fn instance(r: RawInstance, now: i64, ttl: i64) -> Instance {
@@ -449,6 +502,37 @@ mod tests {
             (c.runs, c.count_ok, c.count_error, c.count_timeout),
             (4, 3, 1, 0)
         );
+    }
+
+    #[test]
+    fn functions_are_merged_across_instances() {
+        let mut r = raw();
+        let with = |calls: u64, bucket: usize| {
+            let mut s: Snapshot = serde_json::from_str(&snapshot_json("x", 0, 0)).unwrap();
+            let mut buckets = vec![0; 17];
+            buckets[bucket] = calls;
+            s.functions.insert(
+                "hello".into(),
+                Counts {
+                    calls,
+                    ok: calls,
+                    buckets,
+                    ..Counts::default()
+                },
+            );
+            serde_json::to_string(&s).unwrap()
+        };
+        r.instances[0].snapshot = Some(with(90, 1));
+        r.instances[1].snapshot = Some(with(10, 5));
+        let s = assemble(r);
+        assert_eq!(s.functions.len(), 1);
+        let f = &s.functions[0];
+        assert_eq!((f.name.as_str(), f.calls, f.ok), ("hello", 100, 100));
+        assert_eq!(
+            (f.p50_ms, f.p95_ms, f.p99_ms),
+            (Some(2), Some(32), Some(32))
+        );
+        assert!(s.instances.iter().all(|i| i.snapshot.functions.is_empty()));
     }
 
     #[test]
