@@ -3,9 +3,10 @@
 //! tiny_http server and route them: `/api/…` to functions through the one
 //! dispatch path (`api.rs`, via `caller.rs`), configured prefixes to other web apps
 //! (`proxy.rs`, each target behind its `breaker.rs`), `/health` and `/metrics`
-//! (`health.rs`), `/dashboard` (`dashboard.rs`). Started by `server.rs` after the workers, stopped after the
-//! drain: new calls get 503 as soon as the stop begins, calls in flight finish
-//! (or get 503 at the drain deadline), then each thread is woken and joined.
+//! (`health.rs`), `/dashboard` (`dashboard.rs`). Started by `server.rs` after the
+//! workers, stopped after the drain: new calls get 503 as soon as the stop begins,
+//! calls in flight finish (or get 503 at the drain deadline), then each thread is
+//! woken and joined.
 //!
 //! Limits: tiny_http reads each connection's request head on a thread of its own
 //! and hands complete heads to our handler threads (through `accept.rs`'s pumps),
