@@ -3,7 +3,7 @@
 # redis-server and redis-cli (apt-get, when root), the Rust lint components; with
 # --clients also what the client tests need: a Python virtualenv in .venv with the
 # Python client, Ruby with Debian's redis and msgpack gems, Node.js and the Node
-# client's npm packages.
+# client's npm packages, and Chromium for the dashboard's browser test.
 # Not for: starting anything (see scripts/redis-up.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,8 @@ if [ "${1:-}" = "--clients" ]; then
   ruby -e 'require "redis"' >/dev/null 2>&1 || need_apt+=(ruby-redis)
   ruby -e 'require "msgpack"' >/dev/null 2>&1 || need_apt+=(ruby-msgpack)
   command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
+  # The dashboard's browser test (tests/dashboard.rs) drives headless Chromium.
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -225,6 +225,11 @@ impl Unanswered {
         self.0.fetch_sub(n as i64, Ordering::SeqCst);
     }
 
+    /// How many jobs handed over are not answered yet (for the dashboard).
+    pub(crate) fn count(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
     /// Whether every job handed over has been answered.
     pub(crate) fn is_zero(&self) -> bool {
         self.0.load(Ordering::SeqCst) <= 0

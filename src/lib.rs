@@ -43,7 +43,8 @@
 //! | `dispatch` | the one path every request takes |
 //! | `caller` | its in-process entry point (HTTP, cron): request in, reply out |
 //! | `metrics` | the Prometheus registry every thread counts into |
-//! | `http` | the Plug: HTTP threads, `/api` routes, tokens, proxy, breaker, health |
+//! | `http` | the Plug: HTTP threads, `/api` routes, tokens, proxy, breaker, health, dashboard routes |
+//! | `dashboard` | each instance's snapshot in Redis; the dashboard's state and page (pure) |
 //! | `limits` | how many calls a user or a function may run at once |
 //! | `reader` | the queue reader thread |
 //! | `pool` | the worker threads |
@@ -82,6 +83,7 @@ pub mod config;
 pub mod connection;
 pub mod context;
 pub mod cron;
+mod dashboard;
 mod dispatch;
 pub mod error;
 mod http;

@@ -4,7 +4,8 @@
 //! Like `job.rs`, it is data below the threads: the dispatcher records calls and
 //! cron runs, the publisher its republishes, the HTTP server its requests, the
 //! proxy its requests and breakers; whoever scrapes
-//! sets the gauges that are read from Redis at that moment. Not for: serving HTTP
+//! sets the gauges that are read from Redis at that moment. Each call is also
+//! counted for the dashboard (`dashboard/functions.rs`). Not for: serving HTTP
 //! (`http/`) or deciding anything.
 
 use prometheus_client::encoding::text::encode;
@@ -48,6 +49,8 @@ pub struct Metrics {
     cron_runs: Family<Labels, Counter>,
     /// Replies published again for late subscribers (each republish counts).
     pub(crate) republished: Counter,
+    /// Per-function counts and durations for the dashboard (not exported here).
+    pub(crate) functions: crate::dashboard::functions::Tally,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -81,6 +84,7 @@ impl Metrics {
             breaker_state: Family::default(),
             cron_runs: Family::default(),
             republished: Counter::default(),
+            functions: Default::default(),
         };
         registry.register(
             "requests",
@@ -149,6 +153,7 @@ impl Metrics {
     /// not registered: client-chosen names must not grow the label set), and its
     /// duration when it ran.
     pub(crate) fn call(&self, function: &str, outcome: &'static str, took: Option<Duration>) {
+        self.functions.call(function, outcome, took);
         self.calls
             .get_or_create(&vec![
                 ("function", function.to_string()),

@@ -2,8 +2,9 @@
 //! moves delayed requests that have come due from `P-DELAYED` to the head of the
 //! queue (one script, so each runs once across all instances, by the Redis
 //! server's clock); every second it renews this instance's heartbeat and returns
-//! to the queue what dead instances (heartbeat expired) still held. It does the
-//! latter at start-up too. A command Redis refuses (`MISCONF`, a wrong-typed key)
+//! to the queue what dead instances (heartbeat expired) still held, and writes this
+//! instance's dashboard snapshot (`dashboard/snapshot.rs`). It does the
+//! recovery at start-up too. A command Redis refuses (`MISCONF`, a wrong-typed key)
 //! keeps the connection and slows the ticks down (`Connector::refused`); only a
 //! lost connection is reopened. Not for: deadlines of running calls or `halt` (the
 //! in-process timer, `timer.rs`), or taking requests (`reader.rs`).
@@ -70,6 +71,9 @@ pub(crate) struct Scheduler {
     pub(crate) keys: Keys,
     pub(crate) instance: String,
     pub(crate) shutdown: Shutdown,
+    /// This instance's counters, written to Redis as its dashboard snapshot
+    /// with each heartbeat.
+    pub(crate) snapshot: crate::dashboard::snapshot::Live,
 }
 
 /// Starts the scheduler thread.
@@ -97,7 +101,8 @@ impl Scheduler {
             // heartbeat, nor a wrong-typed P-INSTANCES the due requests.
             let upkeep = if Instant::now() >= next_upkeep {
                 let done = beat(c, &self.keys, &self.instance)
-                    .and_then(|()| self.recover_dead(c, &recover));
+                    .and_then(|()| self.recover_dead(c, &recover))
+                    .and_then(|()| self.snapshot.publish(c, &self.keys, &self.instance));
                 if done.is_ok() {
                     next_upkeep = Instant::now() + EVERY;
                 }
@@ -183,13 +188,14 @@ pub(crate) fn beat(c: &mut Connection, keys: &Keys, instance: &str) -> RedisResu
 /// Removes this instance's heartbeat and its entry in the instance set: called by
 /// the publisher at the end of a graceful stop, after the requeue.
 pub(crate) fn retire(c: &mut Connection, keys: &Keys, instance: &str) -> RedisResult<()> {
-    redis::pipe()
-        .cmd("DEL")
+    let mut pipe = redis::pipe();
+    pipe.cmd("DEL")
         .arg(keys.heartbeat(instance))
         .ignore()
         .cmd("SREM")
         .arg(keys.instances())
         .arg(instance)
-        .ignore()
-        .query(c)
+        .ignore();
+    crate::dashboard::snapshot::forget(&mut pipe, keys, instance);
+    pipe.query(c)
 }

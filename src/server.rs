@@ -146,6 +146,15 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         keys: keys.clone(),
         instance: instance.clone(),
         shutdown: shutdown.clone(),
+        snapshot: crate::dashboard::snapshot::Live {
+            stats: stats.clone(),
+            in_hand: in_hand.clone(),
+            unanswered: unanswered.clone(),
+            hung: hung.clone(),
+            workers: config.workers,
+            started: Instant::now(),
+            refused: Default::default(),
+        },
     })?;
     let plug = match http_listener {
         Some(listener) => Some(crate::http::start(

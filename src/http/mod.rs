@@ -3,9 +3,10 @@
 //! tiny_http server and route them: `/api/…` to functions through the one
 //! dispatch path (`api.rs`, via `caller.rs`), configured prefixes to other web apps
 //! (`proxy.rs`, each target behind its `breaker.rs`), `/health` and `/metrics`
-//! (`health.rs`). Started by `server.rs` after the workers, stopped after the
-//! drain: new calls get 503 as soon as the stop begins, calls in flight finish
-//! (or get 503 at the drain deadline), then each thread is woken and joined.
+//! (`health.rs`), `/dashboard` (`dashboard.rs`). Started by `server.rs` after the
+//! workers, stopped after the drain: new calls get 503 as soon as the stop begins,
+//! calls in flight finish (or get 503 at the drain deadline), then each thread is
+//! woken and joined.
 //!
 //! Limits: tiny_http reads each connection's request head on a thread of its own
 //! and hands complete heads to our handler threads (through `accept.rs`'s pumps),
@@ -23,6 +24,7 @@ mod accept;
 mod api;
 mod auth;
 mod breaker;
+mod dashboard;
 mod health;
 mod proxy;
 
@@ -172,6 +174,7 @@ struct Routes {
     plug: Plug,
     proxy: proxy::Proxy,
     started: Instant,
+    dashboard: dashboard::Dashboard,
 }
 
 impl Routes {
@@ -181,6 +184,7 @@ impl Routes {
             plug,
             proxy,
             started: Instant::now(),
+            dashboard: dashboard::Dashboard::default(),
         }
     }
 
@@ -204,6 +208,10 @@ impl Routes {
             "/health" if is_get(&rq) => ("health", health::health(&self.plug, self.started)),
             "/metrics" if is_get(&rq) => ("metrics", health::metrics(&self.plug)),
             "/" | "/health" | "/metrics" => ("method", method_not_allowed("GET")),
+            p if p == "/dashboard" || p.starts_with("/dashboard/") => (
+                "dashboard",
+                dashboard::handle(&self.plug, &self.dashboard, &rq, p),
+            ),
             p if p == "/api" || p.starts_with("/api/") => {
                 let (route, response) = api::handle(&self.plug, &mut rq, path, query);
                 // The body (if any) was read from `rq` by `api::handle`.

@@ -334,14 +334,17 @@ pub fn get_int(conn: &mut redis::Connection, key: &str) -> i64 {
 
 /// Keys a request leaves behind until it is served: request bodies, processing
 /// lists, delayed entries, cache entries. Empty once everything is answered.
-/// (The counter, tallies, and the live instances' heartbeats and set stay.)
+/// (The counter, tallies, and the live instances' heartbeats, set and dashboard
+/// snapshots stay.)
 pub fn leftover_keys(conn: &mut redis::Connection) -> Vec<String> {
     let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(conn).expect("KEYS");
     keys.retain(|k| {
         !(k == "CERBAS-COUNTER"
             || k == "CERBAS-INSTANCES"
             || k.starts_with("CERBAS-TALLY-")
-            || k.starts_with("CERBAS-HEARTBEAT-"))
+            || k.starts_with("CERBAS-HEARTBEAT-")
+            || k == "CERBAS-SNAPSHOTS"
+            || k.starts_with("CERBAS-SNAPSHOT-"))
     });
     keys.sort();
     keys

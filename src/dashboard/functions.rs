@@ -1,0 +1,189 @@
+//! Per-function counts and call durations since the start, for the dashboard:
+//! counted at the one place every answered call is counted (`Metrics::call`),
+//! carried in each instance's snapshot, merged across instances and turned into
+//! p50/p95/p99 here. Durations go into the same doubling buckets as the
+//! Prometheus histogram (1 ms to about 33 s, and one over), so a quantile is the
+//! upper bound of its bucket: coarse, but mergeable and bounded. Function names
+//! are registered names or `-` (the metrics' rule), so the map is bounded by the
+//! registry. Not for: the Prometheus metrics themselves (`metrics.rs`).
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Duration buckets: `< 1 ms · 2^i` for i in 0..16, then one for longer.
+pub(crate) const BUCKETS: usize = 17;
+/// Most functions a snapshot carries (the busiest).
+pub(crate) const MAX_FUNCTIONS: usize = 50;
+
+/// One function's counts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub(crate) struct Counts {
+    pub(crate) calls: u64,
+    pub(crate) ok: u64,
+    pub(crate) errors: u64,
+    pub(crate) timeouts: u64,
+    pub(crate) panics: u64,
+    /// Refused before running (access, limits, invalid arguments).
+    pub(crate) refused: u64,
+    /// Calls that ran, by duration bucket.
+    pub(crate) buckets: Vec<u64>,
+}
+
+/// The tally every thread counts into.
+#[derive(Debug, Default)]
+pub(crate) struct Tally(Mutex<BTreeMap<String, Counts>>);
+
+impl Tally {
+    /// Counts one answered call of `function` with a metrics `outcome` label.
+    pub(crate) fn call(&self, function: &str, outcome: &str, took: Option<Duration>) {
+        let Ok(mut map) = self.0.lock() else {
+            return;
+        };
+        // No allocation on the hot path once the function has been seen.
+        if !map.contains_key(function) {
+            map.insert(function.to_string(), Counts::default());
+        }
+        let Some(c) = map.get_mut(function) else {
+            return;
+        };
+        c.calls += 1;
+        match outcome {
+            "ok" | "no_reply" => c.ok += 1,
+            "error" => c.errors += 1,
+            "timeout" => c.timeouts += 1,
+            "panic" => c.panics += 1,
+            _ => c.refused += 1,
+        }
+        if let Some(took) = took {
+            if c.buckets.len() != BUCKETS {
+                c.buckets = vec![0; BUCKETS];
+            }
+            c.buckets[bucket(took)] += 1;
+        }
+    }
+
+    /// The busiest [`MAX_FUNCTIONS`] functions' counts.
+    pub(crate) fn snapshot(&self) -> BTreeMap<String, Counts> {
+        let Ok(map) = self.0.lock() else {
+            return BTreeMap::new();
+        };
+        let mut all: Vec<(&String, &Counts)> = map.iter().collect();
+        all.sort_by_key(|(_, c)| std::cmp::Reverse(c.calls));
+        all.into_iter()
+            .take(MAX_FUNCTIONS)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// The bucket of a duration.
+fn bucket(took: Duration) -> usize {
+    let ms = took.as_secs_f64() * 1000.0;
+    (0..BUCKETS - 1)
+        .find(|&i| ms < (1u64 << i) as f64)
+        .unwrap_or(BUCKETS - 1)
+}
+
+/// Adds `b` into `a`.
+pub(crate) fn merge(a: &mut Counts, b: &Counts) {
+    a.calls += b.calls;
+    a.ok += b.ok;
+    a.errors += b.errors;
+    a.timeouts += b.timeouts;
+    a.panics += b.panics;
+    a.refused += b.refused;
+    if a.buckets.len() < b.buckets.len() {
+        a.buckets.resize(b.buckets.len(), 0);
+    }
+    for (x, y) in a.buckets.iter_mut().zip(&b.buckets) {
+        *x += y;
+    }
+}
+
+/// The `q` quantile (0 to 1) of the durations, in ms: the upper bound of its
+/// bucket; `None` without durations or past the last bound.
+pub(crate) fn quantile(buckets: &[u64], q: f64) -> Option<u64> {
+    let total: u64 = buckets.iter().take(BUCKETS).sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q * total as f64).ceil() as u64).max(1);
+    let mut seen = 0;
+    for (i, n) in buckets.iter().take(BUCKETS).enumerate() {
+        seen += n;
+        if seen >= rank {
+            return (i < BUCKETS - 1).then_some(1u64 << i);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_counted_by_outcome_and_duration() {
+        let t = Tally::default();
+        for _ in 0..98 {
+            t.call("hello", "ok", Some(Duration::from_micros(300)));
+        }
+        t.call("hello", "error", Some(Duration::from_millis(3)));
+        t.call("hello", "timeout", Some(Duration::from_secs(5)));
+        t.call("-", "refused", None);
+        let s = t.snapshot();
+        let h = &s["hello"];
+        assert_eq!((h.calls, h.ok, h.errors, h.timeouts), (100, 98, 1, 1));
+        assert_eq!(quantile(&h.buckets, 0.5), Some(1));
+        assert_eq!(quantile(&h.buckets, 0.99), Some(4));
+        assert_eq!(quantile(&h.buckets, 1.0), Some(8192));
+        assert_eq!(s["-"].refused, 1);
+        assert_eq!(quantile(&s["-"].buckets, 0.5), None);
+    }
+
+    #[test]
+    fn buckets_double_and_the_last_is_open() {
+        assert_eq!(bucket(Duration::ZERO), 0);
+        assert_eq!(bucket(Duration::from_micros(999)), 0);
+        assert_eq!(bucket(Duration::from_millis(1)), 1);
+        assert_eq!(bucket(Duration::from_millis(40_000)), BUCKETS - 1);
+        let mut b = vec![0; BUCKETS];
+        b[BUCKETS - 1] = 1;
+        assert_eq!(quantile(&b, 0.5), None);
+    }
+
+    #[test]
+    fn merging_adds_everything() {
+        let mut a = Counts {
+            calls: 1,
+            ok: 1,
+            buckets: vec![1, 0],
+            ..Counts::default()
+        };
+        let b = Counts {
+            calls: 2,
+            errors: 2,
+            buckets: vec![0, 1, 1],
+            ..Counts::default()
+        };
+        merge(&mut a, &b);
+        assert_eq!((a.calls, a.ok, a.errors), (3, 1, 2));
+        assert_eq!(a.buckets, vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn only_the_busiest_are_kept() {
+        let t = Tally::default();
+        for i in 0..(MAX_FUNCTIONS + 10) {
+            for _ in 0..i {
+                t.call(&format!("f{i}"), "ok", None);
+            }
+        }
+        let s = t.snapshot();
+        assert_eq!(s.len(), MAX_FUNCTIONS);
+        assert!(!s.contains_key("f0") && s.contains_key(&format!("f{}", MAX_FUNCTIONS + 9)));
+    }
+}

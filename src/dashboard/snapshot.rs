@@ -1,0 +1,279 @@
+//! The snapshot one instance writes of itself to Redis every second (from the
+//! scheduler thread, beside its heartbeat) so that the dashboard of any instance
+//! shows them all: `P-SNAPSHOT-{instance}` (a small JSON object, expiring after
+//! [`SNAPSHOT_TTL`]) and its name in the sorted set `P-SNAPSHOTS` (scored by the
+//! Redis server's clock when it was written, so a lapsed instance is told apart
+//! without synchronized clocks). Building the snapshot ([`Live::build`]) reads
+//! only this process's counters; [`write`] and [`forget`] are the Redis side.
+//! Not for: reading snapshots back (`state.rs`, `http/dashboard.rs`).
+
+use super::functions::Counts;
+use crate::dispatch::Hung;
+use crate::job::{InHand, Stats, Unanswered};
+use crate::protocol::Keys;
+use redis::{Connection, RedisResult};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a snapshot outlives its last write: a killed instance is shown dead
+/// for this long, then forgotten.
+pub(crate) const SNAPSHOT_TTL: Duration = Duration::from_secs(60);
+
+/// Longest instance name or host kept in a snapshot, in bytes: the snapshot's
+/// size is bounded whatever the host is called.
+const MAX_NAME: usize = 200;
+
+/// What one instance says of itself. Every field is a number, a bounded string
+/// or the counts of at most 50 functions, so the encoded snapshot stays under
+/// 32 KiB at worst (about 1 KiB with a few functions).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub(crate) struct Snapshot {
+    pub(crate) name: String,
+    pub(crate) host: String,
+    pub(crate) pid: u32,
+    pub(crate) version: String,
+    pub(crate) uptime_secs: u64,
+    /// Workers running a call (or about to start one), at most `workers_total`.
+    pub(crate) workers_busy: u64,
+    pub(crate) workers_total: u64,
+    /// Workers replaced because their call ran past its deadline and is still running.
+    pub(crate) hung: u64,
+    /// Requests taken from Redis and not yet acknowledged.
+    pub(crate) in_hand: u64,
+    pub(crate) requests: u64,
+    pub(crate) ok: u64,
+    pub(crate) errors: u64,
+    pub(crate) timeouts: u64,
+    pub(crate) panics: u64,
+    pub(crate) cache_hits: u64,
+    pub(crate) delayed: u64,
+    /// The busiest functions' counts since the start (at most 50).
+    pub(crate) functions: BTreeMap<String, Counts>,
+}
+
+/// Where a running instance's snapshot comes from: its counters, shared with
+/// the threads that count.
+pub(crate) struct Live {
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) in_hand: InHand,
+    pub(crate) unanswered: Unanswered,
+    pub(crate) hung: Arc<Hung>,
+    pub(crate) workers: usize,
+    pub(crate) started: Instant,
+    /// Whether Redis refuses the snapshot now (logged once per episode).
+    pub(crate) refused: AtomicBool,
+}
+
+impl Live {
+    /// Writes this instance's snapshot. Only a lost connection is an error: a
+    /// write Redis refuses (a wrong-typed `P-SNAPSHOTS`, `MISCONF`) is logged when
+    /// the refusals start and end, and must not slow the scheduler's other work
+    /// (its heartbeat, due delayed requests).
+    pub(crate) fn publish(
+        &self,
+        c: &mut Connection,
+        keys: &Keys,
+        instance: &str,
+    ) -> RedisResult<()> {
+        match write(c, keys, instance, &self.build(instance)) {
+            Err(e) if crate::connection::is_lost(&e) => Err(e),
+            Err(e) => {
+                if !self.refused.swap(true, Ordering::Relaxed) {
+                    log::warn!("dashboard: redis refuses this instance's snapshot: {e}");
+                }
+                Ok(())
+            }
+            Ok(()) => {
+                if self.refused.swap(false, Ordering::Relaxed) {
+                    log::info!("dashboard: redis takes this instance's snapshot again");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// This instance's snapshot now.
+    pub(crate) fn build(&self, instance: &str) -> Snapshot {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let s = &self.stats;
+        let held: usize = self.in_hand.snapshot().values().sum();
+        Snapshot {
+            name: bounded(instance),
+            host: bounded(host_of(instance)),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            workers_busy: (self.unanswered.count().max(0) as u64).min(self.workers as u64),
+            workers_total: self.workers as u64,
+            hung: self.hung.count() as u64,
+            in_hand: held as u64,
+            requests: load(&s.requests),
+            ok: load(&s.ok),
+            errors: load(&s.errors),
+            timeouts: load(&s.timeouts),
+            panics: load(&s.panics),
+            cache_hits: load(&s.cache_hits),
+            delayed: load(&s.delayed),
+            functions: s.metrics.functions.snapshot(),
+        }
+    }
+}
+
+/// The host part of an instance name (`{host}-{pid}-{start ms}`, `server.rs`).
+pub(crate) fn host_of(instance: &str) -> &str {
+    let mut parts = instance.rsplitn(3, '-');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(_), Some(_), Some(host)) => host,
+        _ => instance,
+    }
+}
+
+/// At most [`MAX_NAME`] bytes of `s`, cut on a character boundary.
+fn bounded(s: &str) -> String {
+    let mut end = s.len().min(MAX_NAME);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// `P-SNAPSHOT-{instance}`.
+pub(crate) fn key(keys: &Keys, instance: &str) -> String {
+    keys.key(&format!("SNAPSHOT-{instance}"))
+}
+
+/// `P-SNAPSHOTS`: instance names scored by when their snapshot was last written.
+pub(crate) fn index(keys: &Keys) -> String {
+    keys.key("SNAPSHOTS")
+}
+
+/// KEYS: snapshot, index. ARGV: instance, json, life in ms. Writes the snapshot,
+/// scores the instance by the Redis server's clock, and drops names whose
+/// snapshots have expired, so the index stays as small as the cluster.
+const WRITE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
+return 1
+";
+
+/// Writes `snapshot` for `instance`.
+pub(crate) fn write(
+    c: &mut Connection,
+    keys: &Keys,
+    instance: &str,
+    snapshot: &Snapshot,
+) -> RedisResult<()> {
+    // Serializing numbers and strings cannot fail.
+    let json = serde_json::to_string(snapshot).unwrap_or_default();
+    redis::Script::new(WRITE)
+        .key(key(keys, instance))
+        .key(index(keys))
+        .arg(instance)
+        .arg(json)
+        .arg(SNAPSHOT_TTL.as_millis() as u64)
+        .invoke::<i64>(c)
+        .map(|_| ())
+}
+
+/// Adds to `pipe` what removes `instance`'s snapshot: a graceful stop is not a
+/// death, so a stopped instance leaves the dashboard at once.
+pub(crate) fn forget(pipe: &mut redis::Pipeline, keys: &Keys, instance: &str) {
+    pipe.cmd("DEL")
+        .arg(key(keys, instance))
+        .ignore()
+        .cmd("ZREM")
+        .arg(index(keys))
+        .arg(instance)
+        .ignore();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::functions::{BUCKETS, MAX_FUNCTIONS};
+    use super::*;
+
+    fn live(workers: usize) -> Live {
+        let (tx, _rx) = crossbeam_channel::unbounded();
+        Live {
+            stats: Arc::new(Stats::default()),
+            in_hand: InHand::default(),
+            unanswered: Unanswered::default(),
+            hung: Arc::new(Hung::new(10, tx)),
+            workers,
+            started: Instant::now(),
+            refused: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn the_snapshot_reads_the_counters() {
+        let l = live(4);
+        l.stats.requests.store(7, Ordering::Relaxed);
+        l.stats.ok.store(5, Ordering::Relaxed);
+        l.stats.errors.store(2, Ordering::Relaxed);
+        l.in_hand.add([1, 2, 2]);
+        l.unanswered.add(9);
+        let s = l.build("web-1-4242-1700000000000");
+        assert_eq!(s.name, "web-1-4242-1700000000000");
+        assert_eq!(s.host, "web-1");
+        assert_eq!(s.pid, std::process::id());
+        assert_eq!(s.version, env!("CARGO_PKG_VERSION"));
+        assert_eq!((s.requests, s.ok, s.errors), (7, 5, 2));
+        assert_eq!(s.in_hand, 3);
+        // More handed over than there are workers: the rest wait for one.
+        assert_eq!((s.workers_busy, s.workers_total), (4, 4));
+        assert_eq!(s.hung, 0);
+    }
+
+    #[test]
+    fn the_snapshot_is_small_whatever_the_host_is_called() {
+        let l = live(100);
+        l.stats.requests.store(u64::MAX, Ordering::Relaxed);
+        let name = format!("{}-1-2", "é".repeat(5_000));
+        let s = l.build(&name);
+        assert!(s.name.len() <= MAX_NAME && s.host.len() <= MAX_NAME);
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.len() < 1024, "{} bytes", json.len());
+        // The most functions, each with every count and bucket at its largest.
+        let full = Counts {
+            calls: u64::MAX,
+            ok: u64::MAX,
+            errors: u64::MAX,
+            timeouts: u64::MAX,
+            panics: u64::MAX,
+            refused: u64::MAX,
+            buckets: vec![u64::MAX; BUCKETS],
+        };
+        let mut s = s;
+        // Registered names are short; 64 characters is generous.
+        s.functions = (0..MAX_FUNCTIONS)
+            .map(|i| (format!("{i:064}"), full.clone()))
+            .collect();
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.len() < 32 * 1024, "{} bytes", json.len());
+        // It reads back as written.
+        assert_eq!(serde_json::from_str::<Snapshot>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn host_of_takes_what_is_before_pid_and_start() {
+        assert_eq!(host_of("h-1-2"), "h");
+        assert_eq!(host_of("my-host-name-99-1700"), "my-host-name");
+        assert_eq!(host_of("odd"), "odd");
+        assert_eq!(host_of("a-b"), "a-b");
+    }
+
+    #[test]
+    fn a_snapshot_missing_fields_still_reads() {
+        let s: Snapshot = serde_json::from_str(r#"{"name":"x","extra":1}"#).unwrap();
+        assert_eq!(s.name, "x");
+        assert_eq!(s.workers_total, 0);
+    }
+}
