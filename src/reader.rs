@@ -14,8 +14,10 @@
 //! queue is empty the reader waits on it with a `BLMOVE` of the queue onto itself,
 //! which takes nothing. The take also learns each body's size (and reads the
 //! first body, so an idle server answers in two round trips: the wait and the
-//! take); the other bodies come with `MGET`, a few MiB a round trip. A body over
-//! `max_request_bytes` is refused from its size, never downloaded. Ids found in
+//! take); the other bodies come with a pipeline of `GETRANGE`s, a few MiB a
+//! round trip, each no longer than the size the take saw (a body changed since
+//! is read again by [`FETCH`]). A body over `max_request_bytes` is refused from
+//! its size, never downloaded. Ids found in
 //! the processing list after a reconnect are read with one more script ([`FETCH`]).
 //! It stops taking as soon as shutdown is triggered; what it took but did not hand
 //! over is still in the processing list, which the publisher returns to the queue.
@@ -126,7 +128,7 @@ end
 /// Each id comes back as `{entry, answer}` (`answer` as of `read_body`): the first
 /// with its body, so an idle server answers a request in two round trips (the
 /// wait and this), the others with their sizes only, since a body that passes
-/// through Lua costs Redis more than the `MGET` the reader then sends. The key of
+/// through Lua costs Redis more than the `GETRANGE`s the reader then sends. The key of
 /// id `n` is the prefix and `n` padded with zeros to ten digits, as
 /// `Keys::request` names it; an entry that is no id (`protocol::parse_queue_entry`)
 /// comes back as `{entry}`.
@@ -546,16 +548,28 @@ impl Reader {
                     true => self.keys.request_fallback(*id),
                 })
                 .collect();
-            // `MGET` answers nil for a key deleted (or retyped) since the take.
-            let bodies: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(&keys).query(c)?;
-            self.in_hand.add(lot.iter().map(|(id, _, _)| *id));
-            let jobs = lot
-                .iter()
-                .zip(bodies)
-                .map(|((id, _, _), body)| {
-                    self.job(*id, Some(body.map_or(Fetched::Missing, Fetched::Body)))
-                })
-                .collect();
+            // At most one byte more than the take saw: a body overwritten since
+            // (with a value of any size), deleted or retyped is not downloaded
+            // here but read again by `FETCH`, which refuses one too large from
+            // its size. (`MGET` brought whatever the key held by then.)
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for (key, (_, _, size)) in keys.iter().zip(lot) {
+                pipe.cmd("GETRANGE").arg(key).arg(0).arg(*size);
+            }
+            let bodies: Vec<RedisResult<Vec<u8>>> = pipe.query(c)?;
+            let mut jobs = Vec::with_capacity(lot.len());
+            let mut ids = Vec::with_capacity(lot.len());
+            for ((id, _, size), body) in lot.iter().zip(bodies) {
+                match body {
+                    Ok(b) if b.len() == *size => {
+                        ids.push(*id);
+                        jobs.push(self.job(*id, Some(Fetched::Body(b))));
+                    }
+                    _ => unread.push(*id),
+                }
+            }
+            self.in_hand.add(ids);
             if !self.hand_over(jobs, workers) {
                 return Ok(false);
             }

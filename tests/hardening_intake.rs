@@ -561,3 +561,112 @@ fn an_oversized_request_is_refused_without_fetching_it() {
     assert_eq!(*reply, Reply::Ok("hello world!".into()));
     assert!(hwm < 32 << 10, "server VmHWM {hwm} KiB");
 }
+
+/// Runs two requests the server takes at once (it reads the first body in the
+/// take and only sizes the second), runs `change` on the second's key exactly
+/// when the server is about to read it (a relay between the server and Redis
+/// holds that command), and returns the second's reply and how many bytes came
+/// from Redis after the change.
+fn change_after_the_take(change: impl FnOnce(&mut redis::Connection, &str)) -> (Reply, u64) {
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port);
+    let url = relay.url();
+    let server = Server::start_args(&redis, &["--redis", &url]);
+    let mut conn = redis.conn();
+    let first = store(&mut conn, &body("hello", json!({})));
+    let second = store(&mut conn, &body("echo", json!({"message": "small"})));
+    let key = format!("CERBAS-REQ-{second:010}");
+    // The first command naming the second body's key reads it after the take.
+    let held = relay.hold(key.as_bytes());
+    let mut downloaded = 0;
+    let got = replies(
+        &redis,
+        &[first, second],
+        || {
+            // One push: the take finds both.
+            push(&mut conn, &[first, second]);
+            held.recv_timeout(Duration::from_secs(10))
+                .expect("the server reading the second body");
+            change(&mut conn, &key);
+            downloaded = relay.from_redis.load(std::sync::atomic::Ordering::SeqCst);
+            relay.release();
+        },
+        Duration::from_secs(20),
+    );
+    let after = relay.from_redis.load(std::sync::atomic::Ordering::SeqCst) - downloaded;
+    let (reply, _) = got.get(&first).expect("a reply to the first request");
+    assert_eq!(*reply, Reply::Ok("hello world!".into()));
+    let (reply, _) = got
+        .get(&second)
+        .unwrap_or_else(|| panic!("a reply to the second request; log:\n{}", server.log_text()));
+    assert!(leftover_keys(&mut conn).is_empty(), "both acked");
+    (reply.clone(), after)
+}
+
+/// Attack on the take of e494597: the take sizes the bodies after the first,
+/// and a later round trip fetches them (`MGET` did). A client that overwrote
+/// such a body with a huge value in between made the server download all of it
+/// (64 MiB here) before refusing it as too large: memory bounded by nothing but
+/// Redis's 512 MB per value. It must still be refused, and what comes back from
+/// Redis stay near `max_request_bytes`.
+#[test]
+fn a_body_overwritten_after_the_take_is_not_downloaded_whole() {
+    let size = 64 << 20;
+    let (reply, after) = change_after_the_take(|conn, key| {
+        redis::cmd("SET")
+            .arg(key)
+            .arg(vec![b'x'; size])
+            .query::<()>(conn)
+            .expect("SET");
+    });
+    println!("after the overwrite: {after} bytes from Redis");
+    assert_eq!(
+        reply,
+        Reply::Error(format!(
+            "request too large: {size} bytes (limit {})",
+            1 << 20
+        ))
+    );
+    assert!(
+        after < 4 << 20,
+        "{after} bytes came from Redis after the overwrite"
+    );
+}
+
+/// The other changes between the take and the read: each gets the answer it
+/// would have had at the take.
+#[test]
+fn a_body_changed_after_the_take_gets_the_answer_of_what_is_there() {
+    let (reply, _) = change_after_the_take(|conn, key| {
+        redis::cmd("DEL").arg(key).query::<()>(conn).expect("DEL");
+    });
+    assert!(
+        matches!(&reply, Reply::Error(e) if e.starts_with("request not found: CERBAS-REQ-")),
+        "{reply:?}"
+    );
+    let (reply, _) = change_after_the_take(|conn, key| {
+        redis::pipe()
+            .cmd("DEL")
+            .arg(key)
+            .cmd("RPUSH")
+            .arg(key)
+            .arg("x")
+            .query::<()>(conn)
+            .expect("retype");
+    });
+    assert!(
+        matches!(&reply, Reply::Error(e) if e.contains("cannot be read")),
+        "{reply:?}"
+    );
+    let (reply, _) = change_after_the_take(|conn, key| {
+        redis::cmd("SET")
+            .arg(key)
+            .arg(body(
+                "echo",
+                json!({"message": "a longer message than before"}),
+            ))
+            .query::<()>(conn)
+            .expect("SET");
+    });
+    assert_eq!(reply, Reply::Ok("a longer message than before".into()));
+}
