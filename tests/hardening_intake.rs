@@ -566,12 +566,13 @@ fn an_oversized_request_is_refused_without_fetching_it() {
 /// take and only sizes the second), runs `change` on the second's key exactly
 /// when the server is about to read it (a relay between the server and Redis
 /// holds that command), and returns the second's reply and how many bytes came
-/// from Redis after the change.
+/// from Redis after the change. Stops the server and checks that it served
+/// three requests (its `hello` at the start and these two), each once.
 fn change_after_the_take(change: impl FnOnce(&mut redis::Connection, &str)) -> (Reply, u64) {
     let redis = Redis::start();
     let relay = Relay::start(redis.port);
     let url = relay.url();
-    let server = Server::start_args(&redis, &["--redis", &url]);
+    let mut server = Server::start_args(&redis, &["--redis", &url]);
     let mut conn = redis.conn();
     let first = store(&mut conn, &body("hello", json!({})));
     let second = store(&mut conn, &body("echo", json!({"message": "small"})));
@@ -599,7 +600,16 @@ fn change_after_the_take(change: impl FnOnce(&mut redis::Connection, &str)) -> (
     let (reply, _) = got
         .get(&second)
         .unwrap_or_else(|| panic!("a reply to the second request; log:\n{}", server.log_text()));
-    assert!(leftover_keys(&mut conn).is_empty(), "both acked");
+    wait_for("both acked", Duration::from_secs(10), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+    server.signal(libc::SIGTERM);
+    assert!(
+        server.wait_exit(Duration::from_secs(15)).is_some(),
+        "stopped"
+    );
+    let log = server.log_text();
+    assert!(log.contains("stopped: 3 requests"), "log:\n{log}");
     (reply.clone(), after)
 }
 
@@ -669,4 +679,18 @@ fn a_body_changed_after_the_take_gets_the_answer_of_what_is_there() {
             .expect("SET");
     });
     assert_eq!(reply, Reply::Ok("a longer message than before".into()));
+}
+
+/// Every connection of the server is cut between the take and the read of the
+/// second body: the reader finds the second id in its processing list after it
+/// reconnects and serves it, once (the first, handed over, is served once too).
+#[test]
+fn a_connection_cut_between_the_take_and_the_read_loses_and_repeats_nothing() {
+    let (reply, _) = change_after_the_take(|conn, _| {
+        redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .query::<()>(conn)
+            .expect("CLIENT KILL");
+    });
+    assert_eq!(reply, Reply::Ok("small".into()));
 }
