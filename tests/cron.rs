@@ -485,3 +485,50 @@ fn a_slow_entry_delays_neither_other_entries_nor_the_queue() {
         assert!((4000..4900).contains(&ms), "{line}");
     }
 }
+
+/// Attack on the 1 MiB cap of CRONTAB: it was checked on the file's size, and a
+/// path with no size (`/dev/zero`, a named pipe) was read to its end, twice a
+/// second: all the memory there was (an allocation failure, or the OOM killer).
+/// A pipe nobody writes to blocked the cron thread in `open` for good. Now the
+/// first is refused with a clear line and memory stays small; the second reads
+/// as empty; the server serves and stops in time.
+#[test]
+fn a_crontab_that_is_no_regular_file_is_refused_without_reading_it_all() {
+    let redis = Redis::start();
+    let mut s = Server::spawn(&redis, &["--crontab", "/dev/zero"], &[]);
+    let mut hwm = 0;
+    wait_for("the refusal", Duration::from_secs(20), || {
+        // Stop at once if it reads on (the memory of the machine is shared).
+        hwm = vm_hwm_kib(s.pid());
+        if hwm > 256 << 10 {
+            s.kill();
+            panic!("the server read /dev/zero to {hwm} KiB");
+        }
+        s.log_text()
+            .contains("cron: /dev/zero: larger than 1048576 bytes; no entries run")
+            .then_some(())
+    });
+    s.wait_ready(&redis);
+    assert!(hwm < 64 << 10, "server VmHWM {hwm} KiB");
+    assert!(vm_hwm_kib(s.pid()) < 64 << 10);
+    drop(s);
+
+    let fifo = scratch("cron").join("CRONTAB");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let mut s = cron_server(&redis, &fifo, &[]);
+    // Opened without blocking, a pipe without a writer reads as empty.
+    s.wait_log("CRONTAB: 0 entries, 0 bad lines", 1);
+    let (code, out) = cerbas(&["cron", "check", "/dev/zero"]);
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("/dev/zero: larger than 1048576 bytes"),
+        "{out}"
+    );
+    // The cron thread is not stuck: the stop records and ends in time.
+    s.signal(libc::SIGTERM);
+    assert!(s.wait_exit(Duration::from_secs(15)).is_some());
+}

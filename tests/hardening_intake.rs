@@ -518,15 +518,6 @@ fn a_stalled_instance_resumes_and_crashes_without_losing_requests() {
     drop(other);
 }
 
-fn vm_hwm_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
-}
-
 /// Item 12: a body far over `max_request_bytes` is refused from its size alone,
 /// without bringing it into the server's memory.
 #[test]

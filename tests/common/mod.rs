@@ -552,3 +552,13 @@ impl Relay {
         cv.notify_all();
     }
 }
+
+/// Peak resident memory of process `pid`, in KiB (0 once it is gone).
+pub fn vm_hwm_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
