@@ -685,3 +685,100 @@ fn a_connection_cut_between_the_take_and_the_read_loses_and_repeats_nothing() {
     });
     assert_eq!(reply, Reply::Ok("small".into()));
 }
+
+/// Attack on the take of e494597 under load: two instances share a queue of
+/// fast requests (so both take ahead, and take many a round trip) while every
+/// connection of the servers is cut three times and Redis is stalled twice.
+/// Every request is answered exactly once and nothing is left in Redis.
+#[test]
+fn cut_connections_and_stalls_under_load_lose_and_repeat_nothing() {
+    let redis = Redis::start();
+    let mut servers = [Server::start(&redis), Server::start(&redis)];
+    let mut conn = redis.conn();
+    let n = 6000;
+    let seen: std::sync::Arc<std::sync::Mutex<HashMap<u64, u32>>> = Default::default();
+    let listening = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let listener = {
+        let (seen, listening) = (seen.clone(), listening.clone());
+        let mut sub = redis.conn();
+        let (tx, subscribed) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let mut ps = sub.as_pubsub();
+            ps.psubscribe("CERBAS-RESPONSE-1-*").expect("PSUBSCRIBE");
+            ps.set_read_timeout(Some(Duration::from_millis(200)))
+                .expect("timeout");
+            let _ = tx.send(());
+            while listening.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok(msg) = ps.get_message() else { continue };
+                let id: u64 = msg
+                    .get_channel_name()
+                    .rsplit('-')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("an id");
+                *seen.lock().expect("seen").entry(id).or_default() += 1;
+            }
+        });
+        subscribed
+            .recv_timeout(Duration::from_secs(5))
+            .expect("subscribed");
+        t
+    };
+    let bodies: Vec<String> = (0..n)
+        .map(|i| {
+            json!({"func": "sum", "args": {"a": i, "b": 1}, "user": "foo", "source": "web"})
+                .to_string()
+        })
+        .collect();
+    let kill = |conn: &mut redis::Connection| {
+        redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .query::<()>(conn)
+            .expect("CLIENT KILL");
+    };
+    let mut ids = Vec::new();
+    for (round, chunk) in bodies.chunks(n / 6).enumerate() {
+        ids.extend(submit_many(&mut conn, chunk));
+        match round {
+            1 | 3 | 5 => kill(&mut conn),
+            2 | 4 => {
+                redis.pause();
+                std::thread::sleep(Duration::from_millis(1500));
+                redis.resume();
+            }
+            _ => {}
+        }
+    }
+    let answered = |seen: &HashMap<u64, u32>| ids.iter().filter(|id| seen.contains_key(id)).count();
+    wait_for("every request answered", Duration::from_secs(60), || {
+        (answered(&seen.lock().expect("seen")) == ids.len()).then_some(())
+    });
+    wait_for("nothing left in Redis", Duration::from_secs(20), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+    // Once both have stopped, nothing more is published.
+    for s in &mut servers {
+        s.signal(libc::SIGTERM);
+        assert!(s.wait_exit(Duration::from_secs(20)).is_some(), "stopped");
+    }
+    listening.store(false, std::sync::atomic::Ordering::SeqCst);
+    listener.join().expect("listener");
+    let seen = seen.lock().expect("seen");
+    let twice: Vec<_> = ids.iter().filter(|id| seen[id] > 1).collect();
+    // Each server counts what it served: with the two `hello`s of the start,
+    // every request once.
+    let served: usize = servers
+        .iter()
+        .map(|s| {
+            let log = s.log_text();
+            println!("{}", log.lines().last().unwrap_or_default());
+            log.split("stopped: ")
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next())
+                .and_then(|count| count.parse::<usize>().ok())
+                .expect("the stop's count")
+        })
+        .sum();
+    assert_eq!(served, n + 2);
+    assert!(twice.is_empty(), "answered twice: {twice:?}");
+}
