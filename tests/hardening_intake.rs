@@ -686,6 +686,84 @@ fn a_connection_cut_between_the_take_and_the_read_loses_and_repeats_nothing() {
     assert_eq!(reply, Reply::Ok("small".into()));
 }
 
+/// Every reply published on db 1's channels, counted per id, by a thread of its
+/// own (subscribed before `listen` returns) until [`Heard::stop`].
+struct Heard {
+    seen: std::sync::Arc<std::sync::Mutex<HashMap<u64, u32>>>,
+    listening: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Heard {
+    fn listen(redis: &Redis) -> Heard {
+        let seen: std::sync::Arc<std::sync::Mutex<HashMap<u64, u32>>> = Default::default();
+        let listening = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (s, l) = (seen.clone(), listening.clone());
+        let mut sub = redis.conn();
+        let (tx, subscribed) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut ps = sub.as_pubsub();
+            ps.psubscribe("CERBAS-RESPONSE-1-*").expect("PSUBSCRIBE");
+            ps.set_read_timeout(Some(Duration::from_millis(200)))
+                .expect("timeout");
+            let _ = tx.send(());
+            while l.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok(msg) = ps.get_message() else { continue };
+                let id: u64 = msg
+                    .get_channel_name()
+                    .rsplit('-')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("an id");
+                *s.lock().expect("seen").entry(id).or_default() += 1;
+            }
+        });
+        subscribed
+            .recv_timeout(Duration::from_secs(5))
+            .expect("subscribed");
+        Heard {
+            seen,
+            listening,
+            thread,
+        }
+    }
+
+    /// How many of `ids` were answered.
+    fn answered(&self, ids: &[u64]) -> usize {
+        let seen = self.seen.lock().expect("seen");
+        ids.iter().filter(|id| seen.contains_key(id)).count()
+    }
+
+    /// Stops listening; the ids of `ids` answered more than once.
+    fn stop(self, ids: &[u64]) -> Vec<u64> {
+        self.listening
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().expect("listener");
+        let seen = self.seen.lock().expect("seen");
+        ids.iter().copied().filter(|id| seen[id] > 1).collect()
+    }
+}
+
+/// What a stopped server's last line says it served.
+fn served(s: &Server) -> usize {
+    let log = s.log_text();
+    log.split("stopped: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|count| count.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("the stop's count; log:\n{log}"))
+}
+
+/// `n` requests of `sum`.
+fn sums(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            json!({"func": "sum", "args": {"a": i, "b": 1}, "user": "foo", "source": "web"})
+                .to_string()
+        })
+        .collect()
+}
+
 /// Attack on the take of e494597 under load: two instances share a queue of
 /// fast requests (so both take ahead, and take many a round trip) while every
 /// connection of the servers is cut three times and Redis is stalled twice.
@@ -696,40 +774,7 @@ fn cut_connections_and_stalls_under_load_lose_and_repeat_nothing() {
     let mut servers = [Server::start(&redis), Server::start(&redis)];
     let mut conn = redis.conn();
     let n = 6000;
-    let seen: std::sync::Arc<std::sync::Mutex<HashMap<u64, u32>>> = Default::default();
-    let listening = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let listener = {
-        let (seen, listening) = (seen.clone(), listening.clone());
-        let mut sub = redis.conn();
-        let (tx, subscribed) = std::sync::mpsc::channel();
-        let t = std::thread::spawn(move || {
-            let mut ps = sub.as_pubsub();
-            ps.psubscribe("CERBAS-RESPONSE-1-*").expect("PSUBSCRIBE");
-            ps.set_read_timeout(Some(Duration::from_millis(200)))
-                .expect("timeout");
-            let _ = tx.send(());
-            while listening.load(std::sync::atomic::Ordering::SeqCst) {
-                let Ok(msg) = ps.get_message() else { continue };
-                let id: u64 = msg
-                    .get_channel_name()
-                    .rsplit('-')
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .expect("an id");
-                *seen.lock().expect("seen").entry(id).or_default() += 1;
-            }
-        });
-        subscribed
-            .recv_timeout(Duration::from_secs(5))
-            .expect("subscribed");
-        t
-    };
-    let bodies: Vec<String> = (0..n)
-        .map(|i| {
-            json!({"func": "sum", "args": {"a": i, "b": 1}, "user": "foo", "source": "web"})
-                .to_string()
-        })
-        .collect();
+    let heard = Heard::listen(&redis);
     let kill = |conn: &mut redis::Connection| {
         redis::cmd("CLIENT")
             .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
@@ -737,7 +782,7 @@ fn cut_connections_and_stalls_under_load_lose_and_repeat_nothing() {
             .expect("CLIENT KILL");
     };
     let mut ids = Vec::new();
-    for (round, chunk) in bodies.chunks(n / 6).enumerate() {
+    for (round, chunk) in sums(n).chunks(n / 6).enumerate() {
         ids.extend(submit_many(&mut conn, chunk));
         match round {
             1 | 3 | 5 => kill(&mut conn),
@@ -749,9 +794,8 @@ fn cut_connections_and_stalls_under_load_lose_and_repeat_nothing() {
             _ => {}
         }
     }
-    let answered = |seen: &HashMap<u64, u32>| ids.iter().filter(|id| seen.contains_key(id)).count();
     wait_for("every request answered", Duration::from_secs(60), || {
-        (answered(&seen.lock().expect("seen")) == ids.len()).then_some(())
+        (heard.answered(&ids) == ids.len()).then_some(())
     });
     wait_for("nothing left in Redis", Duration::from_secs(20), || {
         leftover_keys(&mut conn).is_empty().then_some(())
@@ -761,24 +805,49 @@ fn cut_connections_and_stalls_under_load_lose_and_repeat_nothing() {
         s.signal(libc::SIGTERM);
         assert!(s.wait_exit(Duration::from_secs(20)).is_some(), "stopped");
     }
-    listening.store(false, std::sync::atomic::Ordering::SeqCst);
-    listener.join().expect("listener");
-    let seen = seen.lock().expect("seen");
-    let twice: Vec<_> = ids.iter().filter(|id| seen[id] > 1).collect();
+    let twice = heard.stop(&ids);
+    assert!(twice.is_empty(), "answered twice: {twice:?}");
     // Each server counts what it served: with the two `hello`s of the start,
     // every request once.
-    let served: usize = servers
-        .iter()
-        .map(|s| {
-            let log = s.log_text();
-            println!("{}", log.lines().last().unwrap_or_default());
-            log.split("stopped: ")
-                .nth(1)
-                .and_then(|rest| rest.split(' ').next())
-                .and_then(|count| count.parse::<usize>().ok())
-                .expect("the stop's count")
-        })
-        .sum();
-    assert_eq!(served, n + 2);
+    assert_eq!(servers.iter().map(served).sum::<usize>(), n + 2);
+}
+
+/// A graceful stop in the middle of a flood of fast requests (the reader takes
+/// ahead, and may be waiting to hand a job over when the stop comes): what was
+/// taken is either served before the exit or returned to the queue, and a
+/// second instance serves the rest. Every request once.
+#[test]
+fn a_stop_amid_a_flood_returns_or_serves_what_was_taken_ahead() {
+    let redis = Redis::start();
+    let mut first = Server::start_args(&redis, &["--workers", "4"]);
+    let mut conn = redis.conn();
+    let n = 20_000;
+    let heard = Heard::listen(&redis);
+    let ids = submit_many(&mut conn, &sums(n));
+    wait_for("a few answered", Duration::from_secs(20), || {
+        (heard.answered(&ids) >= 500).then_some(())
+    });
+    first.signal(libc::SIGTERM);
+    assert!(
+        first.wait_exit(Duration::from_secs(20)).is_some(),
+        "stopped"
+    );
+    let by_first = heard.answered(&ids);
+    let mut second = Server::start(&redis);
+    wait_for("every request answered", Duration::from_secs(60), || {
+        (heard.answered(&ids) == ids.len()).then_some(())
+    });
+    wait_for("nothing left in Redis", Duration::from_secs(20), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+    second.signal(libc::SIGTERM);
+    assert!(
+        second.wait_exit(Duration::from_secs(20)).is_some(),
+        "stopped"
+    );
+    let twice = heard.stop(&ids);
+    println!("the first served {by_first} of {n} before its stop");
+    assert!(by_first < n, "the stop came amid the flood");
     assert!(twice.is_empty(), "answered twice: {twice:?}");
+    assert_eq!(served(&first) + served(&second), n + 2);
 }
