@@ -851,3 +851,92 @@ fn a_stop_amid_a_flood_returns_or_serves_what_was_taken_ahead() {
     assert!(twice.is_empty(), "answered twice: {twice:?}");
     assert_eq!(served(&first) + served(&second), n + 2);
 }
+
+/// One take of a batch that mixes what the take answers differently: queue
+/// entries that are no ids (first and in the middle, so no body is read in the
+/// script), bodies under the fallback key `CERBAS-REQUEST-…` (good, too large,
+/// wrong-typed), a missing body and a good one. Each id gets its answer, the
+/// bad entries are dropped and the processing list ends empty.
+#[test]
+fn a_mixed_batch_with_fallback_keys_and_bad_entries_gets_every_answer() {
+    let redis = Redis::start();
+    let server = Server::start(&redis);
+    let mut conn = redis.conn();
+    let next_id = |conn: &mut redis::Connection| -> u64 {
+        redis::cmd("INCR")
+            .arg("CERBAS-COUNTER")
+            .query(conn)
+            .expect("INCR")
+    };
+    let fallback_good = next_id(&mut conn);
+    let fallback_big = next_id(&mut conn);
+    let fallback_list = next_id(&mut conn);
+    let missing = next_id(&mut conn);
+    let fallback = |id: u64| format!("CERBAS-REQUEST-{id:010}");
+    let mut big = body("echo", json!({"message": ""}));
+    big.resize(2 << 20, b' ');
+    redis::pipe()
+        .cmd("SET")
+        .arg(fallback(fallback_good))
+        .arg(body("echo", json!({"message": "fallback"})))
+        .cmd("SET")
+        .arg(fallback(fallback_big))
+        .arg(big)
+        .cmd("RPUSH")
+        .arg(fallback(fallback_list))
+        .arg("x")
+        .query::<()>(&mut conn)
+        .expect("fallback keys");
+    let good = store(&mut conn, &body("echo", json!({"message": "good"})));
+    let ids = [fallback_good, fallback_big, fallback_list, missing, good];
+    let got = replies(
+        &redis,
+        &ids,
+        || {
+            redis::cmd("RPUSH")
+                .arg("CERBAS-QUEUE")
+                .arg("abc")
+                .arg(fallback_good)
+                .arg(fallback_big)
+                .arg("-3")
+                .arg(fallback_list)
+                .arg("007")
+                .arg(missing)
+                .arg(good)
+                .arg("99999999999999999999")
+                .query::<()>(&mut conn)
+                .expect("RPUSH");
+        },
+        Duration::from_secs(20),
+    );
+    let reply = |id: u64| {
+        got.get(&id)
+            .map(|(r, _)| r.clone())
+            .unwrap_or_else(|| panic!("no reply for {id}; log:\n{}", server.log_text()))
+    };
+    assert_eq!(reply(fallback_good), Reply::Ok("fallback".into()));
+    assert_eq!(
+        reply(fallback_big),
+        Reply::Error(format!(
+            "request too large: {} bytes (limit {})",
+            2 << 20,
+            1 << 20
+        ))
+    );
+    assert!(
+        matches!(reply(fallback_list), Reply::Error(e)
+            if e.starts_with(&format!("request {} cannot be read", fallback(fallback_list)))),
+        "{:?}",
+        reply(fallback_list)
+    );
+    assert_eq!(
+        reply(missing),
+        Reply::Error(format!("request not found: CERBAS-REQ-{missing:010}"))
+    );
+    assert_eq!(reply(good), Reply::Ok("good".into()));
+    server.wait_log("skipped a queue entry that is not a request id", 4);
+    // The ack deletes both keys of each id, the wrong-typed one too.
+    wait_for("nothing left", Duration::from_secs(10), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+}
