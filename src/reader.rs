@@ -1,8 +1,10 @@
 //! The reader thread: takes request ids from the queue and hands jobs to the
 //! workers. It takes only what its workers can start soon: each worker announces
 //! on `ready` when it is free, and the reader takes that many ids, plus as many as
-//! the pool has lately finished in [`AHEAD`] ([`Pace`]), so fast calls do not wait
-//! for the reader's round trip while a pool busy with slow calls hoards nothing.
+//! the pool has lately finished in [`AHEAD`] ([`Pace`]) but no more than it has
+//! busy workers, so fast calls do not wait for the reader's round trip while a
+//! pool busy with slow calls hoards nothing (nor does an idle pool, whose next
+//! calls may be slow ones, after a burst of fast ones).
 //! It waits for a free worker before it asks Redis for anything. Everything
 //! else waits in Redis for whichever instance is free, and a request's deadline
 //! starts only when a worker picks it.
@@ -284,9 +286,17 @@ impl Workers {
         }
     }
 
-    /// How many requests to take now.
+    /// How many requests to take now: one per free worker, and ahead only for
+    /// the busy ones, which the pace says finish soon. An idle pool takes
+    /// nothing ahead: the requests it takes next may be slow ones, and what it
+    /// took ahead would wait behind them while another instance is idle.
     fn wanted(&mut self) -> i64 {
-        self.free + self.pace.ahead(Instant::now(), self.width)
+        self.wanted_at(Instant::now())
+    }
+
+    fn wanted_at(&mut self, now: Instant) -> i64 {
+        let busy = usize::try_from(self.width as i64 - self.free.max(0)).unwrap_or(0);
+        self.free + self.pace.ahead(now, busy.min(self.width))
     }
 }
 
@@ -734,6 +744,34 @@ mod tests {
             slow.finished(1, ms(i * 100));
         }
         assert_eq!(slow.ahead(ms(2000), 100), 0);
+    }
+
+    /// The attack of `take_ahead_after_a_burst_does_not_hoard_behind_slow_calls`
+    /// (tests/hardening_intake.rs): after a burst of fast calls, an idle pool
+    /// took ahead as many again as it had workers, behind whatever came next.
+    #[test]
+    fn only_busy_workers_are_taken_ahead_for() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut workers = Workers {
+            free: 0,
+            pace: Pace::new(t0),
+            width: 4,
+        };
+        // A fast pool: 10,000 calls a second.
+        for i in 1..=200 {
+            workers.pace.finished(10, ms(i));
+        }
+        workers.free = 4;
+        assert_eq!(workers.wanted_at(ms(200)), 4, "all idle: nothing ahead");
+        workers.free = 1;
+        assert_eq!(workers.wanted_at(ms(200)), 4, "three busy: three ahead");
+        workers.free = -2;
+        assert_eq!(
+            workers.wanted_at(ms(200)),
+            2,
+            "already ahead: up to the width"
+        );
     }
 
     #[test]

@@ -940,3 +940,53 @@ fn a_mixed_batch_with_fallback_keys_and_bad_entries_gets_every_answer() {
         leftover_keys(&mut conn).is_empty().then_some(())
     });
 }
+
+/// Attack on the take-ahead of e494597 (`Pace`): an instance that has just
+/// served a burst of fast calls takes ahead for the pace of that burst. When
+/// the next requests are slow ones and fast ones pushed together, it takes the
+/// slow ones for its free workers and some fast ones ahead, and those wait
+/// behind the slow calls while another instance is idle.
+#[test]
+fn take_ahead_after_a_burst_does_not_hoard_behind_slow_calls() {
+    let redis = Redis::start();
+    let mut conn = redis.conn();
+    let mut busy = Server::start_args(&redis, &["--workers", "4"]);
+    let idle = Server::start_args(&redis, &["--workers", "4"]);
+    wait_for("both instances registered", Duration::from_secs(20), || {
+        (instances(&mut conn).len() == 2).then_some(())
+    });
+    // The idle instance is held still during the burst, so the busy one serves
+    // all of it (and its pace is high).
+    idle.signal(libc::SIGSTOP);
+    let heard = Heard::listen(&redis);
+    let burst = submit_many(&mut conn, &sums(3000));
+    wait_for("the burst answered", Duration::from_secs(20), || {
+        (heard.answered(&burst) == burst.len()).then_some(())
+    });
+    let mut mix: Vec<u64> = (0..4)
+        .map(|_| store(&mut conn, &body("sleep", json!({"ms": 4000}))))
+        .collect();
+    let fast: Vec<u64> = (0..8)
+        .map(|_| store(&mut conn, &body("hello", json!({}))))
+        .collect();
+    mix.extend(&fast);
+    let pushed = Instant::now();
+    push(&mut conn, &mix);
+    idle.signal(libc::SIGCONT);
+    wait_for(
+        "every fast request answered",
+        Duration::from_secs(20),
+        || (heard.answered(&fast) == fast.len()).then_some(()),
+    );
+    let took = pushed.elapsed();
+    heard.stop(&[]);
+    println!("the fast requests took {:.2}s", took.as_secs_f64());
+    assert!(
+        took < Duration::from_secs(2),
+        "fast requests waited {took:?} behind the slow calls"
+    );
+    // The scene was as meant: the busy instance served the whole burst.
+    busy.signal(libc::SIGTERM);
+    assert!(busy.wait_exit(Duration::from_secs(20)).is_some(), "stopped");
+    assert!(served(&busy) >= burst.len(), "{}", busy.log_text());
+}
