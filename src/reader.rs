@@ -572,7 +572,8 @@ impl Reader {
             let mut ids = Vec::with_capacity(lot.len());
             for ((id, _, size), body) in lot.iter().zip(bodies) {
                 match body {
-                    Ok(b) if b.len() == *size => {
+                    // (An empty answer is also that of a deleted key.)
+                    Ok(b) if b.len() == *size && !b.is_empty() => {
                         ids.push(*id);
                         jobs.push(self.job(*id, Some(Fetched::Body(b))));
                     }

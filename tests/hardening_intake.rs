@@ -553,20 +553,28 @@ fn an_oversized_request_is_refused_without_fetching_it() {
     assert!(hwm < 32 << 10, "server VmHWM {hwm} KiB");
 }
 
+/// The second request of [`change_after_the_take`], as a rule.
+fn small() -> Vec<u8> {
+    body("echo", json!({"message": "small"}))
+}
+
 /// Runs two requests the server takes at once (it reads the first body in the
 /// take and only sizes the second), runs `change` on the second's key exactly
 /// when the server is about to read it (a relay between the server and Redis
 /// holds that command), and returns the second's reply and how many bytes came
 /// from Redis after the change. Stops the server and checks that it served
 /// three requests (its `hello` at the start and these two), each once.
-fn change_after_the_take(change: impl FnOnce(&mut redis::Connection, &str)) -> (Reply, u64) {
+fn change_after_the_take(
+    second_body: &[u8],
+    change: impl FnOnce(&mut redis::Connection, &str),
+) -> (Reply, u64) {
     let redis = Redis::start();
     let relay = Relay::start(redis.port);
     let url = relay.url();
     let mut server = Server::start_args(&redis, &["--redis", &url]);
     let mut conn = redis.conn();
     let first = store(&mut conn, &body("hello", json!({})));
-    let second = store(&mut conn, &body("echo", json!({"message": "small"})));
+    let second = store(&mut conn, second_body);
     let key = format!("CERBAS-REQ-{second:010}");
     // The first command naming the second body's key reads it after the take.
     let held = relay.hold(key.as_bytes());
@@ -613,7 +621,7 @@ fn change_after_the_take(change: impl FnOnce(&mut redis::Connection, &str)) -> (
 #[test]
 fn a_body_overwritten_after_the_take_is_not_downloaded_whole() {
     let size = 64 << 20;
-    let (reply, after) = change_after_the_take(|conn, key| {
+    let (reply, after) = change_after_the_take(&small(), |conn, key| {
         redis::cmd("SET")
             .arg(key)
             .arg(vec![b'x'; size])
@@ -638,14 +646,14 @@ fn a_body_overwritten_after_the_take_is_not_downloaded_whole() {
 /// would have had at the take.
 #[test]
 fn a_body_changed_after_the_take_gets_the_answer_of_what_is_there() {
-    let (reply, _) = change_after_the_take(|conn, key| {
+    let (reply, _) = change_after_the_take(&small(), |conn, key| {
         redis::cmd("DEL").arg(key).query::<()>(conn).expect("DEL");
     });
     assert!(
         matches!(&reply, Reply::Error(e) if e.starts_with("request not found: CERBAS-REQ-")),
         "{reply:?}"
     );
-    let (reply, _) = change_after_the_take(|conn, key| {
+    let (reply, _) = change_after_the_take(&small(), |conn, key| {
         redis::pipe()
             .cmd("DEL")
             .arg(key)
@@ -659,7 +667,7 @@ fn a_body_changed_after_the_take_gets_the_answer_of_what_is_there() {
         matches!(&reply, Reply::Error(e) if e.contains("cannot be read")),
         "{reply:?}"
     );
-    let (reply, _) = change_after_the_take(|conn, key| {
+    let (reply, _) = change_after_the_take(&small(), |conn, key| {
         redis::cmd("SET")
             .arg(key)
             .arg(body(
@@ -670,6 +678,14 @@ fn a_body_changed_after_the_take_gets_the_answer_of_what_is_there() {
             .expect("SET");
     });
     assert_eq!(reply, Reply::Ok("a longer message than before".into()));
+    // An empty body deleted: its read answers as that of a missing key.
+    let (reply, _) = change_after_the_take(b"", |conn, key| {
+        redis::cmd("DEL").arg(key).query::<()>(conn).expect("DEL");
+    });
+    assert!(
+        matches!(&reply, Reply::Error(e) if e.starts_with("request not found: CERBAS-REQ-")),
+        "{reply:?}"
+    );
 }
 
 /// Every connection of the server is cut between the take and the read of the
@@ -677,7 +693,7 @@ fn a_body_changed_after_the_take_gets_the_answer_of_what_is_there() {
 /// reconnects and serves it, once (the first, handed over, is served once too).
 #[test]
 fn a_connection_cut_between_the_take_and_the_read_loses_and_repeats_nothing() {
-    let (reply, _) = change_after_the_take(|conn, _| {
+    let (reply, _) = change_after_the_take(&small(), |conn, _| {
         redis::cmd("CLIENT")
             .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
             .query::<()>(conn)
