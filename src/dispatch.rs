@@ -35,11 +35,15 @@ fn bump(c: &AtomicU64) {
 pub(crate) struct Hung {
     count: AtomicUsize,
     cap: usize,
-    replace: Sender<()>,
+    /// One message per replacement: whether the new worker says on `ready`
+    /// that it is free (pool.rs). Not when the hung call came on `due` (an HTTP
+    /// call, a delayed request): the hung worker's last "free" still stands in
+    /// the reader's count, and now stands for its replacement.
+    replace: Sender<bool>,
 }
 
 impl Hung {
-    pub(crate) fn new(cap: usize, replace: Sender<()>) -> Self {
+    pub(crate) fn new(cap: usize, replace: Sender<bool>) -> Self {
         Hung {
             count: AtomicUsize::new(0),
             cap,
@@ -140,6 +144,8 @@ pub(crate) struct Pending {
     stats: Arc<Stats>,
     /// Set for a cron run.
     cron: Option<CronWatch>,
+    /// Whether the job came from the reader (on `jobs`), not on `due`.
+    from_reader: bool,
 }
 
 impl Expire for Pending {
@@ -175,6 +181,8 @@ impl Pending {
         unanswered: Unanswered,
         stats: Arc<Stats>,
     ) -> Self {
+        // An in-process call reaches a worker on `due` (pool.rs).
+        let from_reader = !matches!(reply_to, ReplyTo::Local(_));
         Pending {
             state: AtomicU8::new(state::RUNNING),
             started: Instant::now(),
@@ -186,6 +194,7 @@ impl Pending {
             unanswered,
             stats,
             cron: None,
+            from_reader,
         }
     }
 
@@ -254,7 +263,7 @@ impl Pending {
                 self.func,
                 hung.count()
             );
-            let _ = hung.replace.send(());
+            let _ = hung.replace.send(self.from_reader);
         } else {
             // The call returned while we decided: its worker goes on.
             hung.release();
@@ -422,6 +431,8 @@ impl Dispatcher {
             self.stats.clone(),
         );
         pending.cron = watch(&request);
+        // So does a delayed request, from the timer.
+        pending.from_reader &= !job.waited;
         let pending = Arc::new(pending);
         // Scheduled before anything that can block (the cache lookup waits on the
         // connection pool and on Redis), so the caller hears `timeout` in time
@@ -909,7 +920,7 @@ mod tests {
 
     /// A pending call with a hung-worker budget of `cap`, and the receiver of
     /// replacement requests.
-    fn pending(cap: usize) -> (Pending, Arc<Hung>, crossbeam_channel::Receiver<()>) {
+    fn pending(cap: usize) -> (Pending, Arc<Hung>, crossbeam_channel::Receiver<bool>) {
         let (replace, replacements) = crossbeam_channel::unbounded();
         let hung = Arc::new(Hung::new(cap, replace));
         let (out, _) = crossbeam_channel::unbounded();
@@ -933,6 +944,20 @@ mod tests {
         p.expire();
         assert_eq!(hung.count(), 0);
         assert!(replacements.try_recv().is_err());
+    }
+
+    /// The replacement of a worker hung on a job from `due` (here an in-process
+    /// call) does not say it is free: the hung worker's "free" stands for it.
+    /// One hung on a job from the reader does.
+    #[test]
+    fn only_the_replacement_of_a_worker_hung_on_a_readers_job_says_it_is_free() {
+        let (p, _, replacements) = pending(5);
+        p.expire();
+        assert_eq!(replacements.try_recv(), Ok(false));
+        let (mut p, _, replacements) = pending(5);
+        p.from_reader = true;
+        p.expire();
+        assert_eq!(replacements.try_recv(), Ok(true));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! catches it). A call past its deadline keeps its thread (threads cannot be
 //! killed), so the pool's supervisor thread starts a replacement when asked
 //! (`dispatch::Hung`), and the stuck worker retires when its call returns: the
-//! pool keeps its width. A worker says on `ready` when it is free to start a job
+//! pool keeps its width. (A replacement says it is free at once only if the hung
+//! call came from the reader: otherwise the hung worker's "free" still stands.) A worker says on `ready` when it is free to start a job
 //! from the reader (once when it starts, and after each such job), so the reader
 //! takes from Redis only what the pool can start now. Workers exit when the reader has gone and the jobs channel
 //! is empty, or when the drain deadline has passed.
@@ -30,15 +31,16 @@ pub(crate) struct Worker {
 }
 
 /// Starts `n` workers named `cerbas-worker-1` … `cerbas-worker-n`, and the
-/// supervisor that starts one more for each message on `replace` until shutdown.
+/// supervisor that starts one more for each message on `replace` until shutdown
+/// (saying it is free at once if the message says so, `dispatch::Hung`).
 pub(crate) fn start(
     n: usize,
     worker: Worker,
-    replace: Receiver<()>,
+    replace: Receiver<bool>,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
     for i in 1..=n {
-        spawn(i, worker.clone())?;
+        spawn(i, worker.clone(), true)?;
     }
     std::thread::Builder::new()
         .name("cerbas-pool".into())
@@ -47,10 +49,10 @@ pub(crate) fn start(
             loop {
                 select! {
                     recv(replace) -> msg => {
-                        if msg.is_err() {
+                        let Ok(announce) = msg else {
                             return;
-                        }
-                        if let Err(e) = spawn(next, worker.clone()) {
+                        };
+                        if let Err(e) = spawn(next, worker.clone(), announce) {
                             log::warn!("cannot start a replacement worker: {e}");
                         }
                         next += 1;
@@ -62,18 +64,20 @@ pub(crate) fn start(
     Ok(())
 }
 
-fn spawn(i: usize, w: Worker) -> std::io::Result<()> {
+fn spawn(i: usize, w: Worker, announce: bool) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name(format!("cerbas-worker-{i}"))
-        .spawn(move || w.run())
+        .spawn(move || w.run(announce))
         .map(|_| ())
 }
 
 impl Worker {
-    fn run(self) {
+    /// `announce`: whether to say at once that it is free (not for a
+    /// replacement whose hung predecessor's "free" still stands).
+    fn run(self, announce: bool) {
         // A delayed job from the timer was not counted by the reader: after one,
         // this worker's last "free" still stands, so it is not said again.
-        let mut announce = true;
+        let mut announce = announce;
         while !self.abandon.load(Ordering::SeqCst) {
             if announce {
                 let _ = self.ready.send(());

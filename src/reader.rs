@@ -1,8 +1,10 @@
 //! The reader thread: takes request ids from the queue and hands jobs to the
 //! workers. It takes only what its workers can start soon: each worker announces
 //! on `ready` when it is free, and the reader takes that many ids, plus as many as
-//! the pool has lately finished in [`AHEAD`] ([`Pace`]), so fast calls do not wait
-//! for the reader's round trip while a pool busy with slow calls hoards nothing.
+//! the pool has lately finished in [`AHEAD`] ([`Pace`]) but no more than it has
+//! busy workers, so fast calls do not wait for the reader's round trip while a
+//! pool busy with slow calls hoards nothing (nor does an idle pool, whose next
+//! calls may be slow ones, after a burst of fast ones).
 //! It waits for a free worker before it asks Redis for anything. Everything
 //! else waits in Redis for whichever instance is free, and a request's deadline
 //! starts only when a worker picks it.
@@ -14,8 +16,10 @@
 //! queue is empty the reader waits on it with a `BLMOVE` of the queue onto itself,
 //! which takes nothing. The take also learns each body's size (and reads the
 //! first body, so an idle server answers in two round trips: the wait and the
-//! take); the other bodies come with `MGET`, a few MiB a round trip. A body over
-//! `max_request_bytes` is refused from its size, never downloaded. Ids found in
+//! take); the other bodies come with a pipeline of `GETRANGE`s, a few MiB a
+//! round trip, each no longer than the size the take saw (a body changed since
+//! is read again by [`FETCH`]). A body over `max_request_bytes` is refused from
+//! its size, never downloaded. Ids found in
 //! the processing list after a reconnect are read with one more script ([`FETCH`]).
 //! It stops taking as soon as shutdown is triggered; what it took but did not hand
 //! over is still in the processing list, which the publisher returns to the queue.
@@ -126,7 +130,7 @@ end
 /// Each id comes back as `{entry, answer}` (`answer` as of `read_body`): the first
 /// with its body, so an idle server answers a request in two round trips (the
 /// wait and this), the others with their sizes only, since a body that passes
-/// through Lua costs Redis more than the `MGET` the reader then sends. The key of
+/// through Lua costs Redis more than the `GETRANGE`s the reader then sends. The key of
 /// id `n` is the prefix and `n` padded with zeros to ten digits, as
 /// `Keys::request` names it; an entry that is no id (`protocol::parse_queue_entry`)
 /// comes back as `{entry}`.
@@ -282,12 +286,19 @@ impl Workers {
         }
     }
 
-    /// How many requests to take now (0: none yet): enough for the free workers
-    /// and the pace's lead. With no worker free, only once what waits for one has
-    /// fallen to half the lead: a take of one or two ids would cost a round trip
-    /// each.
+    /// How many requests to take now (0: none yet): one per free worker, and
+    /// ahead only for the busy ones, which the pace says finish soon. An idle
+    /// pool takes nothing ahead: the requests it takes next may be slow ones, and
+    /// what it took ahead would wait behind them while another instance is idle.
+    /// With no worker free, it takes only once what waits for a worker has fallen
+    /// to half the lead: a take of one or two ids would cost a round trip each.
     fn wanted(&mut self) -> i64 {
-        wanted(self.free, self.pace.ahead(Instant::now(), self.width))
+        self.wanted_at(Instant::now())
+    }
+
+    fn wanted_at(&mut self, now: Instant) -> i64 {
+        let busy = usize::try_from(self.width as i64 - self.free.max(0)).unwrap_or(0);
+        wanted(self.free, self.pace.ahead(now, busy.min(self.width)))
     }
 }
 
@@ -559,16 +570,29 @@ impl Reader {
                     true => self.keys.request_fallback(*id),
                 })
                 .collect();
-            // `MGET` answers nil for a key deleted (or retyped) since the take.
-            let bodies: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(&keys).query(c)?;
-            self.in_hand.add(lot.iter().map(|(id, _, _)| *id));
-            let jobs = lot
-                .iter()
-                .zip(bodies)
-                .map(|((id, _, _), body)| {
-                    self.job(*id, Some(body.map_or(Fetched::Missing, Fetched::Body)))
-                })
-                .collect();
+            // At most one byte more than the take saw: a body overwritten since
+            // (with a value of any size), deleted or retyped is not downloaded
+            // here but read again by `FETCH`, which refuses one too large from
+            // its size. (`MGET` brought whatever the key held by then.)
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for (key, (_, _, size)) in keys.iter().zip(lot) {
+                pipe.cmd("GETRANGE").arg(key).arg(0).arg(*size);
+            }
+            let bodies: Vec<RedisResult<Vec<u8>>> = pipe.query(c)?;
+            let mut jobs = Vec::with_capacity(lot.len());
+            let mut ids = Vec::with_capacity(lot.len());
+            for ((id, _, size), body) in lot.iter().zip(bodies) {
+                match body {
+                    // (An empty answer is also that of a deleted key.)
+                    Ok(b) if b.len() == *size && !b.is_empty() => {
+                        ids.push(*id);
+                        jobs.push(self.job(*id, Some(Fetched::Body(b))));
+                    }
+                    _ => unread.push(*id),
+                }
+            }
+            self.in_hand.add(ids);
             if !self.hand_over(jobs, workers) {
                 return Ok(false);
             }
@@ -733,6 +757,34 @@ mod tests {
             slow.finished(1, ms(i * 100));
         }
         assert_eq!(slow.ahead(ms(2000), 100), 0);
+    }
+
+    /// The attack of `take_ahead_after_a_burst_does_not_hoard_behind_slow_calls`
+    /// (tests/hardening_intake.rs): after a burst of fast calls, an idle pool
+    /// took ahead as many again as it had workers, behind whatever came next.
+    #[test]
+    fn only_busy_workers_are_taken_ahead_for() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut workers = Workers {
+            free: 0,
+            pace: Pace::new(t0),
+            width: 4,
+        };
+        // A fast pool: 10,000 calls a second.
+        for i in 1..=200 {
+            workers.pace.finished(10, ms(i));
+        }
+        workers.free = 4;
+        assert_eq!(workers.wanted_at(ms(200)), 4, "all idle: nothing ahead");
+        workers.free = 1;
+        assert_eq!(workers.wanted_at(ms(200)), 4, "three busy: three ahead");
+        workers.free = -2;
+        assert_eq!(
+            workers.wanted_at(ms(200)),
+            2,
+            "already ahead: up to the width"
+        );
     }
 
     #[test]

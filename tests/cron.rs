@@ -485,3 +485,119 @@ fn a_slow_entry_delays_neither_other_entries_nor_the_queue() {
         assert!((4000..4900).contains(&ms), "{line}");
     }
 }
+
+/// Attack on the 1 MiB cap of CRONTAB: it was checked on the file's size, and a
+/// path with no size (`/dev/zero`, a named pipe) was read to its end, twice a
+/// second: all the memory there was (an allocation failure, or the OOM killer).
+/// A pipe nobody writes to blocked the cron thread in `open` for good. Now the
+/// first is refused with a clear line and memory stays small; the second reads
+/// as empty; the server serves and stops in time.
+#[test]
+fn a_crontab_that_is_no_regular_file_is_refused_without_reading_it_all() {
+    let redis = Redis::start();
+    let mut s = Server::spawn(&redis, &["--crontab", "/dev/zero"], &[]);
+    let mut hwm = 0;
+    wait_for("the refusal", Duration::from_secs(20), || {
+        // Stop at once if it reads on (the memory of the machine is shared).
+        hwm = vm_hwm_kib(s.pid());
+        if hwm > 256 << 10 {
+            s.kill();
+            panic!("the server read /dev/zero to {hwm} KiB");
+        }
+        s.log_text()
+            .contains("cron: /dev/zero: larger than 1048576 bytes; no entries run")
+            .then_some(())
+    });
+    s.wait_ready(&redis);
+    assert!(hwm < 64 << 10, "server VmHWM {hwm} KiB");
+    assert!(vm_hwm_kib(s.pid()) < 64 << 10);
+    drop(s);
+
+    let fifo = scratch("cron").join("CRONTAB");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let mut s = cron_server(&redis, &fifo, &[]);
+    // Opened without blocking, a pipe without a writer reads as empty.
+    s.wait_log("CRONTAB: 0 entries, 0 bad lines", 1);
+    let (code, out) = cerbas(&["cron", "check", "/dev/zero"]);
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("/dev/zero: larger than 1048576 bytes"),
+        "{out}"
+    );
+    // The cron thread is not stuck: the stop records and ends in time.
+    s.signal(libc::SIGTERM);
+    assert!(s.wait_exit(Duration::from_secs(15)).is_some());
+}
+
+/// CPU time (user and system) a process has used, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 12th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum()
+}
+
+/// Attack on cron under Redis faults: two instances, a 1-second entry, Redis
+/// stalled (SIGSTOP) for 4 s, then refusing every write (MISCONF) for 4 s. Every
+/// tick from the first to the last is claimed once and runs once (the stalled
+/// and refused ones late, within the minute of catch-up), and neither instance
+/// spins or floods its log meanwhile.
+#[test]
+fn stalls_and_refused_writes_lose_no_tick_and_cost_little() {
+    let redis = Redis::start();
+    let tab = crontab(&tally_line("* * * * * *", "faults"));
+    let a = cron_server(&redis, &tab, &[]);
+    let b = cron_server(&redis, &tab, &[]);
+    let mut conn = redis.conn();
+    wait_for("a run", Duration::from_secs(10), || {
+        (get_int(&mut conn, "CERBAS-TALLY-faults") >= 1).then_some(())
+    });
+    let cpu = |s: &Server| cpu_ticks(s.pid());
+    let before = (cpu(&a), cpu(&b));
+    redis.pause();
+    // A bare sleep is the fault itself here: Redis is stopped for this long.
+    std::thread::sleep(Duration::from_secs(4));
+    redis.resume();
+    start_misconf(&redis, &mut conn);
+    a.wait_log("cron: redis refuses a command", 1);
+    std::thread::sleep(Duration::from_secs(4));
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("stop-writes-on-bgsave-error")
+        .arg("no")
+        .query::<()>(&mut conn)
+        .expect("end MISCONF");
+    let ran = get_int(&mut conn, "CERBAS-TALLY-faults");
+    wait_for("runs resume", Duration::from_secs(15), || {
+        (get_int(&mut conn, "CERBAS-TALLY-faults") >= ran + 2).then_some(())
+    });
+    let used = (cpu(&a) - before.0, cpu(&b) - before.1);
+    stop_ticks(&tab, &[&a, &b], &mut conn);
+    let ticks = claimed_ticks(&mut conn);
+    let (first, last) = (ticks[0], ticks[ticks.len() - 1]);
+    let missing: Vec<i64> = (first..=last).filter(|t| !ticks.contains(t)).collect();
+    assert!(missing.is_empty(), "ticks never claimed: {missing:?}");
+    assert_eq!(
+        ticks.len() as i64,
+        get_int(&mut conn, "CERBAS-TALLY-faults"),
+        "each claim ran once"
+    );
+    for s in [&a, &b] {
+        let log = s.log_text();
+        let warnings = log.matches(" WARN ").count();
+        assert!(warnings < 20, "{warnings} warnings:\n{log}");
+    }
+    // About 10 s of faults: a spinning thread would use most of that.
+    println!("CPU ticks during the faults: {used:?}");
+    assert!(used.0 < 200 && used.1 < 200, "{used:?}");
+}

@@ -518,15 +518,6 @@ fn a_stalled_instance_resumes_and_crashes_without_losing_requests() {
     drop(other);
 }
 
-fn vm_hwm_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
-}
-
 /// Item 12: a body far over `max_request_bytes` is refused from its size alone,
 /// without bringing it into the server's memory.
 #[test]
@@ -560,4 +551,458 @@ fn an_oversized_request_is_refused_without_fetching_it() {
     let (reply, _) = got.get(&small).expect("a reply to the small request");
     assert_eq!(*reply, Reply::Ok("hello world!".into()));
     assert!(hwm < 32 << 10, "server VmHWM {hwm} KiB");
+}
+
+/// The second request of [`change_after_the_take`], as a rule.
+fn small() -> Vec<u8> {
+    body("echo", json!({"message": "small"}))
+}
+
+/// Runs two requests the server takes at once (it reads the first body in the
+/// take and only sizes the second), runs `change` on the second's key exactly
+/// when the server is about to read it (a relay between the server and Redis
+/// holds that command), and returns the second's reply and how many bytes came
+/// from Redis after the change. Stops the server and checks that it served
+/// three requests (its `hello` at the start and these two), each once.
+fn change_after_the_take(
+    second_body: &[u8],
+    change: impl FnOnce(&mut redis::Connection, &str),
+) -> (Reply, u64) {
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port);
+    let url = relay.url();
+    let mut server = Server::start_args(&redis, &["--redis", &url]);
+    let mut conn = redis.conn();
+    let first = store(&mut conn, &body("hello", json!({})));
+    let second = store(&mut conn, second_body);
+    let key = format!("CERBAS-REQ-{second:010}");
+    // The first command naming the second body's key reads it after the take.
+    let held = relay.hold(key.as_bytes());
+    let mut downloaded = 0;
+    let got = replies(
+        &redis,
+        &[first, second],
+        || {
+            // One push: the take finds both.
+            push(&mut conn, &[first, second]);
+            held.recv_timeout(Duration::from_secs(10))
+                .expect("the server reading the second body");
+            change(&mut conn, &key);
+            downloaded = relay.from_redis.load(std::sync::atomic::Ordering::SeqCst);
+            relay.release();
+        },
+        Duration::from_secs(20),
+    );
+    let after = relay.from_redis.load(std::sync::atomic::Ordering::SeqCst) - downloaded;
+    let (reply, _) = got.get(&first).expect("a reply to the first request");
+    assert_eq!(*reply, Reply::Ok("hello world!".into()));
+    let (reply, _) = got
+        .get(&second)
+        .unwrap_or_else(|| panic!("a reply to the second request; log:\n{}", server.log_text()));
+    wait_for("both acked", Duration::from_secs(10), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+    server.signal(libc::SIGTERM);
+    assert!(
+        server.wait_exit(Duration::from_secs(15)).is_some(),
+        "stopped"
+    );
+    let log = server.log_text();
+    assert!(log.contains("stopped: 3 requests"), "log:\n{log}");
+    (reply.clone(), after)
+}
+
+/// Attack on the take of e494597: the take sizes the bodies after the first,
+/// and a later round trip fetches them (`MGET` did). A client that overwrote
+/// such a body with a huge value in between made the server download all of it
+/// (64 MiB here) before refusing it as too large: memory bounded by nothing but
+/// Redis's 512 MB per value. It must still be refused, and what comes back from
+/// Redis stay near `max_request_bytes`.
+#[test]
+fn a_body_overwritten_after_the_take_is_not_downloaded_whole() {
+    let size = 64 << 20;
+    let (reply, after) = change_after_the_take(&small(), |conn, key| {
+        redis::cmd("SET")
+            .arg(key)
+            .arg(vec![b'x'; size])
+            .query::<()>(conn)
+            .expect("SET");
+    });
+    println!("after the overwrite: {after} bytes from Redis");
+    assert_eq!(
+        reply,
+        Reply::Error(format!(
+            "request too large: {size} bytes (limit {})",
+            1 << 20
+        ))
+    );
+    assert!(
+        after < 4 << 20,
+        "{after} bytes came from Redis after the overwrite"
+    );
+}
+
+/// The other changes between the take and the read: each gets the answer it
+/// would have had at the take.
+#[test]
+fn a_body_changed_after_the_take_gets_the_answer_of_what_is_there() {
+    let (reply, _) = change_after_the_take(&small(), |conn, key| {
+        redis::cmd("DEL").arg(key).query::<()>(conn).expect("DEL");
+    });
+    assert!(
+        matches!(&reply, Reply::Error(e) if e.starts_with("request not found: CERBAS-REQ-")),
+        "{reply:?}"
+    );
+    let (reply, _) = change_after_the_take(&small(), |conn, key| {
+        redis::pipe()
+            .cmd("DEL")
+            .arg(key)
+            .cmd("RPUSH")
+            .arg(key)
+            .arg("x")
+            .query::<()>(conn)
+            .expect("retype");
+    });
+    assert!(
+        matches!(&reply, Reply::Error(e) if e.contains("cannot be read")),
+        "{reply:?}"
+    );
+    let (reply, _) = change_after_the_take(&small(), |conn, key| {
+        redis::cmd("SET")
+            .arg(key)
+            .arg(body(
+                "echo",
+                json!({"message": "a longer message than before"}),
+            ))
+            .query::<()>(conn)
+            .expect("SET");
+    });
+    assert_eq!(reply, Reply::Ok("a longer message than before".into()));
+    // An empty body deleted: its read answers as that of a missing key.
+    let (reply, _) = change_after_the_take(b"", |conn, key| {
+        redis::cmd("DEL").arg(key).query::<()>(conn).expect("DEL");
+    });
+    assert!(
+        matches!(&reply, Reply::Error(e) if e.starts_with("request not found: CERBAS-REQ-")),
+        "{reply:?}"
+    );
+}
+
+/// Every connection of the server is cut between the take and the read of the
+/// second body: the reader finds the second id in its processing list after it
+/// reconnects and serves it, once (the first, handed over, is served once too).
+#[test]
+fn a_connection_cut_between_the_take_and_the_read_loses_and_repeats_nothing() {
+    let (reply, _) = change_after_the_take(&small(), |conn, _| {
+        redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .query::<()>(conn)
+            .expect("CLIENT KILL");
+    });
+    assert_eq!(reply, Reply::Ok("small".into()));
+}
+
+/// Every reply published on db 1's channels, counted per id, by a thread of its
+/// own (subscribed before `listen` returns) until [`Heard::stop`].
+struct Heard {
+    seen: std::sync::Arc<std::sync::Mutex<HashMap<u64, u32>>>,
+    listening: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Heard {
+    fn listen(redis: &Redis) -> Heard {
+        let seen: std::sync::Arc<std::sync::Mutex<HashMap<u64, u32>>> = Default::default();
+        let listening = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (s, l) = (seen.clone(), listening.clone());
+        let mut sub = redis.conn();
+        let (tx, subscribed) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut ps = sub.as_pubsub();
+            ps.psubscribe("CERBAS-RESPONSE-1-*").expect("PSUBSCRIBE");
+            ps.set_read_timeout(Some(Duration::from_millis(200)))
+                .expect("timeout");
+            let _ = tx.send(());
+            while l.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok(msg) = ps.get_message() else { continue };
+                let id: u64 = msg
+                    .get_channel_name()
+                    .rsplit('-')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("an id");
+                *s.lock().expect("seen").entry(id).or_default() += 1;
+            }
+        });
+        subscribed
+            .recv_timeout(Duration::from_secs(5))
+            .expect("subscribed");
+        Heard {
+            seen,
+            listening,
+            thread,
+        }
+    }
+
+    /// How many of `ids` were answered.
+    fn answered(&self, ids: &[u64]) -> usize {
+        let seen = self.seen.lock().expect("seen");
+        ids.iter().filter(|id| seen.contains_key(id)).count()
+    }
+
+    /// Stops listening; the ids of `ids` answered more than once.
+    fn stop(self, ids: &[u64]) -> Vec<u64> {
+        self.listening
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().expect("listener");
+        let seen = self.seen.lock().expect("seen");
+        ids.iter().copied().filter(|id| seen[id] > 1).collect()
+    }
+}
+
+/// What a stopped server's last line says it served.
+fn served(s: &Server) -> usize {
+    let log = s.log_text();
+    log.split("stopped: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|count| count.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("the stop's count; log:\n{log}"))
+}
+
+/// `n` requests of `sum`.
+fn sums(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            json!({"func": "sum", "args": {"a": i, "b": 1}, "user": "foo", "source": "web"})
+                .to_string()
+        })
+        .collect()
+}
+
+/// Attack on the take of e494597 under load: two instances share a queue of
+/// fast requests (so both take ahead, and take many a round trip) while every
+/// connection of the servers is cut three times and Redis is stalled twice.
+/// Every request is answered exactly once and nothing is left in Redis.
+#[test]
+fn cut_connections_and_stalls_under_load_lose_and_repeat_nothing() {
+    let redis = Redis::start();
+    let mut servers = [Server::start(&redis), Server::start(&redis)];
+    let mut conn = redis.conn();
+    let n = 6000;
+    let heard = Heard::listen(&redis);
+    let kill = |conn: &mut redis::Connection| {
+        redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .query::<()>(conn)
+            .expect("CLIENT KILL");
+    };
+    let mut ids = Vec::new();
+    for (round, chunk) in sums(n).chunks(n / 6).enumerate() {
+        ids.extend(submit_many(&mut conn, chunk));
+        match round {
+            1 | 3 | 5 => kill(&mut conn),
+            2 | 4 => {
+                redis.pause();
+                std::thread::sleep(Duration::from_millis(1500));
+                redis.resume();
+            }
+            _ => {}
+        }
+    }
+    wait_for("every request answered", Duration::from_secs(60), || {
+        (heard.answered(&ids) == ids.len()).then_some(())
+    });
+    wait_for("nothing left in Redis", Duration::from_secs(20), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+    // Once both have stopped, nothing more is published.
+    for s in &mut servers {
+        s.signal(libc::SIGTERM);
+        assert!(s.wait_exit(Duration::from_secs(20)).is_some(), "stopped");
+    }
+    let twice = heard.stop(&ids);
+    assert!(twice.is_empty(), "answered twice: {twice:?}");
+    // Each server counts what it served: with the two `hello`s of the start,
+    // every request once.
+    assert_eq!(servers.iter().map(served).sum::<usize>(), n + 2);
+}
+
+/// A graceful stop in the middle of a flood of fast requests (the reader takes
+/// ahead, and may be waiting to hand a job over when the stop comes): what was
+/// taken is either served before the exit or returned to the queue, and a
+/// second instance serves the rest. Every request once.
+#[test]
+fn a_stop_amid_a_flood_returns_or_serves_what_was_taken_ahead() {
+    let redis = Redis::start();
+    let mut first = Server::start_args(&redis, &["--workers", "4"]);
+    let mut conn = redis.conn();
+    let n = 20_000;
+    let heard = Heard::listen(&redis);
+    let ids = submit_many(&mut conn, &sums(n));
+    wait_for("a few answered", Duration::from_secs(20), || {
+        (heard.answered(&ids) >= 500).then_some(())
+    });
+    first.signal(libc::SIGTERM);
+    assert!(
+        first.wait_exit(Duration::from_secs(20)).is_some(),
+        "stopped"
+    );
+    let by_first = heard.answered(&ids);
+    let mut second = Server::start(&redis);
+    wait_for("every request answered", Duration::from_secs(60), || {
+        (heard.answered(&ids) == ids.len()).then_some(())
+    });
+    wait_for("nothing left in Redis", Duration::from_secs(20), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+    second.signal(libc::SIGTERM);
+    assert!(
+        second.wait_exit(Duration::from_secs(20)).is_some(),
+        "stopped"
+    );
+    let twice = heard.stop(&ids);
+    println!("the first served {by_first} of {n} before its stop");
+    assert!(by_first < n, "the stop came amid the flood");
+    assert!(twice.is_empty(), "answered twice: {twice:?}");
+    assert_eq!(served(&first) + served(&second), n + 2);
+}
+
+/// One take of a batch that mixes what the take answers differently: queue
+/// entries that are no ids (first and in the middle, so no body is read in the
+/// script), bodies under the fallback key `CERBAS-REQUEST-…` (good, too large,
+/// wrong-typed), a missing body and a good one. Each id gets its answer, the
+/// bad entries are dropped and the processing list ends empty.
+#[test]
+fn a_mixed_batch_with_fallback_keys_and_bad_entries_gets_every_answer() {
+    let redis = Redis::start();
+    let server = Server::start(&redis);
+    let mut conn = redis.conn();
+    let next_id = |conn: &mut redis::Connection| -> u64 {
+        redis::cmd("INCR")
+            .arg("CERBAS-COUNTER")
+            .query(conn)
+            .expect("INCR")
+    };
+    let fallback_good = next_id(&mut conn);
+    let fallback_big = next_id(&mut conn);
+    let fallback_list = next_id(&mut conn);
+    let missing = next_id(&mut conn);
+    let fallback = |id: u64| format!("CERBAS-REQUEST-{id:010}");
+    let mut big = body("echo", json!({"message": ""}));
+    big.resize(2 << 20, b' ');
+    redis::pipe()
+        .cmd("SET")
+        .arg(fallback(fallback_good))
+        .arg(body("echo", json!({"message": "fallback"})))
+        .cmd("SET")
+        .arg(fallback(fallback_big))
+        .arg(big)
+        .cmd("RPUSH")
+        .arg(fallback(fallback_list))
+        .arg("x")
+        .query::<()>(&mut conn)
+        .expect("fallback keys");
+    let good = store(&mut conn, &body("echo", json!({"message": "good"})));
+    let ids = [fallback_good, fallback_big, fallback_list, missing, good];
+    let got = replies(
+        &redis,
+        &ids,
+        || {
+            redis::cmd("RPUSH")
+                .arg("CERBAS-QUEUE")
+                .arg("abc")
+                .arg(fallback_good)
+                .arg(fallback_big)
+                .arg("-3")
+                .arg(fallback_list)
+                .arg("007")
+                .arg(missing)
+                .arg(good)
+                .arg("99999999999999999999")
+                .query::<()>(&mut conn)
+                .expect("RPUSH");
+        },
+        Duration::from_secs(20),
+    );
+    let reply = |id: u64| {
+        got.get(&id)
+            .map(|(r, _)| r.clone())
+            .unwrap_or_else(|| panic!("no reply for {id}; log:\n{}", server.log_text()))
+    };
+    assert_eq!(reply(fallback_good), Reply::Ok("fallback".into()));
+    assert_eq!(
+        reply(fallback_big),
+        Reply::Error(format!(
+            "request too large: {} bytes (limit {})",
+            2 << 20,
+            1 << 20
+        ))
+    );
+    assert!(
+        matches!(reply(fallback_list), Reply::Error(e)
+            if e.starts_with(&format!("request {} cannot be read", fallback(fallback_list)))),
+        "{:?}",
+        reply(fallback_list)
+    );
+    assert_eq!(
+        reply(missing),
+        Reply::Error(format!("request not found: CERBAS-REQ-{missing:010}"))
+    );
+    assert_eq!(reply(good), Reply::Ok("good".into()));
+    server.wait_log("skipped a queue entry that is not a request id", 4);
+    // The ack deletes both keys of each id, the wrong-typed one too.
+    wait_for("nothing left", Duration::from_secs(10), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+}
+
+/// Attack on the take-ahead of e494597 (`Pace`): an instance that has just
+/// served a burst of fast calls takes ahead for the pace of that burst. When
+/// the next requests are slow ones and fast ones pushed together, it takes the
+/// slow ones for its free workers and some fast ones ahead, and those wait
+/// behind the slow calls while another instance is idle.
+#[test]
+fn take_ahead_after_a_burst_does_not_hoard_behind_slow_calls() {
+    let redis = Redis::start();
+    let mut conn = redis.conn();
+    let mut busy = Server::start_args(&redis, &["--workers", "4"]);
+    let idle = Server::start_args(&redis, &["--workers", "4"]);
+    wait_for("both instances registered", Duration::from_secs(20), || {
+        (instances(&mut conn).len() == 2).then_some(())
+    });
+    // The idle instance is held still during the burst, so the busy one serves
+    // all of it (and its pace is high).
+    idle.signal(libc::SIGSTOP);
+    let heard = Heard::listen(&redis);
+    let burst = submit_many(&mut conn, &sums(3000));
+    wait_for("the burst answered", Duration::from_secs(20), || {
+        (heard.answered(&burst) == burst.len()).then_some(())
+    });
+    let mut mix: Vec<u64> = (0..4)
+        .map(|_| store(&mut conn, &body("sleep", json!({"ms": 4000}))))
+        .collect();
+    let fast: Vec<u64> = (0..8)
+        .map(|_| store(&mut conn, &body("hello", json!({}))))
+        .collect();
+    mix.extend(&fast);
+    let pushed = Instant::now();
+    push(&mut conn, &mix);
+    idle.signal(libc::SIGCONT);
+    wait_for(
+        "every fast request answered",
+        Duration::from_secs(20),
+        || (heard.answered(&fast) == fast.len()).then_some(()),
+    );
+    let took = pushed.elapsed();
+    heard.stop(&[]);
+    println!("the fast requests took {:.2}s", took.as_secs_f64());
+    assert!(
+        took < Duration::from_secs(2),
+        "fast requests waited {took:?} behind the slow calls"
+    );
+    // The scene was as meant: the busy instance served the whole burst.
+    busy.signal(libc::SIGTERM);
+    assert!(busy.wait_exit(Duration::from_secs(20)).is_some(), "stopped");
+    assert!(served(&busy) >= burst.len(), "{}", busy.log_text());
 }

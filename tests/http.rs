@@ -1138,6 +1138,32 @@ fn health_says_whether_redis_answers() {
     });
 }
 
+/// Queues 8 requests that sleep 300 ms and returns the most requests the
+/// server held at once (sampled from /metrics) while it served them.
+fn most_in_hand_serving_sleeps(plug: &Plug, conn: &mut redis::Connection) -> f64 {
+    let bodies: Vec<String> = (0..8)
+        .map(|_| {
+            json!({"func": "sleep", "args": {"ms": 300}, "user": "tom", "source": "web"})
+                .to_string()
+        })
+        .collect();
+    common::submit_many(conn, &bodies);
+    let mut most_in_hand = 0.0f64;
+    wait_for("the sleeps to be served", 20 * SECS, || {
+        let m = scrape(plug);
+        let in_hand = sample(&m, "cerbas_requests_in_hand", &[]).unwrap_or(0.0);
+        most_in_hand = most_in_hand.max(in_hand);
+        let served = sample(
+            &m,
+            "cerbas_requests_total",
+            &[("function", "sleep"), ("outcome", "ok")],
+        );
+        (served == Some(8.0)).then_some(())
+    });
+    assert!(most_in_hand >= 1.0, "sampled while running");
+    most_in_hand
+}
+
 /// HTTP calls run on the workers without inflating the reader's count of idle
 /// workers: after many HTTP calls, the reader still takes from Redis only what
 /// the pool can start (caller.rs, "the reader's ready count").
@@ -1149,29 +1175,46 @@ fn http_calls_leave_the_readers_count_of_idle_workers_right() {
         assert_eq!(must_get(&plug.url("/api/hello")).0, 200);
     }
     let mut conn = redis.conn();
-    let bodies: Vec<String> = (0..8)
-        .map(|_| {
-            json!({"func": "sleep", "args": {"ms": 300}, "user": "tom", "source": "web"})
-                .to_string()
-        })
-        .collect();
-    common::submit_many(&mut conn, &bodies);
-    let mut most_in_hand = 0.0f64;
-    wait_for("the sleeps to be served", 20 * SECS, || {
-        let m = scrape(&plug);
-        let in_hand = sample(&m, "cerbas_requests_in_hand", &[]).unwrap_or(0.0);
-        most_in_hand = most_in_hand.max(in_hand);
-        let served = sample(
-            &m,
-            "cerbas_requests_total",
-            &[("function", "sleep"), ("outcome", "ok")],
-        );
-        (served == Some(8.0)).then_some(())
-    });
-    assert!(most_in_hand >= 1.0, "sampled while running");
+    let most_in_hand = most_in_hand_serving_sleeps(&plug, &mut conn);
     assert!(
         most_in_hand <= 3.0,
         "the reader took {most_in_hand} at once for 2 workers"
+    );
+}
+
+/// Attack on the reader's count of idle workers: an HTTP call that runs past
+/// its deadline leaves its worker hung, and a replacement starts and says it is
+/// free. The hung worker's own "free", said before it took the HTTP call, stood
+/// for good: the reader counted one idle worker more for each such call, and
+/// took that many requests more from Redis than the pool could start (here, 5
+/// at once for 1 worker after 3 hung HTTP calls and a hung delayed request,
+/// which reaches a worker on the same channel).
+#[test]
+fn hung_http_calls_leave_the_readers_count_of_idle_workers_right() {
+    let redis = Redis::start();
+    let (plug, _) = Plug::start(&redis, |c| c.workers = 1);
+    for _ in 0..3 {
+        // `nap` sleeps 1.5 s past its 200 ms deadline.
+        assert_eq!(must_get(&plug.url("/api/nap")).0, 504);
+    }
+    // A delayed request reaches a worker on the same channel as HTTP calls.
+    let mut conn = redis.conn();
+    let delayed =
+        json!({"func": "nap", "user": "tom", "source": "web", "delay": 10, "reply": false});
+    common::submit_many(&mut conn, &[delayed.to_string()]);
+    wait_for("the delayed nap's timeout", 20 * SECS, || {
+        let m = scrape(&plug);
+        let timeouts = sample(
+            &m,
+            "cerbas_requests_total",
+            &[("function", "nap"), ("outcome", "timeout")],
+        );
+        (timeouts == Some(4.0)).then_some(())
+    });
+    let most_in_hand = most_in_hand_serving_sleeps(&plug, &mut conn);
+    assert!(
+        most_in_hand <= 2.0,
+        "the reader took {most_in_hand} at once for 1 worker"
     );
 }
 

@@ -45,9 +45,40 @@ impl Known {
     }
 }
 
+/// Largest CRONTAB read, in bytes: the server reads it twice a second.
+pub(crate) const MAX_FILE: u64 = 1 << 20;
+
+/// The text of CRONTAB, refused past [`MAX_FILE`] bytes. The read itself stops
+/// there: a path that is no regular file (`/dev/zero`, a pipe) has no size to
+/// check first, and reading it to its end took all the memory there was. Opened
+/// without blocking, so a named pipe nobody writes to is an error, not a cron
+/// thread stuck in `open`.
+pub(crate) fn read_text(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let too_large =
+        |size: String| std::io::Error::other(format!("larger than {MAX_FILE} bytes{size}"));
+    if let Ok(m) = file.metadata() {
+        if m.len() > MAX_FILE {
+            return Err(too_large(format!(" ({})", m.len())));
+        }
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(too_large(String::new()));
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not valid UTF-8"))
+}
+
 /// Reads and parses the file at `path`.
 pub fn read(path: &Path, known: &Known) -> Result<Crontab, String> {
-    std::fs::read_to_string(path)
+    read_text(path)
         .map(|text| parse_crontab(&text, known))
         .map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -37,8 +37,6 @@ pub(crate) const CATCH_UP: Duration = Duration::from_secs(60);
 /// How long a claim lives: longer than [`CATCH_UP`] plus any sane clock skew
 /// between instances, so no instance can claim a tick again.
 pub(crate) const CLAIM_TTL: Duration = Duration::from_secs(600);
-/// Largest CRONTAB read, in bytes: it is read twice a second.
-const MAX_FILE: u64 = 1 << 20;
 /// How long an entry's last outcome is kept after its last run: past a year, so
 /// even a `@yearly` entry shows its last run.
 const LAST_TTL_SECS: u64 = 400 * 86_400;
@@ -309,14 +307,7 @@ impl Cron {
         }
         let path = self.path.display();
         let now = (unix_ms() / 1000).max(0);
-        let read = match std::fs::metadata(&self.path) {
-            Ok(m) if m.len() > MAX_FILE => Err(std::io::Error::other(format!(
-                "larger than {MAX_FILE} bytes ({})",
-                m.len()
-            ))),
-            _ => std::fs::read_to_string(&self.path),
-        };
-        let text = match read {
+        let text = match super::read_text(&self.path) {
             Ok(text) => text,
             Err(e) => {
                 let why = match e.kind() {

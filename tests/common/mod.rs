@@ -439,3 +439,129 @@ pub fn store(conn: &mut redis::Connection, body: &[u8]) -> u64 {
         .expect("SET");
     id
 }
+
+/// What a [`Relay`] waits for, and whom it tells when it holds it.
+type Hold = (Vec<u8>, std::sync::mpsc::Sender<()>);
+
+/// A TCP relay between `cerbas` and Redis that can hold back the first command
+/// containing a given text until the test says so: a fault landing exactly
+/// between two commands of the server (e.g. between a take and its `MGET`).
+/// Counts the bytes Redis sends back through it.
+pub struct Relay {
+    pub port: u16,
+    /// Bytes from Redis to the clients of the relay.
+    pub from_redis: std::sync::Arc<AtomicU64>,
+    hold: std::sync::Arc<std::sync::Mutex<Option<Hold>>>,
+    release: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl Relay {
+    /// Relays 127.0.0.1:`port` (returned in `Relay::port`) to Redis on `redis_port`.
+    /// Its threads live until the process ends (they end with their sockets).
+    pub fn start(redis_port: u16) -> Relay {
+        use std::io::{Read, Write};
+        use std::net::TcpStream;
+        use std::sync::{Arc, Condvar, Mutex};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("relay listener");
+        let port = listener.local_addr().expect("relay address").port();
+        let relay = Relay {
+            port,
+            from_redis: Arc::new(AtomicU64::new(0)),
+            hold: Arc::new(Mutex::new(None)),
+            release: Arc::new((Mutex::new(false), Condvar::new())),
+        };
+        let (counter, hold, release) = (
+            relay.from_redis.clone(),
+            relay.hold.clone(),
+            relay.release.clone(),
+        );
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let Ok(mut server) = TcpStream::connect(("127.0.0.1", redis_port)) else {
+                    return;
+                };
+                let (Ok(mut client_r), Ok(mut server_w)) = (client.try_clone(), server.try_clone())
+                else {
+                    return;
+                };
+                let (hold, release, counter) = (hold.clone(), release.clone(), counter.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n) = client_r.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let armed = {
+                            let mut h = hold.lock().expect("relay hold");
+                            let hit = h.as_ref().is_some_and(|(text, _)| {
+                                buf[..n].windows(text.len()).any(|w| w == text.as_slice())
+                            });
+                            if hit {
+                                h.take()
+                            } else {
+                                None
+                            }
+                        };
+                        if let Some((_, held)) = armed {
+                            let _ = held.send(());
+                            let (lock, cv) = &*release;
+                            let mut go = lock.lock().expect("relay release");
+                            while !*go {
+                                go = cv.wait(go).expect("relay release");
+                            }
+                        }
+                        if server_w.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = server_w.shutdown(std::net::Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n) = server.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        counter.fetch_add(n as u64, Ordering::SeqCst);
+                        if client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        relay
+    }
+
+    /// The URL of Redis through the relay.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Holds back the next chunk a client sends that contains `text`; the
+    /// receiver hears when it has been held.
+    pub fn hold(&self, text: &[u8]) -> std::sync::mpsc::Receiver<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.hold.lock().expect("relay hold") = Some((text.to_vec(), tx));
+        rx
+    }
+
+    /// Lets what is held (and anything held later) through.
+    pub fn release(&self) {
+        let (lock, cv) = &*self.release;
+        *lock.lock().expect("relay release") = true;
+        cv.notify_all();
+    }
+}
+
+/// Peak resident memory of process `pid`, in KiB (0 once it is gone).
+pub fn vm_hwm_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
