@@ -275,6 +275,10 @@ struct Workers {
     pace: Pace,
     /// The pool's width: never more than this taken ahead.
     width: usize,
+    /// Whether a worker has finished since the last take: with none free, the
+    /// reader takes ahead only then (its workers are turning over now, not only
+    /// by the pace of a while ago).
+    turned_over: bool,
 }
 
 impl Workers {
@@ -283,6 +287,7 @@ impl Workers {
         if n > 0 {
             self.free += n as i64;
             self.pace.finished(n, Instant::now());
+            self.turned_over = true;
         }
     }
 
@@ -290,13 +295,19 @@ impl Workers {
     /// ahead only for the busy ones, which the pace says finish soon. An idle
     /// pool takes nothing ahead: the requests it takes next may be slow ones, and
     /// what it took ahead would wait behind them while another instance is idle.
-    /// With no worker free, it takes only once what waits for a worker has fallen
-    /// to half the lead: a take of one or two ids would cost a round trip each.
+    /// With no worker free, it takes only once a worker has finished since the
+    /// last take (the pace of a burst that has just ended must not take fast
+    /// requests ahead for workers now stuck in slow calls), and once what waits
+    /// for a worker has fallen to half the lead: a take of one or two ids would
+    /// cost a round trip each.
     fn wanted(&mut self) -> i64 {
         self.wanted_at(Instant::now())
     }
 
     fn wanted_at(&mut self, now: Instant) -> i64 {
+        if self.free <= 0 && !self.turned_over {
+            return 0;
+        }
         let busy = usize::try_from(self.width as i64 - self.free.max(0)).unwrap_or(0);
         wanted(self.free, self.pace.ahead(now, busy.min(self.width)))
     }
@@ -358,6 +369,7 @@ impl Reader {
             free: 0,
             pace: Pace::new(Instant::now()),
             width: self.jobs.capacity().unwrap_or(1),
+            turned_over: false,
         };
         while !self.shutdown.is_triggered() {
             if synced && workers.wanted() <= 0 {
@@ -424,6 +436,8 @@ impl Reader {
         synced: &mut bool,
     ) -> RedisResult<bool> {
         workers.freed(self.ready.try_iter().count());
+        let wanted = workers.wanted();
+        workers.turned_over = false;
         let queue = self.keys.queue();
         let (key, fallback) = self.keys.request_prefixes();
         let taken: Option<Vec<Value>> = scripts
@@ -431,7 +445,7 @@ impl Reader {
             .key(&queue)
             .key(&self.processing)
             .key(self.keys.heartbeat(&self.instance))
-            .arg(workers.wanted())
+            .arg(wanted)
             .arg(self.max_request_bytes)
             .arg(key)
             .arg(fallback)
@@ -770,6 +784,7 @@ mod tests {
             free: 0,
             pace: Pace::new(t0),
             width: 4,
+            turned_over: true,
         };
         // A fast pool: 10,000 calls a second.
         for i in 1..=200 {
@@ -785,6 +800,13 @@ mod tests {
             2,
             "already ahead: up to the width"
         );
+        // Right after a take, with every worker busy (in slow calls, maybe),
+        // nothing more is taken until one of them finishes.
+        workers.turned_over = false;
+        workers.free = 0;
+        assert_eq!(workers.wanted_at(ms(200)), 0, "nobody finished: wait");
+        workers.freed(1);
+        assert_eq!(workers.wanted_at(ms(200)), 4, "one finished: take again");
     }
 
     #[test]
