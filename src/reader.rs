@@ -5,7 +5,8 @@
 //! busy workers, so fast calls do not wait for the reader's round trip while a
 //! pool busy with slow calls hoards nothing (nor does an idle pool, whose next
 //! calls may be slow ones, after a burst of fast ones).
-//! It waits for a free worker before it asks Redis for anything. Everything
+//! It waits for a free worker (or, with every worker busy, for one to finish)
+//! before it asks Redis for anything. Everything
 //! else waits in Redis for whichever instance is free, and a request's deadline
 //! starts only when a worker picks it.
 //! One script ([`TAKE`]) moves the ids from the queue to this instance's
