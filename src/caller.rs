@@ -1,10 +1,10 @@
 //! The one in-process entry point to the dispatch path: a [`Caller`] turns a
 //! [`Request`] into a [`Job`] with [`ReplyTo::Local`], hands it to the worker pool
-//! and waits for its reply. The HTTP plug uses it (and cron will): access checks,
-//! deadlines, panics, the cache and the counters are the dispatcher's, run on a
-//! worker exactly as for a request from Redis. Runs on the caller's thread (an
-//! HTTP handler thread). Not for: what a caller does with the reply (the HTTP
-//! status is `http/api.rs`'s business).
+//! and waits for its reply. The HTTP plug uses it (cron needs none: its ticks are
+//! requests in Redis): access checks, deadlines, panics, the cache and the
+//! counters are the dispatcher's, run on a worker exactly as for a request from
+//! Redis. Runs on the caller's thread (an HTTP handler thread). Not for: what a
+//! caller does with the reply (the HTTP status is `http/api.rs`'s business).
 //!
 //! Two interactions with the rest of the server, on purpose:
 //! - The drain. Each call counts in [`Unanswered`] from before it is handed over

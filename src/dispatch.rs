@@ -1,13 +1,13 @@
 //! The one path every request takes, whatever brought it (the Redis queue, which
-//! cron's ticks come through too; HTTP later): parse errors become replies, a
-//! delayed request goes to the timer, then access checks, argument decoding, the
-//! call with its deadline, panics, and the counters. A request cron wrote (its
-//! `cron` tag) also has its outcome logged and sent to the cron thread
-//! ([`CronRun`]), which records it for its entry. Each call is answered once: by the function when it
-//! returns in time, or by the timer at the deadline ([`Pending`]); the publisher
-//! may then publish that answer more than once to reach a late subscriber. Runs on the worker
-//! threads. Not for: fetching requests (`reader.rs`) or talking to Redis
-//! (`publisher.rs`).
+//! cron's ticks come through too; HTTP calls, via `caller`): parse errors become
+//! replies, a delayed request goes to the timer, then access checks, argument
+//! decoding, the call with its deadline, panics, and the counters. A request cron
+//! wrote (its `cron` tag) also has its outcome logged and sent to the cron thread
+//! ([`CronRun`]), which records it for its entry. Each call is answered once: by
+//! the function when it returns in time, or by the timer at the deadline
+//! ([`Pending`]); the publisher may then publish that answer more than once to
+//! reach a late subscriber. Runs on the worker threads. Not for: fetching
+//! requests (`reader.rs`) or talking to Redis (`publisher.rs`).
 
 use crate::config::Access;
 use crate::context::{Context, Origin, Services};
