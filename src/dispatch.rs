@@ -181,8 +181,6 @@ impl Pending {
         unanswered: Unanswered,
         stats: Arc<Stats>,
     ) -> Self {
-        // An in-process call reaches a worker on `due` (pool.rs).
-        let from_reader = !matches!(reply_to, ReplyTo::Local(_));
         Pending {
             state: AtomicU8::new(state::RUNNING),
             started: Instant::now(),
@@ -194,7 +192,7 @@ impl Pending {
             unanswered,
             stats,
             cron: None,
-            from_reader,
+            from_reader: false,
         }
     }
 
@@ -363,8 +361,10 @@ pub(crate) struct Dispatcher {
 impl Dispatcher {
     /// Runs `job` to its reply. Blocks the calling worker for the function's run,
     /// then says whether the worker goes on or retires (a replacement took its
-    /// place while its call ran past the deadline).
-    pub(crate) fn handle(&self, mut job: Job) -> AfterCall {
+    /// place while its call ran past the deadline). `from_reader`: the job came
+    /// from the reader (on `jobs`), not on `due` (a delayed request, an
+    /// in-process call), as the worker saw it (pool.rs).
+    pub(crate) fn handle(&self, mut job: Job, from_reader: bool) -> AfterCall {
         bump(&self.stats.requests);
         let mut request = match job.body {
             Ok(r) => r,
@@ -431,8 +431,7 @@ impl Dispatcher {
             self.stats.clone(),
         );
         pending.cron = watch(&request);
-        // So does a delayed request, from the timer.
-        pending.from_reader &= !job.waited;
+        pending.from_reader = from_reader;
         let pending = Arc::new(pending);
         // Scheduled before anything that can block (the cache lookup waits on the
         // connection pool and on Redis), so the caller hears `timeout` in time
@@ -699,11 +698,14 @@ mod tests {
 
     fn run(f: &Fixture, body: Result<Request, RequestError>) -> Option<Reply> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        f.dispatcher.handle(Job {
-            reply_to: ReplyTo::Local(tx),
-            body,
-            waited: false,
-        });
+        f.dispatcher.handle(
+            Job {
+                reply_to: ReplyTo::Local(tx),
+                body,
+                waited: false,
+            },
+            false,
+        );
         rx.recv_timeout(Duration::from_secs(10))
             .expect("a reply or no-reply")
             .unwrap_or_else(|e| Some(e.into()))
@@ -716,11 +718,14 @@ mod tests {
         let f = fixture();
         let typed = |body| {
             let (tx, rx) = crossbeam_channel::unbounded();
-            f.dispatcher.handle(Job {
-                reply_to: ReplyTo::Local(tx),
-                body: Ok(body),
-                waited: false,
-            });
+            f.dispatcher.handle(
+                Job {
+                    reply_to: ReplyTo::Local(tx),
+                    body: Ok(body),
+                    waited: false,
+                },
+                false,
+            );
             rx.recv_timeout(Duration::from_secs(10)).expect("a reply")
         };
         assert_eq!(
@@ -899,11 +904,14 @@ mod tests {
         let worker = {
             let f = f.clone();
             std::thread::spawn(move || {
-                f.dispatcher.handle(Job {
-                    reply_to: ReplyTo::Local(tx),
-                    body: Ok(request("cached", "tom", "web")),
-                    waited: false,
-                })
+                f.dispatcher.handle(
+                    Job {
+                        reply_to: ReplyTo::Local(tx),
+                        body: Ok(request("cached", "tom", "web")),
+                        waited: false,
+                    },
+                    false,
+                )
             })
         };
         let reply = rx.recv_timeout(Duration::from_secs(30)).expect("a reply");
@@ -1013,15 +1021,18 @@ mod tests {
         let mut r = request("hello", "tom", "web");
         r.delay_ms = Some(30);
         let start = Instant::now();
-        f.dispatcher.handle(Job {
-            reply_to: ReplyTo::Local(tx),
-            body: Ok(r),
-            waited: false,
-        });
+        f.dispatcher.handle(
+            Job {
+                reply_to: ReplyTo::Local(tx),
+                body: Ok(r),
+                waited: false,
+            },
+            false,
+        );
         assert!(rx.try_recv().is_err(), "nothing before the delay");
         let job = f.due.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(start.elapsed() >= Duration::from_millis(30));
-        f.dispatcher.handle(job);
+        f.dispatcher.handle(job, false);
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(10)).unwrap(),
             Ok(Some(Reply::Ok(Value::from("hello world!"))))

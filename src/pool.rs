@@ -91,7 +91,7 @@ impl Worker {
                 Ok(job) => {
                     // A replacement took this worker's place while its call ran
                     // past the deadline (the dispatcher has counted it back).
-                    if self.dispatcher.handle(job) == AfterCall::Retire {
+                    if self.dispatcher.handle(job, from_reader) == AfterCall::Retire {
                         return;
                     }
                 }
@@ -101,7 +101,7 @@ impl Worker {
                 // drain deadline.
                 Err(_) => {
                     while let Ok(job) = self.due.try_recv() {
-                        if self.dispatcher.handle(job) == AfterCall::Retire {
+                        if self.dispatcher.handle(job, false) == AfterCall::Retire {
                             return;
                         }
                     }
