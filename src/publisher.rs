@@ -107,9 +107,20 @@ enum Acked {
     Refused(String),
 }
 
-/// What one pipeline did: Redis's answer to each ack, and each republish with
-/// whether anybody received it.
-type Sent = (Vec<Acked>, Vec<(Retry, bool)>);
+/// What became of one held reply in a pipeline.
+#[derive(Debug, PartialEq)]
+enum Republished {
+    /// Published again, and somebody received it: done.
+    Received,
+    /// Nobody subscribes (or the answer was lost): back to its schedule.
+    Nobody,
+    /// Not published, but its channel has a subscriber now: publish at once.
+    Heard,
+}
+
+/// What one pipeline did: Redis's answer to each ack, and what became of each
+/// held reply.
+type Sent = (Vec<Acked>, Vec<(Retry, Republished)>);
 
 /// Most requests in one pipeline, and most bytes of replies and bodies: a batch of
 /// large replies is sent in several pipelines rather than buffered whole.
@@ -139,6 +150,8 @@ struct Retry {
     json_len: usize,
     /// Order of arrival: the smallest is the oldest.
     seq: u64,
+    /// The last look (`PUBSUB NUMSUB`) found a subscriber: publish at once.
+    heard: bool,
 }
 
 impl Retry {
@@ -213,6 +226,7 @@ impl Held {
                 both: both.into_boxed_slice(),
                 json_len,
                 seq,
+                heard: false,
             },
             now,
         );
@@ -227,6 +241,14 @@ impl Held {
         }
         r.wait *= RETRY_FACTOR;
         r.due = (now + r.wait).min(r.give_up);
+        r.heard = false;
+        self.insert(r, now);
+    }
+
+    /// A reply whose channel has a subscriber now: published at once.
+    fn heard(&mut self, mut r: Retry, now: Instant) {
+        r.due = now;
+        r.heard = true;
         self.insert(r, now);
     }
 
@@ -414,7 +436,8 @@ impl Publishing {
                 acks.splice(0..0, refused.acks.drain(..));
             }
             let again = held.take_due(now, MAX_BATCH_BYTES);
-            self.p.stats.metrics.republished.inc_by(again.len() as u64);
+            let published = again.iter().filter(|r| r.heard).count();
+            self.p.stats.metrics.republished.inc_by(published as u64);
             if !acks.is_empty() || !again.is_empty() {
                 let Some((acked, republished)) =
                     self.send(&never, &mut conn, &acks, again, finish_by)
@@ -423,9 +446,11 @@ impl Publishing {
                     return;
                 };
                 let now = Instant::now();
-                for (r, got) in republished {
-                    if !got {
-                        held.again(r, now);
+                for (r, what) in republished {
+                    match what {
+                        Republished::Received => {}
+                        Republished::Nobody => held.again(r, now),
+                        Republished::Heard => held.heard(r, now),
                     }
                 }
                 self.settle(acks, acked, &mut held, &mut refused, now);
@@ -535,7 +560,7 @@ impl Publishing {
         finish_by: Option<Instant>,
     ) -> Option<Sent> {
         let mut again = again;
-        let mut lost: Vec<(Retry, bool)> = Vec::new();
+        let mut lost: Vec<(Retry, Republished)> = Vec::new();
         let mut give_up = finish_by.map(|by| by + Duration::from_secs(5));
         loop {
             if acks.is_empty() && again.is_empty() {
@@ -579,7 +604,7 @@ impl Publishing {
                         *conn = None;
                         // Whether they reached anybody is unknown: back to their
                         // schedule, not sent again at once.
-                        lost.extend(again.drain(..).map(|r| (r, false)));
+                        lost.extend(again.drain(..).map(|r| (r, Republished::Nobody)));
                     }
                     Failure::Refused(_) if give_up.is_some_and(|g| Instant::now() >= g) => {
                         return None;
@@ -604,8 +629,11 @@ impl Publishing {
     }
 
     /// One `REPLY` call for every reply of the batch, then one `SCHEDULE` call per
-    /// delayed request, then the republishes; [`Publishing::read`] reads them in that
-    /// order.
+    /// delayed request, then the two `PUBLISH` of each held reply whose channel was
+    /// heard, then one `PUBSUB NUMSUB` for the channels of the others;
+    /// [`Publishing::read`] reads them in that order. Looking costs Redis far less
+    /// than publishing to nobody, which a reply nobody waits for (a fire-and-forget
+    /// caller) would otherwise cost at every step of its schedule.
     fn pipeline(&self, acks: &[Ack], again: &[Retry]) -> redis::Pipeline {
         let keys = &self.p.keys;
         let mut pipe = redis::pipe();
@@ -649,13 +677,20 @@ impl Publishing {
                     .arg(body);
             }
         }
-        for r in again {
+        for r in again.iter().filter(|r| r.heard) {
             pipe.cmd("PUBLISH")
                 .arg(keys.reply_channel(r.id))
                 .arg(r.json())
                 .cmd("PUBLISH")
                 .arg(keys.msgpack_channel(r.id))
                 .arg(r.msgpack());
+        }
+        if again.iter().any(|r| !r.heard) {
+            pipe.cmd("PUBSUB").arg("NUMSUB");
+            for r in again.iter().filter(|r| !r.heard) {
+                pipe.arg(keys.reply_channel(r.id))
+                    .arg(keys.msgpack_channel(r.id));
+            }
         }
         pipe
     }
@@ -668,7 +703,8 @@ impl Publishing {
         }
     }
 
-    /// Reads a pipeline's results: one per ack, then two per republish.
+    /// Reads a pipeline's results: one per ack, two per publish of a held reply,
+    /// then the subscriber counts of the others.
     fn read(&mut self, acks: &[Ack], again: Vec<Retry>, results: Vec<RedisResult<Value>>) -> Sent {
         let mut results = results.into_iter();
         let mut next = || {
@@ -729,19 +765,7 @@ impl Publishing {
             };
             acked.push(outcome);
         }
-        let republished = again
-            .into_iter()
-            .map(|r| {
-                let received: i64 = results
-                    .by_ref()
-                    .take(2)
-                    .map(|p| p.ok().and_then(|v| redis::from_redis_value(v).ok()))
-                    .map(|n: Option<i64>| n.unwrap_or(0))
-                    .sum();
-                (r, received > 0)
-            })
-            .collect();
-        (acked, republished)
+        (acked, republished(again, &mut results))
     }
 
     /// Moves every id still in this instance's processing list back to the head of
@@ -788,6 +812,60 @@ impl Publishing {
             self.p.processing
         );
     }
+}
+
+/// What became of each held reply, from its part of a pipeline's results (see
+/// [`Publishing::pipeline`]): two `PUBLISH` counts for each reply that was heard,
+/// then one `PUBSUB NUMSUB` answer for the others. A missing or unreadable answer
+/// counts as nobody, so the reply goes back to its schedule.
+fn republished(
+    again: Vec<Retry>,
+    results: &mut impl Iterator<Item = RedisResult<Value>>,
+) -> Vec<(Retry, Republished)> {
+    let (heard, unheard): (Vec<Retry>, Vec<Retry>) = again.into_iter().partition(|r| r.heard);
+    let mut out: Vec<(Retry, Republished)> = heard
+        .into_iter()
+        .map(|r| {
+            let received: i64 = results
+                .by_ref()
+                .take(2)
+                .map(|p| p.ok().and_then(|v| redis::from_redis_value(v).ok()))
+                .map(|n: Option<i64>| n.unwrap_or(0))
+                .sum();
+            let what = if received > 0 {
+                Republished::Received
+            } else {
+                Republished::Nobody
+            };
+            (r, what)
+        })
+        .collect();
+    if !unheard.is_empty() {
+        // `[channel, count, channel, count, ...]`, two channels per reply; an
+        // answer that is not that counts as nobody.
+        let counts: Vec<i64> = results
+            .next()
+            .and_then(|v| v.ok())
+            .and_then(|v| redis::from_redis_value::<Vec<Value>>(v).ok())
+            .map(|flat| {
+                flat.into_iter()
+                    .skip(1)
+                    .step_by(2)
+                    .map(|n| redis::from_redis_value::<i64>(n).unwrap_or(0))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.extend(unheard.into_iter().enumerate().map(|(i, r)| {
+            let subscribers = counts.get(2 * i).unwrap_or(&0) + counts.get(2 * i + 1).unwrap_or(&0);
+            let what = if subscribers > 0 {
+                Republished::Heard
+            } else {
+                Republished::Nobody
+            };
+            (r, what)
+        }));
+    }
+    out
 }
 
 /// Takes what the workers sent into `acks`: waits for the first until `wake`, then
@@ -854,6 +932,104 @@ mod tests {
             }
         }
         times
+    }
+
+    fn held_reply(id: u64, heard: bool) -> Retry {
+        let now = Instant::now();
+        Retry {
+            due: now,
+            wait: FIRST_RETRY,
+            give_up: now + Duration::from_secs(5),
+            id,
+            both: b"jm".to_vec().into_boxed_slice(),
+            json_len: 1,
+            seq: id,
+            heard,
+        }
+    }
+
+    fn outcomes(again: Vec<Retry>, results: Vec<RedisResult<Value>>) -> Vec<(u64, Republished)> {
+        republished(again, &mut results.into_iter())
+            .into_iter()
+            .map(|(r, what)| (r.id, what))
+            .collect()
+    }
+
+    #[test]
+    fn a_held_reply_is_published_only_once_its_channel_has_a_subscriber() {
+        let channel = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        // Heard replies come first (two PUBLISH counts each), then one NUMSUB for
+        // the others: a subscriber on either channel counts.
+        let got = outcomes(
+            vec![
+                held_reply(1, false),
+                held_reply(2, true),
+                held_reply(3, false),
+                held_reply(4, true),
+            ],
+            vec![
+                Ok(Value::Int(0)),
+                Ok(Value::Int(1)),
+                Ok(Value::Int(0)),
+                Ok(Value::Int(0)),
+                Ok(Value::Array(vec![
+                    channel("R1"),
+                    Value::Int(0),
+                    channel("MSGPACK:R1"),
+                    Value::Int(1),
+                    channel("R3"),
+                    Value::Int(0),
+                    channel("MSGPACK:R3"),
+                    Value::Int(0),
+                ])),
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![
+                (2, Republished::Received),
+                (4, Republished::Nobody),
+                (1, Republished::Heard),
+                (3, Republished::Nobody),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_lost_or_odd_answer_about_held_replies_counts_as_nobody() {
+        let refused = || Err(RedisError::from(std::io::Error::other("gone")));
+        let got = outcomes(
+            vec![held_reply(1, true), held_reply(2, false)],
+            vec![refused()],
+        );
+        assert_eq!(
+            got,
+            vec![(1, Republished::Nobody), (2, Republished::Nobody)]
+        );
+        let got = outcomes(vec![held_reply(3, false)], vec![Ok(Value::Int(7))]);
+        assert_eq!(got, vec![(3, Republished::Nobody)]);
+    }
+
+    #[test]
+    fn a_heard_reply_is_due_at_once_and_back_on_its_schedule_if_nobody_got_it() {
+        let t0 = Instant::now();
+        let mut held = Held::new(1 << 20, Duration::from_secs(5), Arc::default());
+        held.add(1, reply(10), t0);
+        let first = held.take_due(t0 + FIRST_RETRY, usize::MAX);
+        assert_eq!(first.len(), 1);
+        let later = t0 + Duration::from_millis(3);
+        for r in first {
+            held.heard(r, later);
+        }
+        assert_eq!(held.next_due(), Some(later));
+        let heard = held.take_due(later, usize::MAX);
+        assert!(heard.iter().all(|r| r.heard));
+        for r in heard {
+            held.again(r, later);
+        }
+        let due = held.next_due().expect("still held");
+        assert!(due > later);
+        assert!(held.take_due(due, usize::MAX).iter().all(|r| !r.heard));
     }
 
     #[test]

@@ -397,3 +397,71 @@ fn reply_false_publishes_nothing() {
     );
     drop(server);
 }
+
+/// How many times Redis ran `command` (from `INFO commandstats`; 0 if never).
+fn calls_of(conn: &mut redis::Connection, command: &str) -> u64 {
+    let stats = info_field(conn, "commandstats", &format!("cmdstat_{command}"));
+    stats
+        .split(',')
+        .find_map(|kv| kv.strip_prefix("calls="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A reply nobody subscribes to (an old one-way client) is not published again
+/// and again for the grace: the server looks for a subscriber instead, which
+/// costs Redis far less.
+#[test]
+fn a_reply_nobody_hears_is_looked_for_not_published_again() {
+    let redis = Redis::start();
+    let config = config_with("reply_grace_ms = 600");
+    let config = config.to_str().expect("utf-8 path");
+    let server = Server::spawn(&redis, &["--config", config], &[]);
+    server.wait_ready(&redis);
+    let mut conn = redis.conn();
+    let (published, looked) = (
+        calls_of(&mut conn, "publish"),
+        calls_of(&mut conn, "pubsub|numsub"),
+    );
+    let ids = submit_many(&mut conn, &[body("hello", json!({}))]);
+    // Looks at about 2, 8, 26, 80, 242 and 600 ms after the first publish.
+    wait_for(
+        "the server to look for late subscribers",
+        Duration::from_secs(10),
+        || (calls_of(&mut conn, "pubsub|numsub") >= looked + 6).then_some(()),
+    );
+    assert_eq!(
+        calls_of(&mut conn, "publish") - published,
+        2,
+        "request {} was published once on each channel, and never again",
+        ids[0]
+    );
+}
+
+/// A late subscriber to the msgpack channel alone is found, and gets the
+/// msgpack form.
+#[test]
+fn a_late_subscriber_to_the_msgpack_channel_alone_gets_its_reply() {
+    let redis = Redis::start();
+    let server = Server::start(&redis);
+    server.wait_ready(&redis);
+    let mut conn = redis.conn();
+    let ids = submit_many(&mut conn, &[body("hello", json!({}))]);
+    // Published to nobody once its key is gone (the ack and the first publish
+    // are one script).
+    wait_for("the request acknowledged", Duration::from_secs(10), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+    let mut c = redis::Client::open(redis.url_db(1).as_str())
+        .and_then(|c| c.get_connection())
+        .expect("subscriber connection");
+    let mut ps = c.as_pubsub();
+    ps.subscribe(format!("MSGPACK:CERBAS-RESPONSE-1-{:010}", ids[0]))
+        .expect("SUBSCRIBE");
+    ps.set_read_timeout(Some(Duration::from_secs(8)))
+        .expect("timeout");
+    let got = ps.get_message().expect("the reply, republished");
+    let reply: serde_json::Value =
+        rmp_serde::from_slice(got.get_payload_bytes()).expect("msgpack reply");
+    assert_eq!(reply, json!({"status": "ok", "data": "hello world!"}));
+}

@@ -1089,8 +1089,8 @@ fn metrics_are_prometheus_text_and_count_what_happened() {
     ] {
         assert!(sample(&m, gauge, &[]).is_some(), "{gauge}");
     }
-    // A request from an old client that never listens: its reply is republished
-    // for a late subscriber, and counted.
+    // A request from an old client that subscribes after its push: its reply is
+    // published again once it listens, and counted.
     assert_eq!(sample(&m, "cerbas_republishes_total", &[]), Some(0.0));
     let id: u64 = redis::cmd("INCR")
         .arg("CERBAS-COUNTER")
@@ -1105,6 +1105,20 @@ fn metrics_are_prometheus_text_and_count_what_happened() {
         .arg(id)
         .query(&mut conn)
         .expect("push");
+    let key = client.keys().request(id);
+    wait_for("the request acknowledged", Duration::from_secs(10), || {
+        let n: i64 = redis::cmd("EXISTS").arg(&key).query(&mut conn).ok()?;
+        (n == 0).then_some(())
+    });
+    let mut sub = redis::Client::open(redis.url_db(1).as_str())
+        .and_then(|c| c.get_connection())
+        .expect("subscriber connection");
+    let mut ps = sub.as_pubsub();
+    ps.subscribe(client.keys().reply_channel(id))
+        .expect("SUBSCRIBE");
+    ps.set_read_timeout(Some(Duration::from_secs(8)))
+        .expect("timeout");
+    ps.get_message().expect("the reply, published again");
     wait_for("a republish counted", Duration::from_secs(10), || {
         let m = scrape(&plug);
         (sample(&m, "cerbas_republishes_total", &[]).unwrap_or(0.0) >= 1.0).then_some(())
