@@ -1190,8 +1190,11 @@ fn http_calls_leave_the_readers_count_of_idle_workers_right() {
     }
     let mut conn = redis.conn();
     let most_in_hand = most_in_hand_serving_sleeps(&plug, &mut conn);
+    // In hand: 2 running, at most one taken ahead per busy worker, and on a
+    // loaded machine one finished whose ack is still on its way (the inflated
+    // count took all 8 at once).
     assert!(
-        most_in_hand <= 3.0,
+        most_in_hand <= 5.0,
         "the reader took {most_in_hand} at once for 2 workers"
     );
 }
@@ -1226,8 +1229,9 @@ fn hung_http_calls_leave_the_readers_count_of_idle_workers_right() {
         (timeouts == Some(4.0)).then_some(())
     });
     let most_in_hand = most_in_hand_serving_sleeps(&plug, &mut conn);
+    // 1 running, 1 ahead, 1 whose ack is on its way (the bug took 5).
     assert!(
-        most_in_hand <= 2.0,
+        most_in_hand <= 3.0,
         "the reader took {most_in_hand} at once for 1 worker"
     );
 }
