@@ -116,6 +116,35 @@ fn a_redis_restart_fails_calls_in_flight_at_once_and_the_client_recovers() {
 }
 
 #[test]
+fn an_id_taken_before_a_restart_is_not_sent_to_the_restarted_redis() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let a = redis.client();
+    assert_eq!(a.send("hello", json!({})), Ok(1)); // ids 1-100 in hand
+    let (down_tx, down_rx) = std::sync::mpsc::channel();
+    let restarter = std::thread::spawn(move || {
+        let mut redis = redis;
+        redis.restart(Duration::from_millis(1000));
+        let _ = down_tx.send(());
+        redis
+    });
+    wait_for(
+        "the client to see Redis go",
+        Duration::from_secs(10),
+        || (!a.connected()).then_some(()),
+    );
+    // Taken from the old block (id 2), it waits for the connection; the restarted
+    // Redis counts from 0 again, so id 2 would be anyone's: a new block is taken.
+    let id = a.send("hello", json!({}));
+    down_rx.recv().expect("the restart");
+    let redis = restarter.join().expect("the restarter");
+    assert_eq!(id, Ok(1));
+    assert_eq!(get_int(&mut redis.conn(), "CERBAS-COUNTER"), 100);
+    assert!(a.connected());
+    assert_eq!(redis.url(), url);
+}
+
+#[test]
 fn a_killed_connection_to_the_same_redis_keeps_the_calls_that_were_queued() {
     let redis = Redis::start();
     let _server = Server::start(&redis);

@@ -49,6 +49,17 @@ pub(crate) enum Event {
     Failed(ClientError),
 }
 
+/// What became of a write.
+enum Wrote {
+    Sent,
+    /// `prepare` said no: nothing was written.
+    Declined,
+    /// The connection broke before all of it was written. The last command of
+    /// every write is whole only once all is written, so it did not run: the
+    /// write may be tried again on the next connection.
+    Broken,
+}
+
 /// Who waits for the answer to a command written on the connection.
 enum Slot {
     /// A call's command; `queued` names the call's channel on its `RPUSH`, whose
@@ -87,6 +98,9 @@ struct State {
     fetching: bool,
     /// The last `INCRBY` failed with this.
     id_error: Option<ClientError>,
+    /// Counts the Redis restarts seen: an id belongs to the epoch it was taken in,
+    /// and is not sent to another (after a restart the counter may give it again).
+    epoch: u64,
     /// `run_id` of the Redis of the current (or last) connection; `None` before
     /// the first or when `INFO` is not allowed.
     run_id: Option<String>,
@@ -144,6 +158,7 @@ impl Link {
                 ids: 0..0,
                 fetching: false,
                 id_error: None,
+                epoch: 0,
                 run_id: None,
                 connected_once: false,
                 next_token: 0,
@@ -162,8 +177,9 @@ impl Link {
         Ok(Link { shared, stop })
     }
 
-    /// Takes a fresh id: from the block in hand, or from a new block.
-    pub(crate) fn next_id(&self, deadline: Instant) -> Result<u64, ClientError> {
+    /// Takes a fresh id (and the epoch it belongs to): from the block in hand, or
+    /// from a new block.
+    fn next_id(&self, deadline: Instant) -> Result<(u64, u64), ClientError> {
         let sh = &self.shared;
         let mut st = lock(&sh.state);
         loop {
@@ -171,7 +187,7 @@ impl Link {
                 return Err(ClientError::Closed);
             }
             if let Some(id) = st.ids.next() {
-                return Ok(id);
+                return Ok((id, st.epoch));
             }
             if let Some(e) = st.id_error.take() {
                 return Err(e);
@@ -183,13 +199,16 @@ impl Link {
                     .arg(&sh.counter)
                     .arg(ID_BLOCK)
                     .get_packed_command();
-                let wrote = self.write(deadline, &cmd, |st| st.fifo.push_back(Slot::Ids));
+                let wrote = self.write(deadline, &cmd, |st| {
+                    st.fifo.push_back(Slot::Ids);
+                    true
+                });
                 st = lock(&sh.state);
-                if let Err(e) = wrote {
+                if !matches!(wrote, Ok(Wrote::Sent)) {
                     st.fetching = st.fifo.iter().any(|s| matches!(s, Slot::Ids));
                     sh.changed.notify_all();
-                    return Err(e);
                 }
+                wrote?;
                 continue;
             }
             let now = Instant::now();
@@ -208,66 +227,98 @@ impl Link {
         }
     }
 
-    /// Subscribes to `channel` and queues the request (`bytes` from
-    /// [`wire::request_commands`]) in one write; returns what the caller waits on.
-    /// `channel` `None`: a one-way request, only its acknowledgement comes.
-    pub(crate) fn start(
+    /// Takes an id, then subscribes to its reply channel and queues the request in
+    /// one write (`make` gives, for an id, the bytes of
+    /// [`wire::request_commands`] and the channel, `None` for a one-way request).
+    /// Returns the id and what the caller waits on. An id whose Redis restarted
+    /// before it was sent, or whose channel is awaited already (a counter set back
+    /// by hand), is not used: another is taken.
+    pub(crate) fn begin(
+        &self,
+        deadline: Instant,
+        make: impl Fn(u64) -> (Vec<u8>, Option<String>),
+    ) -> Result<(u64, Call<'_>), ClientError> {
+        loop {
+            let (id, epoch) = self.next_id(deadline)?;
+            let (bytes, channel) = make(id);
+            if let Some(call) = self.start(deadline, &bytes, channel, epoch)? {
+                return Ok((id, call));
+            }
+        }
+    }
+
+    /// The write of [`Link::begin`]; `None` if the id must not be used.
+    fn start(
         &self,
         deadline: Instant,
         bytes: &[u8],
-        channel: Option<&str>,
-    ) -> Result<Call<'_>, ClientError> {
+        channel: Option<String>,
+        epoch: u64,
+    ) -> Result<Option<Call<'_>>, ClientError> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let mut token = None;
-        self.write(deadline, bytes, |st| {
-            if let Some(ch) = channel {
-                st.next_token += 1;
-                let t = st.next_token;
-                token = Some(t);
-                st.routes.insert(
-                    ch.to_string(),
-                    Route {
-                        token: t,
-                        tx: tx.clone(),
-                        queued: false,
-                    },
-                );
+        let mut route = None;
+        let sent = self
+            .write(deadline, bytes, |st| {
+                if st.epoch != epoch {
+                    return false;
+                }
+                if let Some(ch) = &channel {
+                    if st.routes.contains_key(ch) {
+                        return false;
+                    }
+                    st.next_token += 1;
+                    let token = st.next_token;
+                    route = Some((ch.clone(), token));
+                    st.routes.insert(
+                        ch.clone(),
+                        Route {
+                            token,
+                            tx: tx.clone(),
+                            queued: false,
+                        },
+                    );
+                }
+                st.fifo.push_back(Slot::Call {
+                    tx: tx.clone(),
+                    queued: None,
+                });
+                st.fifo.push_back(Slot::Call {
+                    tx: tx.clone(),
+                    queued: route.clone(),
+                });
+                true
+            })
+            .inspect_err(|_| {
+                if let Some((ch, token)) = &route {
+                    self.finish(ch, *token);
+                }
+            })?;
+        match sent {
+            Wrote::Sent => Ok(Some(Call {
+                link: self,
+                rx,
+                route,
+            })),
+            Wrote::Declined => Ok(None),
+            Wrote::Broken => {
+                if let Some((ch, token)) = &route {
+                    self.finish(ch, *token);
+                }
+                Ok(None)
             }
-            st.fifo.push_back(Slot::Call {
-                tx: tx.clone(),
-                queued: None,
-            });
-            st.fifo.push_back(Slot::Call {
-                tx: tx.clone(),
-                queued: channel.zip(token).map(|(c, t)| (c.to_string(), t)),
-            });
-        })
-        .inspect_err(|_| {
-            if let (Some(ch), Some(t)) = (channel, token) {
-                self.finish(ch, t);
-            }
-        })?;
-        Ok(Call {
-            link: self,
-            rx,
-            route: channel.zip(token).map(|(c, t)| (c.to_string(), t)),
-        })
-    }
-
-    /// Whether `channel` is awaited by a call now (then its id must not be used).
-    pub(crate) fn awaited(&self, channel: &str) -> bool {
-        lock(&self.shared.state).routes.contains_key(channel)
+        }
     }
 
     /// Writes `bytes` on the current connection once it is up (waiting for it
     /// until `deadline`), after `prepare` has registered what waits for the
-    /// answers. Channels to unsubscribe go first in the same write.
+    /// answers; `Ok(false)`, writing nothing, if `prepare` says no. Channels to
+    /// unsubscribe go first in the same write.
     fn write(
         &self,
         deadline: Instant,
         bytes: &[u8],
-        prepare: impl FnOnce(&mut State),
-    ) -> Result<(), ClientError> {
+        prepare: impl FnOnce(&mut State) -> bool,
+    ) -> Result<Wrote, ClientError> {
         let sh = &self.shared;
         loop {
             if sh.closed.load(Ordering::SeqCst) {
@@ -290,7 +341,9 @@ impl Link {
             }
             let mut out = {
                 let mut st = lock(&sh.state);
-                prepare(&mut st);
+                if !prepare(&mut st) {
+                    return Ok(Wrote::Declined);
+                }
                 let channels = std::mem::take(&mut st.unsubscribe);
                 wire::subscription("UNSUBSCRIBE", &channels)
             };
@@ -300,16 +353,24 @@ impl Link {
                 .set_write_timeout(Some(left))
                 .and_then(|()| writer.stream.write_all(&out));
             return match written {
-                Ok(()) => Ok(()),
+                Ok(()) => Ok(Wrote::Sent),
                 Err(e) => {
                     // Part of it may be written: the connection is out of step.
-                    // The reader thread sees it close and reconnects.
+                    // The reader thread sees it close and reconnects; until then
+                    // nobody writes on it.
                     writer.stream.shutdown();
-                    Err(if is_timeout(&e) {
-                        ClientError::Timeout(Duration::ZERO)
+                    let generation = writer.generation;
+                    *w = None;
+                    let mut st = lock(&sh.state);
+                    if st.generation == generation {
+                        st.up = false;
+                        st.last_error = e.to_string();
+                    }
+                    if is_timeout(&e) {
+                        Err(ClientError::Timeout(Duration::ZERO))
                     } else {
-                        ClientError::Connection(e.to_string())
-                    })
+                        Ok(Wrote::Broken)
+                    }
                 }
             };
         }
@@ -414,6 +475,11 @@ impl Link {
         // The reader thread ends on its own (its socket is shut, or it wakes
         // from a back-off pause): a close does not wait for a connect attempt.
         let _ = self.stop.try_send(());
+    }
+
+    /// Whether the connection is up now.
+    pub(crate) fn is_up(&self) -> bool {
+        lock(&self.shared.state).up
     }
 
     /// Whether [`Link::close`] was called.
@@ -646,6 +712,7 @@ fn install(sh: &Shared, conn: &mut Conn) -> u64 {
         }
         st.ids = 0..0;
         st.id_error = None;
+        st.epoch += 1;
     }
     st.connected_once = true;
     st.run_id = conn.run_id.clone();
@@ -789,7 +856,13 @@ fn lost(sh: &Shared, generation: u64, why: String) {
         if st.generation == generation {
             st.up = false;
             st.last_error = why.clone();
-            st.fifo.clear();
+            for slot in st.fifo.drain(..) {
+                if let Slot::Call { tx, .. } = slot {
+                    let _ = tx.send(Event::Failed(ClientError::Connection(format!(
+                        "connection lost before Redis acknowledged the request: {why}"
+                    ))));
+                }
+            }
             st.unsubscribe.clear();
             st.fetching = false;
             st.routes.retain(|_, r| {

@@ -259,12 +259,13 @@ impl Client {
     fn submit_with(&self, body: &[u8], opts: &CallOptions) -> Result<u64, ClientError> {
         let timeout = opts.timeout.unwrap_or(self.timeout);
         let deadline = Instant::now() + timeout;
-        let id = self.link.next_id(deadline).map_err(|e| timed(e, timeout))?;
-        let bytes =
-            wire::request_commands(None, &self.keys.request(id), body, &self.keys.queue(), id);
-        let call = self
+        let (id, call) = self
             .link
-            .start(deadline, &bytes, None)
+            .begin(deadline, |id| {
+                let key = self.keys.request(id);
+                let bytes = wire::request_commands(None, &key, body, &self.keys.queue(), id);
+                (bytes, None)
+            })
             .map_err(|e| timed(e, timeout))?;
         call.acknowledged(deadline).map_err(|e| timed(e, timeout))?;
         Ok(id)
@@ -275,28 +276,19 @@ impl Client {
     pub fn call(&self, body: &[u8], opts: &CallOptions) -> Result<Reply, ClientError> {
         let timeout = opts.timeout.unwrap_or(self.timeout);
         let deadline = Instant::now() + timeout;
-        let (id, channel) = loop {
-            let id = self.link.next_id(deadline).map_err(|e| timed(e, timeout))?;
-            let channel = if opts.msgpack {
-                self.keys.msgpack_channel(id)
-            } else {
-                self.keys.reply_channel(id)
-            };
-            // Only if the counter was set back under a running Redis.
-            if !self.link.awaited(&channel) {
-                break (id, channel);
-            }
-        };
-        let bytes = wire::request_commands(
-            Some(&channel),
-            &self.keys.request(id),
-            body,
-            &self.keys.queue(),
-            id,
-        );
-        let call = self
+        let (_, call) = self
             .link
-            .start(deadline, &bytes, Some(&channel))
+            .begin(deadline, |id| {
+                let channel = if opts.msgpack {
+                    self.keys.msgpack_channel(id)
+                } else {
+                    self.keys.reply_channel(id)
+                };
+                let key = self.keys.request(id);
+                let bytes =
+                    wire::request_commands(Some(&channel), &key, body, &self.keys.queue(), id);
+                (bytes, Some(channel))
+            })
             .map_err(|e| timed(e, timeout))?;
         let payload = call.reply(deadline).map_err(|e| timed(e, timeout))?;
         if opts.msgpack {
@@ -305,6 +297,12 @@ impl Client {
             Reply::from_json(&payload)
         }
         .map_err(ClientError::Protocol)
+    }
+
+    /// Whether the client's Redis connection is up now (it reconnects by itself
+    /// while it is not; calls made meanwhile wait for it within their timeout).
+    pub fn connected(&self) -> bool {
+        self.link.is_up()
     }
 
     /// Closes the client: calls in flight fail at once with
