@@ -133,8 +133,16 @@ fn an_id_taken_before_a_restart_is_not_sent_to_the_restarted_redis() {
         Duration::from_secs(10),
         || (!a.connected()).then_some(()),
     );
-    // Taken from the old block (id 2), it waits for the connection; the restarted
-    // Redis counts from 0 again, so id 2 would be anyone's: a new block is taken.
+    // While Redis is away a call fails at its deadline with a connection error.
+    let start = Instant::now();
+    let short = CallOptions::new().timeout(Duration::from_millis(200));
+    assert!(matches!(
+        a.request_with("hello", json!({}), &short),
+        Err(ClientError::Connection(m)) if m.contains("unavailable")
+    ));
+    assert!(start.elapsed() < Duration::from_millis(400));
+    // Taken from the old block (id 3), it waits for the connection; the restarted
+    // Redis counts from 0 again, so id 3 would be anyone's: a new block is taken.
     let id = a.send("hello", json!({}));
     down_rx.recv().expect("the restart");
     let redis = restarter.join().expect("the restarter");
@@ -389,4 +397,19 @@ fn user_source_and_delay_are_per_call() {
         c.request("hello", json!({})),
         Ok(Reply::Ok(json!("hello world!")))
     );
+}
+
+#[test]
+fn a_unix_socket_url_works() {
+    let dir = scratch("unix");
+    let path = dir.join("redis.sock");
+    let redis = Redis::start_with(&["--unixsocket", path.to_str().expect("a path")], None);
+    let _server = Server::start(&redis);
+    let url = format!("redis+unix://{}?db=1", path.display());
+    let c = Client::open(&url, Env::Dev).expect("a client over the socket");
+    assert_eq!(
+        c.request("echo", json!({"message": "unix"})),
+        Ok(Reply::Ok(json!("unix")))
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
