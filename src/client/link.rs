@@ -216,7 +216,7 @@ impl Link {
                 return Err(if st.up {
                     ClientError::Timeout(Duration::ZERO)
                 } else {
-                    ClientError::Connection(st.last_error.clone())
+                    ClientError::Connection(format!("redis unavailable: {}", st.last_error))
                 });
             }
             st = sh
