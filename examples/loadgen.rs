@@ -49,9 +49,8 @@
 //! loopback URL is accepted, and the program exits by itself. Output: one line per
 //! workload on stdout, in a fixed format; notes and mismatches go to stderr.
 
-use cerbas::client::Mode;
 use cerbas::protocol::{parse_queue_entry, parse_request, DEFAULT_PREFIX};
-use cerbas::{Client, Config, Env, Error, Keys, Reply};
+use cerbas::{Client, ClientError, Config, Env, Error, Keys, Reply};
 use redis::Connection;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -295,7 +294,7 @@ fn run(opts: &Opts) -> Result<(), String> {
     };
     // Fail early, and say so, if Redis or the server is not there.
     {
-        let mut c = cerbas.client()?;
+        let c = cerbas.client()?;
         match c.request("hello", json!({})) {
             Ok(Reply::Ok(v)) if v == json!("hello world!") => {}
             Ok(other) => return Err(format!("unexpected reply to hello: {other:?}")),
@@ -893,7 +892,8 @@ fn seed_case(i: u64) -> (&'static str, Value, Reply) {
 }
 
 fn seed(cerbas: &Target, n: u64, budget: Duration) -> Result<(), String> {
-    let mut c = cerbas.client()?;
+    let c = cerbas.client()?;
+    let mut sub = cerbas.conn()?;
     let deadline = Instant::now() + budget;
     let (mut done, mut wrong, mut hangs) = (0u64, 0u64, 0u64);
     let mut stopped = None;
@@ -908,36 +908,34 @@ fn seed(cerbas: &Target, n: u64, budget: Duration) -> Result<(), String> {
             break;
         }
         let (func, args, want) = seed_case(i);
-        let mode = Mode {
-            msgpack: i % 2 == 1,
-            subscribe_late: true,
-        };
+        let msgpack = i % 2 == 1;
         let body = c.body(func, args);
         done += 1;
-        match c.call(&body, mode) {
+        let got = call_late(&c, &mut sub, &body, msgpack);
+        if got.is_err() {
+            // After a timeout the subscriber may be out of step: start afresh.
+            sub = cerbas.conn()?;
+        }
+        match got {
             Ok(r) if r == want => {}
             Ok(r) => {
                 wrong += 1;
                 if wrong <= 5 {
-                    eprintln!(
-                        "seed: #{i} {func} msgpack={}: got {r:?}, want {want:?}",
-                        mode.msgpack
-                    );
+                    eprintln!("seed: #{i} {func} msgpack={msgpack}: got {r:?}, want {want:?}");
                 }
             }
-            Err(Error::ReplyTimeout(_)) => {
+            Err(ClientError::Timeout(_)) => {
                 hangs += 1;
                 if hangs <= 5 {
                     eprintln!(
-                        "seed: #{i} {func} msgpack={}: no reply within {REPLY_TIMEOUT:?}",
-                        mode.msgpack
+                        "seed: #{i} {func} msgpack={msgpack}: no reply within {REPLY_TIMEOUT:?}"
                     );
                 }
             }
             Err(e) => {
                 wrong += 1;
                 if wrong <= 5 {
-                    eprintln!("seed: #{i} {func} msgpack={}: {e}", mode.msgpack);
+                    eprintln!("seed: #{i} {func} msgpack={msgpack}: {e}");
                 }
             }
         }
@@ -948,6 +946,43 @@ fn seed(cerbas: &Target, n: u64, budget: Duration) -> Result<(), String> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The seed's steps: queue the request, then subscribe (after `RPUSH`) on a plain
+/// connection; the server's republish to late subscribers must cover the race.
+fn call_late(
+    c: &Client,
+    sub: &mut Connection,
+    body: &[u8],
+    msgpack: bool,
+) -> Result<Reply, ClientError> {
+    let id = c.submit(body)?;
+    let channel = if msgpack {
+        c.keys().msgpack_channel(id)
+    } else {
+        c.keys().reply_channel(id)
+    };
+    let lost = |e: redis::RedisError| ClientError::Connection(e.to_string());
+    let mut ps = sub.as_pubsub();
+    ps.subscribe(&channel).map_err(lost)?;
+    ps.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(lost)?;
+    let got = match ps.get_message() {
+        Ok(m) => {
+            let bytes = m.get_payload_bytes();
+            if msgpack {
+                Reply::from_msgpack(bytes)
+            } else {
+                Reply::from_json(bytes)
+            }
+            .map_err(ClientError::Protocol)
+        }
+        Err(e) if e.is_timeout() => Err(ClientError::Timeout(REPLY_TIMEOUT)),
+        Err(e) => Err(lost(e)),
+    };
+    if got.is_ok() {
+        ps.unsubscribe(&channel).map_err(lost)?;
+    }
+    got
 }
 
 /// The delay of request `i` of the `delay` workload, in ms: one step of an LCG

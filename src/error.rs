@@ -187,10 +187,44 @@ pub enum Error {
     /// A thread could not be started, or a file could not be read.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
-    /// A client waited longer than its timeout for a reply.
+}
+
+/// Why a [`Client`](crate::Client) call did not return a reply. Every failure of the
+/// client is one of these: no Redis or I/O error type leaks out.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ClientError {
+    /// No reply within the call's timeout (the server is slow or down, Redis is
+    /// frozen, or the function answers nothing). The request may still run.
     #[error("no reply within {0:?}")]
-    ReplyTimeout(std::time::Duration),
-    /// A reply could not be decoded.
-    #[error("bad reply: {0}")]
-    BadReply(String),
+    Timeout(std::time::Duration),
+    /// Redis cannot be reached, the connection broke before Redis acknowledged the
+    /// request, or Redis restarted while the call waited (its reply is lost).
+    #[error("connection: {0}")]
+    Connection(String),
+    /// Redis answered a command with an error (`OOM`, `MISCONF`, `NOPERM`, ...).
+    #[error("redis refused: {0}")]
+    Refused(String),
+    /// A reply or a Redis answer that cannot be decoded.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The function answered `{"status": "error"}` with this message (only from
+    /// the calls that turn replies into results, such as
+    /// [`Client::invoke`](crate::Client::invoke)).
+    #[error("error reply: {0}")]
+    Reply(String),
+    /// The client was closed (before or during the call).
+    #[error("the client is closed")]
+    Closed,
+    /// The URL or the environment does not name a usable Redis.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl From<Error> for ClientError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Config(m) | Error::Unusable(m) => ClientError::Config(m),
+            other => ClientError::Connection(other.to_string()),
+        }
+    }
 }

@@ -36,7 +36,7 @@
 //! |---|---|
 //! | [`protocol`] | key and channel names, request parsing, reply encoding; pure |
 //! | [`config`] | the configuration: file, environment, flags, validation |
-//! | [`error`] | [`RequestError`] (one per bad-request case) and [`Error`] |
+//! | [`error`] | [`RequestError`] (one per bad-request case), [`Error`] and [`ClientError`] |
 //! | [`registry`] | function name → typed handler and its [`Options`] |
 //! | [`context`] | what a function gets: caller, deadline, Redis, shutdown |
 //! | `job` | data between threads: jobs, replies, ids in hand, counters |
@@ -54,7 +54,7 @@
 //! | [`connection`] | connecting and reconnecting; the pool lent to functions |
 //! | [`shutdown`] | the signal every loop watches |
 //! | `server` | [`run`]: starts and stops the threads in order |
-//! | [`client`] | a blocking Rust client |
+//! | [`client`] | a blocking Rust client, shareable between threads (`src/client/`) |
 //! | [`cron`] | CRONTAB: schedules, the file, the cron thread (`src/cron/`) |
 //!
 //! The binary (`src/main.rs`) adds flags, logging and signals, and registers the
@@ -100,10 +100,10 @@ mod server;
 pub mod shutdown;
 pub mod timer;
 
-pub use client::Client;
+pub use client::{CallOptions, Client};
 pub use config::{Config, Env, Overrides};
 pub use context::{Context, Origin};
-pub use error::{Error, FnError, RequestError};
+pub use error::{ClientError, Error, FnError, RequestError};
 pub use job::Stats;
 pub use protocol::{Keys, Reply, Request};
 pub use registry::{Answer, IntoAnswer, NoArgs, Options, Registry};

@@ -4,7 +4,6 @@
 
 mod common;
 
-use cerbas::client::Mode;
 use cerbas::Reply;
 use common::*;
 use serde_json::json;
@@ -16,9 +15,9 @@ fn assert_still_serving(c: &mut cerbas::Client) {
     );
 }
 
-fn error_for(c: &mut cerbas::Client, body: &[u8]) -> String {
+fn error_for(redis: &Redis, c: &cerbas::Client, body: &[u8]) -> String {
     for mode in [Mode::default(), late(true)] {
-        match c.call(body, mode).expect("a reply") {
+        match redis.call_mode(c, body, mode) {
             Reply::Error(m) if mode.msgpack => return m,
             Reply::Error(_) => {}
             other => panic!("expected an error for {body:?}, got {other:?}"),
@@ -97,7 +96,7 @@ fn every_bad_body_gets_its_error_reply_and_the_server_goes_on() {
         ),
     ];
     for (body, want) in cases {
-        let got = error_for(&mut c, &body);
+        let got = error_for(&redis, &c, &body);
         assert!(got.starts_with(want), "wanted {want:?}, got {got:?}");
         assert_still_serving(&mut c);
     }
@@ -106,18 +105,14 @@ fn every_bad_body_gets_its_error_reply_and_the_server_goes_on() {
 /// Takes a new id, lets `setup` put whatever it likes in Redis for it (it must
 /// queue the id), and waits for the reply.
 fn reply_after(redis: &Redis, setup: impl FnOnce(u64) -> redis::Pipeline) -> Reply {
-    let mut c = redis.client();
     let id: u64 = redis::cmd("INCR")
         .arg("CERBAS-COUNTER")
         .query(&mut redis.conn())
         .unwrap();
     let pipe = setup(id);
-    c.call_id(
-        id,
-        |_| pipe.query::<()>(&mut redis.conn()).map_err(Into::into),
-        Mode::default(),
-    )
-    .unwrap()
+    redis.reply_for(id, false, || {
+        pipe.query::<()>(&mut redis.conn()).expect("set it up");
+    })
 }
 
 #[test]

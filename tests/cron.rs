@@ -457,7 +457,7 @@ fn a_slow_entry_delays_neither_other_entries_nor_the_queue() {
     let fast = get_int(&mut conn, "CERBAS-TALLY-fast");
     // …while the fast entry runs every second and a client is answered at once.
     let asked = Instant::now();
-    let mut c = redis.client();
+    let c = redis.client();
     assert_eq!(
         c.request("hello", serde_json::Value::Null).ok(),
         Some(cerbas::Reply::Ok("hello world!".into()))

@@ -549,19 +549,13 @@ fn a_wrong_typed_snapshot_index_costs_the_server_nothing_else() {
     assert!(body(&r).contains("redis refused a read"), "{}", body(&r));
     // Heartbeat and delayed requests go on at their pace for 4 s of refusals:
     // each 50 ms delay is served well within a second.
-    let mut client = redis.client();
+    let client = redis.client();
     let started = std::time::Instant::now();
     let mut served = 0;
     while started.elapsed() < 4 * SECS {
         let t = std::time::Instant::now();
         let body = json!({"func": "hello", "args": {}, "user": "foo", "source": "cerbastest", "delay": 50});
-        let reply = client.call(
-            body.to_string().as_bytes(),
-            cerbas::client::Mode {
-                msgpack: false,
-                subscribe_late: false,
-            },
-        );
+        let reply = client.call(body.to_string().as_bytes(), &cerbas::CallOptions::default());
         assert!(reply.is_ok(), "{reply:?}");
         assert!(t.elapsed() < SECS, "a 50 ms delay took {:?}", t.elapsed());
         served += 1;

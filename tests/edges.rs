@@ -68,38 +68,30 @@ fn a_delayed_request_is_stored_as_the_client_sent_it_and_served_when_due() {
     let mut conn = redis.conn();
     let id = next_id(&mut conn);
     let mut stored = None;
-    let reply = redis
-        .client()
-        .call_id(
-            id,
-            |_| {
-                redis::pipe()
-                    .cmd("SET")
-                    .arg(format!("CERBAS-REQ-{id:010}"))
-                    .arg(&body)
-                    .cmd("RPUSH")
-                    .arg("CERBAS-QUEUE")
-                    .arg(id)
-                    .query::<()>(&mut conn)
-                    .expect("queue the request");
-                // While it waits in CERBAS-DELAYED, its body is what is stored.
-                wait_for("the request to be put off", Duration::from_secs(20), || {
-                    let score: Option<f64> = redis::cmd("ZSCORE")
-                        .arg("CERBAS-DELAYED")
-                        .arg(id)
-                        .query(&mut conn)
-                        .expect("ZSCORE");
-                    score.map(|_| ())
-                });
-                stored = redis::cmd("GET")
-                    .arg(format!("CERBAS-REQ-{id:010}"))
-                    .query::<Option<String>>(&mut conn)
-                    .expect("GET");
-                Ok(())
-            },
-            cerbas::client::Mode::default(),
-        )
-        .expect("a reply");
+    let reply = redis.reply_for(id, false, || {
+        redis::pipe()
+            .cmd("SET")
+            .arg(format!("CERBAS-REQ-{id:010}"))
+            .arg(&body)
+            .cmd("RPUSH")
+            .arg("CERBAS-QUEUE")
+            .arg(id)
+            .query::<()>(&mut conn)
+            .expect("queue the request");
+        // While it waits in CERBAS-DELAYED, its body is what is stored.
+        wait_for("the request to be put off", Duration::from_secs(20), || {
+            let score: Option<f64> = redis::cmd("ZSCORE")
+                .arg("CERBAS-DELAYED")
+                .arg(id)
+                .query(&mut conn)
+                .expect("ZSCORE");
+            score.map(|_| ())
+        });
+        stored = redis::cmd("GET")
+            .arg(format!("CERBAS-REQ-{id:010}"))
+            .query::<Option<String>>(&mut conn)
+            .expect("GET");
+    });
     assert_eq!(reply, ok(json!(vec![9e15; 40])));
     assert_eq!(stored, Some(format!("{{{fields}}}")));
 }
@@ -408,7 +400,7 @@ fn serve(args: &[&str]) -> (Redis, Server) {
 #[test]
 fn sum_is_exact_over_the_64_bit_range_and_never_null() {
     let (redis, _server) = serve(&[]);
-    let mut c = redis.client();
+    let c = redis.client();
     assert_eq!(
         c.request("sum", json!({"a": u64::MAX, "b": -1})).unwrap(),
         ok(json!(u64::MAX - 1))
@@ -431,7 +423,7 @@ fn the_documented_nesting_depth_is_accepted() {
     );
     let reply = redis
         .client()
-        .call(body.as_bytes(), cerbas::client::Mode::default())
+        .call(body.as_bytes(), &cerbas::CallOptions::default())
         .unwrap();
     assert!(matches!(reply, Reply::Ok(_)), "{reply:?}");
 }
@@ -441,25 +433,18 @@ fn a_wrong_typed_fallback_key_is_named_as_it_is() {
     let (redis, _server) = serve(&[]);
     let mut conn = redis.conn();
     let id = next_id(&mut conn);
-    let reply = redis
-        .client()
-        .call_id(
-            id,
-            |_| {
-                redis::pipe()
-                    .cmd("HSET")
-                    .arg(format!("CERBAS-REQUEST-{id:010}"))
-                    .arg("func")
-                    .arg("hello")
-                    .cmd("RPUSH")
-                    .arg("CERBAS-QUEUE")
-                    .arg(id)
-                    .query::<()>(&mut conn)
-                    .map_err(Into::into)
-            },
-            cerbas::client::Mode::default(),
-        )
-        .unwrap();
+    let reply = redis.reply_for(id, false, || {
+        redis::pipe()
+            .cmd("HSET")
+            .arg(format!("CERBAS-REQUEST-{id:010}"))
+            .arg("func")
+            .arg("hello")
+            .cmd("RPUSH")
+            .arg("CERBAS-QUEUE")
+            .arg(id)
+            .query::<()>(&mut conn)
+            .expect("queue it");
+    });
     let Reply::Error(m) = reply else {
         panic!("expected an error, got {reply:?}")
     };
@@ -523,7 +508,7 @@ fn one_user_cannot_take_every_worker() {
     // Six calls that hold their thread 6 s each, past their 300 ms deadline.
     let callers: Vec<_> = (0..6)
         .map(|_| {
-            let mut c = client_as(&redis, "foo");
+            let c = client_as(&redis, "foo");
             std::thread::spawn(move || c.request("slow", json!({})))
         })
         .collect();
@@ -554,7 +539,7 @@ fn one_user_cannot_take_every_worker() {
     );
     // Once foo's calls return (not at their deadline: they held their threads
     // until then), foo is served again.
-    let mut foo = client_as(&redis, "foo");
+    let foo = client_as(&redis, "foo");
     wait_for("foo's calls to return", Duration::from_secs(30), || {
         (foo.request("hello", json!({})).unwrap() == ok(json!("hello world!"))).then_some(())
     });
@@ -570,10 +555,10 @@ fn a_function_limit_holds_for_every_caller() {
         &[("RUST_LOG", "debug")],
     );
     server.wait_ready(&redis);
-    let mut tom = client_as(&redis, "tom");
+    let tom = client_as(&redis, "tom");
     let first = std::thread::spawn(move || tom.request("sleep", json!({"ms": 2000})));
     server.wait_log("sleep from user", 1);
-    let mut foo = client_as(&redis, "foo");
+    let foo = client_as(&redis, "foo");
     assert_eq!(
         foo.request("sleep", json!({"ms": 10})).unwrap(),
         Reply::Error(

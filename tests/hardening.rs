@@ -78,7 +78,7 @@ fn a_stop_does_not_wait_for_a_call_already_answered() {
     let redis = Redis::start();
     let config = config_with("drain_timeout_ms = 6000\n[functions.slow]\ntimeout_ms = 200\n");
     let mut server = Server::start_args(&redis, &["--config", config.to_str().expect("path")]);
-    let mut c = redis.client();
+    let c = redis.client();
     assert_eq!(
         c.request("slow", json!({})).expect("reply"),
         cerbas::Reply::Error("timeout".into())

@@ -175,14 +175,14 @@ fn pooled_connections_are_replaced_after_a_redis_restart() {
     // `redis_pool_size` is 8 in the shipped config: eight sequential calls open all
     // eight (the pool lends its unopened slots first).
     let pool = 8;
-    let mut c = redis.client();
+    let c = redis.client();
     for i in 0..pool {
         let r = c.request("tally", json!({"name": format!("warm{i}")}));
         assert_eq!(r.expect("a reply"), Reply::Ok(json!(1)));
     }
     drop(c);
     redis.restart(Duration::from_millis(200));
-    let mut c = redis.client();
+    let c = redis.client();
     let mut failed = Vec::new();
     for i in 0..pool {
         match c.request("tally", json!({"name": format!("after{i}")})) {

@@ -152,7 +152,7 @@ fn a_reply_in_flight_across_a_13s_stall_is_published_once() {
     signal(pid, libc::SIGCONT);
     eprintln!("redis stopped {:.1}s", stopped.elapsed().as_secs_f64());
     // A round trip after the stall goes through the publisher after any resend.
-    let mut client = redis.client();
+    let client = redis.client();
     wait_for("a hello after the stall", Duration::from_secs(30), || {
         client.request("hello", serde_json::Value::Null).ok()
     });
@@ -234,7 +234,7 @@ fn a_refused_ack_never_runs_a_request_again() {
         || (request_keys(&mut conn) == 0 && in_processing(&mut conn) == 0).then_some(()),
     );
     // A round trip after heal: the publisher has sent whatever a rerun would send.
-    let mut client = redis.client();
+    let client = redis.client();
     wait_for("a hello after the heal", Duration::from_secs(30), || {
         client.request("hello", serde_json::Value::Null).ok()
     });
@@ -352,7 +352,7 @@ fn reply_false_publishes_nothing() {
     let redis = Redis::start();
     let server = Server::start(&redis);
     let mut conn = redis.conn();
-    let mut client = redis.client();
+    let client = redis.client();
     redis::cmd("CONFIG")
         .arg("RESETSTAT")
         .query::<()>(&mut conn)
@@ -389,7 +389,7 @@ fn reply_false_publishes_nothing() {
     // A reply that is not a boolean is refused like any bad field.
     let bad = json!({"func": "hello", "user": "foo", "source": "web", "reply": "no"});
     let reply = client
-        .call(bad.to_string().as_bytes(), Default::default())
+        .call(bad.to_string().as_bytes(), &Default::default())
         .expect("a reply");
     assert_eq!(
         reply,

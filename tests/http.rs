@@ -1025,7 +1025,7 @@ fn metrics_are_prometheus_text_and_count_what_happened() {
     assert_eq!(must_get(&plug.url("/api/nap")).0, 504);
     assert_eq!(must_get(&plug.url("/nowhere")).0, 404);
     // A request from Redis counts on the same path.
-    let mut client = redis.client().identity("tom", "web");
+    let client = redis.client().identity("tom", "web");
     assert!(client.request("hello", json!({})).is_ok());
     let mut conn = redis.conn();
     let _: () = redis::cmd("RPUSH")

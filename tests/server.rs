@@ -4,7 +4,6 @@
 
 mod common;
 
-use cerbas::client::Mode;
 use cerbas::{Env, Reply};
 use common::*;
 use serde_json::{json, Value};
@@ -22,7 +21,7 @@ fn err(m: &str) -> Reply {
 fn every_example_function_answers_in_json_and_msgpack_to_a_late_subscriber() {
     let redis = Redis::start();
     let _server = Server::start(&redis);
-    let mut c = redis.client();
+    let c = redis.client();
     let cases = [
         ("hello", json!({}), ok(json!("hello world!"))),
         ("echo", json!({"message": "ü€😀"}), ok(json!("ü€😀"))),
@@ -49,7 +48,7 @@ fn every_example_function_answers_in_json_and_msgpack_to_a_late_subscriber() {
                 },
             ] {
                 let body = c.body(func, args.clone());
-                let got = c.call(&body, mode).expect("a reply");
+                let got = redis.call_mode(&c, &body, mode);
                 assert_eq!(got, want, "{func} {mode:?}");
             }
         }
@@ -65,7 +64,7 @@ fn every_example_function_answers_in_json_and_msgpack_to_a_late_subscriber() {
 fn slow_gets_timeout_under_the_default_deadline() {
     let redis = Redis::start();
     let _server = Server::start(&redis);
-    let mut c = redis.client();
+    let c = redis.client();
     let start = Instant::now();
     assert_eq!(c.request("slow", json!({})).unwrap(), err("timeout"));
     // The deadline is 5 s: not earlier.
@@ -76,7 +75,7 @@ fn slow_gets_timeout_under_the_default_deadline() {
 fn tally_uses_redis_through_the_context() {
     let redis = Redis::start();
     let _server = Server::start(&redis);
-    let mut c = redis.client();
+    let c = redis.client();
     for n in 1..=3 {
         assert_eq!(
             c.request("tally", json!({"name": "t"})).unwrap(),
@@ -90,7 +89,7 @@ fn tally_uses_redis_through_the_context() {
 fn a_subscriber_that_comes_late_still_gets_the_reply() {
     let redis = Redis::start();
     let _server = Server::start(&redis);
-    let mut c = redis.client();
+    let c = redis.client();
     let body = c.body("hello", json!({}));
     let id = c.submit(&body).unwrap();
     // Subscribe well after the server has answered (the grace period is 5 s).
@@ -102,7 +101,7 @@ fn a_subscriber_that_comes_late_still_gets_the_reply() {
         (!exists).then_some(())
     });
     std::thread::sleep(Duration::from_millis(300));
-    let got = c.call_id(id, |_| Ok(()), late(false)).unwrap();
+    let got = redis.reply_for(id, false, || ());
     assert_eq!(got, ok(json!("hello world!")));
 }
 
@@ -110,32 +109,26 @@ fn a_subscriber_that_comes_late_still_gets_the_reply() {
 fn the_request_fallback_key_is_read_when_req_is_missing() {
     let redis = Redis::start();
     let _server = Server::start(&redis);
-    let mut c = redis.client();
+    let c = redis.client();
     let mut conn = redis.conn();
     let id: u64 = redis::cmd("INCR")
         .arg("CERBAS-COUNTER")
         .query(&mut conn)
         .unwrap();
     let body = c.body("echo", json!({"message": "old client"}));
-    let reply = c
-        .call_id(
-            id,
-            |c| {
-                let key = c.keys().request_fallback(id);
-                let queue = c.keys().queue();
-                redis::pipe()
-                    .cmd("SET")
-                    .arg(key)
-                    .arg(&body)
-                    .cmd("RPUSH")
-                    .arg(queue)
-                    .arg(id)
-                    .query::<()>(&mut redis.conn())
-                    .map_err(Into::into)
-            },
-            Mode::default(),
-        )
-        .unwrap();
+    let reply = redis.reply_for(id, false, || {
+        let key = c.keys().request_fallback(id);
+        let queue = c.keys().queue();
+        redis::pipe()
+            .cmd("SET")
+            .arg(key)
+            .arg(&body)
+            .cmd("RPUSH")
+            .arg(queue)
+            .arg(id)
+            .query::<()>(&mut redis.conn())
+            .expect("queue it");
+    });
     assert_eq!(reply, ok(json!("old client")));
     let left: bool = redis::cmd("EXISTS")
         .arg(c.keys().request_fallback(id))
@@ -195,7 +188,7 @@ fn a_batch_taken_at_once_reads_both_key_names_and_skips_a_missing_body() {
 #[test]
 fn requests_waiting_before_start_are_served_and_the_counter_is_kept() {
     let redis = Redis::start();
-    let mut c = redis.client();
+    let c = redis.client();
     let ids: Vec<u64> = (0..5)
         .map(|_| c.send("tally", json!({"name": "early"})).unwrap())
         .collect();
@@ -212,7 +205,7 @@ fn requests_waiting_before_start_are_served_and_the_counter_is_kept() {
 fn nothing_is_left_in_redis_after_the_replies() {
     let redis = Redis::start();
     let _server = Server::start(&redis);
-    let mut c = redis.client();
+    let c = redis.client();
     for _ in 0..20 {
         c.request("hello", json!({})).unwrap();
     }
@@ -226,11 +219,11 @@ fn nothing_is_left_in_redis_after_the_replies() {
 fn a_delayed_request_runs_no_earlier_than_its_delay() {
     let redis = Redis::start();
     let _server = Server::start(&redis);
-    let mut c = redis.client();
+    let c = redis.client();
     let body = json!({"func": "hello", "user": "foo", "source": "web", "delay": 400});
     let start = Instant::now();
     let got = c
-        .call(body.to_string().as_bytes(), Mode::default())
+        .call(body.to_string().as_bytes(), &cerbas::CallOptions::default())
         .unwrap();
     assert_eq!(got, ok(json!("hello world!")));
     assert!(start.elapsed() >= Duration::from_millis(400));
@@ -244,7 +237,7 @@ fn the_default_pool_runs_a_hundred_sleeping_calls_at_once() {
     let start = Instant::now();
     let callers: Vec<_> = (0..100)
         .map(|_| {
-            let mut c = redis.client();
+            let c = redis.client();
             std::thread::spawn(move || c.request("sleep", json!({"ms": 3000})))
         })
         .collect();
@@ -280,7 +273,7 @@ fn the_environment_chooses_redis_and_db_and_flags_win() {
         &[],
         &[("CERBAS_REDIS_URL", &redis.url()), ("CERBAS_ENV", "prod")],
     );
-    let mut c = cerbas::Client::open(&redis.url(), Env::Prod)
+    let c = cerbas::Client::open(&redis.url(), Env::Prod)
         .unwrap()
         .identity("foo", "web");
     assert_eq!(c.keys().reply_channel(1), "CERBAS-RESPONSE-8-0000000001");
@@ -336,33 +329,27 @@ fn ids_taken_before_a_broken_connection_are_served_after_it() {
         .and_then(|s| s.split(';').next())
         .expect("instance name in the log")
         .to_string();
-    let mut c = redis.client();
+    let c = redis.client();
     let id: u64 = redis::cmd("INCR")
         .arg("CERBAS-COUNTER")
         .query(&mut redis.conn())
         .unwrap();
     let body = c.body("echo", json!({"message": "recovered"}));
-    let reply = c
-        .call_id(
-            id,
-            |c| {
-                let mut conn = redis.conn();
-                // As if BLMOVE had moved the id but its reply was lost with the socket.
-                redis::pipe()
-                    .cmd("SET")
-                    .arg(c.keys().request(id))
-                    .arg(&body)
-                    .cmd("RPUSH")
-                    .arg(format!("CERBAS-PROCESSING-{instance}"))
-                    .arg(id)
-                    .cmd("CLIENT")
-                    .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
-                    .query::<()>(&mut conn)
-                    .map_err(Into::into)
-            },
-            Mode::default(),
-        )
-        .unwrap();
+    let reply = redis.reply_for(id, false, || {
+        let mut conn = redis.conn();
+        // As if BLMOVE had moved the id but its reply was lost with the socket.
+        redis::pipe()
+            .cmd("SET")
+            .arg(c.keys().request(id))
+            .arg(&body)
+            .cmd("RPUSH")
+            .arg(format!("CERBAS-PROCESSING-{instance}"))
+            .arg(id)
+            .cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .query::<()>(&mut conn)
+            .expect("queue it");
+    });
     assert_eq!(reply, ok(json!("recovered")));
     assert!(server.log_text().contains("redis unavailable"));
 }
@@ -378,7 +365,7 @@ fn calls_stuck_past_their_deadline_do_not_shrink_the_pool() {
     // past its deadline), on a pool of two.
     let stuck: Vec<_> = (0..5)
         .map(|_| {
-            let mut c = redis.client();
+            let c = redis.client();
             std::thread::spawn(move || c.request("slow", json!({})))
         })
         .collect();
@@ -389,7 +376,7 @@ fn calls_stuck_past_their_deadline_do_not_shrink_the_pool() {
     // runs two at once.
     let pair: Vec<_> = (0..2)
         .map(|_| {
-            let mut c = redis.client();
+            let c = redis.client();
             std::thread::spawn(move || c.request("sleep", json!({"ms": 700})))
         })
         .collect();
@@ -411,7 +398,7 @@ fn replacements_stop_at_max_hung_workers() {
         "workers = 1\nmax_hung_workers = 1\ndrain_timeout_ms = 300\n[functions.slow]\ntimeout_ms = 300\n",
     );
     let server = Server::start_args(&redis, &["--config", config.to_str().unwrap()]);
-    let mut c = redis.client();
+    let c = redis.client();
     assert_eq!(c.request("slow", json!({})).unwrap(), err("timeout"));
     assert_eq!(c.request("slow", json!({})).unwrap(), err("timeout"));
     let log = wait_for("the cap to be logged", Duration::from_secs(10), || {
@@ -437,7 +424,7 @@ fn ok_replies_are_cached_per_function_and_arguments_errors_never() {
             json!({"func": "tally", "args": serde_json::from_str::<Value>(body).unwrap(), "user": "foo", "source": "web"})
                 .to_string()
                 .as_bytes(),
-            Mode::default(),
+            &cerbas::CallOptions::default(),
         )
         .unwrap()
     };

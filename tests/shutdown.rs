@@ -13,14 +13,13 @@ use std::time::{Duration, Instant};
 fn halt_answers_then_the_server_exits_0() {
     let redis = Redis::start();
     let mut server = Server::start(&redis);
-    let mut c = redis.client();
+    let c = redis.client();
     let start = Instant::now();
-    let reply = c
-        .call(
-            c.body("halt", json!({"delay": 1000})).as_slice(),
-            late(false),
-        )
-        .unwrap();
+    let reply = redis.call_mode(
+        &c,
+        c.body("halt", json!({"delay": 1000})).as_slice(),
+        late(false),
+    );
     assert_eq!(reply, Reply::Ok(json!("")));
     let status = server.wait_exit(Duration::from_secs(15)).expect("exit");
     assert_eq!(status.code(), Some(0));
@@ -33,7 +32,7 @@ fn halt_answers_then_the_server_exits_0() {
 fn signal_under_load(sig: i32) {
     let redis = Redis::start();
     let mut server = Server::start(&redis);
-    let mut c = redis.client();
+    let c = redis.client();
     let n = 3000;
     let name = format!("sig{sig}");
     let key = format!("CERBAS-TALLY-{name}");
@@ -89,7 +88,7 @@ fn calls_past_the_drain_deadline_go_back_to_the_queue() {
         &[("RUST_LOG", "debug")],
     );
     server.wait_ready(&redis);
-    let mut c = redis.client();
+    let c = redis.client();
     let ids: Vec<u64> = (0..3)
         .map(|_| c.send("sleep", json!({"ms": 4000})).unwrap())
         .collect();
@@ -120,7 +119,7 @@ fn a_second_ctrl_c_exits_at_once() {
     let redis = Redis::start();
     let mut server = Server::spawn(&redis, &[], &[("RUST_LOG", "debug")]);
     server.wait_ready(&redis);
-    let mut c = redis.client();
+    let c = redis.client();
     for _ in 0..3 {
         c.send("slow", json!({})).unwrap();
     }
@@ -143,7 +142,7 @@ fn a_stop_while_redis_is_down_does_not_hang() {
     let redis = Redis::start();
     let mut server = Server::spawn(&redis, &[], &[("RUST_LOG", "debug")]);
     server.wait_ready(&redis);
-    let mut c = redis.client();
+    let c = redis.client();
     c.send("sleep", json!({"ms": 1000})).unwrap();
     wait_for("the sleep to start", Duration::from_secs(10), || {
         server.log_text().contains("sleep from user").then_some(())

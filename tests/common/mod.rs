@@ -3,8 +3,7 @@
 //! with deadlines (a reply, a PING, a process exit), never bare sleeps.
 #![allow(dead_code)]
 
-use cerbas::client::Mode;
-use cerbas::{Client, Env, Reply};
+use cerbas::{CallOptions, Client, Env, Reply};
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -252,7 +251,7 @@ impl Server {
     }
 
     pub fn wait_ready(&self, redis: &Redis) {
-        let mut c = redis.client();
+        let c = redis.client();
         let reply = c.request("hello", Value::Null);
         assert_eq!(
             reply.ok(),
@@ -315,11 +314,59 @@ impl Drop for Server {
     }
 }
 
+/// How a test waits for a reply: JSON or msgpack; through the client (which
+/// subscribes before it pushes) or, `subscribe_late`, as the seed's steps and its
+/// Python client do: subscribe after `RPUSH` (the server must cover that race).
+/// The client has no such mode: tests do it with plain Redis commands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mode {
+    pub msgpack: bool,
+    pub subscribe_late: bool,
+}
+
 /// The seed's steps literally: subscribe after RPUSH.
 pub fn late(msgpack: bool) -> Mode {
     Mode {
         msgpack,
         subscribe_late: true,
+    }
+}
+
+impl Redis {
+    /// Sends the raw request `body` with `c` and waits for its reply as `mode` says.
+    pub fn call_mode(&self, c: &Client, body: &[u8], mode: Mode) -> Reply {
+        if !mode.subscribe_late {
+            let opts = CallOptions::new().msgpack(mode.msgpack);
+            return c.call(body, &opts).expect("a reply");
+        }
+        let id = c.submit(body).expect("queue the request");
+        self.reply_for(id, mode.msgpack, || ())
+    }
+
+    /// Subscribes to the reply channel of request `id` (db 1) on a plain
+    /// connection, runs `queue` (which puts the request in Redis, or not), and
+    /// waits up to 20 s for the reply.
+    pub fn reply_for(&self, id: u64, msgpack: bool, queue: impl FnOnce()) -> Reply {
+        let channel = format!("CERBAS-RESPONSE-1-{id:010}");
+        let channel = if msgpack {
+            format!("MSGPACK:{channel}")
+        } else {
+            channel
+        };
+        let mut conn = self.conn();
+        let mut ps = conn.as_pubsub();
+        ps.subscribe(&channel).expect("SUBSCRIBE");
+        queue();
+        ps.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("a read timeout");
+        let msg = ps.get_message().expect("a reply within 20 s");
+        let bytes = msg.get_payload_bytes();
+        if msgpack {
+            Reply::from_msgpack(bytes)
+        } else {
+            Reply::from_json(bytes)
+        }
+        .expect("a well-formed reply")
     }
 }
 

@@ -1,0 +1,885 @@
+//! The one Redis connection a [`Client`](super::Client) shares between all its
+//! callers, and the reader thread behind it.
+//!
+//! The connection speaks RESP3, where a subscribed connection may still send any
+//! command and Redis runs a connection's commands in order. So one write holds a
+//! request's `SUBSCRIBE`, `SET` and `RPUSH`: the subscription is in place before
+//! the request is queued, at no extra round trip. Callers write under a lock (the
+//! answers to commands come back in write order, so each write appends its
+//! "slots" to a FIFO under the same lock); the reader thread reads every frame,
+//! hands each answer to the oldest slot and each published message to the caller
+//! waiting on its channel (a crossbeam channel per call).
+//!
+//! After a broken connection the reader thread reconnects with back-off. If
+//! Redis has the same `run_id`, the channels still awaited are subscribed again
+//! (a reply published meanwhile is republished by the server for 5 s); if Redis
+//! restarted, every call in flight fails at once (its id may be reused by
+//! another request: a caller must never get another request's reply) and the
+//! id block is dropped. A call whose request Redis had not yet acknowledged fails
+//! at once with a connection error.
+//!
+//! Not for: building request bodies or decoding replies (`mod.rs`), frame parsing
+//! rules (`wire.rs`).
+
+use super::wire::{self, Frame, ID_BLOCK};
+use crate::error::ClientError;
+use crossbeam_channel::{Receiver, Sender};
+use redis::{ConnectionAddr, ConnectionInfo, Value};
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufReader, Read, Write};
+use std::net::{Shutdown as NetShutdown, TcpStream, ToSocketAddrs};
+use std::ops::Range;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// The longest a connect and its handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// What the reader thread tells a waiting caller.
+pub(crate) enum Event {
+    /// Redis answered one of the call's commands (`SET`, `RPUSH`).
+    Ack(Result<(), String>),
+    /// The reply published on the call's channel.
+    Message(Vec<u8>),
+    /// The call cannot get its reply.
+    Failed(ClientError),
+}
+
+/// What became of a write.
+enum Wrote {
+    Sent,
+    /// `prepare` said no: nothing was written.
+    Declined,
+    /// The connection broke before all of it was written. The last command of
+    /// every write is whole only once all is written, so it did not run: the
+    /// write may be tried again on the next connection.
+    Broken,
+}
+
+/// Who waits for the answer to a command written on the connection.
+enum Slot {
+    /// A call's command; `queued` names the call's channel on its `RPUSH`, whose
+    /// success means the request is in Redis.
+    Call {
+        tx: Sender<Event>,
+        queued: Option<(String, u64)>,
+    },
+    /// The `INCRBY` of an id block.
+    Ids,
+}
+
+/// A caller waiting for the reply on a channel.
+struct Route {
+    token: u64,
+    tx: Sender<Event>,
+    /// Redis has acknowledged the request (its `RPUSH`): the call survives a
+    /// reconnect to the same Redis.
+    queued: bool,
+}
+
+/// The state shared between callers and the reader thread.
+struct State {
+    /// Generation of the current connection; `up` while it is usable.
+    generation: u64,
+    up: bool,
+    /// Why the last connection attempt or connection failed.
+    last_error: String,
+    /// Slots for the answers still due on the current connection, oldest first.
+    fifo: VecDeque<Slot>,
+    routes: HashMap<String, Route>,
+    /// Channels to unsubscribe with the next write.
+    unsubscribe: Vec<String>,
+    ids: Range<u64>,
+    /// An `INCRBY` is on its way.
+    fetching: bool,
+    /// The last `INCRBY` failed with this.
+    id_error: Option<ClientError>,
+    /// Counts the Redis restarts seen: an id belongs to the epoch it was taken in,
+    /// and is not sent to another (after a restart the counter may give it again).
+    epoch: u64,
+    /// `run_id` of the Redis of the current (or last) connection; `None` before
+    /// the first or when `INFO` is not allowed.
+    run_id: Option<String>,
+    connected_once: bool,
+    next_token: u64,
+}
+
+/// The write half of the current connection.
+struct Writer {
+    stream: Stream,
+    generation: u64,
+}
+
+struct Shared {
+    info: ConnectionInfo,
+    counter: String,
+    state: Mutex<State>,
+    /// Signalled when `up`, the ids or `closed` change.
+    changed: Condvar,
+    writer: Mutex<Option<Writer>>,
+    closed: AtomicBool,
+}
+
+/// Locks, recovering from a panicked holder: the state stays consistent at every
+/// unlock (no code panics while holding it).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The shared connection and its reader thread.
+pub(crate) struct Link {
+    shared: Arc<Shared>,
+    stop: Sender<()>,
+}
+
+impl Link {
+    /// Connects (failing if Redis cannot be reached within `timeout`) and starts the
+    /// reader thread.
+    pub(crate) fn open(
+        info: ConnectionInfo,
+        counter: String,
+        timeout: Duration,
+    ) -> Result<Link, ClientError> {
+        let mut conn = connect(&info, timeout.min(CONNECT_TIMEOUT))?;
+        let shared = Arc::new(Shared {
+            info,
+            counter,
+            state: Mutex::new(State {
+                generation: 0,
+                up: false,
+                last_error: String::new(),
+                fifo: VecDeque::new(),
+                routes: HashMap::new(),
+                unsubscribe: Vec::new(),
+                ids: 0..0,
+                fetching: false,
+                id_error: None,
+                epoch: 0,
+                run_id: None,
+                connected_once: false,
+                next_token: 0,
+            }),
+            changed: Condvar::new(),
+            writer: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        });
+        let (stop, stopped) = crossbeam_channel::bounded(1);
+        let generation = install(&shared, &mut conn);
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("cerbas-client".into())
+            .spawn(move || run(s, conn, generation, stopped))
+            .map_err(|e| ClientError::Connection(format!("cannot start the reader: {e}")))?;
+        Ok(Link { shared, stop })
+    }
+
+    /// Takes a fresh id (and the epoch it belongs to): from the block in hand, or
+    /// from a new block.
+    fn next_id(&self, deadline: Instant) -> Result<(u64, u64), ClientError> {
+        let sh = &self.shared;
+        let mut st = lock(&sh.state);
+        loop {
+            if sh.closed.load(Ordering::SeqCst) {
+                return Err(ClientError::Closed);
+            }
+            if let Some(id) = st.ids.next() {
+                return Ok((id, st.epoch));
+            }
+            if let Some(e) = st.id_error.take() {
+                return Err(e);
+            }
+            if st.up && !st.fetching {
+                st.fetching = true;
+                drop(st);
+                let cmd = redis::cmd("INCRBY")
+                    .arg(&sh.counter)
+                    .arg(ID_BLOCK)
+                    .get_packed_command();
+                let wrote = self.write(deadline, &cmd, |st| {
+                    st.fifo.push_back(Slot::Ids);
+                    true
+                });
+                st = lock(&sh.state);
+                if !matches!(wrote, Ok(Wrote::Sent)) {
+                    st.fetching = st.fifo.iter().any(|s| matches!(s, Slot::Ids));
+                    sh.changed.notify_all();
+                }
+                wrote?;
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(if st.up {
+                    ClientError::Timeout(Duration::ZERO)
+                } else {
+                    ClientError::Connection(format!("redis unavailable: {}", st.last_error))
+                });
+            }
+            st = sh
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Takes an id, then subscribes to its reply channel and queues the request in
+    /// one write (`make` gives, for an id, the bytes of
+    /// [`wire::request_commands`] and the channel, `None` for a one-way request).
+    /// Returns the id and what the caller waits on. An id whose Redis restarted
+    /// before it was sent, or whose channel is awaited already (a counter set back
+    /// by hand), is not used: another is taken.
+    pub(crate) fn begin(
+        &self,
+        deadline: Instant,
+        make: impl Fn(u64) -> (Vec<u8>, Option<String>),
+    ) -> Result<(u64, Call<'_>), ClientError> {
+        loop {
+            let (id, epoch) = self.next_id(deadline)?;
+            let (bytes, channel) = make(id);
+            if let Some(call) = self.start(deadline, &bytes, channel, epoch)? {
+                return Ok((id, call));
+            }
+        }
+    }
+
+    /// The write of [`Link::begin`]; `None` if the id must not be used.
+    fn start(
+        &self,
+        deadline: Instant,
+        bytes: &[u8],
+        channel: Option<String>,
+        epoch: u64,
+    ) -> Result<Option<Call<'_>>, ClientError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut route = None;
+        let sent = self
+            .write(deadline, bytes, |st| {
+                if st.epoch != epoch {
+                    return false;
+                }
+                if let Some(ch) = &channel {
+                    if st.routes.contains_key(ch) {
+                        return false;
+                    }
+                    st.next_token += 1;
+                    let token = st.next_token;
+                    route = Some((ch.clone(), token));
+                    st.routes.insert(
+                        ch.clone(),
+                        Route {
+                            token,
+                            tx: tx.clone(),
+                            queued: false,
+                        },
+                    );
+                }
+                st.fifo.push_back(Slot::Call {
+                    tx: tx.clone(),
+                    queued: None,
+                });
+                st.fifo.push_back(Slot::Call {
+                    tx: tx.clone(),
+                    queued: route.clone(),
+                });
+                true
+            })
+            .inspect_err(|_| {
+                if let Some((ch, token)) = &route {
+                    self.finish(ch, *token);
+                }
+            })?;
+        match sent {
+            Wrote::Sent => Ok(Some(Call {
+                link: self,
+                rx,
+                route,
+            })),
+            Wrote::Declined => Ok(None),
+            Wrote::Broken => {
+                if let Some((ch, token)) = &route {
+                    self.finish(ch, *token);
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Writes `bytes` on the current connection once it is up (waiting for it
+    /// until `deadline`), after `prepare` has registered what waits for the
+    /// answers; `Ok(false)`, writing nothing, if `prepare` says no. Channels to
+    /// unsubscribe go first in the same write.
+    fn write(
+        &self,
+        deadline: Instant,
+        bytes: &[u8],
+        prepare: impl FnOnce(&mut State) -> bool,
+    ) -> Result<Wrote, ClientError> {
+        let sh = &self.shared;
+        loop {
+            if sh.closed.load(Ordering::SeqCst) {
+                return Err(ClientError::Closed);
+            }
+            let mut w = lock(&sh.writer);
+            let ready = {
+                let st = lock(&sh.state);
+                matches!(&*w, Some(wr) if st.up && st.generation == wr.generation)
+            };
+            if !ready {
+                drop(w);
+                self.wait_up(deadline)?;
+                continue;
+            }
+            let Some(writer) = w.as_mut() else { continue };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Timeout(Duration::ZERO));
+            }
+            let mut out = {
+                let mut st = lock(&sh.state);
+                if !prepare(&mut st) {
+                    return Ok(Wrote::Declined);
+                }
+                let channels = std::mem::take(&mut st.unsubscribe);
+                wire::subscription("UNSUBSCRIBE", &channels)
+            };
+            out.extend_from_slice(bytes);
+            let written = writer
+                .stream
+                .set_write_timeout(Some(left))
+                .and_then(|()| writer.stream.write_all(&out));
+            return match written {
+                Ok(()) => Ok(Wrote::Sent),
+                Err(e) => {
+                    // Part of it may be written: the connection is out of step.
+                    // The reader thread sees it close and reconnects; until then
+                    // nobody writes on it.
+                    writer.stream.shutdown();
+                    let generation = writer.generation;
+                    *w = None;
+                    let mut st = lock(&sh.state);
+                    if st.generation == generation {
+                        st.up = false;
+                        st.last_error = e.to_string();
+                    }
+                    if is_timeout(&e) {
+                        Err(ClientError::Timeout(Duration::ZERO))
+                    } else {
+                        Ok(Wrote::Broken)
+                    }
+                }
+            };
+        }
+    }
+
+    /// Waits until a connection is up; a connection error at `deadline`.
+    fn wait_up(&self, deadline: Instant) -> Result<(), ClientError> {
+        let sh = &self.shared;
+        let mut st = lock(&sh.state);
+        loop {
+            if sh.closed.load(Ordering::SeqCst) {
+                return Err(ClientError::Closed);
+            }
+            if st.up {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Connection(format!(
+                    "redis unavailable: {}",
+                    st.last_error
+                )));
+            }
+            st = sh
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Stops waiting on `channel` (call `token`): the next write unsubscribes it, or
+    /// this one does at once when no other call is in flight (so an idle client
+    /// holds no subscriptions).
+    fn finish(&self, channel: &str, token: u64) {
+        let sh = &self.shared;
+        let idle = {
+            let mut st = lock(&sh.state);
+            if st.routes.get(channel).is_some_and(|r| r.token == token) {
+                st.routes.remove(channel);
+            }
+            if !st.unsubscribe.iter().any(|c| c == channel) {
+                st.unsubscribe.push(channel.to_string());
+            }
+            st.routes.is_empty()
+        };
+        if idle {
+            self.flush_unsubscribes();
+        }
+    }
+
+    /// Writes the pending `UNSUBSCRIBE`s if the connection is free right now.
+    fn flush_unsubscribes(&self) {
+        let sh = &self.shared;
+        let Ok(mut w) = sh.writer.try_lock() else {
+            return;
+        };
+        let Some(writer) = w.as_mut() else { return };
+        let out = {
+            let mut st = lock(&sh.state);
+            if !st.up || st.generation != writer.generation {
+                return;
+            }
+            let channels = std::mem::take(&mut st.unsubscribe);
+            wire::subscription("UNSUBSCRIBE", &channels)
+        };
+        if out.is_empty() {
+            return;
+        }
+        let written = writer
+            .stream
+            .set_write_timeout(Some(CONNECT_TIMEOUT))
+            .and_then(|()| writer.stream.write_all(&out));
+        if written.is_err() {
+            writer.stream.shutdown();
+        }
+    }
+
+    /// Fails every call in flight and every later call with [`ClientError::Closed`],
+    /// closes the connection and stops the reader thread.
+    pub(crate) fn close(&self) {
+        let sh = &self.shared;
+        if sh.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        {
+            let mut st = lock(&sh.state);
+            for (_, r) in st.routes.drain() {
+                let _ = r.tx.send(Event::Failed(ClientError::Closed));
+            }
+            for slot in st.fifo.drain(..) {
+                if let Slot::Call { tx, .. } = slot {
+                    let _ = tx.send(Event::Failed(ClientError::Closed));
+                }
+            }
+            st.up = false;
+            sh.changed.notify_all();
+        }
+        if let Some(w) = lock(&sh.writer).take() {
+            w.stream.shutdown();
+        }
+        // The reader thread ends on its own (its socket is shut, or it wakes
+        // from a back-off pause): a close does not wait for a connect attempt.
+        let _ = self.stop.try_send(());
+    }
+
+    /// Whether the connection is up now.
+    pub(crate) fn is_up(&self) -> bool {
+        lock(&self.shared.state).up
+    }
+
+    /// Whether [`Link::close`] was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// A call in flight: its events, and its channel to give up when it ends.
+pub(crate) struct Call<'a> {
+    link: &'a Link,
+    rx: Receiver<Event>,
+    route: Option<(String, u64)>,
+}
+
+impl Call<'_> {
+    /// The reply's payload, waiting until `deadline`.
+    pub(crate) fn reply(&self, deadline: Instant) -> Result<Vec<u8>, ClientError> {
+        loop {
+            match self.rx.recv_deadline(deadline) {
+                Ok(Event::Message(payload)) => return Ok(payload),
+                Ok(Event::Ack(Ok(()))) => {}
+                Ok(Event::Ack(Err(e))) => return Err(ClientError::Refused(e)),
+                Ok(Event::Failed(e)) => return Err(e),
+                Err(_) if self.link.is_closed() => return Err(ClientError::Closed),
+                Err(_) => return Err(ClientError::Timeout(Duration::ZERO)),
+            }
+        }
+    }
+
+    /// Waits until Redis has acknowledged both commands of a one-way request.
+    pub(crate) fn acknowledged(&self, deadline: Instant) -> Result<(), ClientError> {
+        for _ in 0..2 {
+            match self.rx.recv_deadline(deadline) {
+                Ok(Event::Ack(Ok(()))) => {}
+                Ok(Event::Ack(Err(e))) => return Err(ClientError::Refused(e)),
+                Ok(Event::Failed(e)) => return Err(e),
+                Ok(Event::Message(_)) => {}
+                Err(_) if self.link.is_closed() => return Err(ClientError::Closed),
+                Err(_) => return Err(ClientError::Timeout(Duration::ZERO)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        if let Some((channel, token)) = self.route.take() {
+            self.link.finish(&channel, token);
+        }
+    }
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// A TCP or Unix socket.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> std::io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    fn set_write_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(d),
+            Stream::Unix(s) => s.set_write_timeout(d),
+        }
+    }
+
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(d),
+            Stream::Unix(s) => s.set_read_timeout(d),
+        }
+    }
+
+    /// Closes both directions, waking a thread blocked reading it.
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(NetShutdown::Both),
+            Stream::Unix(s) => s.shutdown(NetShutdown::Both),
+        };
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// A connection past its handshake.
+struct Conn {
+    stream: Stream,
+    reader: BufReader<Stream>,
+    parser: redis::Parser,
+    run_id: Option<String>,
+}
+
+/// Opens a connection and runs the handshake, all within `timeout`.
+fn connect(info: &ConnectionInfo, timeout: Duration) -> Result<Conn, ClientError> {
+    let conn_err = |e: std::io::Error| ClientError::Connection(e.to_string());
+    let stream = match info.addr() {
+        ConnectionAddr::Tcp(host, port) => {
+            let addrs = (host.as_str(), *port).to_socket_addrs().map_err(conn_err)?;
+            let mut last = None;
+            let mut found = None;
+            for a in addrs {
+                match TcpStream::connect_timeout(&a, timeout) {
+                    Ok(s) => {
+                        found = Some(s);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            let s = found.ok_or_else(|| {
+                ClientError::Connection(match last {
+                    Some(e) => format!("{host}:{port}: {e}"),
+                    None => format!("{host}: no address"),
+                })
+            })?;
+            s.set_nodelay(true).map_err(conn_err)?;
+            Stream::Tcp(s)
+        }
+        ConnectionAddr::Unix(path) => Stream::Unix(UnixStream::connect(path).map_err(conn_err)?),
+        _ => {
+            return Err(ClientError::Config(
+                "this client speaks TCP and Unix sockets, not TLS".into(),
+            ))
+        }
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(conn_err)?;
+    stream.set_write_timeout(Some(timeout)).map_err(conn_err)?;
+    let settings = info.redis_settings();
+    let mut writer = stream.try_clone().map_err(conn_err)?;
+    writer
+        .write_all(&wire::handshake(
+            settings.username(),
+            settings.password(),
+            settings.db(),
+        ))
+        .map_err(conn_err)?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(conn_err)?);
+    let mut parser = redis::Parser::new();
+    let mut answers = Vec::new();
+    for step in ["HELLO", "SELECT", "INFO"] {
+        let v = parser
+            .parse_value(&mut reader)
+            .map_err(|e| ClientError::Connection(format!("{step}: {e}")))?;
+        if let Some(e) = wire::error_text(&v) {
+            // INFO may be renamed away or denied: then restarts are not told apart.
+            if step != "INFO" {
+                let why = wire::handshake_error(step, &e);
+                return Err(if e.contains("WRONGPASS") || e.contains("NOAUTH") {
+                    ClientError::Config(why)
+                } else {
+                    ClientError::Connection(why)
+                });
+            }
+        }
+        answers.push(v);
+    }
+    let run_id = answers.get(2).and_then(wire::run_id);
+    stream.set_read_timeout(None).map_err(conn_err)?;
+    Ok(Conn {
+        stream: writer,
+        reader,
+        parser,
+        run_id,
+    })
+}
+
+/// Makes `conn` the current connection: a restarted Redis fails every call in
+/// flight and drops the id block; the same Redis gets the awaited channels
+/// subscribed again. Returns the connection's generation.
+fn install(sh: &Shared, conn: &mut Conn) -> u64 {
+    let mut w = lock(&sh.writer);
+    let mut st = lock(&sh.state);
+    if sh.closed.load(Ordering::SeqCst) {
+        // Closed while it reconnected: the reader thread sees the socket close.
+        conn.stream.shutdown();
+        return st.generation;
+    }
+    st.generation += 1;
+    let generation = st.generation;
+    let same = !st.connected_once || (conn.run_id.is_some() && st.run_id == conn.run_id);
+    if !same {
+        for (_, r) in st.routes.drain() {
+            let _ = r.tx.send(Event::Failed(ClientError::Connection(
+                "Redis restarted while the call waited: its reply is lost".into(),
+            )));
+        }
+        st.ids = 0..0;
+        st.id_error = None;
+        st.epoch += 1;
+    }
+    st.connected_once = true;
+    st.run_id = conn.run_id.clone();
+    st.fifo.clear();
+    st.unsubscribe.clear();
+    st.fetching = false;
+    let awaited: Vec<String> = st.routes.keys().cloned().collect();
+    let stream = match conn.stream.try_clone() {
+        Ok(s) => s,
+        Err(e) => {
+            // The reader thread sees the connection fail and tries again.
+            st.last_error = e.to_string();
+            conn.stream.shutdown();
+            return generation;
+        }
+    };
+    let resubscribe = wire::subscription("SUBSCRIBE", &awaited);
+    if !resubscribe.is_empty() {
+        let ok = conn
+            .stream
+            .set_write_timeout(Some(CONNECT_TIMEOUT))
+            .and_then(|()| conn.stream.write_all(&resubscribe));
+        if ok.is_err() {
+            conn.stream.shutdown();
+            return generation;
+        }
+    }
+    *w = Some(Writer { stream, generation });
+    st.up = true;
+    sh.changed.notify_all();
+    generation
+}
+
+/// The reader thread: serves a connection until it breaks, then reconnects,
+/// until the link is closed.
+fn run(sh: Arc<Shared>, first: Conn, generation: u64, stop: Receiver<()>) {
+    let mut current = Some((first, generation));
+    loop {
+        let (mut conn, generation) = match current.take() {
+            Some(c) => c,
+            None => match reconnect(&sh, &stop) {
+                Some(mut conn) => {
+                    let g = install(&sh, &mut conn);
+                    (conn, g)
+                }
+                None => return,
+            },
+        };
+        let why = serve(&sh, &mut conn);
+        conn.stream.shutdown();
+        if sh.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        lost(&sh, generation, why);
+    }
+}
+
+/// Connects again with back-off; `None` once the link is closed.
+fn reconnect(sh: &Shared, stop: &Receiver<()>) -> Option<Conn> {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        if sh.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        match connect(&sh.info, CONNECT_TIMEOUT) {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                let mut st = lock(&sh.state);
+                st.last_error = e.to_string();
+            }
+        }
+        if stop.recv_timeout(backoff).is_ok() {
+            return None;
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Reads frames until the connection fails; returns why.
+fn serve(sh: &Shared, conn: &mut Conn) -> String {
+    loop {
+        let v = match conn.parser.parse_value(&mut conn.reader) {
+            Ok(v) => v,
+            Err(e) => return e.to_string(),
+        };
+        let mut st = lock(&sh.state);
+        match wire::classify(v) {
+            Frame::Message(channel, payload) => {
+                if let Some(r) = st.routes.remove(&channel) {
+                    let _ = r.tx.send(Event::Message(payload));
+                    st.unsubscribe.push(channel);
+                }
+            }
+            Frame::OtherPush => {}
+            Frame::Answer(v) => match st.fifo.pop_front() {
+                Some(Slot::Call { tx, queued }) => {
+                    let result = match wire::error_text(&v) {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    };
+                    if let (Ok(()), Some((channel, token))) = (&result, queued) {
+                        if let Some(r) = st.routes.get_mut(&channel) {
+                            if r.token == token {
+                                r.queued = true;
+                            }
+                        }
+                    }
+                    let _ = tx.send(Event::Ack(result));
+                }
+                Some(Slot::Ids) => {
+                    st.fetching = false;
+                    match (&v, wire::error_text(&v)) {
+                        (_, Some(e)) => st.id_error = Some(ClientError::Refused(e)),
+                        (Value::Int(end), None) => match wire::id_block(*end) {
+                            Some(block) => st.ids = block,
+                            None => {
+                                st.id_error = Some(ClientError::Protocol(format!(
+                                    "{} is {end}, below one block of ids",
+                                    sh.counter
+                                )))
+                            }
+                        },
+                        (other, None) => {
+                            st.id_error =
+                                Some(ClientError::Protocol(format!("INCRBY answered {other:?}")))
+                        }
+                    }
+                    sh.changed.notify_all();
+                }
+                None => return format!("an answer nobody asked for: {v:?}"),
+            },
+        }
+    }
+}
+
+/// After the connection of `generation` broke: calls whose request Redis had not
+/// acknowledged fail now; acknowledged ones wait for the reconnect.
+fn lost(sh: &Shared, generation: u64, why: String) {
+    {
+        let mut st = lock(&sh.state);
+        if st.generation == generation {
+            st.up = false;
+            st.last_error = why.clone();
+            for slot in st.fifo.drain(..) {
+                if let Slot::Call { tx, .. } = slot {
+                    let _ = tx.send(Event::Failed(ClientError::Connection(format!(
+                        "connection lost before Redis acknowledged the request: {why}"
+                    ))));
+                }
+            }
+            st.unsubscribe.clear();
+            st.fetching = false;
+            st.routes.retain(|_, r| {
+                if !r.queued {
+                    let _ = r.tx.send(Event::Failed(ClientError::Connection(format!(
+                        "connection lost before Redis acknowledged the request: {why}"
+                    ))));
+                }
+                r.queued
+            });
+            sh.changed.notify_all();
+        }
+    }
+    let mut w = lock(&sh.writer);
+    if w.as_ref().is_some_and(|wr| wr.generation == generation) {
+        if let Some(wr) = w.take() {
+            wr.stream.shutdown();
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! The Rust client (`src/client/`) against a real redis-server and a real cerbas
+//! server: one client shared by many threads, Redis restarted, killed
+//! connections, a frozen Redis, close, replies published the moment a request is
+//! queued, and each kind of error. Not for: the server's own behaviour (server.rs).
+
+mod common;
+
+use cerbas::{CallOptions, Client, ClientError, Env, Reply};
+use common::*;
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Channels the client is subscribed to now (as Redis sees them).
+fn reply_channels(redis: &Redis) -> Vec<String> {
+    redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg("*CERBAS-RESPONSE-*")
+        .query(&mut redis.conn())
+        .expect("PUBSUB CHANNELS")
+}
+
+/// Waits until `n` calls wait for their replies (subscribed, and the server
+/// has taken their requests).
+fn wait_in_flight(redis: &Redis, n: usize) {
+    wait_for("calls in flight", Duration::from_secs(10), || {
+        let queued: i64 = redis::cmd("LLEN")
+            .arg("CERBAS-QUEUE")
+            .query(&mut redis.conn())
+            .ok()?;
+        (reply_channels(redis).len() == n && queued == 0).then_some(())
+    });
+}
+
+#[test]
+fn sixteen_threads_sharing_one_client_each_get_their_own_replies() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let c = Arc::new(redis.client());
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(&mut redis.conn())
+        .expect("CONFIG RESETSTAT");
+    let threads: Vec<JoinHandle<()>> = (0..16)
+        .map(|t| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                for n in 0..50 {
+                    let message = format!("thread {t} call {n}");
+                    let reply = c.request("echo", json!({ "message": message }));
+                    assert_eq!(reply, Ok(Reply::Ok(json!(message))));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a caller thread");
+    }
+    // 800 calls took 8 blocks of 100 ids: one INCRBY per 100 requests.
+    let incrby = info_field(&mut redis.conn(), "commandstats", "cmdstat_incrby");
+    assert!(incrby.starts_with("calls=8,"), "{incrby}");
+    // An idle client holds no subscriptions.
+    wait_for("no subscriptions left", Duration::from_secs(5), || {
+        reply_channels(&redis).is_empty().then_some(())
+    });
+}
+
+#[test]
+fn a_redis_restart_fails_calls_in_flight_at_once_and_the_client_recovers() {
+    let mut redis = Redis::start();
+    let _server = Server::start(&redis);
+    let a = Arc::new(redis.client());
+    let waiting = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            let r = a.request("sleep", json!({"ms": 4000}));
+            (r, Instant::now())
+        })
+    };
+    wait_in_flight(&redis, 1);
+    redis.restart(Duration::from_millis(200));
+    let back = Instant::now();
+    // The counter set back: the next request of any client reuses the waiting
+    // call's id 1, and its reply goes to the same channel.
+    redis::cmd("SET")
+        .arg("CERBAS-COUNTER")
+        .arg(0)
+        .query::<()>(&mut redis.conn())
+        .expect("set the counter back");
+    let b = redis.client();
+    assert_eq!(
+        b.request("echo", json!({"message": "B"})),
+        Ok(Reply::Ok(json!("B")))
+    );
+    let (got, at) = waiting.join().expect("the waiting caller");
+    assert!(
+        matches!(&got, Err(ClientError::Connection(m)) if m.contains("restarted")),
+        "{got:?}"
+    );
+    assert!(
+        at.saturating_duration_since(back) < Duration::from_secs(2),
+        "failed {:?} after Redis came back",
+        at.saturating_duration_since(back)
+    );
+    // The same client goes on, with ids of a new block (101 and up: B has 1-100).
+    for n in 0..5 {
+        let message = format!("A again {n}");
+        assert_eq!(
+            a.request("echo", json!({ "message": message })),
+            Ok(Reply::Ok(json!(message)))
+        );
+    }
+    assert_eq!(get_int(&mut redis.conn(), "CERBAS-COUNTER"), 200);
+}
+
+#[test]
+fn an_id_taken_before_a_restart_is_not_sent_to_the_restarted_redis() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let a = redis.client();
+    assert_eq!(a.send("hello", json!({})), Ok(1)); // ids 1-100 in hand
+    let (down_tx, down_rx) = std::sync::mpsc::channel();
+    let restarter = std::thread::spawn(move || {
+        let mut redis = redis;
+        redis.restart(Duration::from_millis(1000));
+        let _ = down_tx.send(());
+        redis
+    });
+    wait_for(
+        "the client to see Redis go",
+        Duration::from_secs(10),
+        || (!a.connected()).then_some(()),
+    );
+    // While Redis is away a call fails at its deadline with a connection error.
+    let start = Instant::now();
+    let short = CallOptions::new().timeout(Duration::from_millis(200));
+    assert!(matches!(
+        a.request_with("hello", json!({}), &short),
+        Err(ClientError::Connection(m)) if m.contains("unavailable")
+    ));
+    assert!(start.elapsed() < Duration::from_millis(400));
+    // Taken from the old block (id 3), it waits for the connection; the restarted
+    // Redis counts from 0 again, so id 3 would be anyone's: a new block is taken.
+    let id = a.send("hello", json!({}));
+    down_rx.recv().expect("the restart");
+    let redis = restarter.join().expect("the restarter");
+    assert_eq!(id, Ok(1));
+    assert_eq!(get_int(&mut redis.conn(), "CERBAS-COUNTER"), 100);
+    assert!(a.connected());
+    assert_eq!(redis.url(), url);
+}
+
+#[test]
+fn a_killed_connection_to_the_same_redis_keeps_the_calls_that_were_queued() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let c = Arc::new(redis.client());
+    let waiting = {
+        let c = c.clone();
+        std::thread::spawn(move || c.request("sleep", json!({"ms": 1000})))
+    };
+    wait_in_flight(&redis, 1);
+    // The client's connection speaks RESP3, so it counts as a normal client.
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .query(&mut redis.conn())
+        .expect("CLIENT KILL");
+    assert!(killed >= 1);
+    assert_eq!(
+        waiting.join().expect("the waiting caller"),
+        Ok(Reply::Ok(json!(1000)))
+    );
+    assert_eq!(
+        c.request("hello", json!({})),
+        Ok(Reply::Ok(json!("hello world!")))
+    );
+}
+
+#[test]
+fn a_frozen_redis_gets_the_callers_own_timeout() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let warm = redis.client();
+    assert!(warm.request("hello", json!({})).is_ok());
+    let fresh = redis.client(); // no id block yet: its first call needs INCRBY
+    redis.pause();
+    let second = Duration::from_secs(1);
+    let opts = CallOptions::new().timeout(second);
+    for c in [&warm, &fresh] {
+        let start = Instant::now();
+        let got = c.request_with("hello", json!({}), &opts);
+        let took = start.elapsed();
+        assert_eq!(got, Err(ClientError::Timeout(second)));
+        assert!(
+            took >= second && took < second + Duration::from_millis(500),
+            "{took:?}"
+        );
+    }
+    redis.resume();
+    assert!(warm.request("hello", json!({})).is_ok());
+    assert!(fresh.request("hello", json!({})).is_ok());
+}
+
+#[test]
+fn closing_fails_calls_in_flight_at_once_and_every_later_call() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let c = Arc::new(redis.client());
+    let callers: Vec<JoinHandle<(Result<Reply, ClientError>, Instant)>> = (0..4)
+        .map(|_| {
+            let c = c.clone();
+            std::thread::spawn(move || (c.request("sleep", json!({"ms": 3000})), Instant::now()))
+        })
+        .collect();
+    wait_in_flight(&redis, 4);
+    let closed = Instant::now();
+    c.close();
+    for t in callers {
+        let (got, at) = t.join().expect("a caller");
+        assert_eq!(got, Err(ClientError::Closed));
+        assert!(at.saturating_duration_since(closed) < Duration::from_millis(500));
+    }
+    let start = Instant::now();
+    assert_eq!(c.request("hello", json!({})), Err(ClientError::Closed));
+    assert_eq!(c.send("hello", json!({})), Err(ClientError::Closed));
+    assert!(start.elapsed() < Duration::from_millis(100));
+    c.close(); // twice is fine
+}
+
+/// A stand-in server with no republish: takes each queued id and publishes
+/// `payload(id)` on its reply channel at once, recording how many subscribers
+/// received it. Stops when `stop` is set.
+fn responder(
+    redis: &Redis,
+    stop: Arc<AtomicBool>,
+    payload: fn(u64) -> Vec<u8>,
+) -> (JoinHandle<()>, Arc<Mutex<Vec<i64>>>) {
+    let mut conn = redis.conn();
+    let receivers = Arc::new(Mutex::new(Vec::new()));
+    let got = receivers.clone();
+    let handle = std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            let taken: Option<(String, u64)> = redis::cmd("BLPOP")
+                .arg("CERBAS-QUEUE")
+                .arg(0.2)
+                .query(&mut conn)
+                .expect("BLPOP");
+            let Some((_, id)) = taken else { continue };
+            let n: i64 = redis::cmd("PUBLISH")
+                .arg(format!("CERBAS-RESPONSE-1-{id:010}"))
+                .arg(payload(id))
+                .query(&mut conn)
+                .expect("PUBLISH");
+            got.lock().expect("the list").push(n);
+        }
+    });
+    (handle, receivers)
+}
+
+#[test]
+fn a_reply_published_the_moment_the_request_is_queued_is_never_lost() {
+    let redis = Redis::start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (fake, receivers) = responder(&redis, stop.clone(), |id| {
+        format!(r#"{{"status":"ok","data":{id}}}"#).into_bytes()
+    });
+    let c = Arc::new(redis.client().timeout(Duration::from_secs(5)));
+    let callers: Vec<JoinHandle<Vec<u64>>> = (0..4)
+        .map(|_| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                (0..100)
+                    .map(|_| match c.request("hello", json!({})) {
+                        Ok(Reply::Ok(v)) => v.as_u64().expect("an id"),
+                        other => panic!("{other:?}"),
+                    })
+                    .collect()
+            })
+        })
+        .collect();
+    let mut ids: Vec<u64> = callers
+        .into_iter()
+        .flat_map(|t| t.join().expect("a caller"))
+        .collect();
+    stop.store(true, Ordering::SeqCst);
+    fake.join().expect("the responder");
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 400, "every caller got its own reply");
+    let receivers = receivers.lock().expect("the list");
+    assert_eq!(receivers.len(), 400);
+    assert!(
+        receivers.iter().all(|&n| n == 1),
+        "each reply, published once, had its subscriber"
+    );
+}
+
+#[test]
+fn each_failure_has_its_own_error_type() {
+    let redis = Redis::start();
+    // Nothing listens there: a connection error, not an I/O error.
+    let nowhere = format!("redis://127.0.0.1:{}", free_port());
+    assert!(matches!(
+        Client::open(&nowhere, Env::Dev),
+        Err(ClientError::Connection(_))
+    ));
+    assert!(matches!(
+        Client::open("redis://127.0.0.1:6379/x", Env::Dev),
+        Err(ClientError::Config(_))
+    ));
+    // A reply that is not JSON.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (fake, _) = responder(&redis, stop.clone(), |_| b"not json".to_vec());
+    let c = redis.client();
+    assert!(matches!(
+        c.request("hello", json!({})),
+        Err(ClientError::Protocol(_))
+    ));
+    stop.store(true, Ordering::SeqCst);
+    fake.join().expect("the responder");
+    // Redis refuses: the queue is not a list.
+    let mut conn = redis.conn();
+    redis::cmd("SET")
+        .arg("CERBAS-QUEUE")
+        .arg("x")
+        .query::<()>(&mut conn)
+        .expect("SET");
+    assert!(matches!(
+        c.request("hello", json!({})),
+        Err(ClientError::Refused(m)) if m.contains("WRONGTYPE")
+    ));
+    redis::cmd("DEL")
+        .arg("CERBAS-QUEUE")
+        .query::<()>(&mut conn)
+        .expect("DEL");
+    // ... or the counter is not a number (a fresh client needs a block).
+    redis::cmd("SET")
+        .arg("CERBAS-COUNTER")
+        .arg("abc")
+        .query::<()>(&mut conn)
+        .expect("SET");
+    assert!(matches!(
+        redis.client().send("hello", json!({})),
+        Err(ClientError::Refused(_))
+    ));
+    redis::cmd("DEL")
+        .arg("CERBAS-COUNTER")
+        .query::<()>(&mut conn)
+        .expect("DEL");
+    // With a server: the function's own error, and a timeout.
+    let _server = Server::start(&redis);
+    let c = redis.client();
+    assert_eq!(c.invoke("sum", json!({"a": 1, "b": 2})), Ok(json!(3)));
+    assert_eq!(
+        c.invoke("witherror", json!({})),
+        Err(ClientError::Reply("unexpected error".into()))
+    );
+    let short = Duration::from_millis(300);
+    assert_eq!(
+        c.request_with(
+            "sleep",
+            json!({"ms": 2000}),
+            &CallOptions::new().timeout(short)
+        ),
+        Err(ClientError::Timeout(short))
+    );
+}
+
+#[test]
+fn user_source_and_delay_are_per_call() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let c = redis.client();
+    let nobody = CallOptions::new().user("nobody");
+    assert_eq!(
+        c.request_with("hello", json!({}), &nobody),
+        Ok(Reply::Error("user not registered: nobody".into()))
+    );
+    let bad_source = CallOptions::new().user("tom").source("elsewhere");
+    assert_eq!(
+        c.request_with("hello", json!({}), &bad_source),
+        Ok(Reply::Error("source not registered: elsewhere".into()))
+    );
+    let start = Instant::now();
+    let later = CallOptions::new()
+        .delay(Duration::from_millis(400))
+        .msgpack(true);
+    assert_eq!(
+        c.request_with("hello", json!({}), &later),
+        Ok(Reply::Ok(json!("hello world!")))
+    );
+    assert!(start.elapsed() >= Duration::from_millis(400));
+    // The client's own identity still applies to the next call.
+    assert_eq!(
+        c.request("hello", json!({})),
+        Ok(Reply::Ok(json!("hello world!")))
+    );
+}
+
+#[test]
+fn a_unix_socket_url_works() {
+    let dir = scratch("unix");
+    let path = dir.join("redis.sock");
+    let redis = Redis::start_with(&["--unixsocket", path.to_str().expect("a path")], None);
+    let _server = Server::start(&redis);
+    let url = format!("redis+unix://{}?db=1", path.display());
+    let c = Client::open(&url, Env::Dev).expect("a client over the socket");
+    assert_eq!(
+        c.request("echo", json!({"message": "unix"})),
+        Ok(Reply::Ok(json!("unix")))
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
