@@ -172,7 +172,7 @@ module CerbasTest
 
         begin
           return if client.request("hello", timeout: 0.5)["status"] == "ok"
-        rescue CerbasClient::Timeout
+        rescue CerbasClient::TimeoutError
           nil # not serving yet
         end
         raise "cerbas did not answer hello in time:\n#{@child.tail}" if CerbasTest.now > deadline
@@ -349,7 +349,7 @@ class CerbasFunctionsTest < Minitest::Test
 
   def test_client_timeout
     started = CerbasTest.now
-    assert_raises(CerbasClient::Timeout) do
+    assert_raises(CerbasClient::TimeoutError) do
       @client.request("sleep", { "ms" => 3000 }, timeout: 0.5)
     end
     elapsed = CerbasTest.now - started
@@ -455,7 +455,7 @@ class CerbasResolveTest < Minitest::Test
     env do
       c = CerbasClient::Client.new
       assert_equal ["redis://127.0.0.1:6379", "dev", 1], [c.url, c.env, c.db]
-      assert_equal({ host: "127.0.0.1", port: 6379, db: 1 }, c.redis.connection.slice(:host, :port, :db))
+      assert_equal({ host: "127.0.0.1", port: 6379, db: 1 }, c.connection_options.slice(:host, :port, :db))
       assert_equal "CERBAS-RESPONSE-1-0000000007", c.reply_channel(7)
       assert_equal "MSGPACK:CERBAS-RESPONSE-1-0000000007", c.reply_channel(7, msgpack: true)
       assert_equal "CERBAS-REQ-0000000007", c.request_key(7)
@@ -469,7 +469,7 @@ class CerbasResolveTest < Minitest::Test
     env("CERBAS_ENV" => "prod") do
       c = CerbasClient::Client.new
       assert_equal 8, c.db
-      assert_equal 8, c.redis.connection[:db]
+      assert_equal 8, c.connection_options[:db]
       assert_equal "CERBAS-RESPONSE-8-0000012345", c.reply_channel(12_345)
     end
   end
@@ -478,8 +478,8 @@ class CerbasResolveTest < Minitest::Test
     env("CERBAS_REDIS_URL" => "redis://:secret@10.0.0.5:6380/3", "CERBAS_ENV" => "prod") do
       c = CerbasClient::Client.new
       assert_equal ["redis://:secret@10.0.0.5:6380/3", "prod", 3], [c.url, c.env, c.db]
-      assert_equal({ host: "10.0.0.5", port: 6380, db: 3 }, c.redis.connection.slice(:host, :port, :db))
-      assert_equal "secret", c.redis._client.password
+      assert_equal({ host: "10.0.0.5", port: 6380, db: 3 }, c.connection_options.slice(:host, :port, :db))
+      assert_equal "secret", c.connection_options[:password]
     end
   end
 
@@ -524,7 +524,7 @@ class CerbasResolveTest < Minitest::Test
       assert_equal 4, CerbasClient.resolve(url: "unix:///tmp/redis.sock?db=4").last
       c = CerbasClient::Client.new(url: "redis+unix:///tmp/redis.sock", env: "prod")
       assert_equal 8, c.db
-      assert_equal "/tmp/redis.sock", c.redis._client.path
+      assert_equal "/tmp/redis.sock", c.connection_options[:path]
     end
   end
 
