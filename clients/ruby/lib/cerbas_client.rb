@@ -305,6 +305,15 @@ module CerbasClient
       raise ProtocolError, "reply to #{call.func} (request #{call.id}) cannot be decoded: #{e.message}"
     end
 
+    # Waits for the reply to request +id+ queued by somebody else (used by the
+    # tests: a reply published before the subscription, then republished).
+    def await_reply(id, msgpack: false, timeout: nil)
+      timeout ||= self.timeout
+      call = Call.new(func: "request #{id}", id: id, msgpack: msgpack, one_way: false, state: :new)
+      run(call, now + timeout, timeout)
+      decode(call)
+    end
+
     def timeout_error(call, timeout)
       what = call.one_way ? "#{call.func} was not queued" : "no reply to #{call.func}"
       TimeoutError.new("#{what} (request #{call.id || 'without an id yet'}) within #{timeout} s")
@@ -353,6 +362,10 @@ module CerbasClient
         if !call.one_way && @sub.nil?
           wait_for_subscriber(call, deadline, timeout)
           next
+        end
+        if call.id # await_reply: an id of somebody else's, on the subscriber's Redis
+          call.run_id = @sub.run_id
+          return
         end
         block = @block
         if block && block.next_id <= block.last_id && (call.one_way || block.run_id == @sub.run_id)

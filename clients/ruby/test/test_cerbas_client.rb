@@ -99,15 +99,13 @@ module CerbasTest
     attr_reader :port, :url
 
     def initialize(dir = CerbasTest.tmpdir)
+      @dir = dir
       attempts = 0
       begin
         attempts += 1
         @port = CerbasTest.free_port
         @url = "redis://127.0.0.1:#{port}"
-        @child = Child.new([REDIS_SERVER, "--port", port.to_s, "--bind", "127.0.0.1",
-                            "--save", "", "--appendonly", "no", "--dir", dir],
-                           log: File.join(dir, "redis-#{port}.log"), chdir: dir)
-        wait_ready(CerbasTest.now + 10.0)
+        start
       rescue RuntimeError
         exited = @child && !@child.alive? # e.g. the port was taken meanwhile
         stop
@@ -118,7 +116,38 @@ module CerbasTest
 
     def stop = @child&.stop
 
+    # Stops it and starts a new one on the same port: an empty Redis with another
+    # run_id (what a restart without persistence, or from an old dump, looks like).
+    def restart
+      stop
+      start
+    end
+
+    # SIGSTOP / SIGCONT: a frozen Redis keeps its connections and answers nothing.
+    def pause = Process.kill("STOP", @child.pid)
+    def resume = Process.kill("CONT", @child.pid)
+
+    # A plain redis gem connection to db +db+, closed after the block.
+    def with_redis(db: 1)
+      redis = Redis.new(url: url, db: db, timeout: 5.0)
+      yield redis
+    ensure
+      redis&.close
+    end
+
+    # The field +name+ of INFO +section+, as a String.
+    def info_field(section, name)
+      with_redis { |r| r.info(section).fetch(name) }
+    end
+
     private
+
+    def start
+      @child = Child.new([REDIS_SERVER, "--port", port.to_s, "--bind", "127.0.0.1",
+                          "--save", "", "--appendonly", "no", "--dir", @dir],
+                         log: File.join(@dir, "redis-#{port}.log"), chdir: @dir)
+      wait_ready(CerbasTest.now + 10.0)
+    end
 
     def wait_ready(deadline)
       redis = Redis.new(host: "127.0.0.1", port: port, timeout: 1.0, reconnect_attempts: 0)
@@ -204,6 +233,49 @@ module CerbasTest
     rescue StandardError => e
       @servers_error = e
       raise
+    end
+  end
+
+  # Polls the block until it is true; fails the test with +what+ after +seconds+.
+  def self.wait_until(what, seconds = 10.0)
+    deadline = now + seconds
+    until yield
+      raise Minitest::Assertion, "timed out waiting for #{what}" if now > deadline
+
+      sleep 0.01 # poll interval, bounded by the deadline
+    end
+  end
+
+  # Starts a Redis and a cerbas of their own (for tests that stop, freeze or
+  # restart Redis), yields them, and stops both.
+  def self.with_own_servers
+    dir = Dir.mktmpdir("cerbas-ruby-own")
+    redis = RedisServer.new(dir)
+    begin
+      cerbas = CerbasServer.new(redis.url, dir)
+      begin
+        yield redis, cerbas
+      ensure
+        cerbas.stop
+      end
+    ensure
+      redis.stop
+      FileUtils.remove_entry(dir, true)
+    end
+  end
+
+  # Starts +count+ threads each running the block with its index; returns them.
+  # Each thread's value is [:ok, value] or [:raised, exception, seconds taken].
+  def self.threads(count)
+    Array.new(count) do |i|
+      Thread.new do
+        started = now
+        begin
+          [:ok, yield(i)]
+        rescue StandardError => e
+          [:raised, e, now - started]
+        end
+      end
     end
   end
 
@@ -404,6 +476,301 @@ class CerbasFunctionsTest < Minitest::Test
       thread.kill
       listener.close
       redis.close
+    end
+  end
+end
+
+# One client shared by threads, on the shared servers.
+class CerbasSharedClientTest < Minitest::Test
+  include CerbasTest::Replies
+
+  def setup
+    @redis = CerbasTest.servers[:redis]
+    @client = CerbasClient::Client.new(url: @redis.url, env: "dev", user: "foo", source: "cerbastest")
+  end
+
+  def teardown
+    @client&.close
+  end
+
+  def test_sixteen_threads_share_one_client_and_replies_never_cross
+    threads = CerbasTest.threads(16) do |t|
+      Array.new(40) do |i|
+        message = "t#{t}-#{i}-#{'x' * (i * 37 % 300)}"
+        reply = @client.request("echo", { "message" => message }, msgpack: i.odd?)
+        [message, reply]
+      end
+    end
+    results = threads.map(&:value)
+    results.each { |result| assert_equal :ok, result[0], result.inspect }
+    pairs = results.flat_map { |result| result[1] }
+    assert_equal 16 * 40, pairs.size
+    pairs.each { |message, reply| assert_equal ok(message), reply }
+    assert_equal 0, @client.in_flight
+    # Channels are unsubscribed (in batches) once answered.
+    @redis.with_redis do |r|
+      assert_operator r.pubsub("numpat"), :>=, 0
+      assert_operator r.pubsub("channels", "*CERBAS-RESPONSE-1-*").size, :<=, 64
+    end
+  end
+
+  def test_no_connection_per_request
+    @client.request("hello") # opens the client's two connections
+    before = Integer(@redis.info_field("stats", "total_connections_received"))
+    CerbasTest.threads(4) { 50.times { @client.request("echo", message: "hi") } }.each(&:join)
+    after = Integer(@redis.info_field("stats", "total_connections_received"))
+    # 200 calls; the info_field connections themselves count 1 each, and the
+    # server may open one of its own meanwhile.
+    assert_operator after - before, :<=, 3, "#{after - before} connections for 200 calls"
+  end
+
+  def test_keyword_arguments_are_the_functions_arguments
+    assert_equal ok(3), @client.request("sum", a: 1, b: 2)
+    assert_equal ok(3), @client.request("sum", { "a" => 1, "b" => 2 })
+    assert_equal ok(3), @client.request("sum", a: 1, b: 2, msgpack: true, timeout: 5)
+    assert_equal ok("hi"), @client.request("echo", message: "hi", user: "foo")
+    assert_raises(ArgumentError) { @client.request("sum", { "a" => 1 }, b: 2) }
+    id = @client.send_one_way("tally", name: "rb-#{SecureRandom.hex(8)}")
+    assert_kind_of Integer, id
+  end
+
+  def test_reply_published_before_the_subscription_settled
+    id = nil
+    @redis.with_redis do |r|
+      id = r.incr("CERBAS-COUNTER")
+      r.set(@client.request_key(id), JSON.generate({ "func" => "echo", "args" => { "message" => "late" },
+                                                     "user" => "foo", "source" => "cerbastest" }))
+      r.rpush("CERBAS-QUEUE", id)
+      # Answered (the key deleted): the reply went out to nobody.
+      CerbasTest.wait_until("the server to answer request #{id}") { !r.exists?(@client.request_key(id)) }
+    end
+    started = CerbasTest.now
+    assert_equal ok("late"), @client.send(:await_reply, id, timeout: 6.0)
+    # The server republishes for 5 s after its first publish.
+    assert_operator CerbasTest.now - started, :<, 5.0
+    # The same client still serves ordinary calls.
+    assert_equal ok("after"), @client.request("echo", message: "after")
+  end
+
+  def test_close_fails_calls_in_flight_at_once_and_later_calls
+    threads = CerbasTest.threads(4) { @client.request("sleep", { "ms" => 3000 }, timeout: 10.0) }
+    CerbasTest.wait_until("4 calls in flight") { @client.in_flight == 4 }
+    closed_at = CerbasTest.now
+    @client.close
+    threads.each do |thread|
+      result = thread.value
+      assert_equal :raised, result[0], result.inspect
+      assert_kind_of CerbasClient::ClosedError, result[1]
+    end
+    assert_operator CerbasTest.now - closed_at, :<, 0.5
+    started = CerbasTest.now
+    assert_raises(CerbasClient::ClosedError) { @client.request("hello") }
+    assert_raises(CerbasClient::ClosedError) { @client.send_one_way("hello") }
+    assert_operator CerbasTest.now - started, :<, 0.1
+    assert_nil @client.close # twice is fine
+    assert @client.closed?
+  end
+
+  def test_error_types
+    assert_operator CerbasClient::TimeoutError, :<, ::Timeout::Error
+    [CerbasClient::TimeoutError, CerbasClient::ConnectionError, CerbasClient::ClosedError,
+     CerbasClient::ProtocolError].each do |klass|
+      assert_operator klass, :<, CerbasClient::Error
+      assert_operator klass, :<, StandardError
+    end
+    assert_operator CerbasClient::ClosedError, :<, CerbasClient::ConnectionError
+    # Code that rescues the standard timeout catches ours.
+    caught = begin
+      @client.request("sleep", { "ms" => 2000 }, timeout: 0.2)
+    rescue ::Timeout::Error => e
+      e
+    end
+    assert_kind_of CerbasClient::TimeoutError, caught
+    assert_match(/no reply to sleep \(request \d+\) within 0.2 s/, caught.message)
+  end
+
+  def test_garbage_on_the_reply_channel_is_a_protocol_error
+    id = @redis.with_redis { |r| r.incr("CERBAS-COUNTER") }
+    waiter = Thread.new do
+      @client.send(:await_reply, id, timeout: 5.0)
+    rescue StandardError => e
+      e
+    end
+    CerbasTest.wait_until("the waiter to subscribe") do
+      @redis.with_redis { |r| r.pubsub("numsub", @client.reply_channel(id)).last.to_i == 1 }
+    end
+    @redis.with_redis { |r| r.publish(@client.reply_channel(id), "not json") }
+    error = waiter.value
+    assert_kind_of CerbasClient::ProtocolError, error
+    assert_match(/cannot be decoded/, error.message)
+  end
+
+  def test_redis_down_is_a_connection_error_at_once
+    port = CerbasTest.free_port # nothing listens there
+    CerbasClient::Client.open(url: "redis://127.0.0.1:#{port}", env: "dev") do |c|
+      started = CerbasTest.now
+      error = assert_raises(CerbasClient::ConnectionError) { c.request("hello", timeout: 5.0) }
+      assert_match(/cannot connect to Redis at 127.0.0.1:#{port}/, error.message)
+      assert_raises(CerbasClient::ConnectionError) { c.send_one_way("hello", timeout: 5.0) }
+      assert_operator CerbasTest.now - started, :<, 1.0
+    end
+  end
+
+  def test_refused_password_is_a_connection_error
+    url = @redis.url.sub("redis://", "redis://:wrong@")
+    CerbasClient::Client.open(url: url, env: "dev") do |c|
+      error = assert_raises(CerbasClient::ConnectionError) { c.request("hello", timeout: 5.0) }
+      assert_match(/refused AUTH/, error.message)
+    end
+  end
+end
+
+# Faults of Redis itself (frozen, restarted), each on servers of its own.
+class CerbasRedisFaultTest < Minitest::Test
+  include CerbasTest::Replies
+
+  def client(url, **options)
+    CerbasClient::Client.new(url: url, env: "dev", user: "foo", source: "cerbastest", **options)
+  end
+
+  def test_frozen_redis_the_callers_timeout_holds
+    CerbasTest.with_own_servers do |redis, _cerbas|
+      warm = client(redis.url)
+      cold = client(redis.url) # no connection yet: it connects into the frozen Redis
+      begin
+        assert_equal ok("hello world!"), warm.request("hello")
+        redis.pause
+        begin
+          [warm, cold].each do |c|
+            started = CerbasTest.now
+            assert_raises(CerbasClient::TimeoutError) { c.request("hello", timeout: 1.0) }
+            elapsed = CerbasTest.now - started
+            assert_in_delta 1.0, elapsed, 0.5
+          end
+        ensure
+          redis.resume
+        end
+        assert_equal ok("hello world!"), warm.request("hello", timeout: 10.0)
+        assert_equal ok("hello world!"), cold.request("hello", timeout: 10.0)
+      ensure
+        warm.close
+        cold.close
+      end
+    end
+  end
+
+  def test_frozen_redis_is_a_connection_error_after_the_socket_timeout
+    CerbasTest.with_own_servers do |redis, _cerbas|
+      c = client(redis.url, socket_timeout: 1.0)
+      begin
+        assert_equal ok("hello world!"), c.request("hello")
+        redis.pause
+        begin
+          started = CerbasTest.now
+          # PING after 1 s of silence, no PONG within 1 s, no reconnect within 1 s.
+          assert_raises(CerbasClient::ConnectionError) { c.request("hello", timeout: 10.0) }
+          assert_operator CerbasTest.now - started, :<, 5.0
+        ensure
+          redis.resume
+        end
+        assert_equal ok("hello world!"), c.request("hello", timeout: 10.0)
+      ensure
+        c.close
+      end
+    end
+  end
+
+  def test_redis_restarted_with_calls_in_flight_and_the_counter_set_back
+    CerbasTest.with_own_servers do |redis, _cerbas|
+      a = client(redis.url)
+      b = client(redis.url) # another process, after the restart
+      begin
+        assert_equal ok("hello world!"), a.request("hello")
+        first = redis.with_redis { |r| Integer(r.get("CERBAS-COUNTER")) }
+        in_flight = CerbasTest.threads(4) { |i| a.request("sleep", { "ms" => 2000 + i }, timeout: 10.0) }
+        CerbasTest.wait_until("4 calls in flight") { a.in_flight == 4 }
+        restarted_at = CerbasTest.now
+        redis.restart
+        # The counter set back: the new Redis hands out the ids of the calls in flight.
+        redis.with_redis { |r| r.set("CERBAS-COUNTER", first - CerbasClient::Client::ID_BLOCK) }
+        in_flight.each do |thread|
+          result = thread.value
+          assert_equal :raised, result[0], "a call in flight got #{result.inspect}"
+          assert_kind_of CerbasClient::ConnectionError, result[1]
+        end
+        assert_operator CerbasTest.now - restarted_at, :<, 3.0, "calls in flight did not fail at once"
+        # Wait for cerbas to be back on the new Redis.
+        CerbasTest.wait_until("cerbas to serve the new Redis", 30.0) do
+          b.request("hello", timeout: 1.0) == ok("hello world!")
+        rescue CerbasClient::Error
+          false
+        end
+        # Both clients now take ids the old calls had: every caller gets its own reply.
+        threads = CerbasTest.threads(8) do |t|
+          c = t.even? ? a : b
+          Array.new(10) do |i|
+            message = "#{t.even? ? 'A' : 'B'}-#{t}-#{i}"
+            [message, c.request("echo", { "message" => message }, timeout: 10.0)]
+          end
+        end
+        threads.each do |thread|
+          result = thread.value
+          assert_equal :ok, result[0], result.inspect
+          result[1].each { |message, reply| assert_equal ok(message), reply }
+        end
+        assert_operator redis.with_redis { |r| Integer(r.get("CERBAS-COUNTER")) }, :<, first + 400
+      ensure
+        a.close
+        b.close
+      end
+    end
+  end
+
+  def test_redis_restarted_before_the_client_noticed_fails_calls_in_flight
+    CerbasTest.with_own_servers do |redis, _cerbas|
+      c = client(redis.url)
+      begin
+        assert_equal ok("hello world!"), c.request("hello")
+        in_flight = CerbasTest.threads(3) { c.request("sleep", { "ms" => 2000 }, timeout: 10.0) }
+        CerbasTest.wait_until("3 calls in flight") { c.in_flight == 3 }
+        # Holding the client's lock keeps its I/O thread from seeing the broken
+        # connection until the new Redis listens: it reconnects at once, to
+        # another run_id, where the ids of the calls in flight may be handed out
+        # again.
+        c.instance_variable_get(:@lock).synchronize { redis.restart }
+        in_flight.each do |thread|
+          result = thread.value
+          assert_equal :raised, result[0], "a call in flight got #{result.inspect}"
+          assert_kind_of CerbasClient::ConnectionError, result[1]
+          assert_match(/Redis restarted/, result[1].message)
+        end
+        CerbasTest.wait_until("cerbas to serve the new Redis", 30.0) do
+          c.request("hello", timeout: 1.0) == ok("hello world!")
+        rescue CerbasClient::Error
+          false
+        end
+      ensure
+        c.close
+      end
+    end
+  end
+
+  def test_subscriber_connection_killed_calls_in_flight_still_get_their_reply
+    CerbasTest.with_own_servers do |redis, _cerbas|
+      c = client(redis.url)
+      begin
+        assert_equal ok("hello world!"), c.request("hello")
+        threads = CerbasTest.threads(4) { |i| c.request("sleep", { "ms" => 1000 + i }, timeout: 10.0) }
+        CerbasTest.wait_until("4 calls in flight") { c.in_flight == 4 }
+        # Same Redis (same run_id): the client resubscribes and the replies arrive.
+        killed = redis.with_redis { |r| r.call("CLIENT", "KILL", "TYPE", "pubsub") }
+        assert_operator killed, :>=, 1
+        threads.each_with_index do |thread, i|
+          assert_equal [:ok, ok(1000 + i)], thread.value
+        end
+      ensure
+        c.close
+      end
     end
   end
 end
