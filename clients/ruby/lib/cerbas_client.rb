@@ -123,6 +123,9 @@ module CerbasClient
     PING_AFTER = 1.0
     # How often the I/O thread looks at its deadlines when nothing happens.
     TICK = 0.25
+    # Channels of the next ids subscribed ahead, so that a call finds its
+    # subscription confirmed and pushes at once (one round trip, not two).
+    AHEAD = 32
 
     # One call in flight (request or one-way). Fields are guarded by the
     # client's lock. +state+: :new, :subscribing (SUBSCRIBE sent), :listening
@@ -131,7 +134,8 @@ module CerbasClient
     Call = Struct.new(:func, :payload, :msgpack, :one_way, :id, :run_id, :channel, :state, :done, :reply,
                       :error, :cond, keyword_init: true)
     # A block of ids from one INCRBY, valid only on the Redis of +run_id+.
-    IdBlock = Struct.new(:next_id, :last_id, :run_id)
+    # +ahead_until+: the last id whose channel was subscribed ahead.
+    IdBlock = Struct.new(:next_id, :last_id, :run_id, :ahead_until)
     # An INCRBY of the counter in flight, awaited by every caller that needs an id.
     Reservation = Struct.new(:sent, :done, :error)
 
@@ -179,6 +183,8 @@ module CerbasClient
       @cmd_sent = [] # [kind, object, sent at] per reply awaited on @cmd, in order
       @block = nil
       @reservation = nil
+      @ahead = {} # JSON reply channel subscribed ahead => :pending, or the run_id that confirmed it
+      @pid = Process.pid
     end
 
     # Where Redis is, as the redis gem parses the URL: host, port, path, db,
@@ -319,27 +325,37 @@ module CerbasClient
       TimeoutError.new("#{what} (request #{call.id || 'without an id yet'}) within #{timeout} s")
     end
 
+    # In a forked child (a preloading app server's worker): the connections,
+    # the ids and the calls in flight are the parent's. Leaves the parent's
+    # sockets open (closing a TLS one would end its session) and starts afresh.
+    def forget_parent
+      @pid = Process.pid
+      @io_thread = nil # did not survive the fork
+      @wake_r = @wake_w = nil
+      @sub = @cmd = nil
+      @inflight.clear
+      @waiters.clear
+      @to_push.clear
+      @unsubscribe.clear
+      @cmd_sent.clear
+      @ahead.clear
+      @block = nil
+      @reservation = nil
+      @sub_wanted = 0
+    end
+
     # Takes an id, subscribes (or queues the one-way push) and waits for the end
     # of +call+, until +deadline+ at most. Raises its error.
     def run(call, deadline, timeout)
       @lock.synchronize do
         raise ClosedError, "the client is closed" if @closed
 
+        forget_parent if @pid != Process.pid
         start_io_thread
         take_id(call, deadline, timeout)
         call.cond = ConditionVariable.new
         @inflight[call] = true
-        if call.one_way
-          call.state = :ready
-          @to_push << call
-          @cmd ? push_ready : wake
-        else
-          call.channel = reply_channel(call.id, msgpack: call.msgpack)
-          call.state = :subscribing
-          @waiters[call.channel] = call
-          @unsubscribe.delete(call.channel) # an id seen before a Redis restart
-          @sub ? subscribe([call.channel]) : wake
-        end
+        start_call(call)
         until call.done
           seconds = deadline - now
           unless seconds.positive?
@@ -350,6 +366,67 @@ module CerbasClient
         end
       end
       raise call.error if call.error
+    end
+
+    # Subscribes +call+'s channel (unless it was subscribed ahead) or, once it is
+    # confirmed, queues its push. Holds the lock.
+    def start_call(call)
+      json = reply_channel(call.id)
+      ahead = call.payload.nil? ? nil : @ahead.delete(json)
+      channels = []
+      block = @block
+      if call.id == block&.next_id&.pred && block.run_id == @sub&.run_id && block.ahead_until - call.id < AHEAD / 2
+        # Half the window used: subscribe the next half in one command.
+        channels.concat(subscribe_ahead([block.ahead_until, call.id].max + 1, call.id + AHEAD))
+      end
+      if call.one_way
+        @unsubscribe << json if ahead
+        call.state = :ready
+        @to_push << call
+      else
+        call.channel = reply_channel(call.id, msgpack: call.msgpack)
+        @waiters[call.channel] = call
+        if call.msgpack
+          @unsubscribe << json if ahead
+          ahead = nil
+        end
+        if ahead.nil?
+          call.state = :subscribing
+          @unsubscribe.delete(call.channel) # an id seen before a Redis restart
+          channels << call.channel
+        elsif ahead == :pending
+          call.state = :subscribing # its confirmation pushes it
+        elsif ahead == call.run_id
+          call.state = :ready
+          @to_push << call
+        else
+          finish(call, restarted_error)
+        end
+      end
+      subscribe(channels) if @sub && !channels.empty? # UNSUBSCRIBEs wait for a SUBSCRIBE, or 64 of them
+      return if @to_push.empty?
+
+      @cmd ? push_soon : wake
+    end
+
+    # Marks the JSON reply channels of ids +first+ to +last+ (those of the current
+    # block) as subscribed ahead and returns them, to subscribe.
+    def subscribe_ahead(first, last)
+      last = [last, @block.last_id].min
+      @block.ahead_until = last if last > @block.ahead_until
+      (first..last).map do |id|
+        channel = reply_channel(id)
+        @ahead[channel] = :pending
+        @unsubscribe.delete(channel)
+        channel
+      end
+    end
+
+    # Forgets the block of ids and the channels subscribed ahead for it.
+    def drop_block
+      @block = nil
+      @unsubscribe.concat(@ahead.keys) if @sub
+      @ahead.clear
     end
 
     # Gives +call+ an id from the current block, reserving a new block when none
@@ -374,7 +451,7 @@ module CerbasClient
           block.next_id += 1
           return
         end
-        @block = nil
+        drop_block
         reservation = (@reservation ||= Reservation.new(false, false, nil))
         @cmd ? send_reservation : wake
         until reservation.done
@@ -456,6 +533,13 @@ module CerbasClient
       flush_cmd
     end
 
+    # Sends the ready pushes now if Redis has answered every command sent on the
+    # command connection; else they go together when it has (see handle_cmd):
+    # one at once when calls are few, batches when they are many.
+    def push_soon
+      push_ready if @cmd_sent.empty?
+    end
+
     # Sends the pushes of every call that is ready: one MSET and one RPUSH.
     def push_ready
       calls = @to_push.reject(&:done)
@@ -497,6 +581,7 @@ module CerbasClient
 
       @sub = nil
       @unsubscribe.clear
+      @ahead.clear
       wake
     end
 
@@ -582,12 +667,15 @@ module CerbasClient
           fail_all(restarted_error)
         end
         @known_run_id = conn.run_id
-        @block = nil if @block && @block.run_id != conn.run_id
+        drop_block if @block && @block.run_id != conn.run_id
+        @ahead.clear # subscribed on the old connection
         @sub = conn
         @sub_heard = now
         @sub_pinged = nil
         @unsubscribe.clear
-        subscribe(@waiters.keys) # still awaited on the same Redis
+        channels = @waiters.keys # still awaited on the same Redis
+        channels.concat(subscribe_ahead(@block.next_id, @block.next_id + AHEAD - 1)) if @block
+        subscribe(channels)
         @changed.broadcast
       end
     end
@@ -608,7 +696,7 @@ module CerbasClient
           return
         end
         @cmd = conn
-        @block = nil if @block && @block.run_id != conn.run_id
+        drop_block if @block && @block.run_id != conn.run_id
         send_reservation
         push_ready
       end
@@ -667,7 +755,7 @@ module CerbasClient
         when "subscribe" then confirmed(reply[1], sub)
         end
       end
-      push_ready if @cmd && !@to_push.empty?
+      push_soon if @cmd && !@to_push.empty?
       subscribe([]) if @unsubscribe.size >= 64
     rescue ConnectionError, ProtocolError => e
       lost_sub(sub, e)
@@ -682,6 +770,7 @@ module CerbasClient
     end
 
     def confirmed(channel, sub)
+      @ahead[channel] = sub.run_id if @ahead[channel] == :pending
       call = @waiters[channel]
       return unless call&.state == :subscribing
 
@@ -698,6 +787,7 @@ module CerbasClient
     def handle_cmd(cmd)
       cmd.flush_nonblock
       cmd.read_available.each { |reply| command_reply(reply) }
+      push_soon unless @to_push.empty?
       oldest = @cmd_sent.first
       return unless oldest && now - oldest[3] > socket_timeout
 
@@ -713,7 +803,9 @@ module CerbasClient
       case kind
       when :reserve
         if reply.is_a?(Integer)
-          @block = IdBlock.new(reply - ID_BLOCK + 1, reply, run_id)
+          drop_block
+          @block = IdBlock.new(reply - ID_BLOCK + 1, reply, run_id, reply - ID_BLOCK)
+          subscribe(subscribe_ahead(@block.next_id, @block.next_id + AHEAD - 1)) if @sub&.run_id == run_id
           object.done = true
           @reservation = nil if @reservation.equal?(object)
           @changed.broadcast

@@ -497,6 +497,8 @@ class CerbasSharedClientTest < Minitest::Test
     threads = CerbasTest.threads(16) do |t|
       Array.new(40) do |i|
         message = "t#{t}-#{i}-#{'x' * (i * 37 % 300)}"
+        # One-way calls take ids from the same blocks without a subscription.
+        @client.send_one_way("tally", name: "rb-shared-#{t}") if (i % 10).zero?
         reply = @client.request("echo", { "message" => message }, msgpack: i.odd?)
         [message, reply]
       end
@@ -512,6 +514,27 @@ class CerbasSharedClientTest < Minitest::Test
       assert_operator r.pubsub("numpat"), :>=, 0
       assert_operator r.pubsub("channels", "*CERBAS-RESPONSE-1-*").size, :<=, 64
     end
+  end
+
+  def test_a_forked_child_gets_its_own_connections_and_ids
+    assert_equal ok("parent"), @client.request("echo", message: "parent")
+    reader, writer = IO.pipe
+    pid = fork do
+      reader.close
+      replies = Array.new(20) { |i| @client.request("echo", message: "child-#{i}") }
+      writer.write(JSON.generate(replies))
+      writer.close
+      exit!(0)
+    end
+    writer.close
+    parent = Array.new(20) { |i| @client.request("echo", message: "parent-#{i}") }
+    child = JSON.parse(reader.read)
+    _, status = Process.wait2(pid)
+    assert status.success?
+    assert_equal Array.new(20) { |i| ok("child-#{i}") }, child
+    assert_equal Array.new(20) { |i| ok("parent-#{i}") }, parent
+  ensure
+    reader&.close
   end
 
   def test_no_connection_per_request
