@@ -13,17 +13,23 @@
 #   to the thread waiting for it;
 # - a command connection, for <tt>INCRBY P-COUNTER 100</tt> (ids are reserved in
 #   blocks of 100) and the pushes: <tt>MSET P-REQ-{id:010} body ...</tt> and
-#   <tt>RPUSH P-QUEUE id ...</tt>, pipelined, the pushes of all calls that are
-#   ready at once in one MSET and one RPUSH.
+#   <tt>RPUSH P-QUEUE id ...</tt>, pipelined; when Redis has not answered the
+#   last pushes yet, the calls that became ready meanwhile go in one MSET and one
+#   RPUSH.
 #
 # A call's push is sent only once Redis has confirmed its subscription, so no
-# reply is missed. A call waits at most its timeout, whatever Redis does (even
-# frozen). If the subscriber connection breaks, the client reconnects: to the
-# same Redis (same INFO run_id) it subscribes again to every channel still
-# awaited (a reply published meanwhile is republished by the server, for 5 s); to
-# a restarted Redis (another run_id) it fails every call in flight at once with a
-# ConnectionError, since ids may repeat after a restart and a caller must never
-# get another request's reply, and reserves a new block of ids.
+# reply is missed. The channels of the next 32 ids of the block are subscribed
+# ahead, so a call usually finds its subscription confirmed and pushes at once:
+# one round trip plus the server's time. A call waits at most its timeout,
+# whatever Redis does (even frozen). If the subscriber connection breaks, the
+# client reconnects: to the same Redis (same INFO run_id) it subscribes again to
+# every channel still awaited (a reply published meanwhile is republished by the
+# server, for 5 s); to a restarted Redis (another run_id) it fails every call in
+# flight at once with a ConnectionError (ids may repeat after a restart, and a
+# caller must never get another request's reply) and reserves a new block of
+# ids, first lifting the counter well past the ids it saw (the server may
+# republish the old ids' replies on the new Redis for 5 s). A forked child
+# (preloading app servers) opens connections of its own.
 #
 # Redis is found as the server finds it: the URL is the argument, else
 # +CERBAS_REDIS_URL+, else <tt>redis://127.0.0.1:6379</tt> (a password goes in the
@@ -126,6 +132,8 @@ module CerbasClient
     # Channels of the next ids subscribed ahead, so that a call finds its
     # subscription confirmed and pushes at once (one round trip, not two).
     AHEAD = 32
+    # How far past the highest id it saw a client lifts a counter that went back.
+    COUNTER_LIFT = 100 * ID_BLOCK
 
     # One call in flight (request or one-way). Fields are guarded by the
     # client's lock. +state+: :new, :subscribing (SUBSCRIBE sent), :listening
@@ -185,6 +193,8 @@ module CerbasClient
       @reservation = nil
       @ahead = {} # JSON reply channel subscribed ahead => :pending, or the run_id that confirmed it
       @pid = Process.pid
+      @counter_seen = nil # the highest INCRBY result, kept across Redis restarts,
+      @counter_run_id = nil # and the run_id of the Redis that gave it
     end
 
     # Where Redis is, as the redis gem parses the URL: host, port, path, db,
@@ -802,7 +812,14 @@ module CerbasClient
 
       case kind
       when :reserve
+        if reply.is_a?(Integer) && (lift = counter_lift(reply, run_id)).positive?
+          @cmd.queue(["INCRBY", counter_key, lift])
+          @cmd_sent << [:reserve, object, run_id, now]
+          return flush_cmd
+        end
         if reply.is_a?(Integer)
+          @counter_seen = reply
+          @counter_run_id = run_id
           drop_block
           @block = IdBlock.new(reply - ID_BLOCK + 1, reply, run_id, reply - ID_BLOCK)
           subscribe(subscribe_ahead(@block.next_id, @block.next_id + AHEAD - 1)) if @sub&.run_id == run_id
@@ -823,6 +840,19 @@ module CerbasClient
           end
         end
       end
+    end
+
+    # How far to lift the counter before taking ids from the block that ends at
+    # +reply+: 0 unless Redis restarted (another run_id) or the counter went
+    # back. Then the server may still republish replies of the old ids for a few
+    # seconds, now on this Redis, and a call must not get one: the block must
+    # start past every id this client saw, and past what other clients may have
+    # reserved after it (COUNTER_LIFT).
+    def counter_lift(reply, run_id)
+      return 0 unless @counter_seen
+      return 0 if run_id == @counter_run_id && reply - ID_BLOCK >= @counter_seen
+
+      [@counter_seen + COUNTER_LIFT - (reply - ID_BLOCK), 0].max
     end
 
     def reply_text(reply) = reply.is_a?(ErrorReply) ? reply.message : reply.inspect
