@@ -58,12 +58,11 @@
 # ConnectionError (ClosedError), ProtocolError. A function's own error is not
 # raised: it is the reply <tt>{"status" => "error", "data" => message}</tt>.
 #
-# Dependencies: msgpack (Debian's ruby-msgpack) and, for parsing Redis URLs as
-# before, the redis gem (ruby-redis, 4.x).
+# Dependencies: msgpack (Debian's ruby-msgpack) and Ruby's standard library. The
+# tests and bench.rb also use the redis gem (ruby-redis).
 
 require "json"
 require "msgpack"
-require "redis"
 require "uri"
 require_relative "cerbas_client/errors"
 require_relative "cerbas_client/connection"
@@ -197,8 +196,8 @@ module CerbasClient
       @counter_run_id = nil # and the run_id of the Redis that gave it
     end
 
-    # Where Redis is, as the redis gem parses the URL: host, port, path, db,
-    # username, password, ssl.
+    # Where Redis is: host and port (ssl: true for rediss://) or path, db,
+    # username, password.
     def connection_options = @options.dup
 
     # Key and channel names (docs/PROTOCOL.md).
@@ -286,16 +285,24 @@ module CerbasClient
 
     def now = Process.clock_gettime(Process::CLOCK_MONOTONIC)
 
+    # Where to connect, from the URL (as the redis gem reads it: user and
+    # password URL-decoded, rediss:// is TLS).
     def parse_url
-      if CerbasClient.unix?(url)
-        uri = URI(url.sub(/\Aredis\+unix:/, "unix:"))
-        options = { path: uri.path }
-        options[:password] = URI.decode_www_form_component(uri.password) if uri.password && !uri.password.empty?
-      else
-        options = { url: url }
-      end
-      parsed = Redis::Client.new(options.merge(db: db)).options
-      parsed.slice(:host, :port, :path, :db, :username, :password, :ssl, :ssl_params).compact
+      uri = URI(CerbasClient.unix?(url) ? url.sub(/\Aredis\+unix:/, "unix:") : url)
+      options =
+        case uri.scheme
+        when "unix" then { path: uri.path }
+        when "redis", "rediss"
+          host = (uri.host || "127.0.0.1").sub(/\A\[(.*)\]\z/, '\\1') # [::1] is ::1
+          { host: host, port: uri.port || 6379, ssl: uri.scheme == "rediss" }
+        else raise ArgumentError, "redis URL must be redis://, rediss:// or unix://, not #{url.inspect}"
+        end
+      options[:username] = URI.decode_www_form_component(uri.user) if uri.user && !uri.user.empty?
+      options[:password] = URI.decode_www_form_component(uri.password) if uri.password && !uri.password.empty?
+      options[:db] = db
+      options
+    rescue URI::InvalidURIError => e
+      raise ArgumentError, "bad redis URL #{url.inspect}: #{e.message}"
     end
 
     def merge_args(args, kwargs)

@@ -107,8 +107,12 @@ module CerbasTest
   class RedisServer
     attr_reader :port, :url
 
-    def initialize(dir = CerbasTest.tmpdir)
+    # +args+: more redis-server arguments; +password+: its requirepass.
+    def initialize(dir = CerbasTest.tmpdir, args: [], password: nil)
       @dir = dir
+      @args = args
+      @password = password
+      @args += ["--requirepass", password] if password
       attempts = 0
       begin
         attempts += 1
@@ -139,7 +143,7 @@ module CerbasTest
 
     # A plain redis gem connection to db +db+, closed after the block.
     def with_redis(db: 1)
-      redis = Redis.new(url: url, db: db, timeout: 5.0)
+      redis = Redis.new(url: url, db: db, timeout: 5.0, password: @password)
       yield redis
     ensure
       redis&.close
@@ -154,13 +158,13 @@ module CerbasTest
 
     def start
       @child = Child.new([REDIS_SERVER, "--port", port.to_s, "--bind", "127.0.0.1",
-                          "--save", "", "--appendonly", "no", "--dir", @dir],
+                          "--save", "", "--appendonly", "no", "--dir", @dir, *@args],
                          log: File.join(@dir, "redis-#{port}.log"), chdir: @dir)
       wait_ready(CerbasTest.now + 10.0)
     end
 
     def wait_ready(deadline)
-      redis = Redis.new(host: "127.0.0.1", port: port, timeout: 1.0, reconnect_attempts: 0)
+      redis = Redis.new(host: "127.0.0.1", port: port, timeout: 1.0, reconnect_attempts: 0, password: @password)
       loop do
         raise "redis-server exited with #{@child.status}:\n#{@child.tail}" unless @child.alive?
 
@@ -646,6 +650,29 @@ class CerbasSharedClientTest < Minitest::Test
       assert_match(/cannot connect to Redis at 127.0.0.1:#{port}/, error.message)
       assert_raises(CerbasClient::ConnectionError) { c.send_one_way("hello", timeout: 5.0) }
       assert_operator CerbasTest.now - started, :<, 1.0
+    end
+  end
+
+  def test_password_and_unix_socket
+    dir = Dir.mktmpdir("cerbas-ruby-auth")
+    socket = File.join(dir, "redis.sock")
+    redis = CerbasTest::RedisServer.new(dir, args: ["--unixsocket", socket], password: "s3cr+t")
+    begin
+      encoded = "s3cr%2Bt" # URL-encoded, as the server reads it
+      ["redis://:#{encoded}@127.0.0.1:#{redis.port}/2", "redis+unix://:#{encoded}@#{socket}?db=2"].each do |url|
+        CerbasClient::Client.open(url: url) do |c|
+          # One-way: queued without a cerbas server (this Redis has none).
+          id = c.send_one_way("hello", timeout: 5.0)
+          body = redis.with_redis(db: 2) { |r| r.get(c.request_key(id)) }
+          assert_equal "hello", JSON.parse(body)["func"], url
+        end
+      end
+      CerbasClient::Client.open(url: "redis://127.0.0.1:#{redis.port}") do |c| # no password
+        assert_raises(CerbasClient::ConnectionError) { c.send_one_way("hello", timeout: 5.0) }
+      end
+    ensure
+      redis.stop
+      FileUtils.remove_entry(dir, true)
     end
   end
 
