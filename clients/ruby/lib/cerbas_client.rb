@@ -675,10 +675,7 @@ module CerbasClient
       end
     else
       @lock.synchronize do
-        if @closed
-          conn.close
-          return
-        end
+        return conn.close if @closed
         if @known_run_id && conn.run_id != @known_run_id
           # Ids may repeat on this Redis: nothing in flight may be resubscribed.
           fail_all(restarted_error)
@@ -708,10 +705,7 @@ module CerbasClient
       end
     else
       @lock.synchronize do
-        if @closed
-          conn.close
-          return
-        end
+        return conn.close if @closed
         @cmd = conn
         drop_block if @block && @block.run_id != conn.run_id
         send_reservation

@@ -261,17 +261,26 @@ module CerbasTest
   end
 
   # Starts a Redis and a cerbas of their own (for tests that stop, freeze or
-  # restart Redis), yields them, and stops both.
+  # restart Redis, or halt cerbas), yields them and their directory, and stops
+  # both.
   def self.with_own_servers
-    dir = Dir.mktmpdir("cerbas-ruby-own")
-    redis = RedisServer.new(dir)
-    begin
+    with_own_redis do |redis, dir|
       cerbas = CerbasServer.new(redis.url, dir)
       begin
-        yield redis, cerbas
+        yield redis, cerbas, dir
       ensure
         cerbas.stop
       end
+    end
+  end
+
+  # Starts a Redis of its own in a directory of its own (RedisServer's options),
+  # yields both, and stops and removes them.
+  def self.with_own_redis(**options)
+    dir = Dir.mktmpdir("cerbas-ruby-own")
+    redis = RedisServer.new(dir, **options)
+    begin
+      yield redis, dir
     ensure
       redis.stop
       FileUtils.remove_entry(dir, true)
@@ -654,10 +663,8 @@ class CerbasSharedClientTest < Minitest::Test
   end
 
   def test_password_and_unix_socket
-    dir = Dir.mktmpdir("cerbas-ruby-auth")
-    socket = File.join(dir, "redis.sock")
-    redis = CerbasTest::RedisServer.new(dir, args: ["--unixsocket", socket], password: "s3cr+t")
-    begin
+    socket = File.join(CerbasTest.tmpdir, "redis-#{SecureRandom.hex(4)}.sock") # removed with tmpdir
+    CerbasTest.with_own_redis(args: ["--unixsocket", socket], password: "s3cr+t") do |redis|
       encoded = "s3cr%2Bt" # URL-encoded, as the server reads it
       ["redis://:#{encoded}@127.0.0.1:#{redis.port}/2", "redis+unix://:#{encoded}@#{socket}?db=2"].each do |url|
         CerbasClient::Client.open(url: url) do |c|
@@ -670,9 +677,6 @@ class CerbasSharedClientTest < Minitest::Test
       CerbasClient::Client.open(url: "redis://127.0.0.1:#{redis.port}") do |c| # no password
         assert_raises(CerbasClient::ConnectionError) { c.send_one_way("hello", timeout: 5.0) }
       end
-    ensure
-      redis.stop
-      FileUtils.remove_entry(dir, true)
     end
   end
 
@@ -691,6 +695,19 @@ class CerbasRedisFaultTest < Minitest::Test
 
   def client(url, **options)
     CerbasClient::Client.new(url: url, env: "dev", user: "foo", source: "cerbastest", **options)
+  end
+
+  # Servers of its own and a client that has made one call; closes the client.
+  def with_own_servers_and_client(**options)
+    CerbasTest.with_own_servers do |redis, _cerbas|
+      c = client(redis.url, **options)
+      begin
+        assert_equal ok("hello world!"), c.request("hello")
+        yield redis, c
+      ensure
+        c.close
+      end
+    end
   end
 
   def test_frozen_redis_the_callers_timeout_holds
@@ -720,23 +737,17 @@ class CerbasRedisFaultTest < Minitest::Test
   end
 
   def test_frozen_redis_is_a_connection_error_after_the_socket_timeout
-    CerbasTest.with_own_servers do |redis, _cerbas|
-      c = client(redis.url, socket_timeout: 1.0)
-      begin
-        assert_equal ok("hello world!"), c.request("hello")
-        redis.pause
-        begin
-          started = CerbasTest.now
-          # PING after 1 s of silence, no PONG within 1 s, no reconnect within 1 s.
-          assert_raises(CerbasClient::ConnectionError) { c.request("hello", timeout: 10.0) }
-          assert_operator CerbasTest.now - started, :<, 5.0
-        ensure
-          redis.resume
-        end
-        assert_equal ok("hello world!"), c.request("hello", timeout: 10.0)
-      ensure
-        c.close
-      end
+    with_own_servers_and_client(socket_timeout: 1.0) do |redis, c|
+    redis.pause
+    begin
+      started = CerbasTest.now
+      # PING after 1 s of silence, no PONG within 1 s, no reconnect within 1 s.
+      assert_raises(CerbasClient::ConnectionError) { c.request("hello", timeout: 10.0) }
+      assert_operator CerbasTest.now - started, :<, 5.0
+    ensure
+      redis.resume
+    end
+    assert_equal ok("hello world!"), c.request("hello", timeout: 10.0)
     end
   end
 
@@ -791,129 +802,111 @@ class CerbasRedisFaultTest < Minitest::Test
   end
 
   def test_redis_restarted_before_the_client_noticed_fails_calls_in_flight
-    CerbasTest.with_own_servers do |redis, _cerbas|
-      c = client(redis.url)
-      begin
-        assert_equal ok("hello world!"), c.request("hello")
-        in_flight = CerbasTest.threads(3) { c.request("sleep", { "ms" => 2000 }, timeout: 10.0) }
-        CerbasTest.wait_until("3 calls in flight") { c.in_flight == 3 }
-        # Holding the client's lock keeps its I/O thread from seeing the broken
-        # connection until the new Redis listens: it reconnects at once, to
-        # another run_id, where the ids of the calls in flight may be handed out
-        # again.
-        c.instance_variable_get(:@lock).synchronize { redis.restart }
-        in_flight.each do |thread|
-          result = thread.value
-          assert_equal :raised, result[0], "a call in flight got #{result.inspect}"
-          assert_kind_of CerbasClient::ConnectionError, result[1]
-          assert_match(/Redis restarted/, result[1].message)
-        end
-        CerbasTest.wait_until("cerbas to serve the new Redis", 30.0) do
-          c.request("hello", timeout: 1.0) == ok("hello world!")
-        rescue CerbasClient::Error
-          false
-        end
-      ensure
-        c.close
-      end
+    with_own_servers_and_client do |redis, c|
+    in_flight = CerbasTest.threads(3) { c.request("sleep", { "ms" => 2000 }, timeout: 10.0) }
+    CerbasTest.wait_until("3 calls in flight") { c.in_flight == 3 }
+    # Holding the client's lock keeps its I/O thread from seeing the broken
+    # connection until the new Redis listens: it reconnects at once, to
+    # another run_id, where the ids of the calls in flight may be handed out
+    # again.
+    c.instance_variable_get(:@lock).synchronize { redis.restart }
+    in_flight.each do |thread|
+      result = thread.value
+      assert_equal :raised, result[0], "a call in flight got #{result.inspect}"
+      assert_kind_of CerbasClient::ConnectionError, result[1]
+      assert_match(/Redis restarted/, result[1].message)
+    end
+    CerbasTest.wait_until("cerbas to serve the new Redis", 30.0) do
+      c.request("hello", timeout: 1.0) == ok("hello world!")
+    rescue CerbasClient::Error
+      false
+    end
     end
   end
 
   def test_redis_killed_frozen_and_restarted_under_load_replies_never_cross
-    CerbasTest.with_own_servers do |redis, _cerbas|
-      c = client(redis.url)
+    with_own_servers_and_client do |redis, c|
       outcomes = Queue.new
-      stop_at = CerbasTest.now + 5.0
-      begin
-        threads = CerbasTest.threads(16) do |t|
-          i = 0
-          while CerbasTest.now < stop_at
-            i += 1
-            message = "#{t}-#{i}"
-            begin
-              if (i % 10).zero?
-                c.send_one_way("tally", name: "rb-fault", timeout: 1.0)
-              else
-                # Tiny timeouts leave replies to nobody, which the server republishes.
-                reply = c.request("echo", { "message" => message }, msgpack: i.odd?,
-                                                                     timeout: [0.002, 0.05, 2.0][i % 3])
-                outcomes << (reply == ok(message) ? :ok : [:crossed, message, reply])
-              end
-            rescue CerbasClient::TimeoutError, CerbasClient::ConnectionError => e
-              outcomes << e.class
+      done = false
+      threads = CerbasTest.threads(16) do |t|
+        i = 0
+        until done
+          i += 1
+          message = "#{t}-#{i}"
+          begin
+            if (i % 10).zero?
+              c.send_one_way("tally", name: "rb-fault", timeout: 1.0)
+            else
+              # Tiny timeouts leave replies to nobody, which the server republishes.
+              reply = c.request("echo", { "message" => message }, msgpack: i.odd?, timeout: [0.002, 0.05, 2.0][i % 3])
+              outcomes << (reply == ok(message) ? :ok : [:crossed, message, reply])
             end
+          rescue CerbasClient::TimeoutError, CerbasClient::ConnectionError => e
+            outcomes << e.class
           end
         end
-        sleep 1.0 # load before the fault
-        redis.restart("KILL")
-        sleep 1.5 # load on the new Redis while old replies may be republished
-        redis.pause
-        sleep 0.5 # frozen under load
-        redis.resume
-        threads.each { |thread| assert_equal :ok, thread.value[0], thread.value.inspect }
-        seen = []
-        seen << outcomes.pop until outcomes.empty?
-        crossed = seen.select { |o| o.is_a?(Array) }
-        assert_empty crossed, "#{crossed.size} replies crossed, e.g. #{crossed.first.inspect}"
-        assert_operator seen.count(:ok), :>, 100
-        assert_equal 0, c.in_flight
-        assert_equal ok("final"), c.request("echo", message: "final", timeout: 10.0)
-      ensure
-        c.close
       end
+      begin
+        CerbasTest.wait_until("load before the fault") { outcomes.size >= 500 }
+        redis.restart("KILL")
+        before = outcomes.size
+        CerbasTest.wait_until("load on the new Redis", 20.0) { outcomes.size >= before + 1500 }
+        redis.pause
+        sleep 0.5 # frozen this long under load
+        redis.resume
+        CerbasTest.wait_until("load after the freeze", 20.0) { outcomes.size >= before + 2500 }
+      ensure
+        done = true
+      end
+      threads.each { |thread| assert_equal :ok, thread.value[0], thread.value.inspect }
+      seen = []
+      seen << outcomes.pop until outcomes.empty?
+      crossed = seen.select { |o| o.is_a?(Array) }
+      assert_empty crossed, "#{crossed.size} replies crossed, e.g. #{crossed.first.inspect}"
+      assert_operator seen.count(:ok), :>, 500
+      assert_equal 0, c.in_flight
+      assert_equal ok("final"), c.request("echo", message: "final", timeout: 10.0)
     end
   end
 
   def test_old_replies_republished_after_a_restart_never_reach_a_new_call
-    CerbasTest.with_own_servers do |redis, _cerbas|
-      c = client(redis.url)
-      begin
-        assert_equal ok("hello world!"), c.request("hello")
-        # Another client's requests, answered to nobody: the server republishes
-        # their replies for 5 s, across the restart below.
-        old = redis.with_redis do |r|
-          Array.new(8) do |i|
-            id = r.incr("CERBAS-COUNTER")
-            r.set(c.request_key(id), JSON.generate({ "func" => "echo", "args" => { "message" => "old-#{i}" },
-                                                     "user" => "foo", "source" => "cerbastest" }))
-            r.rpush("CERBAS-QUEUE", id)
-            id
-          end
-        end
-        redis.with_redis do |r|
-          CerbasTest.wait_until("the old requests answered") { old.none? { |id| r.exists?(c.request_key(id)) } }
-        end
-        redis.restart("KILL")
-        # The counter set back to just before the old ids.
-        redis.with_redis { |r| r.set("CERBAS-COUNTER", old.first - 1) }
-        # Calls in flight while old replies are republished: without lifting the
-        # counter they would take the old ids and get "old-..." replies.
-        threads = CerbasTest.threads(old.size) { |i| c.request("sleep", { "ms" => 4500 + i }, timeout: 15.0) }
-        threads.each_with_index { |thread, i| assert_equal [:ok, ok(4500 + i)], thread.value }
-        lifted = redis.with_redis { |r| Integer(r.get("CERBAS-COUNTER")) }
-        assert_operator lifted, :>, old.last + CerbasClient::Client::COUNTER_LIFT
-      ensure
-        c.close
+    with_own_servers_and_client do |redis, c|
+    # Another client's requests, answered to nobody: the server republishes
+    # their replies for 5 s, across the restart below.
+    old = redis.with_redis do |r|
+      Array.new(8) do |i|
+        id = r.incr("CERBAS-COUNTER")
+        r.set(c.request_key(id), JSON.generate({ "func" => "echo", "args" => { "message" => "old-#{i}" },
+                                                 "user" => "foo", "source" => "cerbastest" }))
+        r.rpush("CERBAS-QUEUE", id)
+        id
       end
+    end
+    redis.with_redis do |r|
+      CerbasTest.wait_until("the old requests answered") { old.none? { |id| r.exists?(c.request_key(id)) } }
+    end
+    redis.restart("KILL")
+    # The counter set back to just before the old ids.
+    redis.with_redis { |r| r.set("CERBAS-COUNTER", old.first - 1) }
+    # Calls in flight while old replies are republished: without lifting the
+    # counter they would take the old ids and get "old-..." replies.
+    threads = CerbasTest.threads(old.size) { |i| c.request("sleep", { "ms" => 4500 + i }, timeout: 15.0) }
+    threads.each_with_index { |thread, i| assert_equal [:ok, ok(4500 + i)], thread.value }
+    lifted = redis.with_redis { |r| Integer(r.get("CERBAS-COUNTER")) }
+    assert_operator lifted, :>, old.last + CerbasClient::Client::COUNTER_LIFT
     end
   end
 
   def test_subscriber_connection_killed_calls_in_flight_still_get_their_reply
-    CerbasTest.with_own_servers do |redis, _cerbas|
-      c = client(redis.url)
-      begin
-        assert_equal ok("hello world!"), c.request("hello")
-        threads = CerbasTest.threads(4) { |i| c.request("sleep", { "ms" => 1000 + i }, timeout: 10.0) }
-        CerbasTest.wait_until("4 calls in flight") { c.in_flight == 4 }
-        # Same Redis (same run_id): the client resubscribes and the replies arrive.
-        killed = redis.with_redis { |r| r.call("CLIENT", "KILL", "TYPE", "pubsub") }
-        assert_operator killed, :>=, 1
-        threads.each_with_index do |thread, i|
-          assert_equal [:ok, ok(1000 + i)], thread.value
-        end
-      ensure
-        c.close
-      end
+    with_own_servers_and_client do |redis, c|
+    threads = CerbasTest.threads(4) { |i| c.request("sleep", { "ms" => 1000 + i }, timeout: 10.0) }
+    CerbasTest.wait_until("4 calls in flight") { c.in_flight == 4 }
+    # Same Redis (same run_id): the client resubscribes and the replies arrive.
+    killed = redis.with_redis { |r| r.call("CLIENT", "KILL", "TYPE", "pubsub") }
+    assert_operator killed, :>=, 1
+    threads.each_with_index do |thread, i|
+      assert_equal [:ok, ok(1000 + i)], thread.value
+    end
     end
   end
 end
@@ -921,34 +914,24 @@ end
 # The example script, against servers of its own (it halts its server).
 class CerbasExampleTest < Minitest::Test
   def test_example_script_calls_and_halts_the_server
-    dir = Dir.mktmpdir("cerbas-ruby-example")
-    redis = CerbasTest::RedisServer.new(dir)
-    begin
-      cerbas = CerbasTest::CerbasServer.new(redis.url, dir)
-      begin
-        out = File.join(dir, "example.out")
-        script = CerbasTest::Child.new([RbConfig.ruby, File.join(CerbasTest::RUBY_DIR, "example.rb")],
-                                       env: { "CERBAS_REDIS_URL" => redis.url, "CERBAS_ENV" => nil },
-                                       log: out, chdir: dir)
-        status = script.wait(30.0)
-        script.stop
-        lines = File.readlines(out, chomp: true)
-        assert status&.success?, "example.rb failed (#{status.inspect}):\n#{lines.join("\n")}"
-        assert_equal 4, lines.size, lines.join("\n")
-        hello = /"status"\s*=>\s*"ok", "data"\s*=>\s*"hello world!"/
-        assert_match hello, lines[0]
-        assert_match hello, lines[1]
-        assert_match(/"status"\s*=>\s*"error", "data"\s*=>\s*"timeout"/, lines[2])
-        assert_match(/"status"\s*=>\s*"ok", "data"\s*=>\s*""/, lines[3])
-        code = cerbas.child.wait(10.0)
-        assert code, "cerbas still running 10 s after halt:\n#{cerbas.child.tail}"
-        assert code.success?, "cerbas exited with #{code}:\n#{cerbas.child.tail}"
-      ensure
-        cerbas.stop
-      end
-    ensure
-      redis.stop
-      FileUtils.remove_entry(dir, true)
+    CerbasTest.with_own_servers do |redis, cerbas, dir|
+      out = File.join(dir, "example.out")
+      script = CerbasTest::Child.new([RbConfig.ruby, File.join(CerbasTest::RUBY_DIR, "example.rb")],
+                                     env: { "CERBAS_REDIS_URL" => redis.url, "CERBAS_ENV" => nil },
+                                     log: out, chdir: dir)
+      status = script.wait(30.0)
+      script.stop
+      lines = File.readlines(out, chomp: true)
+      assert status&.success?, "example.rb failed (#{status.inspect}):\n#{lines.join("\n")}"
+      assert_equal 4, lines.size, lines.join("\n")
+      hello = /"status"\s*=>\s*"ok", "data"\s*=>\s*"hello world!"/
+      assert_match hello, lines[0]
+      assert_match hello, lines[1]
+      assert_match(/"status"\s*=>\s*"error", "data"\s*=>\s*"timeout"/, lines[2])
+      assert_match(/"status"\s*=>\s*"ok", "data"\s*=>\s*""/, lines[3])
+      code = cerbas.child.wait(10.0)
+      assert code, "cerbas still running 10 s after halt:\n#{cerbas.child.tail}"
+      assert code.success?, "cerbas exited with #{code}:\n#{cerbas.child.tail}"
     end
   end
 end
