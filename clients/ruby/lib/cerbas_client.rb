@@ -372,14 +372,19 @@ module CerbasClient
         take_id(call, deadline, timeout)
         call.cond = ConditionVariable.new
         @inflight[call] = true
-        start_call(call)
-        until call.done
-          seconds = deadline - now
-          unless seconds.positive?
-            finish(call, timeout_error(call, timeout))
-            break
+        begin
+          start_call(call)
+          until call.done
+            seconds = deadline - now
+            unless seconds.positive?
+              finish(call, timeout_error(call, timeout))
+              break
+            end
+            call.cond.wait(@lock, seconds)
           end
-          call.cond.wait(@lock, seconds)
+        ensure
+          # Interrupted (Timeout.timeout around the call, Thread#raise): forget it.
+          finish(call, ClosedError.new("the call was interrupted")) unless call.done
         end
       end
       raise call.error if call.error

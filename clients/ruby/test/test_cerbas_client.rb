@@ -617,6 +617,14 @@ class CerbasSharedClientTest < Minitest::Test
     assert @client.closed?
   end
 
+  def test_a_call_interrupted_by_timeout_timeout_is_forgotten
+    assert_raises(::Timeout::Error) do
+      ::Timeout.timeout(0.2) { @client.request("sleep", { "ms" => 1000 }, timeout: 5.0) }
+    end
+    assert_equal 0, @client.in_flight
+    assert_equal ok("next"), @client.request("echo", message: "next")
+  end
+
   def test_error_types
     assert_operator CerbasClient::TimeoutError, :<, ::Timeout::Error
     [CerbasClient::TimeoutError, CerbasClient::ConnectionError, CerbasClient::ClosedError,
