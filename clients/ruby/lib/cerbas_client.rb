@@ -188,7 +188,8 @@ module CerbasClient
       @known_run_id = nil # of the last Redis the subscriber reached
       @cmd = nil # command Connection
       @cmd_sent = [] # [kind, object, sent at] per reply awaited on @cmd, in order
-      @block = nil
+      @block = nil # the ids being taken
+      @next_block = nil # the next ones, reserved when half of @block is taken
       @reservation = nil
       @ahead = {} # JSON reply channel subscribed ahead => :pending, or the run_id that confirmed it
       @pid = Process.pid
@@ -356,7 +357,7 @@ module CerbasClient
       @unsubscribe.clear
       @cmd_sent.clear
       @ahead.clear
-      @block = nil
+      @block = @next_block = nil
       @reservation = nil
       @sub_wanted = 0
     end
@@ -399,7 +400,7 @@ module CerbasClient
       block = @block
       if call.id == block&.next_id&.pred && block.run_id == @sub&.run_id && block.ahead_until - call.id < AHEAD / 2
         # Half the window used: subscribe the next half in one command.
-        channels.concat(subscribe_ahead([block.ahead_until, call.id].max + 1, call.id + AHEAD))
+        channels.concat(subscribe_ahead(block, [block.ahead_until, call.id].max + 1, call.id + AHEAD))
       end
       if call.one_way
         @unsubscribe << json if ahead
@@ -431,11 +432,11 @@ module CerbasClient
       @cmd ? push_soon : wake
     end
 
-    # Marks the JSON reply channels of ids +first+ to +last+ (those of the current
-    # block) as subscribed ahead and returns them, to subscribe.
-    def subscribe_ahead(first, last)
-      last = [last, @block.last_id].min
-      @block.ahead_until = last if last > @block.ahead_until
+    # Marks the JSON reply channels of ids +first+ to +last+ (of +block+) as
+    # subscribed ahead and returns them, to subscribe.
+    def subscribe_ahead(block, first, last)
+      last = [last, block.last_id].min
+      block.ahead_until = last if last > block.ahead_until
       (first..last).map do |id|
         channel = reply_channel(id)
         @ahead[channel] = :pending
@@ -444,11 +445,25 @@ module CerbasClient
       end
     end
 
-    # Forgets the block of ids and the channels subscribed ahead for it.
+    # Forgets the blocks of ids and the channels subscribed ahead for them.
     def drop_block
-      @block = nil
+      @block = @next_block = nil
       @unsubscribe.concat(@ahead.keys) if @sub
       @ahead.clear
+    end
+
+    # Drops the blocks of ids unless they come from the Redis of +run_id+.
+    def keep_blocks_of(run_id)
+      drop_block if [@block, @next_block].any? { |block| block && block.run_id != run_id }
+    end
+
+    # Reserves the next block before this one runs out, so that no call waits
+    # for it.
+    def reserve_next(block)
+      return if @next_block || @reservation || block.last_id - block.next_id >= ID_BLOCK / 2
+
+      @reservation = Reservation.new(false, false, nil)
+      @cmd ? send_reservation : wake
     end
 
     # Gives +call+ an id from the current block, reserving a new block when none
@@ -471,7 +486,13 @@ module CerbasClient
           call.id = block.next_id
           call.run_id = block.run_id
           block.next_id += 1
+          reserve_next(block)
           return
+        end
+        if @next_block
+          @block = @next_block
+          @next_block = nil
+          next
         end
         drop_block
         reservation = (@reservation ||= Reservation.new(false, false, nil))
@@ -686,14 +707,14 @@ module CerbasClient
           fail_all(restarted_error)
         end
         @known_run_id = conn.run_id
-        drop_block if @block && @block.run_id != conn.run_id
+        keep_blocks_of(conn.run_id)
         @ahead.clear # subscribed on the old connection
         @sub = conn
         @sub_heard = now
         @sub_pinged = nil
         @unsubscribe.clear
         channels = @waiters.keys # still awaited on the same Redis
-        channels.concat(subscribe_ahead(@block.next_id, @block.next_id + AHEAD - 1)) if @block
+        channels.concat(subscribe_ahead(@block, @block.next_id, @block.next_id + AHEAD - 1)) if @block
         subscribe(channels)
         @changed.broadcast
       end
@@ -712,7 +733,7 @@ module CerbasClient
       @lock.synchronize do
         return conn.close if @closed
         @cmd = conn
-        drop_block if @block && @block.run_id != conn.run_id
+        keep_blocks_of(conn.run_id)
         send_reservation
         push_ready
       end
@@ -826,9 +847,14 @@ module CerbasClient
         if reply.is_a?(Integer)
           @counter_seen = reply
           @counter_run_id = run_id
-          drop_block
-          @block = IdBlock.new(reply - ID_BLOCK + 1, reply, run_id, reply - ID_BLOCK)
-          subscribe(subscribe_ahead(@block.next_id, @block.next_id + AHEAD - 1)) if @sub&.run_id == run_id
+          block = IdBlock.new(reply - ID_BLOCK + 1, reply, run_id, reply - ID_BLOCK)
+          if @block && @block.next_id <= @block.last_id && @block.run_id == run_id
+            @next_block = block # reserved ahead (reserve_next)
+          else
+            drop_block
+            @block = block
+          end
+          subscribe(subscribe_ahead(block, block.next_id, block.next_id + AHEAD - 1)) if @sub&.run_id == run_id
           object.done = true
           @reservation = nil if @reservation.equal?(object)
           @changed.broadcast
