@@ -143,7 +143,7 @@ module CerbasClient
     # A block of ids from one INCRBY, valid only on the Redis of +run_id+.
     # +ahead_until+: the last id whose channel was subscribed ahead.
     IdBlock = Struct.new(:next_id, :last_id, :run_id, :ahead_until)
-    # An INCRBY of the counter in flight, awaited by every caller that needs an id.
+    # An INCRBY of the counter in flight (see take_id and reserve_next).
     Reservation = Struct.new(:sent, :done, :error)
 
     attr_reader :url, :env, :db, :prefix, :user, :source, :timeout, :socket_timeout
@@ -187,7 +187,7 @@ module CerbasClient
       @sub_heard = @sub_pinged = nil
       @known_run_id = nil # of the last Redis the subscriber reached
       @cmd = nil # command Connection
-      @cmd_sent = [] # [kind, object, sent at] per reply awaited on @cmd, in order
+      @cmd_sent = [] # [kind, object, run_id, sent at] per reply awaited on @cmd, in order
       @block = nil # the ids being taken
       @next_block = nil # the next ones, reserved when half of @block is taken
       @reservation = nil
@@ -324,8 +324,7 @@ module CerbasClient
       raise ProtocolError, "reply to #{call.func} (request #{call.id}) is not an object: #{data[0, 80].inspect}" unless reply.is_a?(Hash)
 
       reply
-    rescue JSON::ParserError, MessagePack::MalformedFormatError, MessagePack::StackError, EOFError,
-           EncodingError => e
+    rescue JSON::ParserError, MessagePack::UnpackError, EOFError, EncodingError => e
       raise ProtocolError, "reply to #{call.func} (request #{call.id}) cannot be decoded: #{e.message}"
     end
 
