@@ -753,8 +753,8 @@ module CerbasClient
       readers << cmd.io if cmd
       begin
         IO.select(readers, writers, nil, TICK)
-      rescue IOError
-        return # a connection was closed meanwhile (close, or a lost one)
+      rescue IOError, SystemCallError
+        return # a connection was closed meanwhile (close, or a lost one): IOError, or EBADF in select
       end
       @lock.synchronize do
         return if @closed
