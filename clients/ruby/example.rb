@@ -17,7 +17,7 @@ CerbasClient::Client.open(user: "foo", source: "cerbastest") do |c|
   p c.request("hello", msgpack: true)
   begin
     p c.request("slow") # {"status"=>"error", "data"=>"timeout"}
-  rescue CerbasClient::Timeout => e
+  rescue CerbasClient::TimeoutError => e
     puts "client timeout: #{e.message}"
   end
   p c.request("halt", { "delay" => 1000 })

@@ -91,6 +91,15 @@ module CerbasTest
       @status
     end
 
+    # Sends +signal+ and waits for it to exit.
+    def kill(signal)
+      Process.kill(signal, pid)
+      _, @status = Process.wait2(pid)
+      @status
+    rescue Errno::ESRCH, Errno::ECHILD
+      @status
+    end
+
     def tail = CerbasTest.log_tail(log)
   end
 
@@ -98,16 +107,18 @@ module CerbasTest
   class RedisServer
     attr_reader :port, :url
 
-    def initialize(dir = CerbasTest.tmpdir)
+    # +args+: more redis-server arguments; +password+: its requirepass.
+    def initialize(dir = CerbasTest.tmpdir, args: [], password: nil)
+      @dir = dir
+      @args = args
+      @password = password
+      @args += ["--requirepass", password] if password
       attempts = 0
       begin
         attempts += 1
         @port = CerbasTest.free_port
         @url = "redis://127.0.0.1:#{port}"
-        @child = Child.new([REDIS_SERVER, "--port", port.to_s, "--bind", "127.0.0.1",
-                            "--save", "", "--appendonly", "no", "--dir", dir],
-                           log: File.join(dir, "redis-#{port}.log"), chdir: dir)
-        wait_ready(CerbasTest.now + 10.0)
+        start
       rescue RuntimeError
         exited = @child && !@child.alive? # e.g. the port was taken meanwhile
         stop
@@ -118,10 +129,42 @@ module CerbasTest
 
     def stop = @child&.stop
 
+    # Stops it (SIGTERM, or +signal+) and starts a new one on the same port: an
+    # empty Redis with another run_id (what a restart without persistence, or
+    # from an old dump, looks like).
+    def restart(signal = nil)
+      signal ? @child.kill(signal) : stop
+      start
+    end
+
+    # SIGSTOP / SIGCONT: a frozen Redis keeps its connections and answers nothing.
+    def pause = Process.kill("STOP", @child.pid)
+    def resume = Process.kill("CONT", @child.pid)
+
+    # A plain redis gem connection to db +db+, closed after the block.
+    def with_redis(db: 1)
+      redis = Redis.new(url: url, db: db, timeout: 5.0, password: @password)
+      yield redis
+    ensure
+      redis&.close
+    end
+
+    # The field +name+ of INFO +section+, as a String.
+    def info_field(section, name)
+      with_redis { |r| r.info(section).fetch(name) }
+    end
+
     private
 
+    def start
+      @child = Child.new([REDIS_SERVER, "--port", port.to_s, "--bind", "127.0.0.1",
+                          "--save", "", "--appendonly", "no", "--dir", @dir, *@args],
+                         log: File.join(@dir, "redis-#{port}.log"), chdir: @dir)
+      wait_ready(CerbasTest.now + 10.0)
+    end
+
     def wait_ready(deadline)
-      redis = Redis.new(host: "127.0.0.1", port: port, timeout: 1.0, reconnect_attempts: 0)
+      redis = Redis.new(host: "127.0.0.1", port: port, timeout: 1.0, reconnect_attempts: 0, password: @password)
       loop do
         raise "redis-server exited with #{@child.status}:\n#{@child.tail}" unless @child.alive?
 
@@ -172,7 +215,7 @@ module CerbasTest
 
         begin
           return if client.request("hello", timeout: 0.5)["status"] == "ok"
-        rescue CerbasClient::Timeout
+        rescue CerbasClient::TimeoutError
           nil # not serving yet
         end
         raise "cerbas did not answer hello in time:\n#{@child.tail}" if CerbasTest.now > deadline
@@ -204,6 +247,58 @@ module CerbasTest
     rescue StandardError => e
       @servers_error = e
       raise
+    end
+  end
+
+  # Polls the block until it is true; fails the test with +what+ after +seconds+.
+  def self.wait_until(what, seconds = 10.0)
+    deadline = now + seconds
+    until yield
+      raise Minitest::Assertion, "timed out waiting for #{what}" if now > deadline
+
+      sleep 0.01 # poll interval, bounded by the deadline
+    end
+  end
+
+  # Starts a Redis and a cerbas of their own (for tests that stop, freeze or
+  # restart Redis, or halt cerbas), yields them and their directory, and stops
+  # both.
+  def self.with_own_servers
+    with_own_redis do |redis, dir|
+      cerbas = CerbasServer.new(redis.url, dir)
+      begin
+        yield redis, cerbas, dir
+      ensure
+        cerbas.stop
+      end
+    end
+  end
+
+  # Starts a Redis of its own in a directory of its own (RedisServer's options),
+  # yields both, and stops and removes them.
+  def self.with_own_redis(**options)
+    dir = Dir.mktmpdir("cerbas-ruby-own")
+    redis = RedisServer.new(dir, **options)
+    begin
+      yield redis, dir
+    ensure
+      redis.stop
+      FileUtils.remove_entry(dir, true)
+    end
+  end
+
+  # Starts +count+ threads each running the block with its index; returns them.
+  # Each thread's value is [:ok, value] or [:raised, exception, seconds taken].
+  def self.threads(count)
+    Array.new(count) do |i|
+      Thread.new do
+        started = now
+        begin
+          [:ok, yield(i)]
+        rescue StandardError => e
+          [:raised, e, now - started]
+        end
+      end
     end
   end
 
@@ -349,7 +444,7 @@ class CerbasFunctionsTest < Minitest::Test
 
   def test_client_timeout
     started = CerbasTest.now
-    assert_raises(CerbasClient::Timeout) do
+    assert_raises(CerbasClient::TimeoutError) do
       @client.request("sleep", { "ms" => 3000 }, timeout: 0.5)
     end
     elapsed = CerbasTest.now - started
@@ -408,37 +503,447 @@ class CerbasFunctionsTest < Minitest::Test
   end
 end
 
+# One client shared by threads, on the shared servers.
+class CerbasSharedClientTest < Minitest::Test
+  include CerbasTest::Replies
+
+  def setup
+    @redis = CerbasTest.servers[:redis]
+    @client = CerbasClient::Client.new(url: @redis.url, env: "dev", user: "foo", source: "cerbastest")
+  end
+
+  def teardown
+    @client&.close
+  end
+
+  def test_sixteen_threads_share_one_client_and_replies_never_cross
+    threads = CerbasTest.threads(16) do |t|
+      Array.new(40) do |i|
+        message = "t#{t}-#{i}-#{'x' * (i * 37 % 300)}"
+        # One-way calls take ids from the same blocks without a subscription.
+        @client.send_one_way("tally", name: "rb-shared-#{t}") if (i % 10).zero?
+        reply = @client.request("echo", { "message" => message }, msgpack: i.odd?)
+        [message, reply]
+      end
+    end
+    results = threads.map(&:value)
+    results.each { |result| assert_equal :ok, result[0], result.inspect }
+    pairs = results.flat_map { |result| result[1] }
+    assert_equal 16 * 40, pairs.size
+    pairs.each { |message, reply| assert_equal ok(message), reply }
+    assert_equal 0, @client.in_flight
+    # Channels are unsubscribed (in batches) once answered.
+    @redis.with_redis do |r|
+      assert_operator r.pubsub("numpat"), :>=, 0
+      assert_operator r.pubsub("channels", "*CERBAS-RESPONSE-1-*").size, :<=, 64
+    end
+  end
+
+  def test_a_forked_child_gets_its_own_connections_and_ids
+    assert_equal ok("parent"), @client.request("echo", message: "parent")
+    reader, writer = IO.pipe
+    pid = fork do
+      reader.close
+      replies = Array.new(20) { |i| @client.request("echo", message: "child-#{i}") }
+      writer.write(JSON.generate(replies))
+      writer.close
+      exit!(0)
+    end
+    writer.close
+    parent = Array.new(20) { |i| @client.request("echo", message: "parent-#{i}") }
+    child = JSON.parse(reader.read)
+    _, status = Process.wait2(pid)
+    assert status.success?
+    assert_equal Array.new(20) { |i| ok("child-#{i}") }, child
+    assert_equal Array.new(20) { |i| ok("parent-#{i}") }, parent
+  ensure
+    reader&.close
+  end
+
+  def test_no_connection_per_request
+    @client.request("hello") # opens the client's two connections
+    before = Integer(@redis.info_field("stats", "total_connections_received"))
+    incrby = -> { @redis.with_redis { |r| r.info("commandstats").dig("incrby", "calls").to_i } }
+    incrby_before = incrby.call
+    CerbasTest.threads(4) { 50.times { @client.request("echo", message: "hi") } }.each(&:join)
+    after = Integer(@redis.info_field("stats", "total_connections_received"))
+    # 200 calls; the info_field connections themselves count 1 each, and the
+    # server may open one of its own meanwhile.
+    assert_operator after - before, :<=, 4, "#{after - before} connections for 200 calls"
+    # Ids come in blocks of 100 (a block may be reserved ahead).
+    assert_operator incrby.call - incrby_before, :<=, 3
+  end
+
+  def test_keyword_arguments_are_the_functions_arguments
+    assert_equal ok(3), @client.request("sum", a: 1, b: 2)
+    assert_equal ok(3), @client.request("sum", { "a" => 1, "b" => 2 })
+    assert_equal ok(3), @client.request("sum", a: 1, b: 2, msgpack: true, timeout: 5)
+    assert_equal ok("hi"), @client.request("echo", message: "hi", user: "foo")
+    assert_raises(ArgumentError) { @client.request("sum", { "a" => 1 }, b: 2) }
+    id = @client.send_one_way("tally", name: "rb-#{SecureRandom.hex(8)}")
+    assert_kind_of Integer, id
+  end
+
+  def test_reply_published_before_the_subscription_settled
+    id = nil
+    @redis.with_redis do |r|
+      id = r.incr("CERBAS-COUNTER")
+      r.set(@client.request_key(id), JSON.generate({ "func" => "echo", "args" => { "message" => "late" },
+                                                     "user" => "foo", "source" => "cerbastest" }))
+      r.rpush("CERBAS-QUEUE", id)
+      # Answered (the key deleted): the reply went out to nobody.
+      CerbasTest.wait_until("the server to answer request #{id}") { !r.exists?(@client.request_key(id)) }
+    end
+    started = CerbasTest.now
+    assert_equal ok("late"), @client.send(:await_reply, id, timeout: 6.0)
+    # The server republishes for 5 s after its first publish.
+    assert_operator CerbasTest.now - started, :<, 5.0
+    # The same client still serves ordinary calls.
+    assert_equal ok("after"), @client.request("echo", message: "after")
+  end
+
+  def test_close_fails_calls_in_flight_at_once_and_later_calls
+    threads = CerbasTest.threads(4) { @client.request("sleep", { "ms" => 3000 }, timeout: 10.0) }
+    CerbasTest.wait_until("4 calls in flight") { @client.in_flight == 4 }
+    closed_at = CerbasTest.now
+    @client.close
+    threads.each do |thread|
+      result = thread.value
+      assert_equal :raised, result[0], result.inspect
+      assert_kind_of CerbasClient::ClosedError, result[1]
+    end
+    assert_operator CerbasTest.now - closed_at, :<, 0.5
+    started = CerbasTest.now
+    assert_raises(CerbasClient::ClosedError) { @client.request("hello") }
+    assert_raises(CerbasClient::ClosedError) { @client.send_one_way("hello") }
+    assert_operator CerbasTest.now - started, :<, 0.1
+    assert_nil @client.close # twice is fine
+    assert @client.closed?
+  end
+
+  def test_a_call_interrupted_by_timeout_timeout_is_forgotten
+    assert_raises(::Timeout::Error) do
+      ::Timeout.timeout(0.2) { @client.request("sleep", { "ms" => 1000 }, timeout: 5.0) }
+    end
+    assert_equal 0, @client.in_flight
+    assert_equal ok("next"), @client.request("echo", message: "next")
+  end
+
+  def test_error_types
+    assert_operator CerbasClient::TimeoutError, :<, ::Timeout::Error
+    [CerbasClient::TimeoutError, CerbasClient::ConnectionError, CerbasClient::ClosedError,
+     CerbasClient::ProtocolError].each do |klass|
+      assert_operator klass, :<, CerbasClient::Error
+      assert_operator klass, :<, StandardError
+    end
+    assert_operator CerbasClient::ClosedError, :<, CerbasClient::ConnectionError
+    # Code that rescues the standard timeout catches ours.
+    caught = begin
+      @client.request("sleep", { "ms" => 2000 }, timeout: 0.2)
+    rescue ::Timeout::Error => e
+      e
+    end
+    assert_kind_of CerbasClient::TimeoutError, caught
+    assert_match(/no reply to sleep \(request \d+\) within 0.2 s/, caught.message)
+  end
+
+  def test_garbage_on_the_reply_channel_is_a_protocol_error
+    id = @redis.with_redis { |r| r.incr("CERBAS-COUNTER") }
+    waiter = Thread.new do
+      @client.send(:await_reply, id, timeout: 5.0)
+    rescue StandardError => e
+      e
+    end
+    CerbasTest.wait_until("the waiter to subscribe") do
+      @redis.with_redis { |r| r.pubsub("numsub", @client.reply_channel(id)).last.to_i == 1 }
+    end
+    @redis.with_redis { |r| r.publish(@client.reply_channel(id), "not json") }
+    error = waiter.value
+    assert_kind_of CerbasClient::ProtocolError, error
+    assert_match(/cannot be decoded/, error.message)
+  end
+
+  def test_redis_down_is_a_connection_error_at_once
+    port = CerbasTest.free_port # nothing listens there
+    CerbasClient::Client.open(url: "redis://127.0.0.1:#{port}", env: "dev") do |c|
+      started = CerbasTest.now
+      error = assert_raises(CerbasClient::ConnectionError) { c.request("hello", timeout: 5.0) }
+      assert_match(/cannot connect to Redis at 127.0.0.1:#{port}/, error.message)
+      assert_raises(CerbasClient::ConnectionError) { c.send_one_way("hello", timeout: 5.0) }
+      assert_operator CerbasTest.now - started, :<, 1.0
+    end
+  end
+
+  def test_password_and_unix_socket
+    socket = File.join(CerbasTest.tmpdir, "redis-#{SecureRandom.hex(4)}.sock") # removed with tmpdir
+    CerbasTest.with_own_redis(args: ["--unixsocket", socket], password: "s3cr+t") do |redis|
+      encoded = "s3cr%2Bt" # URL-encoded, as the server reads it
+      ["redis://:#{encoded}@127.0.0.1:#{redis.port}/2", "redis+unix://:#{encoded}@#{socket}?db=2"].each do |url|
+        CerbasClient::Client.open(url: url) do |c|
+          # One-way: queued without a cerbas server (this Redis has none).
+          id = c.send_one_way("hello", timeout: 5.0)
+          body = redis.with_redis(db: 2) { |r| r.get(c.request_key(id)) }
+          assert_equal "hello", JSON.parse(body)["func"], url
+        end
+      end
+      CerbasClient::Client.open(url: "redis://127.0.0.1:#{redis.port}") do |c| # no password
+        assert_raises(CerbasClient::ConnectionError) { c.send_one_way("hello", timeout: 5.0) }
+      end
+    end
+  end
+
+  def test_refused_password_is_a_connection_error
+    url = @redis.url.sub("redis://", "redis://:wrong@")
+    CerbasClient::Client.open(url: url, env: "dev") do |c|
+      error = assert_raises(CerbasClient::ConnectionError) { c.request("hello", timeout: 5.0) }
+      assert_match(/refused AUTH/, error.message)
+    end
+  end
+end
+
+# Faults of Redis itself (frozen, restarted), each on servers of its own.
+class CerbasRedisFaultTest < Minitest::Test
+  include CerbasTest::Replies
+
+  def client(url, **options)
+    CerbasClient::Client.new(url: url, env: "dev", user: "foo", source: "cerbastest", **options)
+  end
+
+  # Servers of its own and a client that has made one call; closes the client.
+  def with_own_servers_and_client(**options)
+    CerbasTest.with_own_servers do |redis, _cerbas|
+      c = client(redis.url, **options)
+      begin
+        assert_equal ok("hello world!"), c.request("hello")
+        yield redis, c
+      ensure
+        c.close
+      end
+    end
+  end
+
+  def test_frozen_redis_the_callers_timeout_holds
+    CerbasTest.with_own_servers do |redis, _cerbas|
+      warm = client(redis.url)
+      cold = client(redis.url) # no connection yet: it connects into the frozen Redis
+      begin
+        assert_equal ok("hello world!"), warm.request("hello")
+        redis.pause
+        begin
+          [warm, cold].each do |c|
+            started = CerbasTest.now
+            assert_raises(CerbasClient::TimeoutError) { c.request("hello", timeout: 1.0) }
+            elapsed = CerbasTest.now - started
+            assert_in_delta 1.0, elapsed, 0.5
+          end
+        ensure
+          redis.resume
+        end
+        assert_equal ok("hello world!"), warm.request("hello", timeout: 10.0)
+        assert_equal ok("hello world!"), cold.request("hello", timeout: 10.0)
+      ensure
+        warm.close
+        cold.close
+      end
+    end
+  end
+
+  def test_frozen_redis_is_a_connection_error_after_the_socket_timeout
+    with_own_servers_and_client(socket_timeout: 1.0) do |redis, c|
+    redis.pause
+    begin
+      started = CerbasTest.now
+      # PING after 1 s of silence, no PONG within 1 s, no reconnect within 1 s.
+      assert_raises(CerbasClient::ConnectionError) { c.request("hello", timeout: 10.0) }
+      assert_operator CerbasTest.now - started, :<, 5.0
+    ensure
+      redis.resume
+    end
+    assert_equal ok("hello world!"), c.request("hello", timeout: 10.0)
+    end
+  end
+
+  def test_redis_restarted_with_calls_in_flight_and_the_counter_set_back
+    CerbasTest.with_own_servers do |redis, _cerbas|
+      a = client(redis.url)
+      b = client(redis.url) # another process, after the restart
+      begin
+        assert_equal ok("hello world!"), a.request("hello")
+        first = redis.with_redis { |r| Integer(r.get("CERBAS-COUNTER")) }
+        in_flight = CerbasTest.threads(4) { |i| a.request("sleep", { "ms" => 2000 + i }, timeout: 10.0) }
+        CerbasTest.wait_until("4 calls in flight") { a.in_flight == 4 }
+        restarted_at = CerbasTest.now
+        redis.restart
+        # The counter set back: the new Redis hands out the ids of the calls in flight.
+        redis.with_redis { |r| r.set("CERBAS-COUNTER", first - CerbasClient::Client::ID_BLOCK) }
+        in_flight.each do |thread|
+          result = thread.value
+          assert_equal :raised, result[0], "a call in flight got #{result.inspect}"
+          assert_kind_of CerbasClient::ConnectionError, result[1]
+        end
+        assert_operator CerbasTest.now - restarted_at, :<, 3.0, "calls in flight did not fail at once"
+        # Wait for cerbas to be back on the new Redis.
+        CerbasTest.wait_until("cerbas to serve the new Redis", 30.0) do
+          a.request("hello", timeout: 1.0) == ok("hello world!")
+        rescue CerbasClient::Error
+          false
+        end
+        # A lifted the counter on its first call; B (another process) reserves
+        # after it. Every caller gets its own reply.
+        threads = CerbasTest.threads(8) do |t|
+          c = t.even? ? a : b
+          Array.new(10) do |i|
+            message = "#{t.even? ? 'A' : 'B'}-#{t}-#{i}"
+            [message, c.request("echo", { "message" => message }, timeout: 10.0)]
+          end
+        end
+        threads.each do |thread|
+          result = thread.value
+          assert_equal :ok, result[0], result.inspect
+          result[1].each { |message, reply| assert_equal ok(message), reply }
+        end
+        # A had seen ids up to `first`: it lifted the counter past them (the
+        # server may republish old replies on the new Redis for a few seconds).
+        lifted = redis.with_redis { |r| Integer(r.get("CERBAS-COUNTER")) }
+        assert_operator lifted, :>=, first + CerbasClient::Client::COUNTER_LIFT
+      ensure
+        a.close
+        b.close
+      end
+    end
+  end
+
+  def test_redis_restarted_before_the_client_noticed_fails_calls_in_flight
+    with_own_servers_and_client do |redis, c|
+    in_flight = CerbasTest.threads(3) { c.request("sleep", { "ms" => 2000 }, timeout: 10.0) }
+    CerbasTest.wait_until("3 calls in flight") { c.in_flight == 3 }
+    # Holding the client's lock keeps its I/O thread from seeing the broken
+    # connection until the new Redis listens: it reconnects at once, to
+    # another run_id, where the ids of the calls in flight may be handed out
+    # again.
+    c.instance_variable_get(:@lock).synchronize { redis.restart }
+    in_flight.each do |thread|
+      result = thread.value
+      assert_equal :raised, result[0], "a call in flight got #{result.inspect}"
+      assert_kind_of CerbasClient::ConnectionError, result[1]
+      assert_match(/Redis restarted/, result[1].message)
+    end
+    CerbasTest.wait_until("cerbas to serve the new Redis", 30.0) do
+      c.request("hello", timeout: 1.0) == ok("hello world!")
+    rescue CerbasClient::Error
+      false
+    end
+    end
+  end
+
+  def test_redis_killed_frozen_and_restarted_under_load_replies_never_cross
+    with_own_servers_and_client do |redis, c|
+      outcomes = Queue.new
+      done = false
+      threads = CerbasTest.threads(16) do |t|
+        i = 0
+        until done
+          i += 1
+          message = "#{t}-#{i}"
+          begin
+            if (i % 10).zero?
+              c.send_one_way("tally", name: "rb-fault", timeout: 1.0)
+            else
+              # Tiny timeouts leave replies to nobody, which the server republishes.
+              reply = c.request("echo", { "message" => message }, msgpack: i.odd?, timeout: [0.002, 0.05, 2.0][i % 3])
+              outcomes << (reply == ok(message) ? :ok : [:crossed, message, reply])
+            end
+          rescue CerbasClient::TimeoutError, CerbasClient::ConnectionError => e
+            outcomes << e.class
+          end
+        end
+      end
+      begin
+        CerbasTest.wait_until("load before the fault") { outcomes.size >= 500 }
+        redis.restart("KILL")
+        before = outcomes.size
+        CerbasTest.wait_until("load on the new Redis", 20.0) { outcomes.size >= before + 1500 }
+        redis.pause
+        sleep 0.5 # frozen this long under load
+        redis.resume
+        CerbasTest.wait_until("load after the freeze", 20.0) { outcomes.size >= before + 2500 }
+      ensure
+        done = true
+      end
+      threads.each { |thread| assert_equal :ok, thread.value[0], thread.value.inspect }
+      seen = []
+      seen << outcomes.pop until outcomes.empty?
+      crossed = seen.select { |o| o.is_a?(Array) }
+      assert_empty crossed, "#{crossed.size} replies crossed, e.g. #{crossed.first.inspect}"
+      assert_operator seen.count(:ok), :>, 500
+      assert_equal 0, c.in_flight
+      assert_equal ok("final"), c.request("echo", message: "final", timeout: 10.0)
+    end
+  end
+
+  def test_old_replies_republished_after_a_restart_never_reach_a_new_call
+    with_own_servers_and_client do |redis, c|
+    # Another client's requests, answered to nobody: the server republishes
+    # their replies for 5 s, across the restart below.
+    old = redis.with_redis do |r|
+      Array.new(8) do |i|
+        id = r.incr("CERBAS-COUNTER")
+        r.set(c.request_key(id), JSON.generate({ "func" => "echo", "args" => { "message" => "old-#{i}" },
+                                                 "user" => "foo", "source" => "cerbastest" }))
+        r.rpush("CERBAS-QUEUE", id)
+        id
+      end
+    end
+    redis.with_redis do |r|
+      CerbasTest.wait_until("the old requests answered") { old.none? { |id| r.exists?(c.request_key(id)) } }
+    end
+    redis.restart("KILL")
+    # The counter set back to just before the old ids.
+    redis.with_redis { |r| r.set("CERBAS-COUNTER", old.first - 1) }
+    # Calls in flight while old replies are republished: without lifting the
+    # counter they would take the old ids and get "old-..." replies.
+    threads = CerbasTest.threads(old.size) { |i| c.request("sleep", { "ms" => 4500 + i }, timeout: 15.0) }
+    threads.each_with_index { |thread, i| assert_equal [:ok, ok(4500 + i)], thread.value }
+    lifted = redis.with_redis { |r| Integer(r.get("CERBAS-COUNTER")) }
+    assert_operator lifted, :>, old.last + CerbasClient::Client::COUNTER_LIFT
+    end
+  end
+
+  def test_subscriber_connection_killed_calls_in_flight_still_get_their_reply
+    with_own_servers_and_client do |redis, c|
+    threads = CerbasTest.threads(4) { |i| c.request("sleep", { "ms" => 1000 + i }, timeout: 10.0) }
+    CerbasTest.wait_until("4 calls in flight") { c.in_flight == 4 }
+    # Same Redis (same run_id): the client resubscribes and the replies arrive.
+    killed = redis.with_redis { |r| r.call("CLIENT", "KILL", "TYPE", "pubsub") }
+    assert_operator killed, :>=, 1
+    threads.each_with_index do |thread, i|
+      assert_equal [:ok, ok(1000 + i)], thread.value
+    end
+    end
+  end
+end
+
 # The example script, against servers of its own (it halts its server).
 class CerbasExampleTest < Minitest::Test
   def test_example_script_calls_and_halts_the_server
-    dir = Dir.mktmpdir("cerbas-ruby-example")
-    redis = CerbasTest::RedisServer.new(dir)
-    begin
-      cerbas = CerbasTest::CerbasServer.new(redis.url, dir)
-      begin
-        out = File.join(dir, "example.out")
-        script = CerbasTest::Child.new([RbConfig.ruby, File.join(CerbasTest::RUBY_DIR, "example.rb")],
-                                       env: { "CERBAS_REDIS_URL" => redis.url, "CERBAS_ENV" => nil },
-                                       log: out, chdir: dir)
-        status = script.wait(30.0)
-        script.stop
-        lines = File.readlines(out, chomp: true)
-        assert status&.success?, "example.rb failed (#{status.inspect}):\n#{lines.join("\n")}"
-        assert_equal 4, lines.size, lines.join("\n")
-        hello = /"status"\s*=>\s*"ok", "data"\s*=>\s*"hello world!"/
-        assert_match hello, lines[0]
-        assert_match hello, lines[1]
-        assert_match(/"status"\s*=>\s*"error", "data"\s*=>\s*"timeout"/, lines[2])
-        assert_match(/"status"\s*=>\s*"ok", "data"\s*=>\s*""/, lines[3])
-        code = cerbas.child.wait(10.0)
-        assert code, "cerbas still running 10 s after halt:\n#{cerbas.child.tail}"
-        assert code.success?, "cerbas exited with #{code}:\n#{cerbas.child.tail}"
-      ensure
-        cerbas.stop
-      end
-    ensure
-      redis.stop
-      FileUtils.remove_entry(dir, true)
+    CerbasTest.with_own_servers do |redis, cerbas, dir|
+      out = File.join(dir, "example.out")
+      script = CerbasTest::Child.new([RbConfig.ruby, File.join(CerbasTest::RUBY_DIR, "example.rb")],
+                                     env: { "CERBAS_REDIS_URL" => redis.url, "CERBAS_ENV" => nil },
+                                     log: out, chdir: dir)
+      status = script.wait(30.0)
+      script.stop
+      lines = File.readlines(out, chomp: true)
+      assert status&.success?, "example.rb failed (#{status.inspect}):\n#{lines.join("\n")}"
+      assert_equal 4, lines.size, lines.join("\n")
+      hello = /"status"\s*=>\s*"ok", "data"\s*=>\s*"hello world!"/
+      assert_match hello, lines[0]
+      assert_match hello, lines[1]
+      assert_match(/"status"\s*=>\s*"error", "data"\s*=>\s*"timeout"/, lines[2])
+      assert_match(/"status"\s*=>\s*"ok", "data"\s*=>\s*""/, lines[3])
+      code = cerbas.child.wait(10.0)
+      assert code, "cerbas still running 10 s after halt:\n#{cerbas.child.tail}"
+      assert code.success?, "cerbas exited with #{code}:\n#{cerbas.child.tail}"
     end
   end
 end
@@ -455,7 +960,7 @@ class CerbasResolveTest < Minitest::Test
     env do
       c = CerbasClient::Client.new
       assert_equal ["redis://127.0.0.1:6379", "dev", 1], [c.url, c.env, c.db]
-      assert_equal({ host: "127.0.0.1", port: 6379, db: 1 }, c.redis.connection.slice(:host, :port, :db))
+      assert_equal({ host: "127.0.0.1", port: 6379, db: 1 }, c.connection_options.slice(:host, :port, :db))
       assert_equal "CERBAS-RESPONSE-1-0000000007", c.reply_channel(7)
       assert_equal "MSGPACK:CERBAS-RESPONSE-1-0000000007", c.reply_channel(7, msgpack: true)
       assert_equal "CERBAS-REQ-0000000007", c.request_key(7)
@@ -469,7 +974,7 @@ class CerbasResolveTest < Minitest::Test
     env("CERBAS_ENV" => "prod") do
       c = CerbasClient::Client.new
       assert_equal 8, c.db
-      assert_equal 8, c.redis.connection[:db]
+      assert_equal 8, c.connection_options[:db]
       assert_equal "CERBAS-RESPONSE-8-0000012345", c.reply_channel(12_345)
     end
   end
@@ -478,8 +983,8 @@ class CerbasResolveTest < Minitest::Test
     env("CERBAS_REDIS_URL" => "redis://:secret@10.0.0.5:6380/3", "CERBAS_ENV" => "prod") do
       c = CerbasClient::Client.new
       assert_equal ["redis://:secret@10.0.0.5:6380/3", "prod", 3], [c.url, c.env, c.db]
-      assert_equal({ host: "10.0.0.5", port: 6380, db: 3 }, c.redis.connection.slice(:host, :port, :db))
-      assert_equal "secret", c.redis._client.password
+      assert_equal({ host: "10.0.0.5", port: 6380, db: 3 }, c.connection_options.slice(:host, :port, :db))
+      assert_equal "secret", c.connection_options[:password]
     end
   end
 
@@ -524,7 +1029,7 @@ class CerbasResolveTest < Minitest::Test
       assert_equal 4, CerbasClient.resolve(url: "unix:///tmp/redis.sock?db=4").last
       c = CerbasClient::Client.new(url: "redis+unix:///tmp/redis.sock", env: "prod")
       assert_equal 8, c.db
-      assert_equal "/tmp/redis.sock", c.redis._client.path
+      assert_equal "/tmp/redis.sock", c.connection_options[:path]
     end
   end
 
