@@ -163,6 +163,20 @@ impl Connector {
     }
 }
 
+/// Which run of Redis `c` talks to (`run_id` of `INFO server`, new at each
+/// restart), or `None` if Redis does not say (an ACL without `INFO`).
+pub(crate) fn run_id(c: &mut Connection) -> Option<String> {
+    let info: String = redis::cmd("INFO").arg("server").query(c).ok()?;
+    parse_run_id(&info)
+}
+
+fn parse_run_id(info: &str) -> Option<String> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_string())
+        .filter(|id| !id.is_empty())
+}
+
 /// The oldest Redis that has every command the server sends (`BLMOVE`, `LMOVE`).
 pub const MIN_REDIS_VERSION: (u32, u32) = (6, 2);
 
@@ -393,6 +407,14 @@ impl Drop for PooledConnection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_run_id_comes_from_info_server() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:5d1c0e2f9a\r\ntcp_port:6379\r\n";
+        assert_eq!(parse_run_id(info).as_deref(), Some("5d1c0e2f9a"));
+        assert_eq!(parse_run_id("# Server\r\nrun_id:\r\n"), None);
+        assert_eq!(parse_run_id("redis_version:7.0.15\r\n"), None);
+    }
 
     fn connector() -> Connector {
         let client = Client::open("redis://127.0.0.1:1").expect("a URL");

@@ -204,6 +204,19 @@ impl Held {
         self.by_age.is_empty()
     }
 
+    /// Drops every held reply, and `more` taken out of it (Redis restarted),
+    /// counted as dropped.
+    fn clear(&mut self, more: usize) {
+        let n = (self.by_age.len() + more) as u64;
+        self.by_age.clear();
+        self.due.clear();
+        self.bytes = 0;
+        if n > 0 {
+            self.stats.replies_dropped.fetch_add(n, Ordering::Relaxed);
+            log::info!("{n} replies held for late subscribers dropped (redis restarted)");
+        }
+    }
+
     /// A reply just published to nobody.
     fn add(&mut self, id: u64, encoded: Encoded, now: Instant) {
         // A grace or a cap of 0 turns republishing off: nothing to hold or log.
@@ -378,6 +391,12 @@ struct Publishing {
     /// Whether the connection has the scripts loaded (DESIGN §8: a pipeline does
     /// not load them for us).
     loaded: bool,
+    /// The run of Redis (`run_id`) the held replies were published on, once
+    /// connected: `Some(None)` if Redis would not say.
+    redis_run: Option<Option<String>>,
+    /// Held replies dropped because Redis restarted, not yet dropped from
+    /// [`Held`] by [`Publishing::run`].
+    restarted: bool,
 }
 
 impl Publishing {
@@ -387,6 +406,8 @@ impl Publishing {
             reply: Script::new(REPLY),
             schedule: Script::new(SCHEDULE),
             loaded: false,
+            redis_run: None,
+            restarted: false,
         }
     }
 
@@ -446,11 +467,16 @@ impl Publishing {
                     return;
                 };
                 let now = Instant::now();
-                for (r, what) in republished {
-                    match what {
-                        Republished::Received => {}
-                        Republished::Nobody => held.again(r, now),
-                        Republished::Heard => held.heard(r, now),
+                if std::mem::take(&mut self.restarted) {
+                    // Those published on the old Redis too.
+                    held.clear(republished.len());
+                } else {
+                    for (r, what) in republished {
+                        match what {
+                            Republished::Received => {}
+                            Republished::Nobody => held.again(r, now),
+                            Republished::Heard => held.heard(r, now),
+                        }
                     }
                 }
                 self.settle(acks, acked, &mut held, &mut refused, now);
@@ -578,7 +604,11 @@ impl Publishing {
             };
             if conn.is_none() {
                 match self.p.connector.connect_until(&signal, give_up) {
-                    Some(c) => {
+                    Some(mut c) => {
+                        if self.another_redis(&mut c) {
+                            // Not for the new Redis: `run` drops them.
+                            lost.extend(again.drain(..).map(|r| (r, Republished::Nobody)));
+                        }
                         *conn = Some(c);
                         self.loaded = false;
                     }
@@ -616,6 +646,28 @@ impl Publishing {
                 },
             }
         }
+    }
+
+    /// Whether a new connection `c` reaches another run of Redis than the last
+    /// (a restart, maybe from an older dump, or a failover; or Redis would not
+    /// say): then the replies held for late subscribers are dropped, since their
+    /// ids may be given to new requests there, whose callers must never get
+    /// them. Requests in hand are safe: `REPLY` publishes only what the new
+    /// Redis still lists as this instance's.
+    fn another_redis(&mut self, c: &mut Connection) -> bool {
+        let run = crate::connection::run_id(c);
+        let another = match &self.redis_run {
+            Some(before) => run.is_none() || *before != run,
+            None => false,
+        };
+        if another {
+            log::warn!(
+                "redis is another run than before (restarted?): replies held for late subscribers are dropped"
+            );
+            self.restarted = true;
+        }
+        self.redis_run = Some(run);
+        another
     }
 
     /// Loads the scripts into a new connection's Redis (or after a `NOSCRIPT`).

@@ -465,3 +465,83 @@ fn a_late_subscriber_to_the_msgpack_channel_alone_gets_its_reply() {
         rmp_serde::from_slice(got.get_payload_bytes()).expect("msgpack reply");
     assert_eq!(reply, json!({"status": "ok", "data": "hello world!"}));
 }
+
+/// Replies held for late subscribers on a Redis that then restarts (empty, its
+/// counter set back) are never published on the new one, where their ids go to
+/// new requests: each new caller gets its own reply, not the old one.
+#[test]
+fn replies_held_across_a_redis_restart_never_reach_new_requests_with_their_ids() {
+    let mut redis = Redis::start();
+    let config = config_with("reply_grace_ms = 10000");
+    let config = config.to_str().expect("utf-8 path");
+    let server = Server::spawn(&redis, &["--config", config], &[]);
+    server.wait_ready(&redis);
+    let mut conn = redis.conn();
+    let said = |what: &str, i: usize| body("echo", json!({"message": format!("{what}-{i}")}));
+    let ids = submit_many(
+        &mut conn,
+        &(0..3).map(|i| said("old", i)).collect::<Vec<_>>(),
+    );
+    wait_for("the old requests answered", Duration::from_secs(10), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+    redis.restart(Duration::from_millis(100));
+    // Subscribed on the new Redis to the channels of the old ids.
+    let (tx, rx) = mpsc::channel();
+    let (ready_tx, ready) = mpsc::channel();
+    let url = redis.url_db(1);
+    let channels: Vec<String> = ids
+        .iter()
+        .map(|id| format!("CERBAS-RESPONSE-1-{id:010}"))
+        .collect();
+    let listener = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url.as_str())
+            .and_then(|c| c.get_connection())
+            .expect("subscriber connection");
+        let mut ps = c.as_pubsub();
+        for ch in &channels {
+            ps.subscribe(ch).expect("SUBSCRIBE");
+        }
+        ps.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let _ = ready_tx.send(());
+        for _ in 0..channels.len() {
+            let Ok(m) = ps.get_message() else { return };
+            let _ = tx.send((
+                m.get_channel_name().to_string(),
+                m.get_payload_bytes().to_vec(),
+            ));
+        }
+    });
+    ready
+        .recv_timeout(Duration::from_secs(10))
+        .expect("subscribed");
+    // The publisher finds the new Redis at its next look for subscribers.
+    server.wait_log(
+        "replies held for late subscribers dropped (redis restarted)",
+        1,
+    );
+    let mut conn = redis.conn();
+    let _: () = redis::cmd("SET")
+        .arg("CERBAS-COUNTER")
+        .arg(ids[0] - 1)
+        .query(&mut conn)
+        .expect("counter set back");
+    let again = submit_many(
+        &mut conn,
+        &(0..3).map(|i| said("new", i)).collect::<Vec<_>>(),
+    );
+    assert_eq!(again, ids, "the new requests got the old ids");
+    for _ in 0..ids.len() {
+        let (channel, payload) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a reply to each new request");
+        let i = ids
+            .iter()
+            .position(|id| channel.ends_with(&format!("{id:010}")))
+            .expect("one of ours");
+        let reply: serde_json::Value = serde_json::from_slice(&payload).expect("JSON");
+        assert_eq!(reply["data"], json!(format!("new-{i}")), "on {channel}");
+    }
+    listener.join().expect("listener");
+}
