@@ -156,6 +156,9 @@ class Session {
       database: db,
       RESP: 2,
       disableOfflineQueue: true, // a command never waits for a later connection
+      // No per-command timeout: each call has its own deadline, and node-redis's
+      // (an AbortSignal.timeout per command) costs CPU on every command.
+      commandOptions: { timeout: 0 },
     };
     // The names tell the connections apart in CLIENT LIST.
     this.cmd = createClient({ ...options, name: 'cerbas-node', socket: { reconnectStrategy: false } });
