@@ -223,6 +223,7 @@ class Call {
     this.pushed = false; // SET + RPUSH confirmed
     this.entry = null; // its channel entry, once watching
     this.msgpack = false;
+    this.subscribes = false; // a request (waits for a reply), not a send
     this.lastError = null; // why connecting failed, for the timeout message
     this._resolve = resolveFn;
     this._reject = rejectFn;
@@ -300,7 +301,8 @@ class Client extends EventEmitter {
     this._block = null; // {session, next, end}: ids reserved, next..end-1
     this._reserving = null; // {session, promise} of the INCRBY in flight
     this._calls = new Set(); // every Call in flight
-    this._channels = new Map(); // channel -> entry {channel, msgpack, waiters, listener, session, subscribed}
+    this._channels = new Map(); // channel -> entry {channel, msgpack, waiters, listener, session, subscribed, aheadId}
+    this._ahead = null; // the entry subscribed ahead for the block's next id (see _subscribeAhead)
     this._closed = false;
   }
 
@@ -358,6 +360,7 @@ class Client extends EventEmitter {
     timeoutMs ??= this.timeoutMs + (Number.isSafeInteger(opts.delay) ? opts.delay : 0);
     return this._start(func, args, { timeoutMs, signal, ...opts }, (call, body) => {
       call.msgpack = Boolean(msgpack);
+      call.subscribes = true;
       return this._request(call, body);
     });
   }
@@ -384,6 +387,7 @@ class Client extends EventEmitter {
     const err = new CerbasClosedError('client closed');
     for (const call of [...this._calls]) call.finish(err);
     this._channels.clear();
+    this._ahead = null;
     if (this._session) this._session.destroy();
     if (this._opening) this._opening.session.destroy();
     this._session = this._opening = null;
@@ -472,6 +476,7 @@ class Client extends EventEmitter {
       const block = this._block;
       if (block && block.session === session && block.next < block.end) {
         call.id = block.next++;
+        this._subscribeAhead(call, session, block);
         return call.id;
       }
       if (!this._reserving || this._reserving.session !== session) {
@@ -500,15 +505,21 @@ class Client extends EventEmitter {
   _watch(channel, msgpack, call, session) {
     let entry = this._channels.get(channel);
     if (!entry) {
-      entry = { channel, msgpack, waiters: new Set(), listener: null, session: null, subscribed: null };
-      entry.listener = (message) => {
-        for (const waiter of [...entry.waiters]) waiter.deliver(message);
-      };
-      this._channels.set(channel, entry);
+      entry = this._entry(channel, msgpack);
       this._subscribe(entry, session);
     }
     entry.waiters.add(call);
     call.entry = entry;
+    return entry;
+  }
+
+  // A new entry for `channel`, in the map, not subscribed yet.
+  _entry(channel, msgpack) {
+    const entry = { channel, msgpack, waiters: new Set(), listener: null, session: null, subscribed: null, aheadId: null };
+    entry.listener = (message) => {
+      for (const waiter of [...entry.waiters]) waiter.deliver(message);
+    };
+    this._channels.set(channel, entry);
     return entry;
   }
 
@@ -518,11 +529,34 @@ class Client extends EventEmitter {
     entry.subscribed.catch(() => {}); // a lost connection is handled in _lost
   }
 
-  // `call` no longer waits on `entry`; the last one out unsubscribes, once the
-  // subscription is confirmed (unsubscribing earlier would leave it behind).
+  // The JSON channel of the block's next id is subscribed as soon as an id is
+  // taken, so that a sequential caller's next request finds its channel confirmed
+  // and costs one round trip (SET + RPUSH) plus the server's time. A call that
+  // takes that id without wanting it (msgpack, send) drops it.
+  _subscribeAhead(call, session, block) {
+    const ahead = this._ahead;
+    if (ahead && ahead.aheadId === call.id) {
+      this._ahead = null;
+      ahead.aheadId = null;
+      if (!call.subscribes || call.msgpack) this._release(ahead);
+      // else _watch finds it by its channel
+    }
+    if (this._ahead || block.next >= block.end || session !== this._session) return;
+    const entry = this._entry(this.replyChannel(block.next, false), false);
+    entry.aheadId = block.next;
+    this._subscribe(entry, session);
+    this._ahead = entry;
+  }
+
+  // `call` no longer waits on `entry`; the last one out unsubscribes (see _release).
   _unwatch(entry, call) {
     entry.waiters.delete(call);
-    if (entry.waiters.size > 0) return;
+    if (entry.waiters.size === 0) this._release(entry);
+  }
+
+  // Nobody waits on `entry`: unsubscribe, once the subscription is confirmed
+  // (unsubscribing earlier would leave it behind).
+  _release(entry) {
     if (this._channels.get(entry.channel) === entry) this._channels.delete(entry.channel);
     const { session } = entry;
     if (!session || session.dead) return;
@@ -585,8 +619,11 @@ class Client extends EventEmitter {
     if (this._closed) return;
     const lost = new CerbasConnectionError(`lost the connection to Redis: ${err?.message ?? err}`, { cause: err });
     if (this.listenerCount('error') > 0) this.emit('error', lost);
-    for (const entry of this._channels.values()) {
-      if (entry.session === session) entry.session = entry.subscribed = null;
+    this._ahead = null; // its id's block is given up with the connection
+    for (const entry of [...this._channels.values()]) {
+      if (entry.session !== session) continue;
+      entry.session = entry.subscribed = null;
+      if (entry.waiters.size === 0) this._channels.delete(entry.channel);
     }
     let suspended = 0;
     for (const call of [...this._calls]) {
