@@ -9,7 +9,9 @@
  *    trip per 100 calls; ids only need to be unique);
  * 2. `SUBSCRIBE` to the reply channel `P-RESPONSE-{db}-{id:010}` (or
  *    `MSGPACK:P-RESPONSE-{db}-{id:010}`) on the shared subscriber connection, and
- *    wait until Redis confirms it (subscribe before push: the reply is published once);
+ *    wait until Redis confirms it (subscribe before push: the reply is published once).
+ *    The JSON channel of the next id is subscribed ahead, while the call before runs,
+ *    so that a sequential caller does not wait for this;
  * 3. `SET P-REQ-{id:010}` the JSON body and `RPUSH P-QUEUE id`, sent together;
  * 4. the one message on that channel resolves the call, `{status: "ok", data}` or
  *    `{status: "error", data: "message"}`; the channel is unsubscribed then.
@@ -100,7 +102,7 @@ class CerbasAbortError extends CerbasError {
 function wrapError(err, what) {
   if (err instanceof CerbasError) return err;
   if (err instanceof ErrorReply) {
-    return new CerbasProtocolError(`Redis refused ${what}: ${err.message}`, { cause: err });
+    return new CerbasProtocolError(`${what}: Redis answered ${err.message}`, { cause: err });
   }
   return new CerbasConnectionError(`${what}: ${err?.message ?? err}`, { cause: err });
 }
@@ -459,7 +461,9 @@ class Client extends EventEmitter {
         await this._connect();
         continue;
       } catch (err) {
-        if (err instanceof CerbasClosedError) throw err;
+        // Closed, or refused by Redis (a wrong password, no such db): trying again
+        // would not help.
+        if (err instanceof CerbasClosedError || err instanceof CerbasProtocolError) throw err;
         call.lastError = err;
       }
       if (call.done) return null;
@@ -584,7 +588,7 @@ class Client extends EventEmitter {
         },
         (err) => {
           if (this._opening === opening) this._opening = null;
-          throw wrapError(err, 'cannot connect to Redis');
+          throw wrapError(err, 'connecting to Redis');
         },
       );
       this._opening = opening;

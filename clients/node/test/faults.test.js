@@ -224,11 +224,35 @@ test('Redis refusing a command (the counter is not a number): CerbasProtocolErro
     await r.set('CERBAS-COUNTER', 'not a number');
     r.destroy();
     const started = Date.now();
-    await assert.rejects(c.request('hello'), (e) => e instanceof CerbasProtocolError && /refused/.test(e.message));
+    await assert.rejects(c.request('hello'), (e) => e instanceof CerbasProtocolError && /Redis answered ERR/.test(e.message));
     await assert.rejects(c.send('hello'), CerbasProtocolError);
     assert.ok(Date.now() - started < 1000, `took ${Date.now() - started} ms`);
   } finally {
     await c.close();
+    await stop(redis.proc);
+  }
+});
+
+test('Redis refusing the connection (a password is needed, no such db): CerbasProtocolError at once', async () => {
+  const redis = await startRedis(tmp, null, ['--requirepass', 'sesame']);
+  const clients = [
+    new Client({ url: redis.url, env: 'dev', timeoutMs: 3000 }),
+    new Client({ url: `redis://:wrong@127.0.0.1:${redis.port}`, env: 'dev', timeoutMs: 3000 }),
+    new Client({ url: `redis://:sesame@127.0.0.1:${redis.port}/99`, env: 'dev', timeoutMs: 3000 }),
+  ];
+  try {
+    for (const c of clients) {
+      const started = Date.now();
+      await assert.rejects(c.request('hello'), (e) => e instanceof CerbasProtocolError && /connecting to Redis: Redis answered/.test(e.message));
+      await assert.rejects(c.send('hello'), CerbasProtocolError);
+      assert.ok(Date.now() - started < 1000, `took ${Date.now() - started} ms`);
+    }
+    // The right password gets as far as the (empty) queue: queued, no server.
+    const good = new Client({ url: `redis://:sesame@127.0.0.1:${redis.port}`, env: 'dev' });
+    clients.push(good);
+    assert.ok(Number.isInteger(await good.send('hello')));
+  } finally {
+    for (const c of clients) await c.close();
     await stop(redis.proc);
   }
 });

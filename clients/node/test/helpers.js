@@ -61,7 +61,7 @@ async function stop(proc, graceMs = 10000) {
   clearTimeout(timer);
 }
 
-/** One PING over a raw socket: resolves true on +PONG, false otherwise. */
+/** One PING over a raw socket: resolves true if Redis answers (+PONG, or -NOAUTH). */
 function ping(port) {
   return new Promise((resolve) => {
     const sock = net.connect(port, '127.0.0.1');
@@ -72,20 +72,21 @@ function ping(port) {
     sock.setTimeout(1000, () => done(false));
     sock.on('error', () => done(false));
     sock.on('connect', () => sock.write('PING\r\n'));
-    sock.on('data', (d) => done(d.toString().startsWith('+PONG')));
+    sock.on('data', (d) => done(/^(\+PONG|-NOAUTH)/.test(d.toString())));
   });
 }
 
 /**
- * Starts redis-server (no persistence) on `port`, else a free one; resolves once it
- * answers PING. `port` lets a test restart Redis where its clients look for it.
+ * Starts redis-server (no persistence) on `port`, else a free one, with `extra`
+ * arguments; resolves once it answers PING (or asks for a password). `port` lets a
+ * test restart Redis where its clients look for it.
  */
-async function startRedis(dir, port = null) {
+async function startRedis(dir, port = null, extra = []) {
   port ??= await freePort();
   const log = path.join(dir, `redis-${port}-${Date.now()}.log`);
   const proc = start(REDIS_SERVER, [
     '--port', String(port), '--bind', '127.0.0.1',
-    '--save', '', '--appendonly', 'no', '--dir', dir,
+    '--save', '', '--appendonly', 'no', '--dir', dir, ...extra,
   ], log);
   const deadline = Date.now() + 10000;
   try {
