@@ -18,7 +18,9 @@ const {
   Client, CerbasError, CerbasTimeout, CerbasConnectionError, CerbasClosedError,
   CerbasProtocolError, CerbasAbortError,
 } = require('..');
-const { logTail, running, startCerbas, startRedis, stop, waitFor } = require('./helpers');
+const {
+  dropLogs, later, logTail, ok, running, startCerbas, startRedis, stop, waitFor,
+} = require('./helpers');
 
 // --- one Redis and one cerbas for the whole file ---------------------------------
 
@@ -42,16 +44,9 @@ after(async () => {
   }
   if (redisSrv) await stop(redisSrv.proc);
   // The servers' logs: kept with CERBAS_KEEP_LOGS=1 (failures above show their tails).
-  if (process.env.CERBAS_KEEP_LOGS) console.error(`server logs in ${tmp}`);
-  else if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
+  dropLogs(tmp);
 });
 
-const ok = (data) => ({ status: 'ok', data });
-// `p`, marked handled: it may reject before the test gets to assert on it.
-const later = (p) => {
-  p.catch(() => {});
-  return p;
-};
 const error = (data) => ({ status: 'error', data });
 
 // --- the functions of src/functions.rs -------------------------------------------

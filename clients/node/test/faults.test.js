@@ -15,7 +15,9 @@ const { createClient } = require('redis');
 const {
   Client, CerbasError, CerbasTimeout, CerbasConnectionError, CerbasProtocolError, ID_BLOCK,
 } = require('..');
-const { startCerbas, startProxy, startRedis, stop, waitFor } = require('./helpers');
+const {
+  dropLogs, later, ok, settled, startCerbas, startProxy, startRedis, stop, waitFor,
+} = require('./helpers');
 
 let tmp;
 
@@ -23,17 +25,7 @@ before(() => {
   tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'cerbas-node-faults-'));
 });
 
-after(() => {
-  if (process.env.CERBAS_KEEP_LOGS) console.error(`server logs in ${tmp}`);
-  else if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
-});
-
-const ok = (data) => ({ status: 'ok', data });
-// `p`, marked handled: it may reject before the test gets to assert on it.
-const later = (p) => {
-  p.catch(() => {});
-  return p;
-};
+after(() => dropLogs(tmp));
 
 /** A plain connection to db 1 of `url`, for looking at and changing Redis. */
 async function plain(url) {
@@ -59,8 +51,6 @@ async function withServer(fn) {
     await stop(procs.redis.proc);
   }
 }
-
-const settled = (p) => p.then((value) => ({ value }), (reason) => ({ reason }));
 
 test('Redis restarted, counter set back, before the client reconnects: calls in flight fail, never get the new requests\' replies', async () => {
   await withServer(async (procs, r) => {

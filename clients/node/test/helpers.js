@@ -194,4 +194,22 @@ async function startProxy(targetPort) {
   return proxy;
 }
 
-module.exports = { REPO, startProxy, freePort, logTail, running, start, stop, ping, startRedis, startCerbas, waitFor };
+/** A reply `{status: "ok", data}`. */
+const ok = (data) => ({ status: 'ok', data });
+
+/** `p`, marked handled: it may reject before the test gets to assert on it. */
+function later(p) {
+  p.catch(() => {});
+  return p;
+}
+
+/** Resolves to `{value}` or `{reason}`, never rejects. */
+const settled = (p) => p.then((value) => ({ value }), (reason) => ({ reason }));
+
+/** Removes the tests' folder of logs, unless CERBAS_KEEP_LOGS asks to keep it. */
+function dropLogs(dir) {
+  if (process.env.CERBAS_KEEP_LOGS) console.error(`server logs in ${dir}`);
+  else if (dir) fs.rmSync(dir, { recursive: true, force: true });
+}
+
+module.exports = { REPO, ok, later, settled, dropLogs, startProxy, freePort, logTail, running, start, stop, ping, startRedis, startCerbas, waitFor };
