@@ -19,7 +19,7 @@ const {
   CerbasProtocolError, CerbasAbortError,
 } = require('..');
 const {
-  dropLogs, later, logTail, ok, running, startCerbas, startRedis, stop, waitFor,
+  dropLogs, later, logTail, ok, running, settled, startCerbas, startRedis, stop, waitFor,
 } = require('./helpers');
 
 // --- one Redis and one cerbas for the whole file ---------------------------------
@@ -279,16 +279,6 @@ test('bad options are TypeErrors, before anything is sent', async () => {
   assert.throws(() => new Client({ timeoutMs: -5 }), TypeError);
 });
 
-test('delay: the default timeout grows by it', async () => {
-  const c = new Client({ url: redisSrv.url, env: 'dev', timeoutMs: 400 });
-  try {
-    assert.deepEqual(await c.request('hello', null, { delay: 600 }), ok('hello world!'));
-    await assert.rejects(c.request('hello', null, { delay: 600, timeoutMs: 300 }), CerbasTimeout);
-  } finally {
-    await c.close();
-  }
-});
-
 // --- replies by hand: a prefix no server reads, replies published by the test ----
 
 /** A client on a queue nobody serves, and a connection to answer it by hand. */
@@ -320,7 +310,7 @@ test('two waiters on one channel: one leaving does not drop the other', async ()
   await byHand(async (c, r, queued) => {
     // Ids are unique per client, so this takes a look inside: the second call is
     // given the first one's id.
-    const first = later(c.request('a', null, { timeoutMs: 300 }));
+    const first = later(c.request('a', null, { timeoutMs: 1500 }));
     const [id] = await queued(1);
     c._block.next = id;
     const second = c.request('b');
@@ -331,6 +321,20 @@ test('two waiters on one channel: one leaving does not drop the other', async ()
     assert.equal(await r.publish(channel, '{"status":"ok","data":"second"}'), 1);
     assert.deepEqual(await second, ok('second'));
     await waitFor('the unsubscribe', async () => (await r.pubSubNumSub(channel))[channel] === 0);
+  });
+});
+
+test('delay: the default timeout grows by it', async () => {
+  await byHand(async (c, r, queued) => {
+    c.timeoutMs = 200;
+    const started = Date.now();
+    const delayed = settled(c.request('a', null, { delay: 300 }));
+    const id = (await queued(1))[0];
+    assert.equal(JSON.parse(await r.get(c.requestKey(id))).delay, 300);
+    const { reason } = await delayed;
+    assert.ok(reason instanceof CerbasTimeout && /within 500 ms/.test(reason.message), String(reason));
+    assert.ok(Date.now() - started >= 450, `took ${Date.now() - started} ms`);
+    await assert.rejects(c.request('a', null, { delay: 300, timeoutMs: 100 }), /within 100 ms/);
   });
 });
 

@@ -91,7 +91,7 @@ test('Redis restarted, counter set back, before the client reconnects: calls in 
         assert.ok(outcome.reason instanceof CerbasConnectionError, String(outcome.reason));
         assert.match(outcome.reason.message, /restarted/);
       }
-      assert.ok(Date.now() - released < 1000, `failed ${Date.now() - released} ms after reconnecting`);
+      assert.ok(Date.now() - released < 2000, `failed ${Date.now() - released} ms after reconnecting`);
       (await bReplies).forEach((reply, i) => assert.deepEqual(reply, ok(`B-${i}`)));
 
       // `a` goes on with ids of its own, beside `b`.
@@ -125,7 +125,7 @@ test('Redis killed with calls in flight: they fail at once; the client works aga
       for (const outcome of await Promise.all(inflight.map(settled))) {
         assert.ok(outcome.reason instanceof CerbasConnectionError, String(outcome.reason ?? outcome.value));
       }
-      assert.ok(Date.now() - killed < 1000, `failed ${Date.now() - killed} ms after the kill`);
+      assert.ok(Date.now() - killed < 2000, `failed ${Date.now() - killed} ms after the kill`);
       const sent = await settled(sending);
       assert.ok(Number.isInteger(sent.value) || sent.reason instanceof CerbasError, String(sent.reason));
 
