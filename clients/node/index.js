@@ -584,6 +584,8 @@ class Client extends EventEmitter {
             session.destroy();
             throw new CerbasClosedError('client closed');
           }
+          // Lost between connecting and now: as if it had not connected.
+          if (session.dead) throw wrapError(session.lastError ?? new Error('connection lost'), 'connecting to Redis');
           this._adopt(session);
         },
         (err) => {
