@@ -44,13 +44,13 @@ export interface RequestOptions extends CallOptions {
 
 /** The base class of every error the client rejects with. */
 export class CerbasError extends Error {}
-/** No reply arrived (or the request could not be queued) within the call's timeout. */
+/** No reply arrived (or the request could not be queued) within the call's timeout; `cause`: why it could not connect, if so. */
 export class CerbasTimeout extends CerbasError {}
 /** The connection to Redis failed or was lost, or Redis restarted, during the call. */
 export class CerbasConnectionError extends CerbasError {}
 /** The client was closed: calls in flight then, and every call after. */
 export class CerbasClosedError extends CerbasConnectionError {}
-/** Redis refused a command, or a reply could not be decoded. */
+/** Redis refused the connection (password, db) or a command, or a reply could not be decoded. */
 export class CerbasProtocolError extends CerbasError {}
 /** The call's signal was aborted; `name` is `"AbortError"`, `cause` the signal's reason. */
 export class CerbasAbortError extends CerbasError {}

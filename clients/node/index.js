@@ -28,8 +28,9 @@
  *     ├─ CerbasConnectionError    the connection to Redis was lost, or Redis restarted,
  *     │   │                       while the call was in flight
  *     │   └─ CerbasClosedError    the client was closed (calls in flight and after)
- *     ├─ CerbasProtocolError      Redis refused a command (e.g. CERBAS-COUNTER is not a
- *     │                           number), or a reply that is neither JSON nor msgpack
+ *     ├─ CerbasProtocolError      Redis refused the connection (a wrong password, no such
+ *     │                           db) or a command (CERBAS-COUNTER is not a number), or
+ *     │                           a reply is neither JSON nor msgpack
  *     └─ CerbasAbortError         the call's `signal` was aborted (its `name` is
  *                                 "AbortError", its `cause` the signal's reason)
  *
@@ -87,7 +88,7 @@ class CerbasConnectionError extends CerbasError {}
 /** The client was closed: calls in flight then, and every call after. */
 class CerbasClosedError extends CerbasConnectionError {}
 
-/** Redis refused a command, or a reply could not be decoded. */
+/** Redis refused the connection or a command, or a reply could not be decoded. */
 class CerbasProtocolError extends CerbasError {}
 
 /** The call's AbortSignal fired; `cause` is the signal's reason. */
@@ -233,7 +234,9 @@ class Call {
       const why = this.id !== null
         ? `request ${this.id}`
         : `not connected to Redis${this.lastError ? `: ${this.lastError.message}` : ''}`;
-      this.finish(new CerbasTimeout(`no reply to ${func} (${why}) within ${timeoutMs} ms`));
+      // `cause`: why it could not connect, if that is why.
+      const options = this.id === null && this.lastError ? { cause: this.lastError } : undefined;
+      this.finish(new CerbasTimeout(`no reply to ${func} (${why}) within ${timeoutMs} ms`, options));
     }, timeoutMs);
     this.signal = signal;
     if (signal) {

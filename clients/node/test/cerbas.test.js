@@ -19,7 +19,7 @@ const {
   CerbasProtocolError, CerbasAbortError,
 } = require('..');
 const {
-  dropLogs, later, logTail, ok, running, settled, startCerbas, startRedis, stop, waitFor,
+  dropLogs, later, now, logTail, ok, running, settled, startCerbas, startRedis, stop, waitFor,
 } = require('./helpers');
 
 // --- one Redis and one cerbas for the whole file ---------------------------------
@@ -167,12 +167,12 @@ for (const [name, value] of Object.entries(ECHO_VALUES)) {
 // --- waiting, concurrency, one-way ------------------------------------------------
 
 test('client timeout rejects with CerbasTimeout', async () => {
-  const started = Date.now();
+  const started = now();
   await assert.rejects(
     client.request('sleep', { ms: 3000 }, { timeoutMs: 500 }),
     (err) => err instanceof CerbasTimeout && /sleep/.test(err.message),
   );
-  const took = Date.now() - started;
+  const took = now() - started;
   assert.ok(took >= 450 && took < 2500, `took ${took} ms`);
   // The client still works afterwards.
   assert.deepEqual(await client.request('hello'), ok('hello world!'));
@@ -224,7 +224,7 @@ test('ids come in blocks: one INCRBY per 100 requests', async () => {
 
 test('abort via signal: at once, with CerbasAbortError; the client goes on', async () => {
   const controller = new AbortController();
-  const started = Date.now();
+  const started = now();
   const call = client.request('sleep', { ms: 3000 }, { signal: controller.signal });
   setTimeout(() => controller.abort(new Error('user left')), 100);
   await assert.rejects(call, (err) => {
@@ -233,7 +233,7 @@ test('abort via signal: at once, with CerbasAbortError; the client goes on', asy
     assert.equal(err.cause.message, 'user left');
     return true;
   });
-  assert.ok(Date.now() - started < 1000, `took ${Date.now() - started} ms`);
+  assert.ok(now() - started < 1000, `took ${now() - started} ms`);
   // An aborted signal rejects before anything is sent.
   await assert.rejects(client.request('hello', null, { signal: AbortSignal.abort() }), CerbasAbortError);
   await assert.rejects(client.send('tally', { name: 'x' }, { signal: AbortSignal.abort() }), CerbasAbortError);
@@ -258,10 +258,10 @@ test('close() rejects calls in flight at once, and every call after it', async (
   } finally {
     await r.close();
   }
-  const started = Date.now();
+  const started = now();
   await c.close();
   for (const p of [...calls, first]) await assert.rejects(p, CerbasClosedError);
-  assert.ok(Date.now() - started < 500, `took ${Date.now() - started} ms`);
+  assert.ok(now() - started < 500, `took ${now() - started} ms`);
   await assert.rejects(c.request('hello'), (e) => e instanceof CerbasClosedError && e instanceof CerbasConnectionError);
   await assert.rejects(c.send('tally', { name: 'x' }), CerbasClosedError);
   assert.equal(c.redis, null);
@@ -290,9 +290,9 @@ async function byHand(fn) {
   // The ids queued so far, once the client has pushed them.
   const queued = async (n) => {
     let ids;
-    const deadline = Date.now() + 5000;
+    const deadline = now() + 5000;
     while ((ids = await r.lRange(c.queueKey(), 0, -1)).length < n) {
-      assert.ok(Date.now() < deadline, `only ${ids.length} of ${n} requests queued`);
+      assert.ok(now() < deadline, `only ${ids.length} of ${n} requests queued`);
       await sleep(5); // poll interval, bounded by the deadline
     }
     return ids.map(Number);
@@ -327,13 +327,13 @@ test('two waiters on one channel: one leaving does not drop the other', async ()
 test('delay: the default timeout grows by it', async () => {
   await byHand(async (c, r, queued) => {
     c.timeoutMs = 200;
-    const started = Date.now();
+    const started = now();
     const delayed = settled(c.request('a', null, { delay: 300 }));
     const id = (await queued(1))[0];
     assert.equal(JSON.parse(await r.get(c.requestKey(id))).delay, 300);
     const { reason } = await delayed;
     assert.ok(reason instanceof CerbasTimeout && /within 500 ms/.test(reason.message), String(reason));
-    assert.ok(Date.now() - started >= 450, `took ${Date.now() - started} ms`);
+    assert.ok(now() - started >= 450, `took ${now() - started} ms`);
     await assert.rejects(c.request('a', null, { delay: 300, timeoutMs: 100 }), /within 100 ms/);
   });
 });
@@ -402,9 +402,9 @@ test('replies leave no subscription behind but the next id\'s; close() leaves no
 });
 
 test('a delayed request is answered after its delay', async () => {
-  const started = Date.now();
+  const started = now();
   assert.deepEqual(await client.request('hello', null, { delay: 300 }), ok('hello world!'));
-  const took = Date.now() - started;
+  const took = now() - started;
   assert.ok(took >= 300, `took ${took} ms`);
 });
 
@@ -422,10 +422,10 @@ test('one-way send of tally', async () => {
     await sub.pSubscribe('CERBAS-RESPONSE-1-*', (_message, channel) => heard.push(channel));
     const id = await client.send('tally', { name });
     assert.ok(Number.isInteger(id) && id > 0, `id ${id}`);
-    const deadline = Date.now() + 10000;
+    const deadline = now() + 10000;
     // Acknowledged (its key deleted) in the same step as a publish would be.
     while ((await r.get(`CERBAS-TALLY-${name}`)) !== '1' || (await r.exists(client.requestKey(id)))) {
-      assert.ok(Date.now() < deadline, 'tally never reached 1, or no ack');
+      assert.ok(now() < deadline, 'tally never reached 1, or no ack');
       await sleep(20); // poll interval, bounded by the deadline
     }
     await sleep(200); // time for a message already sent to arrive
@@ -458,8 +458,8 @@ test('halt stops a server of its own', async () => {
 // Last, so that the calls earlier tests gave up on (sleep 3000) finish meanwhile
 // and the server stops at once.
 test('slow times out on the server', async () => {
-  const started = Date.now();
+  const started = now();
   assert.deepEqual(await client.request('slow', null, { timeoutMs: 15000 }), error('timeout'));
-  const took = Date.now() - started;
+  const took = now() - started;
   assert.ok(took > 4000 && took < 12000, `took ${took} ms`);
 });

@@ -12,6 +12,10 @@ const { setTimeout: sleep } = require('node:timers/promises');
 
 const { Client, CerbasTimeout } = require('..');
 
+/** Milliseconds on a monotonic clock: for durations and deadlines (the wall clock
+ * may be stepped while a test runs). */
+const now = () => performance.now();
+
 const REPO = path.resolve(__dirname, '..', '..', '..');
 const CERBAS_BIN = process.env.CERBAS_BIN || path.join(REPO, 'target', 'debug', 'cerbas');
 const REDIS_SERVER = process.env.REDIS_SERVER || '/usr/bin/redis-server';
@@ -88,11 +92,11 @@ async function startRedis(dir, port = null, extra = []) {
     '--port', String(port), '--bind', '127.0.0.1',
     '--save', '', '--appendonly', 'no', '--dir', dir, ...extra,
   ], log);
-  const deadline = Date.now() + 10000;
+  const deadline = now() + 10000;
   try {
     while (!(await ping(port))) {
       if (!running(proc)) throw new Error(`redis-server exited:\n${logTail(log)}`);
-      if (Date.now() > deadline) throw new Error(`redis-server did not answer PING:\n${logTail(log)}`);
+      if (now() > deadline) throw new Error(`redis-server did not answer PING:\n${logTail(log)}`);
       await sleep(20); // poll interval, bounded by the deadline
     }
   } catch (err) {
@@ -115,7 +119,7 @@ async function startCerbas(redisUrl, dir) {
   const proc = start(CERBAS_BIN, ['--config', CONFIG, '--redis', redisUrl, '--http', ''], log, { cwd: REPO, env });
   // Round trip `hello` until the server answers (a debug build may start slowly).
   const c = new Client({ url: redisUrl, env: 'dev' });
-  const deadline = Date.now() + 20000;
+  const deadline = now() + 20000;
   try {
     for (;;) {
       if (!running(proc)) throw new Error(`cerbas exited:\n${logTail(log)}`);
@@ -124,7 +128,7 @@ async function startCerbas(redisUrl, dir) {
       } catch (err) {
         if (!(err instanceof CerbasTimeout)) throw err;
       }
-      if (Date.now() > deadline) throw new Error(`cerbas did not answer hello:\n${logTail(log)}`);
+      if (now() > deadline) throw new Error(`cerbas did not answer hello:\n${logTail(log)}`);
     }
   } catch (err) {
     await stop(proc);
@@ -138,11 +142,11 @@ async function startCerbas(redisUrl, dir) {
 
 /** Polls `check` (async) until it returns a truthy value, failing after `ms`. */
 async function waitFor(what, check, ms = 10000) {
-  const deadline = Date.now() + ms;
+  const deadline = now() + ms;
   for (;;) {
     const value = await check();
     if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    if (now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await sleep(10); // poll interval, bounded by the deadline
   }
 }
@@ -212,4 +216,4 @@ function dropLogs(dir) {
   else if (dir) fs.rmSync(dir, { recursive: true, force: true });
 }
 
-module.exports = { REPO, ok, later, settled, dropLogs, startProxy, freePort, logTail, running, start, stop, ping, startRedis, startCerbas, waitFor };
+module.exports = { REPO, now, ok, later, settled, dropLogs, startProxy, freePort, logTail, running, start, stop, ping, startRedis, startCerbas, waitFor };
