@@ -537,9 +537,9 @@ class Client extends EventEmitter {
   }
 
   // The JSON channel of the block's next id is subscribed as soon as an id is
-  // taken, so that a sequential caller's next request finds its channel confirmed
-  // and costs one round trip (SET + RPUSH) plus the server's time. A call that
-  // takes that id without wanting it (msgpack, send) drops it.
+  // taken by a JSON request, so that a sequential caller's next request finds its
+  // channel confirmed and costs one round trip (SET + RPUSH) plus the server's
+  // time. A call that takes that id without wanting it (msgpack, send) drops it.
   _subscribeAhead(call, session, block) {
     const ahead = this._ahead;
     if (ahead && ahead.aheadId === call.id) {
@@ -548,6 +548,9 @@ class Client extends EventEmitter {
       if (!call.subscribes || call.msgpack) this._release(ahead);
       // else _watch finds it by its channel
     }
+    // Only JSON requests subscribe ahead: a program that sends one-way or asks for
+    // msgpack would pay a SUBSCRIBE and an UNSUBSCRIBE for nothing.
+    if (!call.subscribes || call.msgpack) return;
     if (this._ahead || block.next >= block.end || session !== this._session) return;
     const entry = this._entry(this.replyChannel(block.next, false), false);
     entry.aheadId = block.next;

@@ -393,8 +393,13 @@ test('replies leave no subscription behind but the next id\'s; close() leaves no
       const channels = await subscribed();
       return channels.length === 1 && channels[0] === next;
     });
-    await c.close();
+    // One-way and msgpack calls drop it, and subscribe none ahead.
+    await c.send('tally', { name: `node-${process.pid}-subs` });
+    await c.request('hello', null, { msgpack: true });
     await waitFor('no channel left', async () => (await subscribed()).length === 0);
+    await c.request('hello');
+    await c.close();
+    await waitFor('no channel left after close()', async () => (await subscribed()).length === 0);
   } finally {
     await c.close();
     await r.close();
