@@ -151,8 +151,14 @@ function resolve(url, env) {
  * new Session, and decides itself which channels to subscribe again.
  */
 class Session {
-  constructor(url, db, onLost) {
-    const options = {
+  /**
+   * A node-redis client never connected, whose duplicates are a Session's
+   * connections. createClient builds a class of ~500 command methods (100+ ms of
+   * CPU) unless its options are those of the process's previous createClient;
+   * duplicate() reuses the class.
+   */
+  static template(url, db) {
+    return createClient({
       // node-redis spells `redis+unix:` as `unix:`. RESP2 works with every Redis
       // version, as the server does.
       url: url.replace(/^redis\+unix:/, 'unix:'),
@@ -162,10 +168,14 @@ class Session {
       // No per-command timeout: each call has its own deadline, and node-redis's
       // (an AbortSignal.timeout per command) costs CPU on every command.
       commandOptions: { timeout: 0 },
-    };
+      socket: { reconnectStrategy: false },
+    });
+  }
+
+  constructor(template, onLost) {
     // The names tell the connections apart in CLIENT LIST.
-    this.cmd = createClient({ ...options, name: 'cerbas-node', socket: { reconnectStrategy: false } });
-    this.sub = createClient({ ...options, name: 'cerbas-node-sub', socket: { reconnectStrategy: false } });
+    this.cmd = template.duplicate({ name: 'cerbas-node' });
+    this.sub = template.duplicate({ name: 'cerbas-node-sub' });
     this.runId = null;
     this.ready = false; // both connected, run_id known
     this.dead = false;
@@ -300,6 +310,7 @@ class Client extends EventEmitter {
     this.user = user;
     this.source = source;
     this.timeoutMs = timeoutMs;
+    this._template = null; // see Session.template
     this._session = null; // the connected Session
     this._opening = null; // {session, promise} while one connects
     this._runId = null; // of the Redis instance last connected to
@@ -581,7 +592,8 @@ class Client extends EventEmitter {
   _connect() {
     if (this._closed) return Promise.reject(new CerbasClosedError('client closed'));
     if (!this._opening) {
-      const session = new Session(this.url, this.db, (s, err) => this._lost(s, err));
+      this._template ??= Session.template(this.url, this.db);
+      const session = new Session(this._template, (s, err) => this._lost(s, err));
       const opening = { session, promise: null };
       opening.promise = session.open().then(
         () => {

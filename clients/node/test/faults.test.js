@@ -131,7 +131,7 @@ test('Redis killed with calls in flight: they fail at once; the client works aga
 
       // While Redis is down: the caller's timeout, not a raw library error.
       await procs.redis.proc.exited;
-      await assert.rejects(a.request('hello', null, { timeoutMs: 300 }), (e) => {
+      await assert.rejects(a.request('hello', null, { timeoutMs: 1500 }), (e) => {
         assert.ok(e instanceof CerbasTimeout && /not connected/.test(e.message), String(e));
         assert.ok(e.cause instanceof CerbasConnectionError && /ECONNREFUSED/.test(e.cause.message), String(e.cause));
         return true;
