@@ -126,3 +126,17 @@ test('an unreachable Redis: CerbasTimeout, and close() does not hang', async () 
   await assert.rejects(c.send('hello'), CerbasTimeout);
   await c.close();
 });
+
+test('each new connection reuses one node-redis client class (building one costs 100+ ms)', async () => {
+  // A look inside: the connections of successive attempts, and their classes.
+  const c = new Client({ url: 'redis://127.0.0.1:1' });
+  const classes = new Set();
+  for (let i = 0; i < 3; i++) {
+    const attempt = c._connect();
+    const { session } = c._opening;
+    for (const conn of [session.cmd, session.sub]) classes.add(Object.getPrototypeOf(conn).constructor);
+    await assert.rejects(attempt, /ECONNREFUSED/);
+  }
+  assert.equal(classes.size, 1);
+  await c.close();
+});
