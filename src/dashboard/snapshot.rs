@@ -9,7 +9,7 @@
 
 use super::functions::Counts;
 use crate::dispatch::Hung;
-use crate::job::{InHand, Stats, Unanswered};
+use crate::job::{InHand, Paused, Stats, Unanswered};
 use crate::protocol::Keys;
 use redis::{Connection, RedisResult};
 use serde::{Deserialize, Serialize};
@@ -51,6 +51,8 @@ pub(crate) struct Snapshot {
     pub(crate) panics: u64,
     pub(crate) cache_hits: u64,
     pub(crate) delayed: u64,
+    /// Whether the dashboard paused it (it takes no requests).
+    pub(crate) paused: bool,
     /// The busiest functions' counts since the start (at most 50).
     pub(crate) functions: BTreeMap<String, Counts>,
 }
@@ -66,6 +68,8 @@ pub(crate) struct Live {
     pub(crate) started: Instant,
     /// Whether Redis refuses the snapshot now (logged once per episode).
     pub(crate) refused: AtomicBool,
+    /// Set from `P-PAUSED-{instance}` at each write.
+    pub(crate) paused: Paused,
 }
 
 impl Live {
@@ -79,7 +83,11 @@ impl Live {
         keys: &Keys,
         instance: &str,
     ) -> RedisResult<()> {
-        match write(c, keys, instance, &self.build(instance)) {
+        let mut errors = self.stats.recent_errors.take();
+        for e in errors.iter_mut() {
+            e.instance = bounded(instance);
+        }
+        match write(c, keys, instance, &self.build(instance), &errors) {
             Err(e) if crate::connection::is_lost(&e) => Err(e),
             Err(e) => {
                 if !self.refused.swap(true, Ordering::Relaxed) {
@@ -87,7 +95,18 @@ impl Live {
                 }
                 Ok(())
             }
-            Ok(()) => {
+            Ok(paused) => {
+                if self.paused.is_set() != paused {
+                    log::info!(
+                        "dashboard: this instance is {} (P-PAUSED-{instance})",
+                        if paused {
+                            "paused: it takes no requests"
+                        } else {
+                            "resumed"
+                        }
+                    );
+                    self.paused.set(paused);
+                }
                 if self.refused.swap(false, Ordering::Relaxed) {
                     log::info!("dashboard: redis takes this instance's snapshot again");
                 }
@@ -118,6 +137,7 @@ impl Live {
             panics: load(&s.panics),
             cache_hits: load(&s.cache_hits),
             delayed: load(&s.delayed),
+            paused: self.paused.is_set(),
             functions: s.metrics.functions.snapshot(),
         }
     }
@@ -151,42 +171,67 @@ pub(crate) fn index(keys: &Keys) -> String {
     keys.key("SNAPSHOTS")
 }
 
-/// KEYS: snapshot, index. ARGV: instance, json, life in ms. Writes the snapshot,
+/// `P-PAUSED-{instance}`: present while the dashboard has paused the instance.
+pub(crate) fn paused_key(keys: &Keys, instance: &str) -> String {
+    keys.key(&format!("PAUSED-{instance}"))
+}
+
+/// `P-ERRORS`: the last error replies across the cluster, newest first.
+pub(crate) fn errors_key(keys: &Keys) -> String {
+    keys.key("ERRORS")
+}
+
+/// KEYS: snapshot, index, paused, errors. ARGV: instance, json, life in ms, most
+/// errors kept, then the new error replies (oldest first). Writes the snapshot,
 /// scores the instance by the Redis server's clock, and drops names whose
-/// snapshots have expired, so the index stays as small as the cluster.
+/// snapshots have expired, so the index stays as small as the cluster; pushes the
+/// errors and trims their list. Returns 1 if the instance is paused, else 0.
 const WRITE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
-return 1
+if #ARGV > 4 then
+  for i = 5, #ARGV do redis.call('LPUSH', KEYS[4], ARGV[i]) end
+  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+end
+return redis.call('EXISTS', KEYS[3])
 ";
 
-/// Writes `snapshot` for `instance`.
+/// Writes `snapshot` for `instance` and pushes `errors` onto `P-ERRORS`; says
+/// whether the instance is paused.
 pub(crate) fn write(
     c: &mut Connection,
     keys: &Keys,
     instance: &str,
     snapshot: &Snapshot,
-) -> RedisResult<()> {
+    errors: &[super::errors::ErrorReply],
+) -> RedisResult<bool> {
     // Serializing numbers and strings cannot fail.
     let json = serde_json::to_string(snapshot).unwrap_or_default();
-    redis::Script::new(WRITE)
-        .key(key(keys, instance))
+    let script = redis::Script::new(WRITE);
+    let mut call = script.prepare_invoke();
+    call.key(key(keys, instance))
         .key(index(keys))
+        .key(paused_key(keys, instance))
+        .key(errors_key(keys))
         .arg(instance)
         .arg(json)
         .arg(SNAPSHOT_TTL.as_millis() as u64)
-        .invoke::<i64>(c)
-        .map(|_| ())
+        .arg(super::errors::MAX_ERRORS);
+    for e in errors {
+        call.arg(serde_json::to_string(e).unwrap_or_default());
+    }
+    call.invoke::<i64>(c).map(|paused| paused == 1)
 }
 
-/// Adds to `pipe` what removes `instance`'s snapshot: a graceful stop is not a
-/// death, so a stopped instance leaves the dashboard at once.
+/// Adds to `pipe` what removes `instance`'s snapshot (and its pause): a graceful
+/// stop is not a death, so a stopped instance leaves the dashboard at once.
 pub(crate) fn forget(pipe: &mut redis::Pipeline, keys: &Keys, instance: &str) {
     pipe.cmd("DEL")
         .arg(key(keys, instance))
+        .arg(paused_key(keys, instance))
         .ignore()
         .cmd("ZREM")
         .arg(index(keys))
@@ -209,6 +254,7 @@ mod tests {
             workers,
             started: Instant::now(),
             refused: AtomicBool::new(false),
+            paused: Paused::default(),
         }
     }
 
