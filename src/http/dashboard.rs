@@ -143,12 +143,11 @@ fn route(
     path: &str,
     proxies: Vec<state::Proxy>,
 ) -> Reply {
+    if path == "/dashboard/action" {
+        return with(text(405, "method not allowed"), "Allow", "POST");
+    }
     if !a.get {
-        let allow = match path {
-            "/dashboard/action" => "POST",
-            _ => "GET, HEAD",
-        };
-        return with(text(405, "method not allowed"), "Allow", allow);
+        return with(text(405, "method not allowed"), "Allow", "GET, HEAD");
     }
     let user = match authenticate(plug, a) {
         Ok(user) => user,
