@@ -158,6 +158,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             started: Instant::now(),
             refused: Default::default(),
             paused: paused.clone(),
+            history: Default::default(),
         },
     })?;
     let plug = match http_listener {

@@ -743,6 +743,10 @@ fn cron_entries_show_their_last_outcome() {
     assert!(f["errors"].as_u64().is_some_and(|e| e >= 1), "{f}");
     assert_eq!(f["ok"], 0);
     assert!(f["p50_ms"].as_u64().is_some(), "{f}");
+    // All within the last 5 minutes too.
+    assert!(f["recent_calls"].as_u64() >= Some(1), "{f}");
+    assert!(f["recent_errors"].as_u64() >= Some(1), "{f}");
+    assert!(f["recent_p99_ms"].as_u64().is_some(), "{f}");
     assert!(html.contains("<td>witherror</td>"), "{html}");
 }
 

@@ -175,9 +175,10 @@
       return {
         cls: '',
         cells: [f.name, f.calls, f.ok, f.errors, f.timeouts, f.panics, f.refused,
-          ms(f.p50_ms), ms(f.p95_ms), ms(f.p99_ms)]
+          ms(f.p50_ms), ms(f.p95_ms), ms(f.p99_ms), f.recent_calls, f.recent_errors,
+          ms(f.recent_p50_ms), ms(f.recent_p95_ms), ms(f.recent_p99_ms)]
       };
-    }), 10);
+    }), 15);
     fill('errors', s.errors.map(function (e) {
       return {
         cls: '',

@@ -368,16 +368,36 @@ pub(crate) fn render(state: &State, token: Option<&str>) -> String {
                 ms(f.p50_ms),
                 ms(f.p95_ms),
                 ms(f.p99_ms),
+                f.recent_calls.to_string(),
+                f.recent_errors.to_string(),
+                ms(f.recent_p50_ms),
+                ms(f.recent_p95_ms),
+                ms(f.recent_p99_ms),
             ],
         );
     }
-    out.push_str("<section><h2>Functions (since each instance's start)</h2>\n");
+    out.push_str(
+        "<section><h2>Functions (since each instance's start, and over the last 5 minutes)</h2>\n",
+    );
     table(
         &mut out,
         "functions",
         &[
-            "function", "calls", "ok", "errors", "timeouts", "panics", "refused", "p50", "p95",
+            "function",
+            "calls",
+            "ok",
+            "errors",
+            "timeouts",
+            "panics",
+            "refused",
+            "p50",
+            "p95",
             "p99",
+            "calls 5 min",
+            "errors 5 min",
+            "p50 5 min",
+            "p95 5 min",
+            "p99 5 min",
         ],
         &rows,
     );
@@ -566,6 +586,11 @@ mod tests {
             p50_ms: Some(1),
             p95_ms: None,
             p99_ms: None,
+            recent_calls: 0,
+            recent_errors: 0,
+            recent_p50_ms: None,
+            recent_p95_ms: None,
+            recent_p99_ms: None,
         }];
         let html = render(&state, None);
         let body = |id: &str| {

@@ -27,8 +27,9 @@ pub(crate) const SNAPSHOT_TTL: Duration = Duration::from_secs(60);
 const MAX_NAME: usize = 200;
 
 /// What one instance says of itself. Every field is a number, a bounded string
-/// or the counts of at most 50 functions, so the encoded snapshot stays under
-/// 32 KiB at worst (about 1 KiB with a few functions).
+/// or the counts of at most 50 functions (twice: since the start and over the
+/// last 5 minutes), so the encoded snapshot stays under 64 KiB at worst (about
+/// 1 KiB with a few functions).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default)]
 pub(crate) struct Snapshot {
@@ -55,6 +56,8 @@ pub(crate) struct Snapshot {
     pub(crate) paused: bool,
     /// The busiest functions' counts since the start (at most 50).
     pub(crate) functions: BTreeMap<String, Counts>,
+    /// The same functions' counts over the last 5 minutes (those with calls).
+    pub(crate) recent: BTreeMap<String, Counts>,
 }
 
 /// Where a running instance's snapshot comes from: its counters, shared with
@@ -70,6 +73,8 @@ pub(crate) struct Live {
     pub(crate) refused: AtomicBool,
     /// Set from `P-PAUSED-{instance}` at each write.
     pub(crate) paused: Paused,
+    /// Past counts, for the last 5 minutes' numbers.
+    pub(crate) history: super::functions::History,
 }
 
 impl Live {
@@ -120,6 +125,8 @@ impl Live {
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let s = &self.stats;
         let held: usize = self.in_hand.snapshot().values().sum();
+        let functions = s.metrics.functions.snapshot();
+        let recent = self.history.recent(Instant::now(), &functions);
         Snapshot {
             name: bounded(instance),
             host: bounded(host_of(instance)),
@@ -138,7 +145,8 @@ impl Live {
             cache_hits: load(&s.cache_hits),
             delayed: load(&s.delayed),
             paused: self.paused.is_set(),
-            functions: s.metrics.functions.snapshot(),
+            functions,
+            recent,
         }
     }
 }
@@ -255,6 +263,7 @@ mod tests {
             started: Instant::now(),
             refused: AtomicBool::new(false),
             paused: Paused::default(),
+            history: Default::default(),
         }
     }
 
@@ -302,8 +311,9 @@ mod tests {
         s.functions = (0..MAX_FUNCTIONS)
             .map(|i| (format!("{i:064}"), full.clone()))
             .collect();
+        s.recent = s.functions.clone();
         let json = serde_json::to_string(&s).unwrap();
-        assert!(json.len() < 32 * 1024, "{} bytes", json.len());
+        assert!(json.len() < 64 * 1024, "{} bytes", json.len());
         // It reads back as written.
         assert_eq!(serde_json::from_str::<Snapshot>(&json).unwrap(), s);
     }

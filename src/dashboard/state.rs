@@ -132,6 +132,12 @@ pub(crate) struct Function {
     pub(crate) p50_ms: Option<u64>,
     pub(crate) p95_ms: Option<u64>,
     pub(crate) p99_ms: Option<u64>,
+    /// The same over the last 5 minutes.
+    pub(crate) recent_calls: u64,
+    pub(crate) recent_errors: u64,
+    pub(crate) recent_p50_ms: Option<u64>,
+    pub(crate) recent_p95_ms: Option<u64>,
+    pub(crate) recent_p99_ms: Option<u64>,
 }
 
 /// Sums over the instances shown, and the queue.
@@ -301,6 +307,7 @@ pub(crate) fn assemble(raw: Raw) -> State {
     // Each instance's own list is the state's `functions` now: not sent twice.
     for i in instances.iter_mut() {
         i.snapshot.functions.clear();
+        i.snapshot.recent.clear();
     }
     State {
         now_ms: now,
@@ -318,14 +325,24 @@ pub(crate) fn assemble(raw: Raw) -> State {
 
 fn functions(instances: &[Instance]) -> Vec<Function> {
     let mut merged: BTreeMap<&str, Counts> = BTreeMap::new();
+    let mut recent: BTreeMap<&str, Counts> = BTreeMap::new();
     for i in instances {
         for (name, c) in &i.snapshot.functions {
             merge(merged.entry(name.as_str()).or_default(), c);
         }
+        for (name, c) in &i.snapshot.recent {
+            merge(recent.entry(name.as_str()).or_default(), c);
+        }
     }
     let mut out: Vec<Function> = merged
         .into_iter()
-        .map(|(name, c)| Function {
+        .map(|(name, c)| (recent.remove(name).unwrap_or_default(), name, c))
+        .map(|(r, name, c)| Function {
+            recent_calls: r.calls,
+            recent_errors: r.errors + r.timeouts + r.panics + r.refused,
+            recent_p50_ms: quantile(&r.buckets, 0.50),
+            recent_p95_ms: quantile(&r.buckets, 0.95),
+            recent_p99_ms: quantile(&r.buckets, 0.99),
             name: cut(name, MAX_ARGS),
             calls: c.calls,
             ok: c.ok,
@@ -617,7 +634,10 @@ mod tests {
             (f.p50_ms, f.p95_ms, f.p99_ms),
             (Some(2), Some(32), Some(32))
         );
-        assert!(s.instances.iter().all(|i| i.snapshot.functions.is_empty()));
+        assert!(s
+            .instances
+            .iter()
+            .all(|i| i.snapshot.functions.is_empty() && i.snapshot.recent.is_empty()));
     }
 
     #[test]
