@@ -870,13 +870,17 @@ impl Node {
 
     /// Takes `action` as the page's script would; returns the status and answer.
     fn act(&self, action: Value) -> (u16, Value) {
-        let token = self.token();
+        self.act_with(&self.token(), action)
+    }
+
+    /// [`Node::act`] with a token read before.
+    fn act_with(&self, token: &str, action: Value) -> (u16, Value) {
         let origin = format!("http://127.0.0.1:{}", self.port);
         post_action(
             self,
             &action,
             &[
-                ("X-Cerbas-Csrf", &token),
+                ("X-Cerbas-Csrf", token),
                 ("Origin", &origin),
                 ("Sec-Fetch-Site", "same-origin"),
             ],
@@ -1299,4 +1303,43 @@ fn proxy_targets_show_their_breaker() {
     assert_eq!(p["prefix"], "/gone");
     let html = body(&get(&a.url("/dashboard")));
     assert!(html.contains("<tr class=\"open\"><td>gone</td>"), "{html}");
+}
+
+#[test]
+fn a_wrong_typed_snapshot_index_or_error_list_hides_no_pause() {
+    let redis = Redis::start();
+    let config = long_sleep_config();
+    let a = Node::start(&redis, &config, "1");
+    let b = Node::start(&redis, &config, "1");
+    let s = a.wait_state("both alive", |s| alive_names(s).len() == 2);
+    let name_b = instance_by_pid(&s, b.server.pid());
+    let mut c = redis.conn();
+    redis::cmd("SET")
+        .arg("CERBAS-ERRORS")
+        .arg("not a list")
+        .query::<()>(&mut c)
+        .unwrap();
+    submit_many(&mut c, &[body_of("witherror", json!({}), json!({}))]);
+    // The page reads what it can: the list is not shown, the rest is.
+    let s = a.wait_state("the error counted", |s| s["totals"]["errors"] == 1);
+    assert_eq!(s["errors"], json!([]), "{s:#}");
+    // Every snapshot write refused from now on (and the page has nothing to
+    // show: its token is read before).
+    let token = a.token();
+    redis::cmd("DEL")
+        .arg("CERBAS-SNAPSHOTS")
+        .query::<()>(&mut c)
+        .unwrap();
+    redis::cmd("SET")
+        .arg("CERBAS-SNAPSHOTS")
+        .arg("not a sorted set")
+        .query::<()>(&mut c)
+        .unwrap();
+    b.server
+        .wait_log("dashboard: redis refuses this instance's snapshot", 1);
+    let (status, answer) = a.act_with(&token, json!({"action": "pause", "instance": name_b}));
+    assert_eq!(status, 200, "{answer}");
+    wait_for("B paused all the same", 5 * SECS, || {
+        (b.health()["status"] == "paused").then_some(())
+    });
 }

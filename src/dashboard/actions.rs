@@ -140,12 +140,12 @@ pub(crate) fn parse(body: &[u8]) -> Result<Action, String> {
 }
 
 /// KEYS: queue, delayed, request key, its fallback name. ARGV: id, JSON channel,
-/// JSON reply, msgpack channel, msgpack reply. Removes the id from the queue (or
-/// else from the delayed set); only if it was there, deletes the request and
+/// JSON reply, msgpack channel, msgpack reply. Removes the id from the queue
+/// (every entry of it: they are the same request), or else from the delayed set; only if it was there, deletes the request and
 /// publishes the reply. Returns 1 when deleted, 0 when it was neither waiting nor
 /// delayed (taken by a reader meanwhile, or never there).
 const CANCEL: &str = r"
-local removed = redis.call('LREM', KEYS[1], 1, ARGV[1])
+local removed = redis.call('LREM', KEYS[1], 0, ARGV[1])
 if removed == 0 then removed = redis.call('ZREM', KEYS[2], ARGV[1]) end
 if removed == 0 then return 0 end
 redis.call('DEL', KEYS[3], KEYS[4])

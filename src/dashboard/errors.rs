@@ -53,6 +53,19 @@ impl Recent {
         }
     }
 
+    /// Puts back what [`Recent::take`] took and could not be written (before
+    /// what came since; the oldest dropped past [`MAX_ERRORS`]).
+    pub(crate) fn restore(&self, taken: Vec<ErrorReply>) {
+        if let Ok(mut q) = self.0.lock() {
+            for e in taken.into_iter().rev() {
+                q.push_front(e);
+            }
+            while q.len() > MAX_ERRORS {
+                q.pop_front();
+            }
+        }
+    }
+
     /// Takes what is kept, oldest first.
     pub(crate) fn take(&self) -> Vec<ErrorReply> {
         self.0
@@ -85,6 +98,13 @@ mod tests {
         assert_eq!(all[0].id, Some(5));
         assert_eq!(all[0].message.chars().count(), MAX_MESSAGE + 1);
         assert!(r.take().is_empty(), "taken once");
+        // Not written: put back before what came since, still at most 100.
+        r.add(Some(1000), "f", None, "newer");
+        r.restore(all);
+        let again = r.take();
+        assert_eq!(again.len(), MAX_ERRORS);
+        assert_eq!(again[0].id, Some(6));
+        assert_eq!(again[MAX_ERRORS - 1].id, Some(1000));
     }
 
     #[test]

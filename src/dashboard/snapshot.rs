@@ -92,32 +92,43 @@ impl Live {
         for e in errors.iter_mut() {
             e.instance = bounded(instance);
         }
-        match write(c, keys, instance, &self.build(instance), &errors) {
-            Err(e) if crate::connection::is_lost(&e) => Err(e),
-            Err(e) => {
-                if !self.refused.swap(true, Ordering::Relaxed) {
-                    log::warn!("dashboard: redis refuses this instance's snapshot: {e}");
-                }
-                Ok(())
+        let written = match write(c, keys, instance, &self.build(instance), &errors) {
+            Err(e) if crate::connection::is_lost(&e) => {
+                // Sent again with the next write.
+                self.stats.recent_errors.restore(errors);
+                return Err(e);
             }
-            Ok(paused) => {
-                if self.paused.is_set() != paused {
-                    log::info!(
-                        "dashboard: this instance is {} (P-PAUSED-{instance})",
-                        if paused {
-                            "paused: it takes no requests"
-                        } else {
-                            "resumed"
-                        }
-                    );
-                    self.paused.set(paused);
+            // The script itself refused (MISCONF before it ran, BUSY).
+            Err(e) => Written {
+                paused: self.paused.is_set(),
+                refused: Some(e.to_string()),
+            },
+            Ok(w) => w,
+        };
+        if self.paused.is_set() != written.paused {
+            log::info!(
+                "dashboard: this instance is {} (P-PAUSED-{instance})",
+                if written.paused {
+                    "paused: it takes no requests"
+                } else {
+                    "resumed"
                 }
+            );
+            self.paused.set(written.paused);
+        }
+        match written.refused {
+            Some(why) => {
+                if !self.refused.swap(true, Ordering::Relaxed) {
+                    log::warn!("dashboard: redis refuses this instance's snapshot: {why}");
+                }
+            }
+            None => {
                 if self.refused.swap(false, Ordering::Relaxed) {
                     log::info!("dashboard: redis takes this instance's snapshot again");
                 }
-                Ok(())
             }
         }
+        Ok(())
     }
 
     /// This instance's snapshot now.
@@ -190,32 +201,50 @@ pub(crate) fn errors_key(keys: &Keys) -> String {
 }
 
 /// KEYS: snapshot, index, paused, errors. ARGV: instance, json, life in ms, most
-/// errors kept, then the new error replies (oldest first). Writes the snapshot,
-/// scores the instance by the Redis server's clock, and drops names whose
-/// snapshots have expired, so the index stays as small as the cluster; pushes the
-/// errors and trims their list. Returns 1 if the instance is paused, else 0.
+/// errors kept, then the new error replies (oldest first). Reads whether the
+/// instance is paused first, and runs each write with `pcall`, so a write Redis
+/// refuses (a wrong-typed key, `MISCONF`) neither hides a pause nor stops the
+/// other writes. Writes the snapshot, scores the instance by the Redis server's
+/// clock, and drops names whose snapshots have expired, so the index stays as
+/// small as the cluster; pushes the errors and trims their list. Returns
+/// `{paused (1 or 0), why the first refused write was refused, or ''}`.
 const WRITE: &str = r"
+local paused = redis.call('EXISTS', KEYS[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('ZADD', KEYS[2], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
-if #ARGV > 4 then
-  for i = 5, #ARGV do redis.call('LPUSH', KEYS[4], ARGV[i]) end
-  redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+local why = ''
+local function try(...)
+  local r = redis.pcall(...)
+  if why == '' and type(r) == 'table' and r.err then why = r.err end
 end
-return redis.call('EXISTS', KEYS[3])
+try('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+try('ZADD', KEYS[2], now, ARGV[1])
+try('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
+if #ARGV > 4 then
+  for i = 5, #ARGV do try('LPUSH', KEYS[4], ARGV[i]) end
+  try('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+end
+return {paused, why}
 ";
 
+/// What a write found.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Written {
+    /// Whether the instance is paused (`P-PAUSED-{instance}` exists).
+    pub(crate) paused: bool,
+    /// Why Redis refused a write, if it did.
+    pub(crate) refused: Option<String>,
+}
+
 /// Writes `snapshot` for `instance` and pushes `errors` onto `P-ERRORS`; says
-/// whether the instance is paused.
+/// whether the instance is paused and whether a write was refused.
 pub(crate) fn write(
     c: &mut Connection,
     keys: &Keys,
     instance: &str,
     snapshot: &Snapshot,
     errors: &[super::errors::ErrorReply],
-) -> RedisResult<bool> {
+) -> RedisResult<Written> {
     // Serializing numbers and strings cannot fail.
     let json = serde_json::to_string(snapshot).unwrap_or_default();
     let script = redis::Script::new(WRITE);
@@ -231,7 +260,11 @@ pub(crate) fn write(
     for e in errors {
         call.arg(serde_json::to_string(e).unwrap_or_default());
     }
-    call.invoke::<i64>(c).map(|paused| paused == 1)
+    let (paused, why): (i64, String) = call.invoke(c)?;
+    Ok(Written {
+        paused: paused == 1,
+        refused: (!why.is_empty()).then_some(why),
+    })
 }
 
 /// Adds to `pipe` what removes `instance`'s snapshot (and its pause): a graceful

@@ -382,14 +382,13 @@ fn read(plug: &Plug, dash: &Dashboard, proxies: Vec<state::Proxy>) -> redis::Red
     let keys = &plug.keys;
     let n = state::MAX_REQUESTS as isize;
     #[allow(clippy::type_complexity)]
-    let ((secs, micros), queue_length, head, delayed_count, delayed, written, members, errors): (
+    let ((secs, micros), queue_length, head, delayed_count, delayed, written, members): (
         (i64, i64),
         u64,
         Vec<String>,
         u64,
         Vec<(String, f64)>,
         Vec<(String, f64)>,
-        Vec<String>,
         Vec<String>,
     ) = redis::pipe()
         .cmd("TIME")
@@ -414,11 +413,18 @@ fn read(plug: &Plug, dash: &Dashboard, proxies: Vec<state::Proxy>) -> redis::Red
         .cmd("SRANDMEMBER")
         .arg(keys.instances())
         .arg(state::MAX_INSTANCES)
-        .cmd("LRANGE")
+        .query(&mut c)?;
+    // A wrong-typed list hides the errors, not the page.
+    let errors: Vec<String> = match redis::cmd("LRANGE")
         .arg(snapshot::errors_key(keys))
         .arg(0)
         .arg(crate::dashboard::errors::MAX_ERRORS as isize - 1)
-        .query(&mut c)?;
+        .query(&mut c)
+    {
+        Err(e) if crate::connection::is_lost(&e) || e.is_timeout() => return Err(e),
+        Err(_) => Vec::new(),
+        Ok(list) => list,
+    };
     let now_ms = secs * 1000 + micros / 1000;
     let instances = read_instances(&mut c, plug, written, members)?;
     // Queue entries that are not ids (a client's mistake) are not shown.
