@@ -2,8 +2,11 @@
 //! and two `cerbas` processes: both instances in `/dashboard/state.json` on
 //! either of them, hostile request bodies escaped in the server-rendered page,
 //! the security headers, a `kill -9`ed instance shown dead, a graceful stop
-//! leaving the page, tokens, bad requests and Redis not answering. The browser
-//! test (headless Chromium running the page's script) is `browser_*` at the end.
+//! leaving the page, tokens, bad requests and Redis not answering; each action
+//! (delete, run now, cron now, pause and resume across instances), who may take
+//! them, recent errors and proxy breakers. The browser test (headless Chromium
+//! running the page's script, and clicking *delete* over the DevTools protocol)
+//! is `browser_*`.
 
 mod common;
 
@@ -1099,11 +1102,21 @@ fn a_paused_instance_takes_nothing_while_the_queue_fills_and_resumes_from_anothe
     // An instance nobody knows.
     let (status, answer) = a.act(json!({"action": "pause", "instance": "nobody-1-2"}));
     assert_eq!(status, 404, "{answer}");
-    // A stopped gracefully forgets its pause.
+    // Resumed, the key is gone.
     let (status, _) = a.act(json!({"action": "resume", "instance": name_a}));
     assert_eq!(status, 200);
     assert!(!exists(&mut c, &format!("CERBAS-PAUSED-{name_a}")));
-    let (status, _) = a.act(json!({"action": "pause", "instance": name_b}));
+    // A paused instance killed: its pause goes with its recovery.
+    let (status, _) = b.act(json!({"action": "pause", "instance": name_a}));
+    assert_eq!(status, 200);
+    assert!(exists(&mut c, &format!("CERBAS-PAUSED-{name_a}")));
+    let mut a = a;
+    a.server.kill();
+    wait_for("A's pause forgotten with A", 20 * SECS, || {
+        (!exists(&mut c, &format!("CERBAS-PAUSED-{name_a}"))).then_some(())
+    });
+    // A paused instance stopped gracefully forgets its pause.
+    let (status, _) = b.act(json!({"action": "pause", "instance": name_b}));
     assert_eq!(status, 200);
     let mut b = b;
     b.server.signal(libc::SIGTERM);
