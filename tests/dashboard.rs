@@ -65,6 +65,19 @@ impl Node {
         Node { server, port }
     }
 
+    /// A node with the shipped configuration running `crontab` (its text).
+    fn with_crontab(redis: &Redis, crontab: &str) -> Node {
+        let tab = common::scratch("crontab").join("CRONTAB");
+        std::fs::write(&tab, crontab).expect("write CRONTAB");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let server = Server::start_args(
+            redis,
+            &["--http", &addr, "--crontab", &tab.to_string_lossy()],
+        );
+        Node { server, port }
+    }
+
     fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
@@ -705,20 +718,11 @@ fn browser_runs_the_script_which_fills_the_page_and_runs_no_injected_code() {
 #[test]
 fn cron_entries_show_their_last_outcome() {
     let redis = Redis::start();
-    let dir = common::scratch("crontab");
-    let tab = dir.join("CRONTAB");
-    std::fs::write(
-        &tab,
-        "* * * * * * | {\"func\": \"witherror\", \"source\": \"foo\"}\n",
-    )
-    .unwrap();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let _server = Server::start_args(
+    let node = Node::with_crontab(
         &redis,
-        &["--http", &addr, "--crontab", &tab.to_string_lossy()],
+        "* * * * * * | {\"func\": \"witherror\", \"source\": \"foo\"}\n",
     );
-    let node_url = format!("http://127.0.0.1:{port}/dashboard/state.json");
+    let node_url = node.url("/dashboard/state.json");
     let s = wait_for("a cron outcome", 20 * SECS, || {
         let a = get(&node_url);
         let s: Value = serde_json::from_slice(&a.2).ok()?;
@@ -759,15 +763,7 @@ fn a_wrong_typed_snapshot_index_costs_the_server_nothing_else() {
     let a = Node::start(&redis, &long_sleep_config(), "2");
     a.wait_state("the instance alive", |s| alive_names(s).len() == 1);
     let mut c = redis.conn();
-    redis::cmd("DEL")
-        .arg("CERBAS-SNAPSHOTS")
-        .query::<()>(&mut c)
-        .unwrap();
-    redis::cmd("SET")
-        .arg("CERBAS-SNAPSHOTS")
-        .arg("not a sorted set")
-        .query::<()>(&mut c)
-        .unwrap();
+    snapshot_index_of_the_wrong_type(&mut c);
     a.server
         .wait_log("dashboard: redis refuses this instance's snapshot", 1);
     // The page says why it has nothing to show.
@@ -812,6 +808,19 @@ fn a_wrong_typed_snapshot_index_costs_the_server_nothing_else() {
         1,
         "logged once per episode"
     );
+}
+
+/// Makes every snapshot write fail: `CERBAS-SNAPSHOTS` a string.
+fn snapshot_index_of_the_wrong_type(c: &mut redis::Connection) {
+    redis::cmd("DEL")
+        .arg("CERBAS-SNAPSHOTS")
+        .query::<()>(c)
+        .unwrap();
+    redis::cmd("SET")
+        .arg("CERBAS-SNAPSHOTS")
+        .arg("not a sorted set")
+        .query::<()>(c)
+        .unwrap();
 }
 
 impl Node {
@@ -1017,21 +1026,11 @@ fn a_delayed_request_runs_now_on_demand() {
 #[test]
 fn a_cron_entry_runs_now_on_demand_without_taking_a_ticks_place() {
     let redis = Redis::start();
-    let dir = common::scratch("crontab-now");
-    let tab = dir.join("CRONTAB");
     // Once a year: it would not run during the test by itself.
-    std::fs::write(
-        &tab,
-        "0 0 1 1 * | {\"func\": \"echo\", \"args\": {\"message\": \"now\"}, \"source\": \"foo\"}\n",
-    )
-    .unwrap();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let server = Server::start_args(
+    let a = Node::with_crontab(
         &redis,
-        &["--http", &addr, "--crontab", &tab.to_string_lossy()],
+        "0 0 1 1 * | {\"func\": \"echo\", \"args\": {\"message\": \"now\"}, \"source\": \"foo\"}\n",
     );
-    let a = Node { server, port };
     let s = a.wait_state("the entry shown", |s| {
         s["cron"].as_array().is_some_and(|c| c.len() == 1)
     });
@@ -1339,15 +1338,7 @@ fn a_wrong_typed_snapshot_index_or_error_list_hides_no_pause() {
     // Every snapshot write refused from now on (and the page has nothing to
     // show: its token is read before).
     let token = a.token();
-    redis::cmd("DEL")
-        .arg("CERBAS-SNAPSHOTS")
-        .query::<()>(&mut c)
-        .unwrap();
-    redis::cmd("SET")
-        .arg("CERBAS-SNAPSHOTS")
-        .arg("not a sorted set")
-        .query::<()>(&mut c)
-        .unwrap();
+    snapshot_index_of_the_wrong_type(&mut c);
     b.server
         .wait_log("dashboard: redis refuses this instance's snapshot", 1);
     let (status, answer) = a.act_with(&token, json!({"action": "pause", "instance": name_b}));

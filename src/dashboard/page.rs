@@ -538,20 +538,25 @@ mod tests {
         );
     }
 
-    #[test]
-    fn hostile_requests_render_as_text() {
-        let body = r#"{"func":"<script>alert(1)</script>","user":"<b>u</b>","source":"web","args":{"m":"<img src=x onerror=alert(1)>"}}"#;
-        let state = assemble(Raw {
-            now_ms: 1_700_000_000_000,
-            serving: "<i>me</i>".into(),
+    /// A state with one waiting request, `id` with `body`.
+    fn waiting(id: u64, body: &str) -> State {
+        assemble(Raw {
             waiting: vec![RawRequest {
-                id: 5,
+                id,
                 prefix: Some(body.as_bytes().to_vec()),
                 size: body.len() as u64,
                 ..RawRequest::default()
             }],
             ..Raw::default()
-        });
+        })
+    }
+
+    #[test]
+    fn hostile_requests_render_as_text() {
+        let body = r#"{"func":"<script>alert(1)</script>","user":"<b>u</b>","source":"web","args":{"m":"<img src=x onerror=alert(1)>"}}"#;
+        let mut state = waiting(5, body);
+        state.now_ms = 1_700_000_000_000;
+        state.serving = "<i>me</i>".into();
         let html = render(&state, None);
         assert!(!html.contains("<script>alert"), "{html}");
         assert!(!html.contains("<img"), "{html}");
@@ -612,16 +617,7 @@ mod tests {
 
     #[test]
     fn buttons_and_the_token_only_for_who_may_act() {
-        let body = r#"{"func":"echo","user":"u","source":"web","args":{}}"#;
-        let state = assemble(Raw {
-            waiting: vec![RawRequest {
-                id: 42,
-                prefix: Some(body.as_bytes().to_vec()),
-                size: body.len() as u64,
-                ..RawRequest::default()
-            }],
-            ..Raw::default()
-        });
+        let state = waiting(42, r#"{"func":"echo","user":"u","source":"web","args":{}}"#);
         let read_only = render(&state, None);
         assert!(!read_only.contains("<button"), "{read_only}");
         assert!(!read_only.contains("cerbas-csrf"), "{read_only}");
