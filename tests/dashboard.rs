@@ -656,8 +656,17 @@ fn browser_runs_the_script_which_fills_the_page_and_runs_no_injected_code() {
     assert!(dom.contains("<body>\n"), "{dom}");
     assert!(!dom.contains("data-pwned=\"1\""), "{dom}");
     assert_eq!(dom.matches("<script").count(), 1, "{dom}");
-    // The live chart, drawn by the script.
+    // The live chart, drawn by the script: requests/s and call durations.
     assert!(dom.contains("<svg"), "{dom}");
+    for line in ["line-ok", "line-errors", "line-p50", "line-p99"] {
+        assert!(dom.contains(&format!("class=\"{line}\"")), "{line}: {dom}");
+    }
+    for table in ["errors", "proxies"] {
+        assert!(
+            dom.contains(&format!("<tbody id=\"{table}\" data-filled=\"script\">")),
+            "{table} not filled by the script: {dom}"
+        );
+    }
     // An action, clicked in the browser: delete the first waiting request.
     let s = a.state();
     let victim = s["waiting"][0]["id"].as_u64().expect("a waiting id");
@@ -1227,6 +1236,14 @@ fn only_admins_act_from_the_page_itself_with_its_token() {
         get_with(&a.url("/dashboard/action"), &[("Authorization", &tom_auth)]).0,
         405
     );
+    // Redis not answering: 503 at once, and nothing done.
+    redis.pause();
+    let started = std::time::Instant::now();
+    let (got, answer) = post_action(&a, &delete, &ok_headers);
+    redis.resume();
+    assert_eq!(got, 503, "{answer}");
+    assert!(started.elapsed() < 5 * SECS);
+    assert!(exists(&mut c, &format!("CERBAS-REQ-{id:010}")));
     // Tom, properly: done.
     let (got, answer) = post_action(&a, &delete, &ok_headers);
     assert_eq!(got, 200, "{answer}");
