@@ -367,6 +367,10 @@ pub struct HttpConfig {
     pub write_timeout_ms: u64,
     /// Bearer token → user. When set, every `/api` call needs a token.
     pub tokens: BTreeMap<String, String>,
+    /// Role → the users (of `tokens`) who have it. The one role is `admin`: who may
+    /// take the dashboard's actions (delete, run now, pause). Without tokens, the
+    /// actions are allowed from loopback only, and this is not used.
+    pub roles: BTreeMap<String, Vec<String>>,
     /// Forward the `Authorization` header to proxy targets (off: it is removed).
     pub forward_token: bool,
     /// Connecting to a proxy target may take this long, in ms (then 502).
@@ -393,6 +397,7 @@ impl Default for HttpConfig {
             read_timeout_ms: 10_000,
             write_timeout_ms: 10_000,
             tokens: BTreeMap::new(),
+            roles: BTreeMap::new(),
             forward_token: false,
             proxy_connect_timeout_ms: 2_000,
             proxy_read_timeout_ms: 30_000,
@@ -446,6 +451,21 @@ impl HttpConfig {
             return Err(Error::Config(
                 "http.tokens: each token must be at least 16 characters and map to a user".into(),
             ));
+        }
+        for (role, users) in &self.roles {
+            if role != "admin" {
+                return Err(Error::Config(format!(
+                    "http.roles: unknown role {role:?} (the one role is \"admin\")"
+                )));
+            }
+            if let Some(u) = users
+                .iter()
+                .find(|u| !self.tokens.values().any(|t| t == *u))
+            {
+                return Err(Error::Config(format!(
+                    "http.roles.{role}: user {u:?} has no token in [http.tokens]"
+                )));
+            }
         }
         Ok(())
     }
@@ -701,6 +721,22 @@ mod tests {
         assert_eq!(c.max_request_bytes, 1 << 20);
         assert_eq!(c.connection_url().unwrap(), "redis://127.0.0.1:6379/1");
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn roles_name_users_with_tokens_and_only_admin() {
+        let mut h = HttpConfig::default();
+        h.tokens
+            .insert("tom-secret-token-0123456789".into(), "tom".into());
+        h.roles.insert("admin".into(), vec!["tom".into()]);
+        h.validate().unwrap();
+        h.roles.insert("admin".into(), vec!["ann".into()]);
+        let e = h.validate().unwrap_err().to_string();
+        assert!(e.contains("user \"ann\" has no token"), "{e}");
+        h.roles.clear();
+        h.roles.insert("root".into(), vec!["tom".into()]);
+        let e = h.validate().unwrap_err().to_string();
+        assert!(e.contains("unknown role \"root\""), "{e}");
     }
 
     #[test]

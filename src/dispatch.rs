@@ -146,6 +146,8 @@ pub(crate) struct Pending {
     cron: Option<CronWatch>,
     /// Whether the job came from the reader (on `jobs`), not on `due`.
     from_reader: bool,
+    /// The caller's user, for the dashboard's recent errors.
+    user: Option<String>,
 }
 
 impl Expire for Pending {
@@ -193,6 +195,7 @@ impl Pending {
             stats,
             cron: None,
             from_reader: false,
+            user: None,
         }
     }
 
@@ -296,8 +299,35 @@ impl Pending {
         self.stats
             .metrics
             .call(&self.func, outcome(&reply), Some(self.started.elapsed()));
+        remember_error(
+            &self.stats,
+            &self.reply_to,
+            &self.func,
+            self.user.as_deref(),
+            &reply,
+        );
         deliver(&self.reply_to, &self.out, &self.unanswered, reply);
     }
+}
+
+/// Keeps an error reply for the dashboard's recent errors (`dashboard/errors.rs`).
+fn remember_error(
+    stats: &Stats,
+    reply_to: &ReplyTo,
+    func: &str,
+    user: Option<&str>,
+    reply: &LocalReply,
+) {
+    let message = match reply {
+        Ok(Some(Reply::Error(m))) => m.clone(),
+        Err(e) => e.to_string(),
+        Ok(_) => return,
+    };
+    let id = match reply_to {
+        ReplyTo::Redis { id } | ReplyTo::RedisSilent { id } => Some(*id),
+        ReplyTo::Local(_) => None,
+    };
+    stats.recent_errors.add(id, func, user, &message);
 }
 
 /// The `outcome` label of a delivered reply in the metrics.
@@ -369,7 +399,7 @@ impl Dispatcher {
         let mut request = match job.body {
             Ok(r) => r,
             Err(e) => {
-                self.refuse(&job.reply_to, None, e);
+                self.refuse(&job.reply_to, None, None, e);
                 return AfterCall::GoOn;
             }
         };
@@ -390,7 +420,7 @@ impl Dispatcher {
             if let Some(w) = watch(request) {
                 w.report(&request.func, Outcome::Error(e.to_string()));
             }
-            self.refuse(reply_to, Some(&request.func), e);
+            self.refuse(reply_to, Some(&request.func), request.user.as_deref(), e);
             AfterCall::GoOn
         };
         // Checked before a delay too, so a bad request is told at once.
@@ -432,6 +462,7 @@ impl Dispatcher {
         );
         pending.cron = watch(&request);
         pending.from_reader = from_reader;
+        pending.user = request.user.clone();
         let pending = Arc::new(pending);
         // Scheduled before anything that can block (the cache lookup waits on the
         // connection pool and on Redis), so the caller hears `timeout` in time
@@ -527,14 +558,16 @@ impl Dispatcher {
 
     /// Answers `e` without running the function (`func`, the request's function
     /// name if it has one, labels the metrics only when it is registered).
-    fn refuse(&self, reply_to: &ReplyTo, func: Option<&str>, e: RequestError) {
+    fn refuse(&self, reply_to: &ReplyTo, func: Option<&str>, user: Option<&str>, e: RequestError) {
         log::debug!("refused: {e}");
         bump(&self.stats.errors);
         let label = func
             .filter(|f| self.registry.get(f).is_some())
             .unwrap_or("-");
         self.stats.metrics.call(label, "refused", None);
-        deliver(reply_to, &self.out, &self.unanswered, Err(e));
+        let reply = Err(e);
+        remember_error(&self.stats, reply_to, func.unwrap_or("-"), user, &reply);
+        deliver(reply_to, &self.out, &self.unanswered, reply);
     }
 
     /// A request from Redis waits in Redis (`P-DELAYED`, via the publisher), so it
@@ -546,6 +579,7 @@ impl Dispatcher {
             return self.refuse(
                 &reply_to,
                 Some(&request.func),
+                request.user.as_deref(),
                 RequestError::DelayTooLong(self.max_delay.as_millis() as u64),
             );
         }
@@ -570,6 +604,7 @@ impl Dispatcher {
             }
             _ => self.refuse(
                 &reply_to,
+                None,
                 None,
                 RequestError::DelayTooLong(self.max_delay.as_millis() as u64),
             ),

@@ -236,6 +236,46 @@ impl Unanswered {
     }
 }
 
+/// Whether this instance takes requests. The dashboard pauses an instance by
+/// writing `P-PAUSED-{instance}` in Redis; the scheduler reads it with each
+/// heartbeat and sets this (this instance's own dashboard sets it at once too).
+/// While it is set the reader takes nothing new (what it holds is still served)
+/// and the queue keeps filling for the other instances.
+#[derive(Clone, Default)]
+pub(crate) struct Paused(Arc<std::sync::atomic::AtomicBool>);
+
+impl Paused {
+    pub(crate) fn set(&self, paused: bool) {
+        self.0.store(paused, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// This instance's CRONTAB entries and their next ticks, as the cron thread last
+/// saw them: the dashboard shows them and runs one now on demand.
+#[derive(Clone, Default)]
+pub(crate) struct CronTable(Arc<Mutex<Vec<CronLine>>>);
+
+/// A CRONTAB entry and its next tick (unix seconds; `None`: never again).
+pub(crate) type CronLine = (crate::cron::Entry, Option<i64>);
+
+impl CronTable {
+    /// Replaces what is shown (the cron thread, after a reload or a claim).
+    pub(crate) fn set(&self, entries: Vec<CronLine>) {
+        if let Ok(mut t) = self.0.lock() {
+            *t = entries;
+        }
+    }
+
+    /// The entries and their next ticks (unix seconds).
+    pub(crate) fn get(&self) -> Vec<CronLine> {
+        self.0.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+}
+
 /// How a cron run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -293,4 +333,7 @@ pub struct Stats {
     /// The Prometheus metrics (`/metrics`), beside these counters so that every
     /// thread that counts can reach them.
     pub(crate) metrics: crate::metrics::Metrics,
+    /// Error replies not yet written to Redis for the dashboard (at most 100; the
+    /// scheduler writes them with the snapshot).
+    pub(crate) recent_errors: crate::dashboard::errors::Recent,
 }

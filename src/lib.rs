@@ -44,7 +44,7 @@
 //! | `caller` | its in-process entry point (HTTP, cron): request in, reply out |
 //! | `metrics` | the Prometheus registry every thread counts into |
 //! | `http` | the Plug: HTTP threads, `/api` routes, tokens, proxy, breaker, health, dashboard routes |
-//! | `dashboard` | each instance's snapshot in Redis; the dashboard's state and page (pure) |
+//! | `dashboard` | each instance's snapshot in Redis; the dashboard's state and page (pure); its actions |
 //! | `limits` | how many calls a user or a function may run at once |
 //! | `reader` | the queue reader thread |
 //! | `pool` | the worker threads |

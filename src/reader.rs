@@ -33,7 +33,7 @@
 
 use crate::connection::{Connector, Failure};
 use crate::error::RequestError;
-use crate::job::{Backlog, InHand, Job, ReplyTo, Stats, Unanswered};
+use crate::job::{Backlog, InHand, Job, Paused, ReplyTo, Stats, Unanswered};
 use crate::protocol::{describe_entry, parse_queue_entry, parse_request, Keys};
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{select, Receiver, SendTimeoutError, Sender};
@@ -340,6 +340,8 @@ pub(crate) struct Reader {
     pub(crate) unanswered: Unanswered,
     /// Replies waiting for the publisher: no taking while it is full.
     pub(crate) backlog: Arc<Backlog>,
+    /// Set by the dashboard's pause: no taking while it is.
+    pub(crate) paused: Paused,
 }
 
 /// Starts the reader thread.
@@ -373,6 +375,11 @@ impl Reader {
             turned_over: false,
         };
         while !self.shutdown.is_triggered() {
+            // Paused from the dashboard: take nothing new (what is held is served).
+            if synced && self.paused.is_set() {
+                self.shutdown.wait_timeout(Duration::from_millis(100));
+                continue;
+            }
             if synced && workers.wanted() <= 0 {
                 self.wait_for_workers(&mut workers);
                 continue;

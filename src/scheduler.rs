@@ -38,13 +38,15 @@ end
 return #due
 ";
 
-/// KEYS: heartbeat, processing (of the instance), queue, instances. ARGV: instance.
-/// If the instance's heartbeat is gone, returns its held ids to the queue head.
+/// KEYS: heartbeat, processing (of the instance), queue, instances, its pause
+/// (`P-PAUSED-{instance}`). ARGV: instance. If the instance's heartbeat is gone,
+/// returns its held ids to the queue head and forgets its pause.
 const RECOVER: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 local n = 0
 while redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'LEFT') do n = n + 1 end
 redis.call('SREM', KEYS[4], ARGV[1])
+redis.call('DEL', KEYS[5])
 return n
 ";
 
@@ -148,6 +150,7 @@ impl Scheduler {
                 .key(self.keys.processing(other))
                 .key(self.keys.queue())
                 .key(self.keys.instances())
+                .key(crate::dashboard::snapshot::paused_key(&self.keys, other))
                 .arg(other)
                 .invoke(c)?;
             if n > 0 {

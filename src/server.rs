@@ -53,6 +53,9 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
     let stats = Arc::new(Stats::default());
     let in_hand = InHand::default();
     let unanswered = Unanswered::default();
+    // The dashboard's pause, and the CRONTAB entries it shows.
+    let paused = crate::job::Paused::default();
+    let cron_table = crate::job::CronTable::default();
     log::info!(
         "cerbas {} starting: {}",
         env!("CARGO_PKG_VERSION"),
@@ -154,6 +157,8 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
             workers: config.workers,
             started: Instant::now(),
             refused: Default::default(),
+            paused: paused.clone(),
+            history: Default::default(),
         },
     })?;
     let plug = match http_listener {
@@ -173,6 +178,9 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
                 keys: keys.clone(),
                 instance: instance.clone(),
                 in_hand: in_hand.clone(),
+                paused: paused.clone(),
+                cron: cron_table.clone(),
+                secret: crate::dashboard::actions::Secret::new(),
             },
         )?),
         None => None,
@@ -188,6 +196,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         shutdown: shutdown.clone(),
         stopping: stopping.clone(),
         runs: cron_rx,
+        table: cron_table,
     })?;
     let reader = crate::reader::start(Reader {
         connector: Connector::new(client, "reader", read_timeout),
@@ -202,6 +211,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         in_hand,
         unanswered: unanswered.clone(),
         backlog,
+        paused,
     })?;
     log::info!("ready: taking requests from {queue}");
 

@@ -19,7 +19,7 @@
 use super::parse::{parse_crontab, Entry, Known};
 use super::schedule::Zone;
 use crate::connection::{Connector, Failure};
-use crate::job::{unix_ms, CronRun, Outcome};
+use crate::job::{unix_ms, CronRun, CronTable, Outcome};
 use crate::protocol::Keys;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{select, Receiver};
@@ -89,6 +89,29 @@ pub(crate) struct Cron {
     /// Stop recording (the drain is over).
     pub(crate) stopping: Shutdown,
     pub(crate) runs: Receiver<CronRun>,
+    /// Where the entries and their next ticks are shown (the dashboard).
+    pub(crate) table: CronTable,
+}
+
+/// Runs `entry` now, outside its schedule, through [`CLAIM`] as a tick is: its
+/// request is written and queued exactly as a tick's, tagged with the current
+/// second, under a claim key of its own (`P-CRON-NOW-{entry}-{ms}`), so it takes
+/// no scheduled tick's place and a repeated click within the same ms runs once.
+/// Returns the new request's id (0: claimed already).
+pub(crate) fn run_now(
+    c: &mut Connection,
+    keys: &Keys,
+    entry: &Entry,
+    now_ms: i64,
+) -> RedisResult<u64> {
+    redis::Script::new(CLAIM)
+        .key(keys.key(&format!("CRON-NOW-{}-{now_ms}", entry.id)))
+        .key(keys.counter())
+        .key(keys.queue())
+        .arg(CLAIM_TTL.as_millis() as u64)
+        .arg(keys.request_prefix())
+        .arg(entry.body(now_ms.div_euclid(1000)))
+        .invoke(c)
 }
 
 /// Starts the cron thread.
@@ -162,6 +185,8 @@ impl Cron {
             }
             if claiming {
                 self.skip_late(&mut dues);
+                self.table
+                    .set(dues.iter().map(|d| (d.entry.clone(), d.next)).collect());
             }
             let wait = pause.unwrap_or_else(|| self.until_next(&dues, next_poll, claiming));
             // While claiming, shutdown wakes it; then only the end of the drain.

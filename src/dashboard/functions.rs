@@ -103,6 +103,74 @@ pub(crate) fn merge(a: &mut Counts, b: &Counts) {
     }
 }
 
+/// `now` less `then`: what was counted between the two (a counter that went
+/// down, which cannot happen within one process, counts 0).
+pub(crate) fn since(now: &Counts, then: &Counts) -> Counts {
+    let mut buckets = now.buckets.clone();
+    for (x, y) in buckets.iter_mut().zip(&then.buckets) {
+        *x = x.saturating_sub(*y);
+    }
+    Counts {
+        calls: now.calls.saturating_sub(then.calls),
+        ok: now.ok.saturating_sub(then.ok),
+        errors: now.errors.saturating_sub(then.errors),
+        timeouts: now.timeouts.saturating_sub(then.timeouts),
+        panics: now.panics.saturating_sub(then.panics),
+        refused: now.refused.saturating_sub(then.refused),
+        buckets,
+    }
+}
+
+/// How far back "recent" looks.
+pub(crate) const RECENT: Duration = Duration::from_secs(300);
+/// How often a point of the history is kept: "recent" is within this of
+/// [`RECENT`].
+const STEP: Duration = Duration::from_secs(10);
+
+/// Past tallies, one per [`STEP`], to tell what was counted over the last
+/// [`RECENT`] (kept by the scheduler thread, which writes the snapshots).
+#[derive(Debug, Default)]
+pub(crate) struct History(
+    Mutex<std::collections::VecDeque<(std::time::Instant, BTreeMap<String, Counts>)>>,
+);
+
+impl History {
+    /// Keeps `now_counts` if a step has passed, and returns what was counted
+    /// since the newest point at least [`RECENT`] old (the oldest kept, early on:
+    /// since about the start).
+    pub(crate) fn recent(
+        &self,
+        now: std::time::Instant,
+        now_counts: &BTreeMap<String, Counts>,
+    ) -> BTreeMap<String, Counts> {
+        let Ok(mut h) = self.0.lock() else {
+            return BTreeMap::new();
+        };
+        while h
+            .get(1)
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) >= RECENT)
+        {
+            h.pop_front();
+        }
+        let empty = BTreeMap::new();
+        let base = h.front().map_or(&empty, |(_, c)| c);
+        let recent = now_counts
+            .iter()
+            .map(|(name, c)| {
+                let then = base.get(name).cloned().unwrap_or_default();
+                (name.clone(), since(c, &then))
+            })
+            .filter(|(_, c)| c.calls > 0)
+            .collect();
+        if h.back()
+            .is_none_or(|(at, _)| now.saturating_duration_since(*at) >= STEP)
+        {
+            h.push_back((now, now_counts.clone()));
+        }
+        recent
+    }
+}
+
 /// The `q` quantile (0 to 1) of the durations, in ms: the upper bound of its
 /// bucket; `None` without durations or past the last bound.
 pub(crate) fn quantile(buckets: &[u64], q: f64) -> Option<u64> {
@@ -172,6 +240,39 @@ mod tests {
         merge(&mut a, &b);
         assert_eq!((a.calls, a.ok, a.errors), (3, 1, 2));
         assert_eq!(a.buckets, vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn recent_is_what_was_counted_over_the_last_five_minutes() {
+        let h = History::default();
+        let t0 = std::time::Instant::now();
+        let counts = |calls: u64| -> BTreeMap<String, Counts> {
+            let mut buckets = vec![0; BUCKETS];
+            buckets[3] = calls;
+            [(
+                "f".to_string(),
+                Counts {
+                    calls,
+                    ok: calls,
+                    buckets,
+                    ..Counts::default()
+                },
+            )]
+            .into()
+        };
+        // At the start, with nothing kept yet: since the start.
+        assert_eq!(h.recent(t0, &counts(5))["f"].calls, 5);
+        // 10 calls a minute for 10 minutes.
+        let mut r = BTreeMap::new();
+        for s in (10..=600).step_by(10) {
+            r = h.recent(t0 + Duration::from_secs(s), &counts(5 + s / 6));
+        }
+        assert_eq!(r["f"].calls, 50, "five minutes of 10 a minute");
+        assert_eq!(r["f"].buckets[3], 50);
+        assert_eq!(quantile(&r["f"].buckets, 0.5), Some(8));
+        // Nothing for the next five minutes: nothing recent.
+        let r = h.recent(t0 + Duration::from_secs(910), &counts(105));
+        assert!(r.is_empty(), "{r:?}");
     }
 
     #[test]

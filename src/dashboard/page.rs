@@ -4,7 +4,10 @@
 //! value goes through [`escape`]: function names, users and arguments come from
 //! request bodies, which anyone who can write to Redis controls. The page has no
 //! inline script or style, so the Content-Security-Policy (`http/dashboard.rs`)
-//! can forbid them. Not for: fetching the state or HTTP headers.
+//! can forbid them. Action buttons (and the CSRF token, in a `<meta>` the
+//! script reads) are on the page only for a user who may act; each button says
+//! what it does in `data-*` attributes, which `app.js` posts. Not for: fetching
+//! the state or HTTP headers.
 
 use super::state::{State, Waiting};
 use std::fmt::Write;
@@ -56,11 +59,48 @@ fn opt(v: Option<i64>, f: fn(i64) -> String) -> String {
 
 /// One table row of already-formatted cells, each escaped here.
 fn row(out: &mut String, class: &str, cells: &[String]) {
+    row_with(out, class, cells, None);
+}
+
+/// An action button: what it posts (`action` and one `key`: `value`) and its label.
+pub(crate) struct Button<'a> {
+    pub(crate) action: &'a str,
+    pub(crate) key: &'a str,
+    pub(crate) value: String,
+    pub(crate) label: &'a str,
+}
+
+/// A row with, when actions are allowed (`buttons` is `Some`), a last cell of
+/// buttons (`app.js`: `buttonCell`).
+fn row_with(out: &mut String, class: &str, cells: &[String], buttons: Option<&[Button]>) {
     let _ = write!(out, "<tr class=\"{}\">", escape(class));
     for c in cells {
         let _ = write!(out, "<td>{}</td>", escape(c));
     }
+    if let Some(buttons) = buttons {
+        out.push_str("<td class=\"actions\">");
+        for b in buttons {
+            let _ = write!(
+                out,
+                "<button type=\"button\" data-action=\"{}\" data-{}=\"{}\">{}</button>",
+                escape(b.action),
+                escape(b.key),
+                escape(&b.value),
+                escape(b.label)
+            );
+        }
+        out.push_str("</td>");
+    }
     out.push_str("</tr>\n");
+}
+
+/// The header cells of a table, with "actions" last when they are allowed.
+fn heads<'a>(head: &[&'a str], actions: bool) -> Vec<&'a str> {
+    let mut h = head.to_vec();
+    if actions {
+        h.push("actions");
+    }
+    h
 }
 
 /// A table with `id` on its body (what `app.js` refills), its header cells, and
@@ -109,21 +149,33 @@ fn delayed_cells(w: &Waiting) -> Vec<String> {
     ]
 }
 
-/// The whole page for `state`.
-pub(crate) fn render(state: &State) -> String {
+/// The whole page for `state`; with `token` (the user may act), its action
+/// buttons and the CSRF token the script sends with them.
+pub(crate) fn render(state: &State, token: Option<&str>) -> String {
     let t = &state.totals;
+    let acts = token.is_some();
     let mut out = String::with_capacity(16 * 1024);
     out.push_str(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>cerbas dashboard</title>\
-         <link rel=\"stylesheet\" href=\"/dashboard/style.css\">\
+         <title>cerbas dashboard</title>",
+    );
+    if let Some(token) = token {
+        let _ = write!(
+            out,
+            "<meta name=\"cerbas-csrf\" content=\"{}\">",
+            escape(token)
+        );
+    }
+    out.push_str(
+        "<link rel=\"stylesheet\" href=\"/dashboard/style.css\">\
          <script src=\"/dashboard/app.js\" defer></script></head>\n<body>\n",
     );
     let _ = writeln!(
         out,
         "<header><h1>cerbas</h1><p>served by <span id=\"serving\">{}</span>; \
-         <span id=\"status\" data-live=\"0\">snapshot of {}</span></p></header>",
+         <span id=\"status\" data-live=\"0\">snapshot of {}</span></p>\
+         <p id=\"action-status\"></p></header>",
         escape(&state.serving),
         escape(&time(state.now_ms))
     );
@@ -163,8 +215,22 @@ pub(crate) fn render(state: &State) -> String {
     let mut rows = String::new();
     for i in &state.instances {
         let s = &i.snapshot;
-        let status = if i.alive { "alive" } else { "dead" };
-        row(
+        let status = match (i.alive, s.paused) {
+            (false, _) => "dead",
+            (true, true) => "paused",
+            (true, false) => "alive",
+        };
+        let pause = match s.paused {
+            true => ("resume", "resume"),
+            false => ("pause", "pause"),
+        };
+        let buttons = [Button {
+            action: pause.0,
+            key: "instance",
+            value: s.name.clone(),
+            label: pause.1,
+        }];
+        row_with(
             &mut rows,
             status,
             &[
@@ -181,33 +247,52 @@ pub(crate) fn render(state: &State) -> String {
                 opt(i.seen_ago_ms, duration),
                 format!("{} ({} ok, {} errors)", s.requests, s.ok, s.errors),
             ],
+            match (acts, i.alive) {
+                (false, _) => None,
+                (true, true) => Some(&buttons[..]),
+                (true, false) => Some(&[]),
+            },
         );
     }
     out.push_str("<section><h2>Instances</h2>\n");
     table(
         &mut out,
         "instances",
-        &[
-            "name",
-            "status",
-            "host",
-            "pid",
-            "version",
-            "uptime",
-            "workers busy",
-            "hung",
-            "in hand",
-            "heartbeat age",
-            "snapshot age",
-            "requests",
-        ],
+        &heads(
+            &[
+                "name",
+                "status",
+                "host",
+                "pid",
+                "version",
+                "uptime",
+                "workers busy",
+                "hung",
+                "in hand",
+                "heartbeat age",
+                "snapshot age",
+                "requests",
+            ],
+            acts,
+        ),
         &rows,
     );
     out.push_str("</section>\n");
 
     let mut rows = String::new();
     for w in &state.waiting {
-        row(&mut rows, "", &waiting_cells(w));
+        let buttons = [Button {
+            action: "delete",
+            key: "id",
+            value: w.id.to_string(),
+            label: "delete",
+        }];
+        row_with(
+            &mut rows,
+            "",
+            &waiting_cells(w),
+            acts.then_some(&buttons[..]),
+        );
     }
     let _ = writeln!(
         out,
@@ -217,14 +302,36 @@ pub(crate) fn render(state: &State) -> String {
     table(
         &mut out,
         "waiting",
-        &["id", "func", "user", "source", "bytes", "args", "waiting"],
+        &heads(
+            &["id", "func", "user", "source", "bytes", "args", "waiting"],
+            acts,
+        ),
         &rows,
     );
     out.push_str("</section>\n");
 
     let mut rows = String::new();
     for w in &state.delayed {
-        row(&mut rows, "", &delayed_cells(w));
+        let buttons = [
+            Button {
+                action: "run",
+                key: "id",
+                value: w.id.to_string(),
+                label: "run now",
+            },
+            Button {
+                action: "delete",
+                key: "id",
+                value: w.id.to_string(),
+                label: "delete",
+            },
+        ];
+        row_with(
+            &mut rows,
+            "",
+            &delayed_cells(w),
+            acts.then_some(&buttons[..]),
+        );
     }
     let _ = writeln!(
         out,
@@ -234,9 +341,12 @@ pub(crate) fn render(state: &State) -> String {
     table(
         &mut out,
         "delayed",
-        &[
-            "id", "func", "user", "source", "bytes", "args", "due", "due in",
-        ],
+        &heads(
+            &[
+                "id", "func", "user", "source", "bytes", "args", "due", "due in",
+            ],
+            acts,
+        ),
         &rows,
     );
     out.push_str("</section>\n");
@@ -258,16 +368,36 @@ pub(crate) fn render(state: &State) -> String {
                 ms(f.p50_ms),
                 ms(f.p95_ms),
                 ms(f.p99_ms),
+                f.recent_calls.to_string(),
+                f.recent_errors.to_string(),
+                ms(f.recent_p50_ms),
+                ms(f.recent_p95_ms),
+                ms(f.recent_p99_ms),
             ],
         );
     }
-    out.push_str("<section><h2>Functions (since each instance's start)</h2>\n");
+    out.push_str(
+        "<section><h2>Functions (since each instance's start, and over the last 5 minutes)</h2>\n",
+    );
     table(
         &mut out,
         "functions",
         &[
-            "function", "calls", "ok", "errors", "timeouts", "panics", "refused", "p50", "p95",
+            "function",
+            "calls",
+            "ok",
+            "errors",
+            "timeouts",
+            "panics",
+            "refused",
+            "p50",
+            "p95",
             "p99",
+            "calls 5 min",
+            "errors 5 min",
+            "p50 5 min",
+            "p95 5 min",
+            "p99 5 min",
         ],
         &rows,
     );
@@ -275,35 +405,124 @@ pub(crate) fn render(state: &State) -> String {
 
     let mut rows = String::new();
     for c in &state.cron {
-        row(
+        let buttons = [Button {
+            action: "cron",
+            key: "entry",
+            value: c.entry.clone(),
+            label: "run now",
+        }];
+        row_with(
             &mut rows,
             &c.outcome,
-            &[
-                c.entry.clone(),
-                c.func.clone(),
-                c.outcome.clone(),
-                c.message.clone(),
-                opt(c.at_ms, time),
-                opt(c.duration_ms, duration),
-                c.instance.clone(),
-                format!(
-                    "{} ({} ok, {} errors, {} timeouts)",
-                    c.runs, c.count_ok, c.count_error, c.count_timeout
-                ),
-            ],
+            &cron_cells(c),
+            acts.then_some(if c.here { &buttons[..] } else { &[] }),
         );
     }
-    out.push_str("<section><h2>Cron entries (last outcome)</h2>\n");
+    out.push_str("<section><h2>Cron entries</h2>\n");
     table(
         &mut out,
         "cron",
+        &heads(
+            &[
+                "entry",
+                "func",
+                "schedule",
+                "next run",
+                "last outcome",
+                "message",
+                "last run",
+                "took",
+                "instance",
+                "runs",
+            ],
+            acts,
+        ),
+        &rows,
+    );
+    out.push_str("</section>\n");
+
+    let mut rows = String::new();
+    for e in &state.errors {
+        row(
+            &mut rows,
+            "",
+            &[
+                time(e.at_ms),
+                e.id.map_or("(http)".into(), |id| id.to_string()),
+                e.func.clone(),
+                e.user.clone(),
+                e.message.clone(),
+                e.instance.clone(),
+            ],
+        );
+    }
+    let _ = writeln!(
+        out,
+        "<section><h2>Recent errors (last {}, newest first)</h2>",
+        super::errors::MAX_ERRORS
+    );
+    table(
+        &mut out,
+        "errors",
+        &["time", "id", "func", "user", "message", "instance"],
+        &rows,
+    );
+    out.push_str("</section>\n");
+
+    let mut rows = String::new();
+    for p in &state.proxies {
+        row(
+            &mut rows,
+            &p.state,
+            &[
+                p.name.clone(),
+                p.prefix.clone(),
+                p.target.clone(),
+                p.state.clone(),
+                p.requests.to_string(),
+                p.failures.to_string(),
+                p.refused.to_string(),
+            ],
+        );
+    }
+    out.push_str("<section><h2>Proxy targets (this instance)</h2>\n");
+    table(
+        &mut out,
+        "proxies",
         &[
-            "entry", "func", "outcome", "message", "last run", "took", "instance", "runs",
+            "name", "prefix", "target", "breaker", "requests", "failures", "refused",
         ],
         &rows,
     );
-    out.push_str("</section>\n<footer>read-only; updates every second with scripts on</footer>\n</body></html>\n");
+    let _ = writeln!(
+        out,
+        "</section>\n<footer>{}; updates every second with scripts on</footer>\n</body></html>",
+        if acts {
+            "actions allowed (they need scripts on)"
+        } else {
+            "read-only"
+        }
+    );
     out
+}
+
+/// The cells of a cron entry (`app.js`: `cronCells`).
+fn cron_cells(c: &super::state::Cron) -> Vec<String> {
+    vec![
+        c.entry.clone(),
+        c.func.clone(),
+        c.schedule.clone(),
+        opt(c.next_ms, time),
+        c.outcome.clone(),
+        c.message.clone(),
+        opt(c.at_ms, time),
+        opt(c.duration_ms, duration),
+        c.instance.clone(),
+        format!(
+            "{} ({} ok, {} errors, {} timeouts)",
+            c.runs, c.count_ok, c.count_error, c.count_timeout
+        ),
+    ]
 }
 
 #[cfg(test)]
@@ -319,21 +538,26 @@ mod tests {
         );
     }
 
-    #[test]
-    fn hostile_requests_render_as_text() {
-        let body = r#"{"func":"<script>alert(1)</script>","user":"<b>u</b>","source":"web","args":{"m":"<img src=x onerror=alert(1)>"}}"#;
-        let state = assemble(Raw {
-            now_ms: 1_700_000_000_000,
-            serving: "<i>me</i>".into(),
+    /// A state with one waiting request, `id` with `body`.
+    fn waiting(id: u64, body: &str) -> State {
+        assemble(Raw {
             waiting: vec![RawRequest {
-                id: 5,
+                id,
                 prefix: Some(body.as_bytes().to_vec()),
                 size: body.len() as u64,
                 ..RawRequest::default()
             }],
             ..Raw::default()
-        });
-        let html = render(&state);
+        })
+    }
+
+    #[test]
+    fn hostile_requests_render_as_text() {
+        let body = r#"{"func":"<script>alert(1)</script>","user":"<b>u</b>","source":"web","args":{"m":"<img src=x onerror=alert(1)>"}}"#;
+        let mut state = waiting(5, body);
+        state.now_ms = 1_700_000_000_000;
+        state.serving = "<i>me</i>".into();
+        let html = render(&state, None);
         assert!(!html.contains("<script>alert"), "{html}");
         assert!(!html.contains("<img"), "{html}");
         assert!(!html.contains("<b>u") && !html.contains("<i>me"));
@@ -352,14 +576,9 @@ mod tests {
             entry: "00ff00ff00ff00ff".into(),
             func: "cronfunc".into(),
             outcome: "ok".into(),
-            message: String::new(),
-            at_ms: None,
-            duration_ms: None,
-            instance: String::new(),
             runs: 1,
             count_ok: 1,
-            count_error: 0,
-            count_timeout: 0,
+            ..Default::default()
         }];
         state.functions = vec![super::super::state::Function {
             name: "fnname".into(),
@@ -372,8 +591,13 @@ mod tests {
             p50_ms: Some(1),
             p95_ms: None,
             p99_ms: None,
+            recent_calls: 0,
+            recent_errors: 0,
+            recent_p50_ms: None,
+            recent_p95_ms: None,
+            recent_p99_ms: None,
         }];
-        let html = render(&state);
+        let html = render(&state, None);
         let body = |id: &str| {
             let start = html.find(&format!("<tbody id=\"{id}\">")).unwrap();
             let end = start + html[start..].find("</tbody>").unwrap();
@@ -392,8 +616,29 @@ mod tests {
     }
 
     #[test]
+    fn buttons_and_the_token_only_for_who_may_act() {
+        let state = waiting(42, r#"{"func":"echo","user":"u","source":"web","args":{}}"#);
+        let read_only = render(&state, None);
+        assert!(!read_only.contains("<button"), "{read_only}");
+        assert!(!read_only.contains("cerbas-csrf"), "{read_only}");
+        assert!(!read_only.contains("<th>actions</th>"), "{read_only}");
+        let html = render(&state, Some("t0k\"en"));
+        assert!(
+            html.contains("<meta name=\"cerbas-csrf\" content=\"t0k&quot;en\">"),
+            "{html}"
+        );
+        assert!(
+            html.contains(
+                "<td class=\"actions\"><button type=\"button\" data-action=\"delete\" data-id=\"42\">delete</button></td>"
+            ),
+            "{html}"
+        );
+        assert!(html.contains("<th>actions</th>"), "{html}");
+    }
+
+    #[test]
     fn an_empty_cluster_renders() {
-        let html = render(&assemble(Raw::default()));
+        let html = render(&assemble(Raw::default()), None);
         assert!(html.contains("<tbody id=\"instances\"><tr class=\"empty\">"));
         assert!(html.ends_with("</html>\n"));
     }

@@ -9,7 +9,7 @@
 
 use super::functions::Counts;
 use crate::dispatch::Hung;
-use crate::job::{InHand, Stats, Unanswered};
+use crate::job::{InHand, Paused, Stats, Unanswered};
 use crate::protocol::Keys;
 use redis::{Connection, RedisResult};
 use serde::{Deserialize, Serialize};
@@ -27,8 +27,9 @@ pub(crate) const SNAPSHOT_TTL: Duration = Duration::from_secs(60);
 const MAX_NAME: usize = 200;
 
 /// What one instance says of itself. Every field is a number, a bounded string
-/// or the counts of at most 50 functions, so the encoded snapshot stays under
-/// 32 KiB at worst (about 1 KiB with a few functions).
+/// or the counts of at most 50 functions (twice: since the start and over the
+/// last 5 minutes), so the encoded snapshot stays under 64 KiB at worst (about
+/// 1 KiB with a few functions).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default)]
 pub(crate) struct Snapshot {
@@ -51,8 +52,12 @@ pub(crate) struct Snapshot {
     pub(crate) panics: u64,
     pub(crate) cache_hits: u64,
     pub(crate) delayed: u64,
+    /// Whether the dashboard paused it (it takes no requests).
+    pub(crate) paused: bool,
     /// The busiest functions' counts since the start (at most 50).
     pub(crate) functions: BTreeMap<String, Counts>,
+    /// The same functions' counts over the last 5 minutes (those with calls).
+    pub(crate) recent: BTreeMap<String, Counts>,
 }
 
 /// Where a running instance's snapshot comes from: its counters, shared with
@@ -66,6 +71,10 @@ pub(crate) struct Live {
     pub(crate) started: Instant,
     /// Whether Redis refuses the snapshot now (logged once per episode).
     pub(crate) refused: AtomicBool,
+    /// Set from `P-PAUSED-{instance}` at each write.
+    pub(crate) paused: Paused,
+    /// Past counts, for the last 5 minutes' numbers.
+    pub(crate) history: super::functions::History,
 }
 
 impl Live {
@@ -79,21 +88,47 @@ impl Live {
         keys: &Keys,
         instance: &str,
     ) -> RedisResult<()> {
-        match write(c, keys, instance, &self.build(instance)) {
-            Err(e) if crate::connection::is_lost(&e) => Err(e),
-            Err(e) => {
-                if !self.refused.swap(true, Ordering::Relaxed) {
-                    log::warn!("dashboard: redis refuses this instance's snapshot: {e}");
-                }
-                Ok(())
+        let mut errors = self.stats.recent_errors.take();
+        for e in errors.iter_mut() {
+            e.instance = bounded(instance);
+        }
+        let written = match write(c, keys, instance, &self.build(instance), &errors) {
+            Err(e) if crate::connection::is_lost(&e) => {
+                // Sent again with the next write.
+                self.stats.recent_errors.restore(errors);
+                return Err(e);
             }
-            Ok(()) => {
+            // The script itself refused (MISCONF before it ran, BUSY).
+            Err(e) => Written {
+                paused: self.paused.is_set(),
+                refused: Some(e.to_string()),
+            },
+            Ok(w) => w,
+        };
+        if self.paused.is_set() != written.paused {
+            log::info!(
+                "dashboard: this instance is {} (P-PAUSED-{instance})",
+                if written.paused {
+                    "paused: it takes no requests"
+                } else {
+                    "resumed"
+                }
+            );
+            self.paused.set(written.paused);
+        }
+        match written.refused {
+            Some(why) => {
+                if !self.refused.swap(true, Ordering::Relaxed) {
+                    log::warn!("dashboard: redis refuses this instance's snapshot: {why}");
+                }
+            }
+            None => {
                 if self.refused.swap(false, Ordering::Relaxed) {
                     log::info!("dashboard: redis takes this instance's snapshot again");
                 }
-                Ok(())
             }
         }
+        Ok(())
     }
 
     /// This instance's snapshot now.
@@ -101,6 +136,8 @@ impl Live {
         let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let s = &self.stats;
         let held: usize = self.in_hand.snapshot().values().sum();
+        let functions = s.metrics.functions.snapshot();
+        let recent = self.history.recent(Instant::now(), &functions);
         Snapshot {
             name: bounded(instance),
             host: bounded(host_of(instance)),
@@ -118,7 +155,9 @@ impl Live {
             panics: load(&s.panics),
             cache_hits: load(&s.cache_hits),
             delayed: load(&s.delayed),
-            functions: s.metrics.functions.snapshot(),
+            paused: self.paused.is_set(),
+            functions,
+            recent,
         }
     }
 }
@@ -151,42 +190,89 @@ pub(crate) fn index(keys: &Keys) -> String {
     keys.key("SNAPSHOTS")
 }
 
-/// KEYS: snapshot, index. ARGV: instance, json, life in ms. Writes the snapshot,
-/// scores the instance by the Redis server's clock, and drops names whose
-/// snapshots have expired, so the index stays as small as the cluster.
+/// `P-PAUSED-{instance}`: present while the dashboard has paused the instance.
+pub(crate) fn paused_key(keys: &Keys, instance: &str) -> String {
+    keys.key(&format!("PAUSED-{instance}"))
+}
+
+/// `P-ERRORS`: the last error replies across the cluster, newest first.
+pub(crate) fn errors_key(keys: &Keys) -> String {
+    keys.key("ERRORS")
+}
+
+/// KEYS: snapshot, index, paused, errors. ARGV: instance, json, life in ms, most
+/// errors kept, then the new error replies (oldest first). Reads whether the
+/// instance is paused first, and runs each write with `pcall`, so a write Redis
+/// refuses (a wrong-typed key, `MISCONF`) neither hides a pause nor stops the
+/// other writes. Writes the snapshot, scores the instance by the Redis server's
+/// clock, and drops names whose snapshots have expired, so the index stays as
+/// small as the cluster; pushes the errors and trims their list. Returns
+/// `{paused (1 or 0), why the first refused write was refused, or ''}`.
 const WRITE: &str = r"
+local paused = redis.call('EXISTS', KEYS[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('ZADD', KEYS[2], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
-return 1
+local why = ''
+local function try(...)
+  local r = redis.pcall(...)
+  if why == '' and type(r) == 'table' and r.err then why = r.err end
+end
+try('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+try('ZADD', KEYS[2], now, ARGV[1])
+try('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
+if #ARGV > 4 then
+  for i = 5, #ARGV do try('LPUSH', KEYS[4], ARGV[i]) end
+  try('LTRIM', KEYS[4], 0, tonumber(ARGV[4]) - 1)
+end
+return {paused, why}
 ";
 
-/// Writes `snapshot` for `instance`.
+/// What a write found.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Written {
+    /// Whether the instance is paused (`P-PAUSED-{instance}` exists).
+    pub(crate) paused: bool,
+    /// Why Redis refused a write, if it did.
+    pub(crate) refused: Option<String>,
+}
+
+/// Writes `snapshot` for `instance` and pushes `errors` onto `P-ERRORS`; says
+/// whether the instance is paused and whether a write was refused.
 pub(crate) fn write(
     c: &mut Connection,
     keys: &Keys,
     instance: &str,
     snapshot: &Snapshot,
-) -> RedisResult<()> {
+    errors: &[super::errors::ErrorReply],
+) -> RedisResult<Written> {
     // Serializing numbers and strings cannot fail.
     let json = serde_json::to_string(snapshot).unwrap_or_default();
-    redis::Script::new(WRITE)
-        .key(key(keys, instance))
+    let script = redis::Script::new(WRITE);
+    let mut call = script.prepare_invoke();
+    call.key(key(keys, instance))
         .key(index(keys))
+        .key(paused_key(keys, instance))
+        .key(errors_key(keys))
         .arg(instance)
         .arg(json)
         .arg(SNAPSHOT_TTL.as_millis() as u64)
-        .invoke::<i64>(c)
-        .map(|_| ())
+        .arg(super::errors::MAX_ERRORS);
+    for e in errors {
+        call.arg(serde_json::to_string(e).unwrap_or_default());
+    }
+    let (paused, why): (i64, String) = call.invoke(c)?;
+    Ok(Written {
+        paused: paused == 1,
+        refused: (!why.is_empty()).then_some(why),
+    })
 }
 
-/// Adds to `pipe` what removes `instance`'s snapshot: a graceful stop is not a
-/// death, so a stopped instance leaves the dashboard at once.
+/// Adds to `pipe` what removes `instance`'s snapshot (and its pause): a graceful
+/// stop is not a death, so a stopped instance leaves the dashboard at once.
 pub(crate) fn forget(pipe: &mut redis::Pipeline, keys: &Keys, instance: &str) {
     pipe.cmd("DEL")
         .arg(key(keys, instance))
+        .arg(paused_key(keys, instance))
         .ignore()
         .cmd("ZREM")
         .arg(index(keys))
@@ -209,6 +295,8 @@ mod tests {
             workers,
             started: Instant::now(),
             refused: AtomicBool::new(false),
+            paused: Paused::default(),
+            history: Default::default(),
         }
     }
 
@@ -256,8 +344,9 @@ mod tests {
         s.functions = (0..MAX_FUNCTIONS)
             .map(|i| (format!("{i:064}"), full.clone()))
             .collect();
+        s.recent = s.functions.clone();
         let json = serde_json::to_string(&s).unwrap();
-        assert!(json.len() < 32 * 1024, "{} bytes", json.len());
+        assert!(json.len() < 64 * 1024, "{} bytes", json.len());
         // It reads back as written.
         assert_eq!(serde_json::from_str::<Snapshot>(&json).unwrap(), s);
     }

@@ -1,7 +1,9 @@
 //! The cluster's state as the dashboard shows it, put together from what
 //! `http/dashboard.rs` read from Redis ([`Raw`]): instances (alive or dead, from
 //! their snapshots and heartbeats), totals, the head of the queue, the next
-//! delayed requests, cron entries' last outcomes. Pure, so every case is a unit
+//! delayed requests, cron entries (this instance's CRONTAB with their schedule
+//! and next run, and every entry's last outcome), the recent errors, this
+//! instance's proxy targets. Pure, so every case is a unit
 //! test. Request bodies are the clients' (attacker-controlled): they are parsed
 //! leniently, only a bounded prefix of each is read, and arguments are cut to
 //! [`MAX_ARGS`] characters; escaping is the page's job (`page.rs`, `app.js`).
@@ -65,6 +67,37 @@ pub(crate) struct Raw {
     pub(crate) delayed: Vec<RawRequest>,
     /// `(entry id, fields of P-CRON-LAST-{entry})`.
     pub(crate) cron: Vec<(String, HashMap<String, String>)>,
+    /// This instance's CRONTAB entries.
+    pub(crate) crontab: Vec<RawCronLine>,
+    /// `P-ERRORS`, newest first.
+    pub(crate) errors: Vec<String>,
+    /// This instance's proxy targets.
+    pub(crate) proxies: Vec<Proxy>,
+}
+
+/// One entry of this instance's CRONTAB.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RawCronLine {
+    pub(crate) entry: String,
+    pub(crate) func: String,
+    pub(crate) schedule: String,
+    /// Its next run, ms since the epoch (`None`: never again).
+    pub(crate) next_ms: Option<i64>,
+}
+
+/// A proxy target of the serving instance and its circuit breaker.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub(crate) struct Proxy {
+    pub(crate) name: String,
+    pub(crate) prefix: String,
+    pub(crate) target: String,
+    /// `closed`, `open` or `half-open`.
+    pub(crate) state: String,
+    /// Requests let through to the target since the start, and how many failed.
+    pub(crate) requests: u64,
+    pub(crate) failures: u64,
+    /// Requests refused at once while the breaker was open.
+    pub(crate) refused: u64,
 }
 
 /// The state `/dashboard/state.json` answers and the page shows.
@@ -79,6 +112,10 @@ pub(crate) struct State {
     pub(crate) cron: Vec<Cron>,
     /// Per function, over every instance shown, busiest first.
     pub(crate) functions: Vec<Function>,
+    /// The last error replies across the cluster, newest first.
+    pub(crate) errors: Vec<super::errors::ErrorReply>,
+    /// The serving instance's proxy targets.
+    pub(crate) proxies: Vec<Proxy>,
 }
 
 /// One function's counts over the cluster since each instance's start.
@@ -95,6 +132,12 @@ pub(crate) struct Function {
     pub(crate) p50_ms: Option<u64>,
     pub(crate) p95_ms: Option<u64>,
     pub(crate) p99_ms: Option<u64>,
+    /// The same over the last 5 minutes.
+    pub(crate) recent_calls: u64,
+    pub(crate) recent_errors: u64,
+    pub(crate) recent_p50_ms: Option<u64>,
+    pub(crate) recent_p95_ms: Option<u64>,
+    pub(crate) recent_p99_ms: Option<u64>,
 }
 
 /// Sums over the instances shown, and the queue.
@@ -114,6 +157,9 @@ pub(crate) struct Totals {
     /// How long the oldest request shown has been waiting, ms.
     pub(crate) oldest_waiting_ms: Option<i64>,
     pub(crate) delayed: u64,
+    /// Every call's duration over the cluster, by bucket (`functions.rs`): the
+    /// page's chart takes p50 and p99 of what changed between two states.
+    pub(crate) buckets: Vec<u64>,
 }
 
 /// One instance.
@@ -144,11 +190,17 @@ pub(crate) struct Waiting {
     pub(crate) due_in_ms: Option<i64>,
 }
 
-/// A cron entry's last outcome and its counts.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+/// A cron entry: its schedule and next run (when in this instance's CRONTAB),
+/// its last outcome and its counts.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
 pub(crate) struct Cron {
     pub(crate) entry: String,
     pub(crate) func: String,
+    /// Its schedule; empty when the entry is not in this instance's CRONTAB.
+    pub(crate) schedule: String,
+    pub(crate) next_ms: Option<i64>,
+    /// Whether this instance has it (and can run it now).
+    pub(crate) here: bool,
     pub(crate) outcome: String,
     pub(crate) message: String,
     pub(crate) at_ms: Option<i64>,
@@ -216,11 +268,46 @@ pub(crate) fn assemble(raw: Raw) -> State {
         .take(MAX_CRON)
         .map(|(entry, h)| cron_entry(entry, &h))
         .collect();
+    for line in raw.crontab.iter().take(MAX_CRON) {
+        let i = match cron.iter().position(|c| c.entry == cut(&line.entry, 32)) {
+            Some(i) => i,
+            None => {
+                cron.push(Cron {
+                    entry: cut(&line.entry, 32),
+                    func: cut(&line.func, MAX_ARGS),
+                    outcome: "not run yet".into(),
+                    ..Cron::default()
+                });
+                cron.len() - 1
+            }
+        };
+        cron[i].schedule = cut(&line.schedule, MAX_ARGS);
+        cron[i].next_ms = line.next_ms;
+        cron[i].here = true;
+    }
     cron.sort_by(|a, b| a.func.cmp(&b.func).then_with(|| a.entry.cmp(&b.entry)));
+    cron.truncate(MAX_CRON);
     let functions = functions(&instances);
+    for i in &instances {
+        for c in i.snapshot.functions.values() {
+            if totals.buckets.len() < c.buckets.len() {
+                totals.buckets.resize(c.buckets.len(), 0);
+            }
+            for (t, n) in totals.buckets.iter_mut().zip(&c.buckets) {
+                *t += n;
+            }
+        }
+    }
+    let errors = raw
+        .errors
+        .iter()
+        .take(super::errors::MAX_ERRORS)
+        .map(|e| super::errors::parse(e))
+        .collect();
     // Each instance's own list is the state's `functions` now: not sent twice.
     for i in instances.iter_mut() {
         i.snapshot.functions.clear();
+        i.snapshot.recent.clear();
     }
     State {
         now_ms: now,
@@ -231,19 +318,31 @@ pub(crate) fn assemble(raw: Raw) -> State {
         delayed,
         cron,
         functions,
+        errors,
+        proxies: raw.proxies,
     }
 }
 
 fn functions(instances: &[Instance]) -> Vec<Function> {
     let mut merged: BTreeMap<&str, Counts> = BTreeMap::new();
+    let mut recent: BTreeMap<&str, Counts> = BTreeMap::new();
     for i in instances {
         for (name, c) in &i.snapshot.functions {
             merge(merged.entry(name.as_str()).or_default(), c);
         }
+        for (name, c) in &i.snapshot.recent {
+            merge(recent.entry(name.as_str()).or_default(), c);
+        }
     }
     let mut out: Vec<Function> = merged
         .into_iter()
-        .map(|(name, c)| Function {
+        .map(|(name, c)| (recent.remove(name).unwrap_or_default(), name, c))
+        .map(|(r, name, c)| Function {
+            recent_calls: r.calls,
+            recent_errors: r.errors + r.timeouts + r.panics + r.refused,
+            recent_p50_ms: quantile(&r.buckets, 0.50),
+            recent_p95_ms: quantile(&r.buckets, 0.95),
+            recent_p99_ms: quantile(&r.buckets, 0.99),
             name: cut(name, MAX_ARGS),
             calls: c.calls,
             ok: c.ok,
@@ -332,6 +431,9 @@ fn cron_entry(entry: String, h: &HashMap<String, String>) -> Cron {
     Cron {
         entry: cut(&entry, 32),
         func: text("func"),
+        schedule: String::new(),
+        next_ms: None,
+        here: false,
         outcome: text("outcome"),
         message: text("message"),
         at_ms: int("at_ms"),
@@ -532,7 +634,10 @@ mod tests {
             (f.p50_ms, f.p95_ms, f.p99_ms),
             (Some(2), Some(32), Some(32))
         );
-        assert!(s.instances.iter().all(|i| i.snapshot.functions.is_empty()));
+        assert!(s
+            .instances
+            .iter()
+            .all(|i| i.snapshot.functions.is_empty() && i.snapshot.recent.is_empty()));
     }
 
     #[test]

@@ -41,6 +41,18 @@ pub(crate) struct Breaker {
     window: Duration,
     open_for: Duration,
     state: State,
+    counts: Counts,
+}
+
+/// What a breaker has seen since the start (the dashboard shows it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    /// Requests let through whose result was reported.
+    pub(crate) requests: u64,
+    /// Of those, the failures.
+    pub(crate) failures: u64,
+    /// Requests refused at once (open, or a trial running).
+    pub(crate) refused: u64,
 }
 
 impl Breaker {
@@ -52,11 +64,34 @@ impl Breaker {
             window,
             open_for,
             state: State::Closed(VecDeque::new()),
+            counts: Counts::default(),
+        }
+    }
+
+    /// What it has seen since the start.
+    pub(crate) fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    /// `closed`, `open` or `half-open`.
+    pub(crate) fn state_name(&self) -> &'static str {
+        match self.code() {
+            0 => "closed",
+            1 => "open",
+            _ => "half-open",
         }
     }
 
     /// Whether a request may go to the target now.
     pub(crate) fn admit(&mut self, now: Instant) -> Admit {
+        let admit = self.decide(now);
+        if let Admit::Refuse(_) = admit {
+            self.counts.refused += 1;
+        }
+        admit
+    }
+
+    fn decide(&mut self, now: Instant) -> Admit {
         match &self.state {
             State::Closed(_) => Admit::Go,
             State::Open { until } if now < *until => Admit::Refuse(round_up(*until - now)),
@@ -72,6 +107,8 @@ impl Breaker {
 
     /// Reports how a request that was let through ended.
     pub(crate) fn record(&mut self, now: Instant, ok: bool) {
+        self.counts.requests += 1;
+        self.counts.failures += u64::from(!ok);
         match &mut self.state {
             State::Closed(recent) => {
                 if ok {
@@ -209,6 +246,27 @@ mod tests {
         assert_eq!(b.admit(t0 + 10_000 * MS), Admit::Trial);
         assert!(matches!(b.admit(t0 + 19_999 * MS), Admit::Refuse(_)));
         assert_eq!(b.admit(t0 + 20_000 * MS), Admit::Trial);
+    }
+
+    #[test]
+    fn requests_failures_and_refusals_are_counted() {
+        let (mut b, t0) = breaker();
+        assert_eq!(b.state_name(), "closed");
+        b.record(t0, true);
+        b.record(t0, false);
+        b.record(t0, false);
+        assert_eq!(b.state_name(), "open");
+        assert!(matches!(b.admit(t0), Admit::Refuse(_)));
+        assert_eq!(
+            b.counts(),
+            Counts {
+                requests: 3,
+                failures: 2,
+                refused: 1
+            }
+        );
+        assert_eq!(b.admit(t0 + 10_000 * MS), Admit::Trial);
+        assert_eq!(b.state_name(), "half-open");
     }
 
     #[test]

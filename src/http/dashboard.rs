@@ -1,17 +1,22 @@
 //! The dashboard's routes on the Plug: `GET /dashboard` (the page, rendered on
 //! the server), `/dashboard/state.json` (what the page's script polls every
-//! second), `/dashboard/app.js` and `/dashboard/style.css` (compiled in). Reads
-//! what it shows from Redis here (instances' snapshots and heartbeats, the head
-//! of the queue, the next delayed requests, cron entries' last outcomes) with a
+//! second), `/dashboard/app.js` and `/dashboard/style.css` (compiled in), and
+//! `POST /dashboard/action` (`dashboard/actions.rs`). Reads what it shows from
+//! Redis here (instances' snapshots and heartbeats, the head of the queue, the
+//! next delayed requests, cron entries' last outcomes, the recent errors) with a
 //! short timeout, and hands it to `dashboard/state.rs`. Every answer carries a
 //! strict Content-Security-Policy (no inline script or style, nothing from
 //! elsewhere) and is not cached. With `[http.tokens]` every route needs a
 //! configured token, as `/api` does: `Authorization: Bearer TOKEN`, or HTTP Basic
 //! with the token as password (any user name), which a browser asks for and
-//! then sends with the script's requests. Read-only. Not for: what is shown or
-//! how (`src/dashboard/`).
+//! then sends with the script's requests. Actions are for admins only
+//! (`actions::may_act`); the page of anyone else has no action buttons and their
+//! POSTs get 403. tiny_http is touched only by [`asked`], [`read_body`] and the
+//! `Reply` type (`mod.rs`), so a change of HTTP server changes those alone. Not
+//! for: what is shown or how, or what an action does (`src/dashboard/`).
 
 use super::{auth, respond, text, with, Plug, Reply};
+use crate::dashboard::actions::{self, Action, Failed, Here};
 use crate::dashboard::page;
 use crate::dashboard::snapshot;
 use crate::dashboard::state::{self, Raw, RawInstance, RawRequest, State};
@@ -37,45 +42,131 @@ pub(super) struct Dashboard {
     seen: Mutex<HashMap<u64, i64>>,
 }
 
+/// What the dashboard reads of an HTTP request.
+#[derive(Debug, Default)]
+struct Asked {
+    /// GET or HEAD.
+    get: bool,
+    post: bool,
+    authorization: Option<String>,
+    origin: Option<String>,
+    sec_fetch_site: Option<String>,
+    host: Option<String>,
+    content_type: Option<String>,
+    csrf: Option<String>,
+    from_loopback: bool,
+}
+
+/// Reads what the dashboard needs from a tiny_http request.
+fn asked(rq: &tiny_http::Request) -> Asked {
+    let header = |name: &'static str| {
+        rq.headers()
+            .iter()
+            .find(|h| h.field.equiv(name))
+            .map(|h| h.value.as_str().to_string())
+    };
+    Asked {
+        get: matches!(
+            rq.method(),
+            tiny_http::Method::Get | tiny_http::Method::Head
+        ),
+        post: matches!(rq.method(), tiny_http::Method::Post),
+        authorization: header("Authorization"),
+        origin: header("Origin"),
+        sec_fetch_site: header("Sec-Fetch-Site"),
+        host: header("Host"),
+        content_type: header("Content-Type"),
+        csrf: header("X-Cerbas-Csrf"),
+        from_loopback: rq.remote_addr().is_some_and(|a| a.ip().is_loopback()),
+    }
+}
+
+/// Reads at most `max` bytes of the request's body; `None` when it is longer.
+fn read_body(rq: &mut tiny_http::Request, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(rq.as_reader(), max as u64 + 1),
+        &mut body,
+    )?;
+    Ok((body.len() <= max).then_some(body))
+}
+
 /// Handles a request whose path is `/dashboard` or under it.
-pub(super) fn handle(plug: &Plug, dash: &Dashboard, rq: &tiny_http::Request, path: &str) -> Reply {
-    let reply = route(plug, dash, rq, path);
+pub(super) fn handle(
+    plug: &Plug,
+    dash: &Dashboard,
+    rq: &mut tiny_http::Request,
+    path: &str,
+    proxies: Vec<state::Proxy>,
+) -> Reply {
+    let a = asked(rq);
+    let reply = match (path, a.post) {
+        ("/dashboard/action", true) => match read_body(rq, actions::MAX_BODY) {
+            Ok(Some(body)) => act(plug, &a, &body),
+            Ok(None) => json(413, "error", "an action is at most 4 KiB"),
+            Err(_) => json(400, "error", "could not read the body"),
+        },
+        _ => route(plug, dash, &a, path, proxies),
+    };
     secure(reply)
 }
 
-fn route(plug: &Plug, dash: &Dashboard, rq: &tiny_http::Request, path: &str) -> Reply {
-    if !matches!(
-        rq.method(),
-        tiny_http::Method::Get | tiny_http::Method::Head
-    ) {
-        return with(text(405, "method not allowed"), "Allow", "GET, HEAD");
-    }
-    let authorization = rq
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Authorization"))
-        .map(|h| h.value.as_str().to_string());
-    if let Err(denied) = allowed(plug, authorization.as_deref()) {
+/// The user the request authenticates as, or the 401 to send.
+fn authenticate(plug: &Plug, a: &Asked) -> Result<String, Reply> {
+    allowed(plug, a.authorization.as_deref()).map_err(|denied| {
         let why = match denied {
             auth::Denied::Missing => "a token is required",
             auth::Denied::Invalid => "invalid token",
         };
-        return with(
+        with(
             text(401, why),
             "WWW-Authenticate",
             "Basic realm=\"cerbas dashboard\", charset=\"UTF-8\"",
-        );
+        )
+    })
+}
+
+/// Whether `user` (authenticated) may take actions from where it asks.
+fn admin(plug: &Plug, a: &Asked, user: &str) -> bool {
+    actions::may_act(
+        !plug.config.tokens.is_empty(),
+        user,
+        plug.config.roles.get("admin"),
+        a.from_loopback,
+    )
+}
+
+fn route(
+    plug: &Plug,
+    dash: &Dashboard,
+    a: &Asked,
+    path: &str,
+    proxies: Vec<state::Proxy>,
+) -> Reply {
+    if path == "/dashboard/action" {
+        return with(text(405, "method not allowed"), "Allow", "POST");
     }
+    if !a.get {
+        return with(text(405, "method not allowed"), "Allow", "GET, HEAD");
+    }
+    let user = match authenticate(plug, a) {
+        Ok(user) => user,
+        Err(reply) => return reply,
+    };
     match path {
-        "/dashboard" | "/dashboard/" => match read(plug, dash) {
-            Ok(s) => respond(
-                200,
-                "text/html; charset=utf-8",
-                page::render(&s).into_bytes(),
-            ),
+        "/dashboard" | "/dashboard/" => match read(plug, dash, proxies) {
+            Ok(s) => {
+                // The token goes only to a page whose buttons will be used.
+                let token = admin(plug, a, &user).then(|| plug.secret.token());
+                respond(
+                    200,
+                    "text/html; charset=utf-8",
+                    page::render(&s, token).into_bytes(),
+                )
+            }
             Err(e) => unavailable(&e, "text/plain; charset=utf-8"),
         },
-        "/dashboard/state.json" => match read(plug, dash) {
+        "/dashboard/state.json" => match read(plug, dash, proxies) {
             Ok(s) => respond(
                 200,
                 "application/json",
@@ -95,6 +186,86 @@ fn route(plug: &Plug, dash: &Dashboard, rq: &tiny_http::Request, path: &str) -> 
         ),
         _ => text(404, "NOT FOUND"),
     }
+}
+
+/// `{"<key>": message}` with `status`.
+fn json(status: u16, key: &str, message: &str) -> Reply {
+    let body = serde_json::json!({ key: message }).to_string().into_bytes();
+    respond(status, "application/json", body)
+}
+
+/// `POST /dashboard/action`: who, from where, with which token, then what.
+fn act(plug: &Plug, a: &Asked, body: &[u8]) -> Reply {
+    let user = match authenticate(plug, a) {
+        Ok(user) => user,
+        Err(reply) => return reply,
+    };
+    if !admin(plug, a, &user) {
+        return json(
+            403,
+            "error",
+            "actions are for users with the admin role ([http.roles]), or from loopback without tokens",
+        );
+    }
+    if !actions::same_origin(
+        a.origin.as_deref(),
+        a.sec_fetch_site.as_deref(),
+        a.host.as_deref(),
+    ) {
+        return json(
+            403,
+            "error",
+            "actions are taken from the dashboard's own page",
+        );
+    }
+    let token_ok = a
+        .csrf
+        .as_deref()
+        .is_some_and(|t| auth::same(t.as_bytes(), plug.secret.token().as_bytes()));
+    if !token_ok {
+        return json(
+            403,
+            "error",
+            "missing or stale X-Cerbas-Csrf token: reload the page",
+        );
+    }
+    // A JSON body cannot come from a plain HTML form of another site.
+    if !a
+        .content_type
+        .as_deref()
+        .is_some_and(|t| t.starts_with("application/json"))
+    {
+        return json(415, "error", "an action is sent as application/json");
+    }
+    let action: Action = match actions::parse(body) {
+        Ok(action) => action,
+        Err(why) => return json(400, "error", &why),
+    };
+    let here = Here {
+        keys: &plug.keys,
+        instance: &plug.instance,
+        paused: &plug.paused,
+        cron: &plug.cron,
+    };
+    let done = connect(plug)
+        .map_err(Failed::Redis)
+        .and_then(|mut c| action.take(&mut c, &here));
+    match done {
+        Ok(what) => {
+            log::info!("dashboard: user {user:?}: {what}");
+            json(200, "done", &what)
+        }
+        Err(Failed::Gone(why)) => json(404, "error", &why),
+        Err(Failed::Redis(e)) => unavailable(&e, "application/json"),
+    }
+}
+
+/// A connection for one dashboard request, with short timeouts.
+fn connect(plug: &Plug) -> redis::RedisResult<redis::Connection> {
+    let c = plug.redis.get_connection_with_timeout(REDIS_TIMEOUT)?;
+    c.set_read_timeout(Some(REDIS_TIMEOUT))?;
+    c.set_write_timeout(Some(REDIS_TIMEOUT))?;
+    Ok(c)
 }
 
 /// 503 when Redis does not answer or refuses a read (a wrong-typed key). The
@@ -206,10 +377,8 @@ return out
 type Conn = redis::Connection;
 
 /// Reads the cluster's state from Redis.
-fn read(plug: &Plug, dash: &Dashboard) -> redis::RedisResult<State> {
-    let mut c = plug.redis.get_connection_with_timeout(REDIS_TIMEOUT)?;
-    c.set_read_timeout(Some(REDIS_TIMEOUT))?;
-    c.set_write_timeout(Some(REDIS_TIMEOUT))?;
+fn read(plug: &Plug, dash: &Dashboard, proxies: Vec<state::Proxy>) -> redis::RedisResult<State> {
+    let mut c = connect(plug)?;
     let keys = &plug.keys;
     let n = state::MAX_REQUESTS as isize;
     #[allow(clippy::type_complexity)]
@@ -245,6 +414,17 @@ fn read(plug: &Plug, dash: &Dashboard) -> redis::RedisResult<State> {
         .arg(keys.instances())
         .arg(state::MAX_INSTANCES)
         .query(&mut c)?;
+    // A wrong-typed list hides the errors, not the page.
+    let errors: Vec<String> = match redis::cmd("LRANGE")
+        .arg(snapshot::errors_key(keys))
+        .arg(0)
+        .arg(crate::dashboard::errors::MAX_ERRORS as isize - 1)
+        .query(&mut c)
+    {
+        Err(e) if crate::connection::is_lost(&e) || e.is_timeout() => return Err(e),
+        Err(_) => Vec::new(),
+        Ok(list) => list,
+    };
     let now_ms = secs * 1000 + micros / 1000;
     let instances = read_instances(&mut c, plug, written, members)?;
     // Queue entries that are not ids (a client's mistake) are not shown.
@@ -274,6 +454,19 @@ fn read(plug: &Plug, dash: &Dashboard) -> redis::RedisResult<State> {
         delayed_count,
         delayed,
         cron,
+        crontab: plug
+            .cron
+            .get()
+            .into_iter()
+            .map(|(e, next)| state::RawCronLine {
+                func: e.func().to_string(),
+                schedule: e.schedule.text().to_string(),
+                entry: e.id,
+                next_ms: next.map(|t| t.saturating_mul(1000)),
+            })
+            .collect(),
+        errors,
+        proxies,
     }))
 }
 

@@ -1,5 +1,6 @@
 //! `/health` and `/metrics`. `/health` asks Redis (PING, the queue's length) with
-//! a short timeout: 200 with a small JSON body when it answers, 503 when it does
+//! a short timeout: 200 with a small JSON body when it answers (its `status` is
+//! `paused` while the dashboard has paused this instance), 503 when it does
 //! not. `/metrics` sets the gauges read from Redis at this moment (queue, delayed
 //! requests; left as they were when Redis does not answer) and from this process
 //! (requests in hand), then encodes every metric (`metrics.rs`). Runs on the HTTP
@@ -31,7 +32,8 @@ pub(super) fn health(plug: &Plug, started: Instant) -> Reply {
         Ok((queue, _)) => (
             200,
             serde_json::json!({
-                "status": "ok",
+                "status": if plug.paused.is_set() { "paused" } else { "ok" },
+                "paused": plug.paused.is_set(),
                 "redis": true,
                 "queue_length": queue,
                 "instance": plug.instance,

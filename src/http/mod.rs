@@ -51,6 +51,12 @@ pub(crate) struct Plug {
     pub(crate) keys: Keys,
     pub(crate) instance: String,
     pub(crate) in_hand: InHand,
+    /// This instance's pause (the dashboard's action; `/health` says it).
+    pub(crate) paused: crate::job::Paused,
+    /// This instance's CRONTAB entries (the dashboard shows and runs them).
+    pub(crate) cron: crate::job::CronTable,
+    /// The dashboard's CSRF secret, new at each start.
+    pub(crate) secret: crate::dashboard::actions::Secret,
 }
 
 /// The running plug: its handler threads.
@@ -210,7 +216,13 @@ impl Routes {
             "/" | "/health" | "/metrics" => ("method", method_not_allowed("GET")),
             p if p == "/dashboard" || p.starts_with("/dashboard/") => (
                 "dashboard",
-                dashboard::handle(&self.plug, &self.dashboard, &rq, p),
+                dashboard::handle(
+                    &self.plug,
+                    &self.dashboard,
+                    &mut rq,
+                    p,
+                    self.proxy.targets(),
+                ),
             ),
             p if p == "/api" || p.starts_with("/api/") => {
                 let (route, response) = api::handle(&self.plug, &mut rq, path, query);

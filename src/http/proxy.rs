@@ -103,6 +103,26 @@ impl Proxy {
         })
     }
 
+    /// Each target and its breaker, for the dashboard.
+    pub(super) fn targets(&self) -> Vec<crate::dashboard::state::Proxy> {
+        self.targets
+            .iter()
+            .map(|t| {
+                let b = t.breaker.lock().unwrap_or_else(|e| e.into_inner());
+                let counts = b.counts();
+                crate::dashboard::state::Proxy {
+                    name: t.label.clone(),
+                    prefix: t.prefix.clone(),
+                    target: t.base.clone(),
+                    state: b.state_name().to_string(),
+                    requests: counts.requests,
+                    failures: counts.failures,
+                    refused: counts.refused,
+                }
+            })
+            .collect()
+    }
+
     fn breaker(&self, t: &Target, plug: &Plug, f: impl FnOnce(&mut Breaker) -> Admit) -> Admit {
         let mut b = t.breaker.lock().unwrap_or_else(|e| e.into_inner());
         let admit = f(&mut b);

@@ -382,7 +382,7 @@ pub fn get_int(conn: &mut redis::Connection, key: &str) -> i64 {
 /// Keys a request leaves behind until it is served: request bodies, processing
 /// lists, delayed entries, cache entries. Empty once everything is answered.
 /// (The counter, tallies, and the live instances' heartbeats, set and dashboard
-/// snapshots stay.)
+/// snapshots stay, and the dashboard's capped list of recent errors.)
 pub fn leftover_keys(conn: &mut redis::Connection) -> Vec<String> {
     let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(conn).expect("KEYS");
     keys.retain(|k| {
@@ -391,7 +391,8 @@ pub fn leftover_keys(conn: &mut redis::Connection) -> Vec<String> {
             || k.starts_with("CERBAS-TALLY-")
             || k.starts_with("CERBAS-HEARTBEAT-")
             || k == "CERBAS-SNAPSHOTS"
-            || k.starts_with("CERBAS-SNAPSHOT-"))
+            || k.starts_with("CERBAS-SNAPSHOT-")
+            || k == "CERBAS-ERRORS")
     });
     keys.sort();
     keys
