@@ -2,11 +2,12 @@
 # make test — install what is missing, then every check: fmt, clippy, unit and
 #             integration tests (real redis-server), and each client's tests
 #             (Python, Node.js, Ruby, shell) against a real server.
+# make bench — the benchmark table (BENCH.md): every client's W1/W2, W3, W4, CPU per round trip.
 
 REDIS_URL ?= $(or $(CERBAS_REDIS_URL),redis://127.0.0.1:6379)
 BIN := $(CURDIR)/target/debug/cerbas
 
-.PHONY: run test setup lint rust-tests bin client-tests python-tests node-tests ruby-tests sh-tests bench clean
+.PHONY: run test setup lint rust-tests bin client-tests python-tests node-tests ruby-tests sh-tests bench bench-micro clean
 
 run:
 	./scripts/setup.sh
@@ -43,7 +44,14 @@ ruby-tests: bin
 sh-tests: bin
 	CERBAS_BIN=$(BIN) bash clients/sh/test.sh
 
-bench:
+# One table: W1/W2 per shipped client with client, server and Redis CPU per
+# round trip, W3, W4, RSS, next to same-run baselines (BENCH.md keeps the latest).
+bench: setup
+	cargo build --release --bin cerbas --example loadgen --example clientbench
+	.venv/bin/python scripts/bench.py
+
+# criterion: the protocol's hot path (parse a request, encode a reply).
+bench-micro:
 	cargo bench --bench protocol
 
 clean:

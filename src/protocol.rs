@@ -121,6 +121,12 @@ impl Keys {
         format!("{}-HEARTBEAT-{instance}", self.prefix)
     }
 
+    /// `P-PAUSED-{instance}`: exists while the dashboard has paused the instance
+    /// (it takes no requests).
+    pub fn paused(&self, instance: &str) -> String {
+        format!("{}-PAUSED-{instance}", self.prefix)
+    }
+
     /// `P-INSTANCES`: the set of instances that may hold requests.
     pub fn instances(&self) -> String {
         format!("{}-INSTANCES", self.prefix)

@@ -15,13 +15,14 @@
 //! its requests to the queue and forgotten it) registers again before it takes
 //! more, so nothing lands in a processing list nobody would recover. When the
 //! queue is empty the reader waits on it with a `BLMOVE` of the queue onto itself,
-//! which takes nothing. The take also learns each body's size (and reads the
-//! first body, so an idle server answers in two round trips: the wait and the
-//! take); the other bodies come with a pipeline of `GETRANGE`s, a few MiB a
-//! round trip, each no longer than the size the take saw (a body changed since
-//! is read again by [`FETCH`]). A body over `max_request_bytes` is refused from
-//! its size, never downloaded. Ids found in
-//! the processing list after a reconnect are read with one more script ([`FETCH`]).
+//! which takes nothing, with the next take in the same write (Redis runs it as
+//! the wait ends). The take also learns each body's size (and reads the first
+//! body, so an idle server answers in one round trip of its own); the other
+//! bodies come with a pipeline of `GETRANGE`s, a few MiB a round trip, each no
+//! longer than the size the take saw (a body changed since is read again by
+//! [`FETCH`]). A body over `max_request_bytes` is refused from its size, never
+//! downloaded. Ids found in the processing list after a reconnect are read with
+//! one more script ([`FETCH`]).
 //! It stops taking as soon as shutdown is triggered; what it took but did not hand
 //! over is still in the processing list, which the publisher returns to the queue.
 //! Ids it holds are counted in [`InHand`] until the publisher acks them; after
@@ -122,21 +123,24 @@ local function read_body(key, fallback, max, room)
 end
 ";
 
-/// KEYS: queue, processing, heartbeat (of this instance). ARGV: most ids to take,
-/// largest body, request key prefix, fallback key prefix.
+/// KEYS: queue, processing, heartbeat and pause key (of this instance). ARGV:
+/// most ids to take, largest body, request key prefix, fallback key prefix.
 /// Moves up to ARGV[1] ids from the queue to the processing list in one step,
 /// stopping at the first empty pop, but only while the heartbeat exists: `RECOVER`
 /// (scheduler.rs) empties a processing list only once its heartbeat is gone, so
-/// what is taken here is recovered if this instance dies. Nil without heartbeat.
+/// what is taken here is recovered if this instance dies. Nil without heartbeat;
+/// 0 while the dashboard has paused this instance (checked here, so that a take
+/// sent before the pause, waiting in Redis behind the wait, takes nothing).
 /// Each id comes back as `{entry, answer}` (`answer` as of `read_body`): the first
-/// with its body, so an idle server answers a request in two round trips (the
-/// wait and this), the others with their sizes only, since a body that passes
+/// with its body, so an idle server answers a request in one round trip (the
+/// wait and this, in one write), the others with their sizes only, since a body that passes
 /// through Lua costs Redis more than the `GETRANGE`s the reader then sends. The key of
 /// id `n` is the prefix and `n` padded with zeros to ten digits, as
 /// `Keys::request` names it; an entry that is no id (`protocol::parse_queue_entry`)
 /// comes back as `{entry}`.
 const TAKE: &str = r"
 if redis.call('EXISTS', KEYS[3]) == 0 then return false end
+if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local max = tonumber(ARGV[2])
 local out = {}
 for i = 1, tonumber(ARGV[1]) do
@@ -247,6 +251,28 @@ impl Fetched {
 
 /// One id [`TAKE`] moved to the processing list: the queue entry, and the answer
 /// for its body when the script read it.
+/// What [`TAKE`] answered.
+enum TakeAnswer {
+    /// This instance's heartbeat had lapsed: nothing taken.
+    Lapsed,
+    /// The dashboard paused this instance: nothing taken.
+    Paused,
+    Taken(Vec<Value>),
+    /// Not an answer `TAKE` gives.
+    Odd,
+}
+
+impl From<Value> for TakeAnswer {
+    fn from(v: Value) -> Self {
+        match v {
+            Value::Nil => TakeAnswer::Lapsed,
+            Value::Int(0) => TakeAnswer::Paused,
+            Value::Array(taken) => TakeAnswer::Taken(taken),
+            _ => TakeAnswer::Odd,
+        }
+    }
+}
+
 struct Taken {
     entry: Vec<u8>,
     answer: Option<Value>,
@@ -448,18 +474,65 @@ impl Reader {
         workers.turned_over = false;
         let queue = self.keys.queue();
         let (key, fallback) = self.keys.request_prefixes();
-        let taken: Option<Vec<Value>> = scripts
-            .take
-            .key(&queue)
+        let paused = self.keys.paused(&self.instance);
+        let mut call = scripts.take.prepare_invoke();
+        call.key(&queue)
             .key(&self.processing)
             .key(self.keys.heartbeat(&self.instance))
+            .key(&paused)
             .arg(wanted)
             .arg(self.max_request_bytes)
-            .arg(key)
-            .arg(fallback)
-            .invoke(c)?;
+            .arg(&key)
+            .arg(&fallback);
+        let mut taken = TakeAnswer::from(call.invoke::<Value>(c)?);
+        if matches!(&taken, TakeAnswer::Taken(t) if t.is_empty()) {
+            // Wait for the queue to fill: moving its last entry onto its own end
+            // changes nothing, and blocks like a take would. The take goes in the
+            // same write, so Redis runs it the moment the wait ends: an idle
+            // server answers in one round trip of its own.
+            let mut pipe = redis::pipe();
+            pipe.cmd("BLMOVE")
+                .arg(&queue)
+                .arg(&queue)
+                .arg("RIGHT")
+                .arg("RIGHT")
+                .arg(BLOCK.as_secs_f64())
+                .ignore()
+                .cmd("EVALSHA")
+                .arg(scripts.take.get_hash())
+                .arg(4)
+                .arg(&queue)
+                .arg(&self.processing)
+                .arg(self.keys.heartbeat(&self.instance))
+                .arg(&paused)
+                .arg(wanted)
+                .arg(self.max_request_bytes)
+                .arg(&key)
+                .arg(&fallback);
+            let (after_wait,): (Value,) = match pipe.query(c) {
+                Ok(t) => t,
+                // Someone flushed the scripts: the next take loads it again.
+                Err(e) if e.code() == Some("NOSCRIPT") => return Ok(true),
+                Err(e) => return Err(e),
+            };
+            taken = TakeAnswer::from(after_wait);
+        }
         match taken {
-            None => {
+            TakeAnswer::Paused => {
+                // Paused from another instance's page: stop at once rather than
+                // at this instance's next snapshot, which would clear it again
+                // if resumed.
+                if !self.paused.is_set() {
+                    log::info!("paused from the dashboard: this instance takes no requests");
+                    self.paused.set(true);
+                }
+                Ok(true)
+            }
+            TakeAnswer::Odd => Err(redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "unexpected answer from the take script",
+            ))),
+            TakeAnswer::Lapsed => {
                 crate::scheduler::beat(c, &self.keys, &self.instance)?;
                 log::warn!(
                     "this instance's heartbeat had lapsed (silent for over {:?}); another \
@@ -469,19 +542,8 @@ impl Reader {
                 );
                 Ok(true)
             }
-            Some(taken) if taken.is_empty() => {
-                // Wait for the queue to fill. Moving its last entry onto its own
-                // end changes nothing, and blocks like a take would.
-                let _: Option<Vec<u8>> = redis::cmd("BLMOVE")
-                    .arg(&queue)
-                    .arg(&queue)
-                    .arg("RIGHT")
-                    .arg("RIGHT")
-                    .arg(BLOCK.as_secs_f64())
-                    .query(c)?;
-                Ok(true)
-            }
-            Some(taken) => {
+            TakeAnswer::Taken(taken) if taken.is_empty() => Ok(true),
+            TakeAnswer::Taken(taken) => {
                 // Until all are handed over, a failure leaves some in the list
                 // unserved: the next step compares the list with `InHand`.
                 *synced = false;
@@ -784,6 +846,20 @@ mod tests {
     /// The attack of `take_ahead_after_a_burst_does_not_hoard_behind_slow_calls`
     /// (tests/hardening_intake.rs): after a burst of fast calls, an idle pool
     /// took ahead as many again as it had workers, behind whatever came next.
+    #[test]
+    fn the_take_says_lapsed_paused_or_what_it_took() {
+        assert!(matches!(TakeAnswer::from(Value::Nil), TakeAnswer::Lapsed));
+        assert!(matches!(
+            TakeAnswer::from(Value::Int(0)),
+            TakeAnswer::Paused
+        ));
+        assert!(matches!(
+            TakeAnswer::from(Value::Array(vec![])),
+            TakeAnswer::Taken(t) if t.is_empty()
+        ));
+        assert!(matches!(TakeAnswer::from(Value::Int(3)), TakeAnswer::Odd));
+    }
+
     #[test]
     fn only_busy_workers_are_taken_ahead_for() {
         let t0 = Instant::now();

@@ -150,7 +150,7 @@ impl Scheduler {
                 .key(self.keys.processing(other))
                 .key(self.keys.queue())
                 .key(self.keys.instances())
-                .key(crate::dashboard::snapshot::paused_key(&self.keys, other))
+                .key(self.keys.paused(other))
                 .arg(other)
                 .invoke(c)?;
             if n > 0 {

@@ -1006,3 +1006,77 @@ fn take_ahead_after_a_burst_does_not_hoard_behind_slow_calls() {
     assert!(busy.wait_exit(Duration::from_secs(20)).is_some(), "stopped");
     assert!(served(&busy) >= burst.len(), "{}", busy.log_text());
 }
+
+/// The idle reader sends its next take with its wait on the queue, and Redis
+/// runs it only when the wait ends: scripts flushed meanwhile (`SCRIPT FLUSH`,
+/// a restart's empty script cache) make that take fail with `NOSCRIPT`. The
+/// request is taken by the next take all the same, and answered.
+#[test]
+fn scripts_flushed_while_the_reader_waits_lose_nothing() {
+    let redis = Redis::start();
+    let server = Server::start(&redis);
+    server.wait_ready(&redis);
+    let client = redis.client();
+    let mut conn = redis.conn();
+    for round in 0..3 {
+        // The reader is waiting now: its take is queued in Redis behind the wait.
+        wait_for(
+            "the reader waiting on the queue",
+            Duration::from_secs(10),
+            || {
+                let clients = info_field(&mut conn, "clients", "blocked_clients");
+                (clients == "1").then_some(())
+            },
+        );
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query(&mut conn)
+            .expect("SCRIPT FLUSH");
+        let reply = client.request("echo", json!({"message": round}));
+        assert_eq!(
+            reply.expect("a reply"),
+            Reply::Ok(json!(round)),
+            "round {round}"
+        );
+    }
+}
+
+/// A pause set in Redis while the reader waits on the queue (another instance's
+/// dashboard pausing this one) stops the take already sent behind the wait: a
+/// request pushed right after stays in the queue.
+#[test]
+fn a_pause_set_while_the_reader_waits_takes_nothing() {
+    let redis = Redis::start();
+    let server = Server::start(&redis);
+    server.wait_ready(&redis);
+    let mut conn = redis.conn();
+    let instances: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("CERBAS-INSTANCES")
+        .query(&mut conn)
+        .expect("SMEMBERS");
+    assert_eq!(instances.len(), 1, "{instances:?}");
+    wait_for(
+        "the reader waiting on the queue",
+        Duration::from_secs(10),
+        || (info_field(&mut conn, "clients", "blocked_clients") == "1").then_some(()),
+    );
+    let _: () = redis::cmd("SET")
+        .arg(format!("CERBAS-PAUSED-{}", instances[0]))
+        .arg(1)
+        .query(&mut conn)
+        .expect("SET");
+    let id = store(&mut conn, &body("hello", json!({})));
+    push(&mut conn, &[id]);
+    // Said by the reader's take, or by the snapshot if it saw the key first.
+    wait_for("the pause noticed", Duration::from_secs(10), || {
+        let log = server.log_text();
+        (log.contains("paused from the dashboard") || log.contains("is paused")).then_some(())
+    });
+    let queued: Vec<String> = redis::cmd("LRANGE")
+        .arg("CERBAS-QUEUE")
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn)
+        .expect("LRANGE");
+    assert_eq!(queued, vec![id.to_string()], "the request stays queued");
+}

@@ -240,7 +240,7 @@ impl Action {
                         super::state::cut(instance, 80)
                     )));
                 }
-                let key = super::snapshot::paused_key(keys, instance);
+                let key = keys.paused(instance);
                 match pause {
                     true => redis::cmd("SET").arg(&key).arg(1).query::<()>(c)?,
                     false => redis::cmd("DEL").arg(&key).query::<()>(c)?,

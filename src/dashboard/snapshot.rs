@@ -190,11 +190,6 @@ pub(crate) fn index(keys: &Keys) -> String {
     keys.key("SNAPSHOTS")
 }
 
-/// `P-PAUSED-{instance}`: present while the dashboard has paused the instance.
-pub(crate) fn paused_key(keys: &Keys, instance: &str) -> String {
-    keys.key(&format!("PAUSED-{instance}"))
-}
-
 /// `P-ERRORS`: the last error replies across the cluster, newest first.
 pub(crate) fn errors_key(keys: &Keys) -> String {
     keys.key("ERRORS")
@@ -251,7 +246,7 @@ pub(crate) fn write(
     let mut call = script.prepare_invoke();
     call.key(key(keys, instance))
         .key(index(keys))
-        .key(paused_key(keys, instance))
+        .key(keys.paused(instance))
         .key(errors_key(keys))
         .arg(instance)
         .arg(json)
@@ -272,7 +267,7 @@ pub(crate) fn write(
 pub(crate) fn forget(pipe: &mut redis::Pipeline, keys: &Keys, instance: &str) {
     pipe.cmd("DEL")
         .arg(key(keys, instance))
-        .arg(paused_key(keys, instance))
+        .arg(keys.paused(instance))
         .ignore()
         .cmd("ZREM")
         .arg(index(keys))
