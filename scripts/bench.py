@@ -168,17 +168,26 @@ def main():
             rows.append(row)
         rss_w2 = proc_kib(server.pid, "VmHWM")
 
-        log("loadgen: w3, w4")
-        loadgen = subprocess.run(
-            [os.path.join(ROOT, "target/release/examples/loadgen"), "--redis", url,
-             "--workload", "w3,w4", "--no-ref"],
-            capture_output=True, text=True, timeout=900,
-        ).stdout
-        w3 = next((l for l in loadgen.splitlines() if l.startswith("W3")), "W3: no result")
-        w4 = next((l for l in loadgen.splitlines() if l.startswith("W4")), "W4: no result")
+        def loadgen(workload):
+            log(f"loadgen: {workload}")
+            r0, s0 = redis_cpu(port), proc_cpu(server.pid)
+            out = subprocess.run(
+                [os.path.join(ROOT, "target/release/examples/loadgen"), "--redis", url,
+                 "--workload", workload, "--no-ref"],
+                capture_output=True, text=True, timeout=900,
+            ).stdout
+            r1, s1 = redis_cpu(port), proc_cpu(server.pid)
+            line = next((l for l in out.splitlines() if l.startswith(workload.upper())),
+                        f"{workload.upper()}: no result")
+            return line, (r1 - r0), (s1 - s0)
+
+        w3, w3_redis, w3_server = loadgen("w3")
+        found = re.match(r"W3 drain: (\d+) ", w3)
+        w3_n = int(found.group(1)) if found else 1
         w3_rate = None
         if "acked " in w3:
             w3_rate = float(w3.split("acked ")[1].split("/s")[0].replace(",", ""))
+        w4, _, _ = loadgen("w4")
 
         print(f"## cerbas bench, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
               f"{os.cpu_count()} cores, {subprocess.run(['redis-server', '--version'], capture_output=True, text=True).stdout.split()[2]}")
@@ -199,7 +208,9 @@ def main():
                   f"{fmt(w2.get('client_cpu_us_per_rt'), 1)} | {fmt(w2.get('server_cpu_us_per_rt'), 1)} | "
                   f"{fmt(w2.get('redis_cpu_us_per_rt'), 1)} | {errors} |")
         print()
-        print(f"- {w3}" + (f" (W3 / SET: {w3_rate / set_ops:.3f})" if w3_rate and set_ops else ""))
+        print(f"- {w3}" + (f" (W3 / SET: {w3_rate / set_ops:.3f})" if w3_rate and set_ops else "")
+              + f"; server CPU {w3_server * 1e6 / w3_n:.1f} µs/request, Redis CPU {w3_redis * 1e6 / w3_n:.1f} "
+              "µs/request (the load generator's own SET + RPUSH included; republish looks run on after the drain)")
         print(f"- {w4}")
         print(f"- server RSS idle {rss_idle / 1024:.1f} MiB, peak through W2 {rss_w2 / 1024:.1f} MiB, "
               f"peak after W3/W4 {proc_kib(server.pid, 'VmHWM') / 1024:.1f} MiB")

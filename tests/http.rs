@@ -742,7 +742,7 @@ fn the_breaker_opens_answers_at_once_and_recovers_per_target() {
     let (open, t3) = timed("/api6/x");
     assert_eq!(open.0, 503, "open after two failures");
     assert_eq!(header(&open, "retry-after"), "1");
-    assert!(t3 < Duration::from_millis(100), "503 at once: {t3:?}");
+    assert!(t3 < Duration::from_millis(400), "503 at once: {t3:?}");
     eprintln!("breaker: failures took {t1:?} and {t2:?}; while open, 503 took {t3:?}");
     // Another target is not affected.
     assert_eq!(must_get(&plug.url("/api5/ok")).0, 200);
@@ -801,7 +801,8 @@ fn a_slow_target_is_cut_off_by_its_breaker() {
     eprintln!("breaker on timeouts: {s1} in {t1:?}, {s2} in {t2:?}, then {s3} in {t3:?}");
     assert_eq!((s1, s2, s3), (504, 504, 503));
     assert!(t1 >= Duration::from_millis(450) && t2 >= Duration::from_millis(450));
-    assert!(t3 < Duration::from_millis(100), "503 at once: {t3:?}");
+    // Well before the target's 500 ms read timeout, even on a loaded machine.
+    assert!(t3 < Duration::from_millis(400), "503 at once: {t3:?}");
 }
 
 #[test]
