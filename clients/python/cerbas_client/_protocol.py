@@ -1,0 +1,150 @@
+"""The pure part of the cerbas wire protocol (docs/PROTOCOL.md) shared by the
+blocking and the asyncio client: finding Redis and the database, key and channel
+names, request bodies, reply decoding, id blocks, Redis's run_id. Not for: any I/O
+(client.py and aio.py own the connections)."""
+
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+from urllib.parse import parse_qs, urlsplit
+
+import msgpack as _msgpack
+
+from .errors import ProtocolError
+
+DEFAULT_URL = "redis://127.0.0.1:6379"
+DEFAULT_ENV = "dev"
+DEFAULT_PREFIX = "CERBAS"
+ENV_DBS = {"dev": 1, "prod": 8}
+
+#: Ids reserved with one ``INCRBY`` (docs/PROTOCOL.md: ids need only be unique).
+DEFAULT_ID_BLOCK = 100
+
+
+def _url_db(url: str) -> Optional[int]:
+    """The database a Redis URL names, or None: the path of ``redis://h:p/3``, or
+    ``db=`` in the query of a ``unix://`` URL (as the server reads it)."""
+    parts = urlsplit(url)
+    if parts.scheme in ("unix", "redis+unix"):
+        found = parse_qs(parts.query).get("db")
+        text = found[0] if found else ""
+    else:
+        text = parts.path.strip("/")
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ValueError("redis URL names no valid db: %r" % text)
+    return int(text)
+
+
+def resolve(url: Optional[str] = None, env: Optional[str] = None) -> Tuple[str, str, int]:
+    """Returns ``(url, env, db)`` as the server would choose them."""
+    url = url or os.environ.get("CERBAS_REDIS_URL") or DEFAULT_URL
+    env = env or os.environ.get("CERBAS_ENV") or DEFAULT_ENV
+    if env not in ENV_DBS:
+        raise ValueError("env must be dev or prod, not %r" % (env,))
+    db = _url_db(url)
+    if db is None:
+        db = ENV_DBS[env]
+    return url, env, db
+
+
+class Names:
+    """Key and channel names of one deployment (docs/PROTOCOL.md, table at the top)."""
+
+    def __init__(self, prefix: str, db: int):
+        self.prefix = prefix
+        self.db = db
+        self.counter = "%s-COUNTER" % prefix
+        self.queue = "%s-QUEUE" % prefix
+        self._req = prefix + "-REQ-%010d"
+        self._chan = "%s-RESPONSE-%d-%%010d" % (prefix, db)
+
+    def request_key(self, id: int) -> str:
+        return self._req % id
+
+    def reply_channel(self, id: int, msgpack: bool = False) -> str:
+        channel = self._chan % id
+        return "MSGPACK:" + channel if msgpack else channel
+
+
+def encode_body(func: str, args: Optional[Dict[str, Any]], user: str, source: str,
+                reply: bool = True, delay: Optional[float] = None) -> bytes:
+    """The JSON request body. ``reply=False`` tells the server to publish no reply;
+    ``delay`` (seconds) becomes the protocol's whole milliseconds."""
+    if not isinstance(func, str):
+        raise TypeError("func must be a string, not %s" % type(func).__name__)
+    d: Dict[str, Any] = {"func": func}
+    if args is not None:
+        d["args"] = args
+    d["user"] = user
+    d["source"] = source
+    if delay is not None:
+        ms = delay_ms(delay)
+        if ms:
+            d["delay"] = ms
+    if not reply:
+        d["reply"] = False
+    return json.dumps(d, separators=(",", ":")).encode("utf-8")
+
+
+def delay_ms(delay: float) -> int:
+    """``delay`` in seconds as the whole milliseconds the protocol wants."""
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not delay >= 0:
+        raise ValueError("delay must be a number of seconds, 0 or more, not %r" % (delay,))
+    return int(round(delay * 1000))
+
+
+def decode_reply(data: bytes, msgpack: bool) -> Dict[str, Any]:
+    """The reply object ``{"status": ..., "data": ...}`` from a channel message."""
+    try:
+        reply = _msgpack.unpackb(data, raw=False) if msgpack else json.loads(data)
+    except Exception as e:  # json, msgpack and unicode errors alike
+        raise ProtocolError("reply is not valid %s: %s" % ("msgpack" if msgpack else "JSON", e)) from None
+    if not isinstance(reply, dict) or reply.get("status") not in ("ok", "error"):
+        raise ProtocolError("reply is not {\"status\": \"ok\"|\"error\", \"data\": ...}: %.200r" % (reply,))
+    return reply
+
+
+def parse_run_id(info: Any) -> str:
+    """Redis's ``run_id`` from the answer to ``INFO server`` (bytes, str or dict,
+    depending on the Redis library): it changes when Redis restarts."""
+    if isinstance(info, dict):
+        found = info.get("run_id")
+        if found:
+            return str(found)
+        raise ProtocolError("INFO server has no run_id")
+    if isinstance(info, bytes):
+        info = info.decode("utf-8", "replace")
+    for line in str(info).splitlines():
+        if line.startswith("run_id:"):
+            return line[len("run_id:"):].strip()
+    raise ProtocolError("INFO server has no run_id")
+
+
+class IdBlock:
+    """Ids reserved with one ``INCRBY counter n`` (answer ``end``): ``end-n+1 ..
+    end``, handed out in order; valid only for the Redis ``generation`` (run) that
+    reserved them, since a restarted Redis may hand the same ids out again."""
+
+    __slots__ = ("next", "end", "generation")
+
+    def __init__(self) -> None:
+        self.next = 1
+        self.end = 0
+        self.generation = -1
+
+    def take(self, generation: int) -> Optional[int]:
+        """The next id, or None when the block is used up or from another run."""
+        if self.next > self.end or self.generation != generation:
+            return None
+        id = self.next
+        self.next += 1
+        return id
+
+    def refill(self, end: int, size: int, generation: int) -> None:
+        if not isinstance(end, int) or end < size:
+            raise ProtocolError("INCRBY on the counter answered %r" % (end,))
+        self.next = end - size + 1
+        self.end = end
+        self.generation = generation

@@ -1,0 +1,503 @@
+"""The blocking cerbas client: one ``Client`` shared by any number of threads.
+Not for: asyncio (aio.py), or the pure protocol parts (_protocol.py).
+
+How one call goes (docs/PROTOCOL.md, "The steps of one request"):
+
+1. an id from the client's block (one ``INCRBY CERBAS-COUNTER 100`` per 100 calls);
+2. ``SUBSCRIBE`` to its reply channel, written on the client's one subscriber
+   connection (shared by every caller; a reader thread routes each message to the
+   caller waiting on that channel);
+3. ``SET`` the body and ``RPUSH`` the id, in one round trip on a command connection
+   (a small pool, reused: never a connection per call);
+4. wait for the reader thread to hand over the reply, at most until the deadline;
+   then ``UNSUBSCRIBE``.
+
+Step 2 does not wait for Redis to confirm the subscription: the ``SUBSCRIBE`` is in
+Redis's socket before step 3 is sent, so Redis reads it in the same event-loop turn
+as the ``RPUSH`` or earlier, and the server can only publish after it has read the
+id (a later turn). Where that ordering fails anyway (a reconnect, a scheduler
+hiccup), the server's republish for late subscribers (docs/PROTOCOL.md) delivers
+the reply a few milliseconds later; the tests count how often that happens.
+
+Faults: every socket has a timeout, and each step is bounded by the call's own
+deadline, so a frozen Redis costs a caller its timeout and no more. A broken
+subscriber connection is reopened by the reader thread; if Redis is the same run
+(``INFO server`` ``run_id``) the awaited channels are subscribed again, if Redis was
+restarted every waiting call fails at once with ``ConnectionError`` (its id may be
+handed out again by the restarted Redis, and a caller must never get another
+request's reply), and a new id block is reserved.
+"""
+
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+import redis
+from redis.connection import parse_url
+
+from . import _protocol
+from ._protocol import DEFAULT_ID_BLOCK, DEFAULT_PREFIX, IdBlock, Names, resolve
+from .errors import (CerbasError, ClosedError, ConnectionError, ProtocolError,
+                     ReplyError, TimeoutError)
+
+__all__ = ["Client"]
+
+_RESTARTED = "Redis was restarted (run_id changed) while the call waited"
+
+
+def _conn_settings(url: str, db: int, socket_timeout: float):
+    """The connection class and settings the URL names (host, port, password, TLS,
+    unix socket), for connections this client manages itself (no retries, no
+    automatic re-subscribing: it decides what happens after a fault)."""
+    kwargs = parse_url(url)
+    conn_class = kwargs.pop("connection_class", redis.Connection)
+    kwargs.update(db=db, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+                  socket_keepalive=True, protocol=2, health_check_interval=0)
+    return conn_class, kwargs
+
+
+class _Waiter:
+    """One caller waiting for its reply: the reader thread fills it and releases
+    the lock the caller blocks on (cheaper than an Event)."""
+
+    __slots__ = ("lock", "data", "error")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.data: Optional[bytes] = None
+        self.error: Optional[CerbasError] = None
+
+    def deliver(self, data: bytes) -> None:
+        if self.data is None and self.error is None:
+            self.data = data
+            self._release()
+
+    def fail(self, error: CerbasError) -> None:
+        if self.data is None and self.error is None:
+            self.error = error
+            self._release()
+
+    def _release(self) -> None:
+        try:
+            self.lock.release()
+        except RuntimeError:  # delivered and failed at once: the caller sees one
+            pass
+
+
+class Client:
+    """A connection to one cerbas deployment: a Redis URL, a database, a prefix.
+
+    Safe to share between threads: every thread of a process may call one
+    ``Client`` at the same time (that is what it is built for; one subscriber
+    connection and a few command connections serve them all).
+
+    ``user`` and ``source`` are sent with every request unless a call names others;
+    they must be registered in the server's configuration. ``timeout`` (seconds) is
+    how long a call waits for its reply unless it names another. ``socket_timeout``
+    bounds each Redis read and write (a call's deadline bounds it further);
+    ``pool_size`` is the most command connections kept open; ``id_block`` how many
+    ids one ``INCRBY`` reserves.
+    """
+
+    def __init__(self, url: Optional[str] = None, env: Optional[str] = None, *,
+                 prefix: str = DEFAULT_PREFIX, user: str = "test", source: str = "test",
+                 timeout: float = 10.0, socket_timeout: float = 5.0, pool_size: int = 8,
+                 id_block: int = DEFAULT_ID_BLOCK):
+        self.url, self.env, self.db = resolve(url, env)
+        self.prefix = prefix
+        self.user = user
+        self.source = source
+        self.timeout = timeout
+        self.socket_timeout = socket_timeout
+        self._names = Names(prefix, self.db)
+        self._conn_class, self._kwargs = _conn_settings(self.url, self.db, socket_timeout)
+        # A plain redis-py client on the same Redis, for the caller's own commands.
+        self.redis = redis.Redis.from_url(self.url, db=self.db,
+                                          socket_timeout=socket_timeout,
+                                          socket_connect_timeout=socket_timeout)
+        self._id_block_size = id_block
+        self._pool_size = pool_size
+
+        # _lock guards everything below it; _sub_ready is signalled when the
+        # subscriber connection is up (or the client closed).
+        self._lock = threading.Lock()
+        self._sub_ready = threading.Condition(self._lock)
+        self._closed = False
+        self._run_id: Optional[str] = None
+        self._generation = 0  # +1 each time Redis is seen restarted
+        self._waiters: Dict[bytes, _Waiter] = {}
+        self._idle: List[Any] = []  # command connections not in use
+        self._in_use: set = set()  # command connections a call is using
+        self._sub_conn: Any = None
+        self._sub_up = False
+        self._reader: Optional[threading.Thread] = None
+        self._id_lock = threading.Lock()
+        self._ids = IdBlock()
+        #: Counters for tests and benchmarks: subscriber reconnects, Redis restarts seen.
+        self.stats = {"reconnects": 0, "restarts": 0}
+
+    # --- names (docs/PROTOCOL.md) ------------------------------------------------
+
+    def counter_key(self) -> str:
+        return self._names.counter
+
+    def queue_key(self) -> str:
+        return self._names.queue
+
+    def request_key(self, id: int) -> str:
+        return self._names.request_key(id)
+
+    def reply_channel(self, id: int, msgpack: bool = False) -> str:
+        return self._names.reply_channel(id, msgpack)
+
+    def body(self, func: str, args: Optional[Dict[str, Any]] = None, user: Optional[str] = None,
+             source: Optional[str] = None, reply: bool = True,
+             delay: Optional[float] = None) -> bytes:
+        """The JSON request body, as bytes. ``reply=False`` tells the server to
+        publish no reply (a one-way call)."""
+        return _protocol.encode_body(func, args, self.user if user is None else user,
+                                     self.source if source is None else source, reply, delay)
+
+    # --- the API -----------------------------------------------------------------
+
+    def request(self, func: str, args: Optional[Dict[str, Any]] = None, *,
+                user: Optional[str] = None, source: Optional[str] = None,
+                timeout: Optional[float] = None, msgpack: bool = False,
+                delay: Optional[float] = None) -> Dict[str, Any]:
+        """Calls ``func`` with ``args`` (a dict) and returns the reply dict
+        ``{"status": "ok" | "error", "data": ...}``.
+
+        ``delay`` (seconds) asks the server to run it no earlier than that after
+        reading it; without a ``timeout`` the call then waits the client's timeout
+        plus the delay. Raises ``TimeoutError`` when no reply arrives within
+        ``timeout`` seconds, ``ConnectionError`` when Redis cannot be reached (or was
+        restarted during the call), ``ClosedError`` after ``close()``,
+        ``ProtocolError`` for a reply that is not a reply; all are ``CerbasError``.
+        """
+        if timeout is None:
+            timeout = self.timeout + (delay or 0)
+        deadline = time.monotonic() + timeout
+        body = self.body(func, args, user, source, delay=delay)
+        self._check_open()
+        id, generation = self._next_id(deadline)
+        channel = self.reply_channel(id, msgpack).encode()
+        waiter = _Waiter()
+        with self._lock:
+            if self._closed:
+                raise ClosedError("client is closed")
+            if generation != self._generation:
+                raise ConnectionError(_RESTARTED)
+            self._waiters[channel] = waiter
+        try:
+            self._subscribe(channel, waiter, deadline)
+            self._push(id, body, generation, deadline)
+            left = deadline - time.monotonic()
+            if not (left > 0 and waiter.lock.acquire(timeout=left)):
+                raise TimeoutError("no reply to %s (request %d) within %g s" % (func, id, timeout))
+            if waiter.error is not None:
+                raise waiter.error
+        finally:
+            self._unsubscribe(channel, waiter)
+        return _protocol.decode_reply(waiter.data, msgpack)
+
+    def call(self, func: str, args: Optional[Dict[str, Any]] = None, **options: Any) -> Any:
+        """Like ``request()`` (same keyword options) but returns the reply's ``data``
+        and raises ``ReplyError`` for an error reply."""
+        reply = self.request(func, args, **options)
+        if reply["status"] == "error":
+            raise ReplyError(reply.get("data"))
+        return reply.get("data")
+
+    def request_without_response(self, func: str, args: Optional[Dict[str, Any]] = None, *,
+                                 user: Optional[str] = None, source: Optional[str] = None,
+                                 timeout: Optional[float] = None,
+                                 delay: Optional[float] = None) -> int:
+        """Queues a one-way call (nobody waits for its reply, and the server
+        publishes none); returns its id. ``timeout`` bounds the queueing."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        body = self.body(func, args, user, source, reply=False, delay=delay)
+        self._check_open()
+        id, generation = self._next_id(deadline)
+        self._push(id, body, generation, deadline)
+        return id
+
+    def close(self) -> None:
+        """Closes the connections. Calls in flight fail at once with ``ClosedError``,
+        and so does every call made afterwards. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            waiters = list(self._waiters.values())
+            self._waiters.clear()
+            idle, self._idle = self._idle, []
+            in_use = list(self._in_use)
+            sub = self._sub_conn
+            self._sub_up = False
+            self._sub_ready.notify_all()
+        for w in waiters:
+            w.fail(ClosedError("client closed while the call waited"))
+        for conn in idle:
+            _disconnect(conn)
+        for conn in in_use:
+            _shutdown(conn)  # a call blocked on it fails now, not at its deadline
+        if sub is not None:
+            _shutdown(sub)  # wakes the reader thread, which disconnects it
+        reader = self._reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(timeout=2.0)
+        try:
+            self.redis.close()
+        except redis.RedisError:
+            pass
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- ids ---------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("client is closed")
+
+    def _next_id(self, deadline: float):
+        """An id and the Redis generation it belongs to; reserves a new block (one
+        round trip) when the current one is used up or from before a restart."""
+        with self._id_lock:
+            id = self._ids.take(self._generation)
+            if id is not None:
+                return id, self._ids.generation
+            (end,), generation = self._command(
+                [("INCRBY", self._names.counter, self._id_block_size)], deadline)
+            self._ids.refill(end, self._id_block_size, generation)
+            return self._ids.take(generation), generation
+
+    # --- command connections -----------------------------------------------------
+
+    def _push(self, id: int, body: bytes, generation: int, deadline: float) -> None:
+        self._command([("SET", self._names.request_key(id), body),
+                       ("RPUSH", self._names.queue, id)], deadline, generation)
+
+    def _command(self, commands, deadline: float, generation: Optional[int] = None):
+        """Sends ``commands`` in one round trip on a pooled connection and returns
+        (their answers, the Redis generation they went to). With ``generation``, the
+        commands are not sent to a Redis other than that one."""
+        conn = self._checkout()
+        try:
+            gen = self._connect(conn, deadline)
+            if generation is not None and gen != generation:
+                raise ConnectionError(_RESTARTED)
+            _set_timeout(conn, self._left(deadline))
+            conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            answers = [conn.read_response() for _ in commands]
+        except redis.ResponseError as e:
+            _disconnect(conn)  # the other answers may be unread: start afresh
+            raise ProtocolError("Redis refused %s: %s" % (commands[0][0], e)) from None
+        except redis.TimeoutError:
+            _disconnect(conn)
+            raise TimeoutError("Redis did not answer in time") from None
+        except (redis.ConnectionError, OSError) as e:
+            _disconnect(conn)
+            raise self._connection_error(e) from None
+        except BaseException:
+            _disconnect(conn)
+            raise
+        finally:
+            self._checkin(conn)
+        return answers, gen
+
+    def _left(self, deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the call's deadline passed before Redis answered")
+        return min(left, self.socket_timeout)
+
+    def _checkout(self):
+        with self._lock:
+            if self._closed:
+                raise ClosedError("client is closed")
+            conn = self._idle.pop() if self._idle else self._conn_class(**self._kwargs)
+            self._in_use.add(conn)
+            return conn
+
+    def _checkin(self, conn) -> None:
+        with self._lock:
+            self._in_use.discard(conn)
+            if not self._closed and len(self._idle) < self._pool_size:
+                self._idle.append(conn)
+                return
+        _disconnect(conn)
+
+    def _connect(self, conn, deadline: float) -> int:
+        """Connects ``conn`` if it is not, checking Redis's run_id; returns the
+        Redis generation it talks to."""
+        if conn._sock is not None:
+            return self._generation
+        left = self._left(deadline)
+        conn.socket_timeout = conn.socket_connect_timeout = left
+        try:
+            conn.connect()
+            conn.send_command("INFO", "server", check_health=False)
+            run_id = _protocol.parse_run_id(conn.read_response())
+        finally:
+            conn.socket_timeout = conn.socket_connect_timeout = self.socket_timeout
+        return self._seen_run_id(run_id)
+
+    def _seen_run_id(self, run_id: str) -> int:
+        """Notes the run_id a new connection found; a new one means Redis was
+        restarted: every waiting call fails and the id block is dropped."""
+        with self._lock:
+            if self._run_id is None:
+                self._run_id = run_id
+            elif run_id != self._run_id:
+                self._run_id = run_id
+                self._generation += 1
+                self.stats["restarts"] += 1
+                waiters = list(self._waiters.values())
+                self._waiters.clear()
+                for w in waiters:
+                    w.fail(ConnectionError(_RESTARTED))
+            return self._generation
+
+    def _connection_error(self, e: BaseException) -> CerbasError:
+        if self._closed:
+            return ClosedError("client closed while the call waited")
+        return ConnectionError("Redis at %s: %s" % (self.url, e))
+
+    # --- the subscriber connection -----------------------------------------------
+
+    def _subscribe(self, channel: bytes, waiter: _Waiter, deadline: float) -> None:
+        """Writes ``SUBSCRIBE channel`` on the subscriber connection, waiting (up to
+        the deadline) for it to be up; a reconnect subscribes ``channel`` itself."""
+        packed = None
+        with self._lock:
+            if self._reader is None:
+                self._reader = threading.Thread(target=self._read_loop,
+                                                name="cerbas-subscriber", daemon=True)
+                self._reader.start()
+            while True:
+                if waiter.error is not None:
+                    raise waiter.error
+                if self._closed:
+                    raise ClosedError("client is closed")
+                if self._sub_up:
+                    if packed is None:
+                        packed = b"".join(self._sub_conn.pack_command("SUBSCRIBE", channel))
+                    try:
+                        self._sub_conn._sock.sendall(packed)
+                        return
+                    except (OSError, AttributeError):
+                        self._sub_broken()
+                        continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("no subscriber connection to Redis within the timeout")
+                self._sub_ready.wait(left)
+
+    def _unsubscribe(self, channel: bytes, waiter: _Waiter) -> None:
+        with self._lock:
+            if self._waiters.get(channel) is waiter:
+                del self._waiters[channel]
+            if not self._sub_up:
+                return  # a reconnect subscribes only the channels still awaited
+            try:
+                self._sub_conn._sock.sendall(
+                    b"".join(self._sub_conn.pack_command("UNSUBSCRIBE", channel)))
+            except (OSError, AttributeError):
+                self._sub_broken()
+
+    def _sub_broken(self) -> None:
+        """Called with _lock held after a failed write: the reader reconnects."""
+        self._sub_up = False
+        if self._sub_conn is not None:
+            _shutdown(self._sub_conn)
+
+    def _read_loop(self) -> None:
+        """The reader thread: keeps the subscriber connection up and routes each
+        message to its waiter, until close()."""
+        backoff = 0.05
+        while not self._closed:
+            conn = self._sub_conn
+            if conn is None or not self._sub_up:
+                if self._sub_reconnect():
+                    backoff = 0.05
+                else:
+                    time.sleep(backoff)  # Redis is down: retry, each time a bit later
+                    backoff = min(backoff * 2, 1.0)
+                continue
+            try:
+                if not conn.can_read(timeout=1.0):
+                    continue
+                message = conn.read_response()
+            except Exception:
+                with self._lock:
+                    if self._sub_conn is conn:
+                        self._sub_up = False
+                _disconnect(conn)
+                continue
+            if type(message) is list and len(message) == 3 and message[0] == b"message":
+                waiter = self._waiters.get(message[1])
+                if waiter is not None:
+                    waiter.deliver(message[2])
+        if self._sub_conn is not None:
+            _disconnect(self._sub_conn)
+
+    def _sub_reconnect(self) -> bool:
+        """Opens the subscriber connection; on the same Redis run subscribes every
+        channel still awaited, on a restarted one fails their calls instead."""
+        conn = self._conn_class(**self._kwargs)
+        try:
+            conn.connect()
+            conn.send_command("INFO", "server", check_health=False)
+            run_id = _protocol.parse_run_id(conn.read_response())
+        except Exception:
+            _disconnect(conn)
+            return False
+        old = self._sub_conn
+        if old is not None:
+            _disconnect(old)  # already shut down or broken; free its socket
+        self._seen_run_id(run_id)
+        with self._lock:
+            if self._closed:
+                _disconnect(conn)
+                return True
+            channels = list(self._waiters)
+            try:
+                if channels:
+                    conn._sock.sendall(b"".join(conn.pack_command("SUBSCRIBE", *channels)))
+            except (OSError, AttributeError):
+                _disconnect(conn)
+                return False
+            self._sub_conn = conn
+            self._sub_up = True
+            if old is not None:
+                self.stats["reconnects"] += 1
+            self._sub_ready.notify_all()
+        return True
+
+
+def _set_timeout(conn, seconds: float) -> None:
+    sock = conn._sock
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
+def _shutdown(conn) -> None:
+    """Wakes a thread blocked reading ``conn`` (it then sees an error)."""
+    sock = conn._sock
+    if sock is not None:
+        try:
+            sock.shutdown(2)  # socket.SHUT_RDWR
+        except OSError:
+            pass
+
+
+def _disconnect(conn) -> None:
+    try:
+        conn.disconnect()
+    except Exception:
+        pass
