@@ -28,6 +28,7 @@ handed out again by the restarted Redis, and a caller must never get another
 request's reply), and a new id block is reserved.
 """
 
+import select
 import threading
 import time
 from typing import Any, Dict, List, Optional
@@ -96,7 +97,8 @@ class Client:
     they must be registered in the server's configuration. ``timeout`` (seconds) is
     how long a call waits for its reply unless it names another. ``socket_timeout``
     bounds each Redis read and write (a call's deadline bounds it further);
-    ``pool_size`` is the most command connections kept open; ``id_block`` how many
+    ``pool_size`` is the most command connections open at once (a call holds
+    one for a single round trip); ``id_block`` how many
     ids one ``INCRBY`` reserves.
     """
 
@@ -120,9 +122,11 @@ class Client:
         self._pool_size = pool_size
 
         # _lock guards everything below it; _sub_ready is signalled when the
-        # subscriber connection is up (or the client closed).
+        # subscriber connection is up (or the client closed), _pool_free when a
+        # command connection is given back.
         self._lock = threading.Lock()
         self._sub_ready = threading.Condition(self._lock)
+        self._pool_free = threading.Condition(self._lock)  # a command connection came back
         self._closed = False
         self._run_id: Optional[str] = None
         self._generation = 0  # +1 each time Redis is seen restarted
@@ -236,6 +240,7 @@ class Client:
             sub = self._sub_conn
             self._sub_up = False
             self._sub_ready.notify_all()
+            self._pool_free.notify_all()
         for w in waiters:
             w.fail(ClosedError("client closed while the call waited"))
         for conn in idle:
@@ -286,7 +291,7 @@ class Client:
         """Sends ``commands`` in one round trip on a pooled connection and returns
         (their answers, the Redis generation they went to). With ``generation``, the
         commands are not sent to a Redis other than that one."""
-        conn = self._checkout()
+        conn = self._checkout(deadline)
         try:
             gen = self._connect(conn, deadline)
             if generation is not None and gen != generation:
@@ -294,6 +299,8 @@ class Client:
             _set_timeout(conn, self._left(deadline))
             conn.send_packed_command(conn.pack_commands(commands), check_health=False)
             answers = [conn.read_response() for _ in commands]
+        except CerbasError:
+            raise  # ours (deadline passed, Redis restarted): the connection is fine
         except redis.ResponseError as e:
             _disconnect(conn)  # the other answers may be unread: start afresh
             raise ProtocolError("Redis refused %s: %s" % (commands[0][0], e)) from None
@@ -316,18 +323,31 @@ class Client:
             raise TimeoutError("the call's deadline passed before Redis answered")
         return min(left, self.socket_timeout)
 
-    def _checkout(self):
+    def _checkout(self, deadline: float):
+        """A command connection: an idle one, a new one while fewer than
+        ``pool_size`` exist, else the next one given back (up to the deadline)."""
         with self._lock:
-            if self._closed:
-                raise ClosedError("client is closed")
-            conn = self._idle.pop() if self._idle else self._conn_class(**self._kwargs)
+            while True:
+                if self._closed:
+                    raise ClosedError("client is closed")
+                if self._idle:
+                    conn = self._idle.pop()
+                    break
+                if len(self._in_use) < self._pool_size:
+                    conn = self._conn_class(**self._kwargs)
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("no Redis connection free within the timeout")
+                self._pool_free.wait(left)
             self._in_use.add(conn)
             return conn
 
     def _checkin(self, conn) -> None:
         with self._lock:
             self._in_use.discard(conn)
-            if not self._closed and len(self._idle) < self._pool_size:
+            self._pool_free.notify()
+            if not self._closed:
                 self._idle.append(conn)
                 return
         _disconnect(conn)
@@ -335,8 +355,13 @@ class Client:
     def _connect(self, conn, deadline: float) -> int:
         """Connects ``conn`` if it is not, checking Redis's run_id; returns the
         Redis generation it talks to."""
-        if conn._sock is not None:
-            return self._generation
+        sock = conn._sock
+        if sock is not None:
+            # Readable while idle means closed (e.g. Redis restarted): reconnect
+            # rather than fail the call on it.
+            if not select.select([sock], [], [], 0)[0]:
+                return self._generation
+            _disconnect(conn)
         left = self._left(deadline)
         conn.socket_timeout = conn.socket_connect_timeout = left
         try:

@@ -1,0 +1,409 @@
+"""The asyncio cerbas client (redis.asyncio), for asyncio apps (FastAPI, aiohttp):
+one ``AsyncClient`` shared by every task of an event loop. Not for: threads (use
+``Client``), or the pure protocol parts (_protocol.py).
+
+The same design as the blocking client (client.py's module comment says why each
+step is as it is): ids from a block, ``SUBSCRIBE`` written on the one subscriber
+connection before ``SET`` + ``RPUSH`` go out in one round trip on a pooled command
+connection, a reader task routing each message to the future of the caller
+waiting on its channel, each step bounded by the call's deadline; after a broken
+subscriber connection the awaited channels are subscribed again if Redis is the
+same run, and their calls fail with ``ConnectionError`` if it was restarted.
+
+An ``AsyncClient`` belongs to the event loop it is first used on.
+"""
+
+import asyncio
+import time
+from typing import Any, Dict, List, Optional
+
+import redis
+import redis.asyncio
+from redis.connection import parse_url
+
+from . import _protocol
+from ._protocol import DEFAULT_ID_BLOCK, DEFAULT_PREFIX, IdBlock, Names, resolve
+from .errors import (CerbasError, ClosedError, ConnectionError, ProtocolError,
+                     ReplyError, TimeoutError)
+
+__all__ = ["AsyncClient"]
+
+_RESTARTED = "Redis was restarted (run_id changed) while the call waited"
+
+_CLASSES = {
+    redis.connection.Connection: redis.asyncio.connection.Connection,
+    redis.connection.UnixDomainSocketConnection: redis.asyncio.connection.UnixDomainSocketConnection,
+    redis.connection.SSLConnection: redis.asyncio.connection.SSLConnection,
+}
+
+
+def _conn_settings(url: str, db: int, socket_timeout: Optional[float]):
+    """As client.py's: the asyncio connection class and settings the URL names."""
+    kwargs = parse_url(url)
+    conn_class = _CLASSES[kwargs.pop("connection_class", redis.connection.Connection)]
+    kwargs.update(db=db, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+                  socket_keepalive=True, protocol=2, health_check_interval=0)
+    return conn_class, kwargs
+
+
+class AsyncClient:
+    """The asyncio twin of ``Client``: same arguments, same methods (awaited),
+    same errors. Safe to share between all tasks of one event loop."""
+
+    def __init__(self, url: Optional[str] = None, env: Optional[str] = None, *,
+                 prefix: str = DEFAULT_PREFIX, user: str = "test", source: str = "test",
+                 timeout: float = 10.0, socket_timeout: float = 5.0, pool_size: int = 8,
+                 id_block: int = DEFAULT_ID_BLOCK):
+        self.url, self.env, self.db = resolve(url, env)
+        self.prefix = prefix
+        self.user = user
+        self.source = source
+        self.timeout = timeout
+        self.socket_timeout = socket_timeout
+        self._names = Names(prefix, self.db)
+        self._conn_class, self._kwargs = _conn_settings(self.url, self.db, socket_timeout)
+        # The subscriber waits for messages without a read timeout; its connecting
+        # and writing are bounded by asyncio.wait_for instead.
+        self._sub_kwargs = dict(self._kwargs, socket_timeout=None)
+        self._id_block_size = id_block
+        self._pool_size = pool_size
+        self._closed = False
+        self._run_id: Optional[str] = None
+        self._generation = 0
+        self._waiters: Dict[bytes, "asyncio.Future[bytes]"] = {}
+        self._idle: List[Any] = []
+        self._in_use: set = set()
+        self._pool_free: Optional[asyncio.Semaphore] = None  # made on the client's loop
+        self._sub_conn: Any = None
+        self._sub_up: Optional[asyncio.Event] = None
+        self._reader: Optional["asyncio.Task[None]"] = None
+        self._id_lock: Optional[asyncio.Lock] = None
+        self._ids = IdBlock()
+        #: Counters for tests and benchmarks: subscriber reconnects, Redis restarts seen.
+        self.stats = {"reconnects": 0, "restarts": 0}
+
+    # --- names (docs/PROTOCOL.md) ------------------------------------------------
+
+    def request_key(self, id: int) -> str:
+        return self._names.request_key(id)
+
+    def reply_channel(self, id: int, msgpack: bool = False) -> str:
+        return self._names.reply_channel(id, msgpack)
+
+    def body(self, func: str, args: Optional[Dict[str, Any]] = None, user: Optional[str] = None,
+             source: Optional[str] = None, reply: bool = True,
+             delay: Optional[float] = None) -> bytes:
+        """The JSON request body, as bytes (see ``Client.body``)."""
+        return _protocol.encode_body(func, args, self.user if user is None else user,
+                                     self.source if source is None else source, reply, delay)
+
+    # --- the API -----------------------------------------------------------------
+
+    async def request(self, func: str, args: Optional[Dict[str, Any]] = None, *,
+                      user: Optional[str] = None, source: Optional[str] = None,
+                      timeout: Optional[float] = None, msgpack: bool = False,
+                      delay: Optional[float] = None) -> Dict[str, Any]:
+        """As ``Client.request``: returns ``{"status": ..., "data": ...}``; raises
+        ``TimeoutError``, ``ConnectionError``, ``ClosedError``, ``ProtocolError``."""
+        if timeout is None:
+            timeout = self.timeout + (delay or 0)
+        deadline = time.monotonic() + timeout
+        body = self.body(func, args, user, source, delay=delay)
+        self._check_open()
+        id, generation = await self._next_id(deadline)
+        channel = self.reply_channel(id, msgpack).encode()
+        if self._closed:
+            raise ClosedError("client is closed")
+        if generation != self._generation:
+            raise ConnectionError(_RESTARTED)
+        future = asyncio.get_running_loop().create_future()
+        self._waiters[channel] = future
+        try:
+            await self._subscribe(channel, future, deadline)
+            await self._push(id, body, generation, deadline)
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                data = await asyncio.wait_for(asyncio.shield(future), left)
+            except asyncio.TimeoutError:
+                raise TimeoutError("no reply to %s (request %d) within %g s"
+                                   % (func, id, timeout)) from None
+        finally:
+            self._unsubscribe(channel, future)
+        return _protocol.decode_reply(data, msgpack)
+
+    async def call(self, func: str, args: Optional[Dict[str, Any]] = None, **options: Any) -> Any:
+        """As ``Client.call``: the reply's data, or ``ReplyError``."""
+        reply = await self.request(func, args, **options)
+        if reply["status"] == "error":
+            raise ReplyError(reply.get("data"))
+        return reply.get("data")
+
+    async def request_without_response(self, func: str, args: Optional[Dict[str, Any]] = None, *,
+                                       user: Optional[str] = None, source: Optional[str] = None,
+                                       timeout: Optional[float] = None,
+                                       delay: Optional[float] = None) -> int:
+        """As ``Client.request_without_response``: queues a one-way call, returns its id."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        body = self.body(func, args, user, source, reply=False, delay=delay)
+        self._check_open()
+        id, generation = await self._next_id(deadline)
+        await self._push(id, body, generation, deadline)
+        return id
+
+    async def close(self) -> None:
+        """Closes the connections: calls in flight fail at once with ``ClosedError``,
+        and so does every later call. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_all(ClosedError("client closed while the call waited"))
+        if self._sub_up is not None:
+            self._sub_up.set()  # wakes callers waiting for the subscriber connection
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            try:
+                await reader
+            except (asyncio.CancelledError, Exception):
+                pass
+        conns = self._idle + list(self._in_use)
+        self._idle = []
+        if self._sub_conn is not None:
+            conns.append(self._sub_conn)
+        for conn in conns:
+            await _disconnect(conn)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    # --- ids ---------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("client is closed")
+
+    async def _next_id(self, deadline: float):
+        id = self._ids.take(self._generation)
+        if id is not None:
+            return id, self._ids.generation
+        if self._id_lock is None:
+            self._id_lock = asyncio.Lock()
+        async with self._id_lock:
+            id = self._ids.take(self._generation)
+            if id is not None:
+                return id, self._ids.generation
+            (end,), generation = await self._command(
+                [("INCRBY", self._names.counter, self._id_block_size)], deadline)
+            self._ids.refill(end, self._id_block_size, generation)
+            return self._ids.take(generation), generation
+
+    # --- command connections -----------------------------------------------------
+
+    async def _push(self, id: int, body: bytes, generation: int, deadline: float) -> None:
+        await self._command([("SET", self._names.request_key(id), body),
+                             ("RPUSH", self._names.queue, id)], deadline, generation)
+
+    async def _command(self, commands, deadline: float, generation: Optional[int] = None):
+        """As client.py's: one round trip on a pooled connection, bounded by the
+        deadline; never sent to a Redis other than ``generation``."""
+        if self._closed:
+            raise ClosedError("client is closed")
+        if self._pool_free is None:
+            self._pool_free = asyncio.Semaphore(self._pool_size)
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise asyncio.TimeoutError
+            await asyncio.wait_for(self._pool_free.acquire(), left)
+        except asyncio.TimeoutError:
+            raise TimeoutError("no Redis connection free within the timeout") from None
+        if self._closed:
+            self._pool_free.release()
+            raise ClosedError("client is closed")
+        conn = self._idle.pop() if self._idle else self._conn_class(**self._kwargs)
+        self._in_use.add(conn)
+        ok = False
+        try:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the call's deadline passed before Redis answered")
+            answers, gen = await asyncio.wait_for(
+                self._round_trip(conn, commands, generation), min(left, self.socket_timeout))
+            ok = True
+            return answers, gen
+        except CerbasError:
+            raise
+        except (asyncio.TimeoutError, redis.TimeoutError):
+            raise TimeoutError("Redis did not answer in time") from None
+        except redis.ResponseError as e:
+            raise ProtocolError("Redis refused %s: %s" % (commands[0][0], e)) from None
+        except (redis.ConnectionError, OSError) as e:
+            if self._closed:
+                raise ClosedError("client closed while the call waited") from None
+            raise ConnectionError("Redis at %s: %s" % (self.url, e)) from None
+        except Exception:
+            if self._closed:  # close() pulled the connection from under the call
+                raise ClosedError("client closed while the call waited") from None
+            raise
+        finally:
+            self._in_use.discard(conn)
+            self._pool_free.release()
+            if ok and not self._closed:
+                self._idle.append(conn)
+            else:
+                # Broken, cancelled halfway or refused: its stream may be out of step.
+                await _disconnect(conn)
+
+    async def _round_trip(self, conn, commands, generation: Optional[int]):
+        gen = self._generation
+        if conn.is_connected and (conn._reader.at_eof() or conn._writer.is_closing()):
+            await _disconnect(conn)  # closed while idle (e.g. Redis restarted): reconnect
+        if not conn.is_connected:
+            await conn.connect()
+            await conn.send_command("INFO", "server", check_health=False)
+            gen = self._seen_run_id(_protocol.parse_run_id(await conn.read_response()))
+        if generation is not None and gen != generation:
+            raise ConnectionError(_RESTARTED)
+        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        return [await conn.read_response() for _ in commands], gen
+
+    def _seen_run_id(self, run_id: str) -> int:
+        if self._run_id is None:
+            self._run_id = run_id
+        elif run_id != self._run_id:
+            self._run_id = run_id
+            self._generation += 1
+            self.stats["restarts"] += 1
+            self._fail_all(ConnectionError(_RESTARTED))
+        return self._generation
+
+    def _fail_all(self, error: CerbasError) -> None:
+        waiters = list(self._waiters.values())
+        self._waiters.clear()
+        for future in waiters:
+            if not future.done():
+                future.set_exception(error)
+
+    # --- the subscriber connection -----------------------------------------------
+
+    async def _subscribe(self, channel: bytes, future: "asyncio.Future[bytes]",
+                         deadline: float) -> None:
+        if self._sub_up is None:
+            self._sub_up = asyncio.Event()
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        while True:
+            if future.done():
+                future.result()  # raises the error it was failed with
+            if self._closed:
+                raise ClosedError("client is closed")
+            if self._sub_up.is_set():
+                if _write(self._sub_conn, "SUBSCRIBE", channel):
+                    return
+                self._sub_broken()
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no subscriber connection to Redis within the timeout")
+            try:
+                await asyncio.wait_for(self._sub_up.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    def _unsubscribe(self, channel: bytes, future: "asyncio.Future[bytes]") -> None:
+        if self._waiters.get(channel) is future:
+            del self._waiters[channel]
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            future.exception()  # retrieved: no "never retrieved" warning
+        if not self._closed and self._sub_up is not None and self._sub_up.is_set():
+            if not _write(self._sub_conn, "UNSUBSCRIBE", channel):
+                self._sub_broken()
+
+    def _sub_broken(self) -> None:
+        if self._sub_up is not None:
+            self._sub_up.clear()
+        writer = getattr(self._sub_conn, "_writer", None)
+        if writer is not None:
+            writer.close()  # the reader task sees the end and reconnects
+
+    async def _read_loop(self) -> None:
+        backoff = 0.05
+        while not self._closed:
+            conn = self._sub_conn
+            if conn is None or not self._sub_up.is_set():
+                if await self._sub_reconnect():
+                    backoff = 0.05
+                else:
+                    await asyncio.sleep(backoff)  # Redis is down: retry, each time a bit later
+                    backoff = min(backoff * 2, 1.0)
+                continue
+            try:
+                message = await conn.read_response()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._sub_up.clear()
+                await _disconnect(conn)
+                continue
+            if type(message) is list and len(message) == 3 and message[0] == b"message":
+                future = self._waiters.get(message[1])
+                if future is not None and not future.done():
+                    future.set_result(message[2])
+
+    async def _sub_reconnect(self) -> bool:
+        old = self._sub_conn
+        if old is not None:
+            await _disconnect(old)
+        conn = self._conn_class(**self._sub_kwargs)
+        try:
+            async def connect() -> str:
+                await conn.connect()
+                await conn.send_command("INFO", "server", check_health=False)
+                return _protocol.parse_run_id(await conn.read_response())
+            run_id = await asyncio.wait_for(connect(), self.socket_timeout)
+        except asyncio.CancelledError:
+            await _disconnect(conn)
+            raise
+        except Exception:
+            await _disconnect(conn)
+            return False
+        self._seen_run_id(run_id)
+        if self._closed:
+            await _disconnect(conn)
+            return True
+        channels = list(self._waiters)
+        if channels and not _write(conn, "SUBSCRIBE", *channels):
+            await _disconnect(conn)
+            return False
+        self._sub_conn = conn
+        if old is not None:
+            self.stats["reconnects"] += 1
+        self._sub_up.set()
+        return True
+
+
+def _write(conn, *command: Any) -> bool:
+    """Writes a command without waiting (the transport sends it at once, before
+    anything this task writes later); False when the connection is gone."""
+    writer = getattr(conn, "_writer", None)
+    if writer is None or writer.is_closing():
+        return False
+    try:
+        writer.writelines(conn.pack_command(*command))
+        return True
+    except (OSError, RuntimeError):
+        return False
+
+
+async def _disconnect(conn) -> None:
+    try:
+        await conn.disconnect()
+    except Exception:
+        pass
