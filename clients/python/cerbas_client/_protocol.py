@@ -148,3 +148,23 @@ class IdBlock:
         self.next = end - size + 1
         self.end = end
         self.generation = generation
+
+
+#: Unsubscribes wait until this many have gathered (or the subscriber connection
+#: is idle) and go out with the next ``SUBSCRIBE``: one write per call, not two.
+UNSUBSCRIBE_BATCH = 64
+
+
+def resp_command(*parts: bytes) -> bytes:
+    """A Redis command in RESP, for the few the clients write themselves on the
+    subscriber connection (``SUBSCRIBE``, ``UNSUBSCRIBE``)."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+    return b"".join(out)
+
+
+def subscribe_packet(channel: bytes, unsubscribe: "list") -> bytes:
+    """``UNSUBSCRIBE`` of the channels done with (if any), then ``SUBSCRIBE channel``."""
+    head = resp_command(b"UNSUBSCRIBE", *unsubscribe) if unsubscribe else b""
+    return head + resp_command(b"SUBSCRIBE", channel)

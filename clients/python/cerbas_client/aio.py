@@ -76,6 +76,8 @@ class AsyncClient:
         self._pool_free: Optional[asyncio.Semaphore] = None  # made on the client's loop
         self._sub_conn: Any = None
         self._sub_up: Optional[asyncio.Event] = None
+        self._unsubscribes: List[bytes] = []  # channels done with, not yet unsubscribed
+        self._flush_timer: Optional[asyncio.TimerHandle] = None
         self._reader: Optional["asyncio.Task[None]"] = None
         self._id_lock: Optional[asyncio.Lock] = None
         self._ids = IdBlock()
@@ -116,20 +118,21 @@ class AsyncClient:
             raise ClosedError("client is closed")
         if generation != self._generation:
             raise ConnectionError(_RESTARTED)
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._waiters[channel] = future
+        # One timer per call (cheaper than wait_for, which wraps a task around it).
+        timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, future)
         try:
             await self._subscribe(channel, future, deadline)
             await self._push(id, body, generation, deadline)
-            left = deadline - time.monotonic()
             try:
-                if left <= 0:
-                    raise asyncio.TimeoutError
-                data = await asyncio.wait_for(asyncio.shield(future), left)
-            except asyncio.TimeoutError:
+                data = await future
+            except _Expired:
                 raise TimeoutError("no reply to %s (request %d) within %g s"
                                    % (func, id, timeout)) from None
         finally:
+            timer.cancel()
             self._unsubscribe(channel, future)
         return _protocol.decode_reply(data, msgpack)
 
@@ -215,13 +218,16 @@ class AsyncClient:
             raise ClosedError("client is closed")
         if self._pool_free is None:
             self._pool_free = asyncio.Semaphore(self._pool_size)
-        left = deadline - time.monotonic()
-        try:
-            if left <= 0:
-                raise asyncio.TimeoutError
-            await asyncio.wait_for(self._pool_free.acquire(), left)
-        except asyncio.TimeoutError:
-            raise TimeoutError("no Redis connection free within the timeout") from None
+        if self._pool_free.locked():
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(self._pool_free.acquire(), left)
+            except asyncio.TimeoutError:
+                raise TimeoutError("no Redis connection free within the timeout") from None
+        else:
+            await self._pool_free.acquire()  # free: returns at once
         if self._closed:
             self._pool_free.release()
             raise ClosedError("client is closed")
@@ -232,8 +238,8 @@ class AsyncClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("the call's deadline passed before Redis answered")
-            answers, gen = await asyncio.wait_for(
-                self._round_trip(conn, commands, generation), min(left, self.socket_timeout))
+            answers, gen = await _bounded(self._round_trip(conn, commands, generation),
+                                          min(left, self.socket_timeout))
             ok = True
             return answers, gen
         except CerbasError:
@@ -299,11 +305,14 @@ class AsyncClient:
             self._reader = asyncio.get_running_loop().create_task(self._read_loop())
         while True:
             if future.done():
+                if isinstance(future.exception(), _Expired):
+                    raise TimeoutError("no subscriber connection to Redis within the timeout")
                 future.result()  # raises the error it was failed with
             if self._closed:
                 raise ClosedError("client is closed")
             if self._sub_up.is_set():
-                if _write(self._sub_conn, "SUBSCRIBE", channel):
+                if _write(self._sub_conn, _protocol.subscribe_packet(channel, self._unsubscribes)):
+                    self._unsubscribes = []
                     return
                 self._sub_broken()
                 continue
@@ -323,7 +332,16 @@ class AsyncClient:
         elif not future.cancelled():
             future.exception()  # retrieved: no "never retrieved" warning
         if not self._closed and self._sub_up is not None and self._sub_up.is_set():
-            if not _write(self._sub_conn, "UNSUBSCRIBE", channel):
+            # As client.py: the UNSUBSCRIBE goes out with the next SUBSCRIBE.
+            self._unsubscribes.append(channel)
+            if len(self._unsubscribes) >= _protocol.UNSUBSCRIBE_BATCH:
+                self._flush_unsubscribes()
+
+    def _flush_unsubscribes(self) -> None:
+        if self._unsubscribes and self._sub_up is not None and self._sub_up.is_set():
+            if _write(self._sub_conn, _protocol.resp_command(b"UNSUBSCRIBE", *self._unsubscribes)):
+                self._unsubscribes = []
+            else:
                 self._sub_broken()
 
     def _sub_broken(self) -> None:
@@ -345,6 +363,10 @@ class AsyncClient:
                     backoff = min(backoff * 2, 1.0)
                 continue
             try:
+                if not conn._reader._buffer:
+                    # About to wait for Redis: nothing else carries the gathered
+                    # unsubscribes if no call comes; send them once idle for 1 s.
+                    self._schedule_flush()
                 message = await conn.read_response()
             except asyncio.CancelledError:
                 raise
@@ -356,6 +378,13 @@ class AsyncClient:
                 future = self._waiters.get(message[1])
                 if future is not None and not future.done():
                     future.set_result(message[2])
+
+    def _schedule_flush(self) -> None:
+        if self._unsubscribes and self._flush_timer is None:
+            def flush() -> None:
+                self._flush_timer = None
+                self._flush_unsubscribes()
+            self._flush_timer = asyncio.get_running_loop().call_later(1.0, flush)
 
     async def _sub_reconnect(self) -> bool:
         old = self._sub_conn
@@ -379,7 +408,8 @@ class AsyncClient:
             await _disconnect(conn)
             return True
         channels = list(self._waiters)
-        if channels and not _write(conn, "SUBSCRIBE", *channels):
+        self._unsubscribes = []  # a new connection has only what it subscribes now
+        if channels and not _write(conn, _protocol.resp_command(b"SUBSCRIBE", *channels)):
             await _disconnect(conn)
             return False
         self._sub_conn = conn
@@ -389,14 +419,32 @@ class AsyncClient:
         return True
 
 
-def _write(conn, *command: Any) -> bool:
-    """Writes a command without waiting (the transport sends it at once, before
+if hasattr(asyncio, "timeout"):  # Python 3.11+: no task around the coroutine
+    async def _bounded(coro: Any, seconds: float) -> Any:
+        async with asyncio.timeout(seconds):
+            return await coro
+else:
+    async def _bounded(coro: Any, seconds: float) -> Any:
+        return await asyncio.wait_for(coro, seconds)
+
+
+class _Expired(Exception):
+    """Set on a call's future when its deadline passes (turned into TimeoutError)."""
+
+
+def _expire(future: "asyncio.Future[bytes]") -> None:
+    if not future.done():
+        future.set_exception(_Expired())
+
+
+def _write(conn, packet: bytes) -> bool:
+    """Writes ``packet`` without waiting (the transport sends it at once, before
     anything this task writes later); False when the connection is gone."""
     writer = getattr(conn, "_writer", None)
     if writer is None or writer.is_closing():
         return False
     try:
-        writer.writelines(conn.pack_command(*command))
+        writer.write(packet)
         return True
     except (OSError, RuntimeError):
         return False

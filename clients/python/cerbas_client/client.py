@@ -135,6 +135,7 @@ class Client:
         self._in_use: set = set()  # command connections a call is using
         self._sub_conn: Any = None
         self._sub_up = False
+        self._unsubscribes: List[bytes] = []  # channels done with, not yet unsubscribed
         self._reader: Optional[threading.Thread] = None
         self._id_lock = threading.Lock()
         self._ids = IdBlock()
@@ -396,9 +397,9 @@ class Client:
     # --- the subscriber connection -----------------------------------------------
 
     def _subscribe(self, channel: bytes, waiter: _Waiter, deadline: float) -> None:
-        """Writes ``SUBSCRIBE channel`` on the subscriber connection, waiting (up to
-        the deadline) for it to be up; a reconnect subscribes ``channel`` itself."""
-        packed = None
+        """Writes ``SUBSCRIBE channel`` on the subscriber connection (after the
+        unsubscribes gathered so far, in the same write), waiting (up to the
+        deadline) for it to be up; a reconnect subscribes ``channel`` itself."""
         with self._lock:
             if self._reader is None:
                 self._reader = threading.Thread(target=self._read_loop,
@@ -410,10 +411,10 @@ class Client:
                 if self._closed:
                     raise ClosedError("client is closed")
                 if self._sub_up:
-                    if packed is None:
-                        packed = b"".join(self._sub_conn.pack_command("SUBSCRIBE", channel))
+                    packet = _protocol.subscribe_packet(channel, self._unsubscribes)
                     try:
-                        self._sub_conn._sock.sendall(packed)
+                        self._sub_conn._sock.sendall(packet)
+                        self._unsubscribes = []
                         return
                     except (OSError, AttributeError):
                         self._sub_broken()
@@ -424,16 +425,26 @@ class Client:
                 self._sub_ready.wait(left)
 
     def _unsubscribe(self, channel: bytes, waiter: _Waiter) -> None:
+        """The call is done with ``channel``: its ``UNSUBSCRIBE`` goes out with the
+        next ``SUBSCRIBE`` (a late message on it finds no waiter and is dropped)."""
         with self._lock:
             if self._waiters.get(channel) is waiter:
                 del self._waiters[channel]
             if not self._sub_up:
                 return  # a reconnect subscribes only the channels still awaited
-            try:
-                self._sub_conn._sock.sendall(
-                    b"".join(self._sub_conn.pack_command("UNSUBSCRIBE", channel)))
-            except (OSError, AttributeError):
-                self._sub_broken()
+            self._unsubscribes.append(channel)
+            if len(self._unsubscribes) >= _protocol.UNSUBSCRIBE_BATCH:
+                self._flush_unsubscribes()
+
+    def _flush_unsubscribes(self) -> None:
+        """With _lock held: writes the gathered unsubscribes now."""
+        if not self._unsubscribes or not self._sub_up:
+            return
+        try:
+            self._sub_conn._sock.sendall(_protocol.resp_command(b"UNSUBSCRIBE", *self._unsubscribes))
+            self._unsubscribes = []
+        except (OSError, AttributeError):
+            self._sub_broken()
 
     def _sub_broken(self) -> None:
         """Called with _lock held after a failed write: the reader reconnects."""
@@ -456,6 +467,8 @@ class Client:
                 continue
             try:
                 if not conn.can_read(timeout=1.0):
+                    with self._lock:  # idle: no SUBSCRIBE will carry them soon
+                        self._flush_unsubscribes()
                     continue
                 message = conn.read_response()
             except Exception:
@@ -491,9 +504,10 @@ class Client:
                 _disconnect(conn)
                 return True
             channels = list(self._waiters)
+            self._unsubscribes = []  # a new connection has only what it subscribes now
             try:
                 if channels:
-                    conn._sock.sendall(b"".join(conn.pack_command("SUBSCRIBE", *channels)))
+                    conn._sock.sendall(_protocol.resp_command(b"SUBSCRIBE", *channels))
             except (OSError, AttributeError):
                 _disconnect(conn)
                 return False
