@@ -10,6 +10,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import msgpack as _msgpack
 
+from redis.connection import parse_url
+
 from .errors import ProtocolError
 
 DEFAULT_URL = "redis://127.0.0.1:6379"
@@ -168,3 +170,68 @@ def subscribe_packet(channel: bytes, unsubscribe: "list") -> bytes:
     """``UNSUBSCRIBE`` of the channels done with (if any), then ``SUBSCRIBE channel``."""
     head = resp_command(b"UNSUBSCRIBE", *unsubscribe) if unsubscribe else b""
     return head + resp_command(b"SUBSCRIBE", channel)
+
+
+def connection_settings(url: str, db: int, socket_timeout: Optional[float]) -> Dict[str, Any]:
+    """The settings the URL names (host, port, password, TLS, unix socket; its
+    ``connection_class``, which the asyncio client maps to its own), for
+    connections the clients manage themselves: no retries, no automatic
+    re-subscribing (they decide what happens after a fault), RESP2."""
+    kwargs = parse_url(url)
+    kwargs.update(db=db, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
+                  socket_keepalive=True, protocol=2, health_check_interval=0)
+    return kwargs
+
+
+class ClientBase:
+    """What both clients share: where Redis is, the defaults of each call, names
+    and bodies. Not for: connections (each client has its own kind)."""
+
+    def __init__(self, url: Optional[str] = None, env: Optional[str] = None, *,
+                 prefix: str = DEFAULT_PREFIX, user: str = "test", source: str = "test",
+                 timeout: float = 10.0, socket_timeout: float = 5.0, pool_size: int = 8,
+                 id_block: int = DEFAULT_ID_BLOCK):
+        self.url, self.env, self.db = resolve(url, env)
+        self.prefix = prefix
+        self.user = user
+        self.source = source
+        self.timeout = timeout
+        self.socket_timeout = socket_timeout
+        self._names = Names(prefix, self.db)
+        self._settings = connection_settings(self.url, self.db, socket_timeout)
+        self._id_block_size = id_block
+        self._pool_size = pool_size
+        self._run_id: Optional[str] = None
+        self._generation = 0  # +1 each time Redis is seen restarted
+        self._ids = IdBlock()
+        #: Counters for tests and benchmarks: subscriber reconnects, Redis restarts seen.
+        self.stats = {"reconnects": 0, "restarts": 0}
+        self._init_connections()
+
+    def _init_connections(self) -> None:
+        """Each client's own state: its connections, locks, waiters (nothing connects yet)."""
+        raise NotImplementedError
+
+    def counter_key(self) -> str:
+        return self._names.counter
+
+    def queue_key(self) -> str:
+        return self._names.queue
+
+    def request_key(self, id: int) -> str:
+        return self._names.request_key(id)
+
+    def reply_channel(self, id: int, msgpack: bool = False) -> str:
+        return self._names.reply_channel(id, msgpack)
+
+    def body(self, func: str, args: Optional[Dict[str, Any]] = None, user: Optional[str] = None,
+             source: Optional[str] = None, reply: bool = True,
+             delay: Optional[float] = None) -> bytes:
+        """The JSON request body, as bytes. ``reply=False`` tells the server to
+        publish no reply (a one-way call); ``delay`` is in seconds."""
+        return encode_body(func, args, self.user if user is None else user,
+                           self.source if source is None else source, reply, delay)
+
+    def _timeout_for(self, timeout: Optional[float], delay: Optional[float]) -> float:
+        """A call's timeout: its own, else the client's plus the call's delay."""
+        return self.timeout + (delay or 0) if timeout is None else timeout

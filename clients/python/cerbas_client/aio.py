@@ -19,10 +19,9 @@ from typing import Any, Dict, List, Optional
 
 import redis
 import redis.asyncio
-from redis.connection import parse_url
 
 from . import _protocol
-from ._protocol import DEFAULT_ID_BLOCK, DEFAULT_PREFIX, IdBlock, Names, resolve
+from ._protocol import ClientBase
 from .errors import (CerbasError, ClosedError, ConnectionError, ProtocolError,
                      ReplyError, TimeoutError)
 
@@ -37,39 +36,18 @@ _CLASSES = {
 }
 
 
-def _conn_settings(url: str, db: int, socket_timeout: Optional[float]):
-    """As client.py's: the asyncio connection class and settings the URL names."""
-    kwargs = parse_url(url)
-    conn_class = _CLASSES[kwargs.pop("connection_class", redis.connection.Connection)]
-    kwargs.update(db=db, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
-                  socket_keepalive=True, protocol=2, health_check_interval=0)
-    return conn_class, kwargs
-
-
-class AsyncClient:
+class AsyncClient(ClientBase):
     """The asyncio twin of ``Client``: same arguments, same methods (awaited),
     same errors. Safe to share between all tasks of one event loop."""
 
-    def __init__(self, url: Optional[str] = None, env: Optional[str] = None, *,
-                 prefix: str = DEFAULT_PREFIX, user: str = "test", source: str = "test",
-                 timeout: float = 10.0, socket_timeout: float = 5.0, pool_size: int = 8,
-                 id_block: int = DEFAULT_ID_BLOCK):
-        self.url, self.env, self.db = resolve(url, env)
-        self.prefix = prefix
-        self.user = user
-        self.source = source
-        self.timeout = timeout
-        self.socket_timeout = socket_timeout
-        self._names = Names(prefix, self.db)
-        self._conn_class, self._kwargs = _conn_settings(self.url, self.db, socket_timeout)
+    def _init_connections(self) -> None:
+        settings = dict(self._settings)
+        self._conn_class = _CLASSES[settings.pop("connection_class", redis.connection.Connection)]
+        self._kwargs = settings
         # The subscriber waits for messages without a read timeout; its connecting
         # and writing are bounded by asyncio.wait_for instead.
         self._sub_kwargs = dict(self._kwargs, socket_timeout=None)
-        self._id_block_size = id_block
-        self._pool_size = pool_size
         self._closed = False
-        self._run_id: Optional[str] = None
-        self._generation = 0
         self._waiters: Dict[bytes, "asyncio.Future[bytes]"] = {}
         self._idle: List[Any] = []
         self._in_use: set = set()
@@ -79,25 +57,7 @@ class AsyncClient:
         self._unsubscribes: List[bytes] = []  # channels done with, not yet unsubscribed
         self._flush_timer: Optional[asyncio.TimerHandle] = None
         self._reader: Optional["asyncio.Task[None]"] = None
-        self._id_lock: Optional[asyncio.Lock] = None
-        self._ids = IdBlock()
-        #: Counters for tests and benchmarks: subscriber reconnects, Redis restarts seen.
-        self.stats = {"reconnects": 0, "restarts": 0}
-
-    # --- names (docs/PROTOCOL.md) ------------------------------------------------
-
-    def request_key(self, id: int) -> str:
-        return self._names.request_key(id)
-
-    def reply_channel(self, id: int, msgpack: bool = False) -> str:
-        return self._names.reply_channel(id, msgpack)
-
-    def body(self, func: str, args: Optional[Dict[str, Any]] = None, user: Optional[str] = None,
-             source: Optional[str] = None, reply: bool = True,
-             delay: Optional[float] = None) -> bytes:
-        """The JSON request body, as bytes (see ``Client.body``)."""
-        return _protocol.encode_body(func, args, self.user if user is None else user,
-                                     self.source if source is None else source, reply, delay)
+        self._id_lock: Optional[asyncio.Lock] = None  # made on the client's loop
 
     # --- the API -----------------------------------------------------------------
 
@@ -107,8 +67,7 @@ class AsyncClient:
                       delay: Optional[float] = None) -> Dict[str, Any]:
         """As ``Client.request``: returns ``{"status": ..., "data": ...}``; raises
         ``TimeoutError``, ``ConnectionError``, ``ClosedError``, ``ProtocolError``."""
-        if timeout is None:
-            timeout = self.timeout + (delay or 0)
+        timeout = self._timeout_for(timeout, delay)
         deadline = time.monotonic() + timeout
         body = self.body(func, args, user, source, delay=delay)
         self._check_open()

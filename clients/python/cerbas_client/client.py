@@ -10,7 +10,9 @@ How one call goes (docs/PROTOCOL.md, "The steps of one request"):
 3. ``SET`` the body and ``RPUSH`` the id, in one round trip on a command connection
    (a small pool, reused: never a connection per call);
 4. wait for the reader thread to hand over the reply, at most until the deadline;
-   then ``UNSUBSCRIBE``.
+   the channel's ``UNSUBSCRIBE`` goes out with the next call's ``SUBSCRIBE`` (one
+   write per call on the subscriber connection; a message on a channel nobody
+   waits for is dropped).
 
 Step 2 does not wait for Redis to confirm the subscription: the ``SUBSCRIBE`` is in
 Redis's socket before step 3 is sent, so Redis reads it in the same event-loop turn
@@ -34,27 +36,15 @@ import time
 from typing import Any, Dict, List, Optional
 
 import redis
-from redis.connection import parse_url
 
 from . import _protocol
-from ._protocol import DEFAULT_ID_BLOCK, DEFAULT_PREFIX, IdBlock, Names, resolve
+from ._protocol import ClientBase
 from .errors import (CerbasError, ClosedError, ConnectionError, ProtocolError,
                      ReplyError, TimeoutError)
 
 __all__ = ["Client"]
 
 _RESTARTED = "Redis was restarted (run_id changed) while the call waited"
-
-
-def _conn_settings(url: str, db: int, socket_timeout: float):
-    """The connection class and settings the URL names (host, port, password, TLS,
-    unix socket), for connections this client manages itself (no retries, no
-    automatic re-subscribing: it decides what happens after a fault)."""
-    kwargs = parse_url(url)
-    conn_class = kwargs.pop("connection_class", redis.Connection)
-    kwargs.update(db=db, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout,
-                  socket_keepalive=True, protocol=2, health_check_interval=0)
-    return conn_class, kwargs
 
 
 class _Waiter:
@@ -86,7 +76,7 @@ class _Waiter:
             pass
 
 
-class Client:
+class Client(ClientBase):
     """A connection to one cerbas deployment: a Redis URL, a database, a prefix.
 
     Safe to share between threads: every thread of a process may call one
@@ -102,24 +92,14 @@ class Client:
     ids one ``INCRBY`` reserves.
     """
 
-    def __init__(self, url: Optional[str] = None, env: Optional[str] = None, *,
-                 prefix: str = DEFAULT_PREFIX, user: str = "test", source: str = "test",
-                 timeout: float = 10.0, socket_timeout: float = 5.0, pool_size: int = 8,
-                 id_block: int = DEFAULT_ID_BLOCK):
-        self.url, self.env, self.db = resolve(url, env)
-        self.prefix = prefix
-        self.user = user
-        self.source = source
-        self.timeout = timeout
-        self.socket_timeout = socket_timeout
-        self._names = Names(prefix, self.db)
-        self._conn_class, self._kwargs = _conn_settings(self.url, self.db, socket_timeout)
+    def _init_connections(self) -> None:
+        settings = dict(self._settings)
+        self._conn_class = settings.pop("connection_class", redis.Connection)
+        self._kwargs = settings
         # A plain redis-py client on the same Redis, for the caller's own commands.
         self.redis = redis.Redis.from_url(self.url, db=self.db,
-                                          socket_timeout=socket_timeout,
-                                          socket_connect_timeout=socket_timeout)
-        self._id_block_size = id_block
-        self._pool_size = pool_size
+                                          socket_timeout=self.socket_timeout,
+                                          socket_connect_timeout=self.socket_timeout)
 
         # _lock guards everything below it; _sub_ready is signalled when the
         # subscriber connection is up (or the client closed), _pool_free when a
@@ -128,8 +108,6 @@ class Client:
         self._sub_ready = threading.Condition(self._lock)
         self._pool_free = threading.Condition(self._lock)  # a command connection came back
         self._closed = False
-        self._run_id: Optional[str] = None
-        self._generation = 0  # +1 each time Redis is seen restarted
         self._waiters: Dict[bytes, _Waiter] = {}
         self._idle: List[Any] = []  # command connections not in use
         self._in_use: set = set()  # command connections a call is using
@@ -138,31 +116,6 @@ class Client:
         self._unsubscribes: List[bytes] = []  # channels done with, not yet unsubscribed
         self._reader: Optional[threading.Thread] = None
         self._id_lock = threading.Lock()
-        self._ids = IdBlock()
-        #: Counters for tests and benchmarks: subscriber reconnects, Redis restarts seen.
-        self.stats = {"reconnects": 0, "restarts": 0}
-
-    # --- names (docs/PROTOCOL.md) ------------------------------------------------
-
-    def counter_key(self) -> str:
-        return self._names.counter
-
-    def queue_key(self) -> str:
-        return self._names.queue
-
-    def request_key(self, id: int) -> str:
-        return self._names.request_key(id)
-
-    def reply_channel(self, id: int, msgpack: bool = False) -> str:
-        return self._names.reply_channel(id, msgpack)
-
-    def body(self, func: str, args: Optional[Dict[str, Any]] = None, user: Optional[str] = None,
-             source: Optional[str] = None, reply: bool = True,
-             delay: Optional[float] = None) -> bytes:
-        """The JSON request body, as bytes. ``reply=False`` tells the server to
-        publish no reply (a one-way call)."""
-        return _protocol.encode_body(func, args, self.user if user is None else user,
-                                     self.source if source is None else source, reply, delay)
 
     # --- the API -----------------------------------------------------------------
 
@@ -180,8 +133,7 @@ class Client:
         restarted during the call), ``ClosedError`` after ``close()``,
         ``ProtocolError`` for a reply that is not a reply; all are ``CerbasError``.
         """
-        if timeout is None:
-            timeout = self.timeout + (delay or 0)
+        timeout = self._timeout_for(timeout, delay)
         deadline = time.monotonic() + timeout
         body = self.body(func, args, user, source, delay=delay)
         self._check_open()
