@@ -207,6 +207,55 @@ def test_redis_restarted_with_calls_in_flight(own_server, make_client):
     assert c.stats["restarts"] == 1
 
 
+def test_subscriber_connection_killed_calls_still_get_their_replies(cerbas_server, make_client):
+    """Same Redis, subscriber connection broken (CLIENT KILL) while calls wait:
+    the client reconnects, subscribes the awaited channels again, and each call
+    gets its own reply (published after the reconnect, or republished)."""
+    c = make_client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
+    c.request("hello")
+    holder = {}
+    t = threading.Thread(target=lambda: holder.update(results=in_threads(
+        6, lambda i: c.request("sleep", {"ms": 300 + 100 * i}, timeout=10.0))))
+    t.start()
+    wait_for(lambda: c.waiting() == 6, "the calls to be in flight")
+    r = redis_connect(cerbas_server)
+    try:
+        killed = r.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    finally:
+        r.close()
+    assert killed >= 1
+    t.join(timeout=20.0)
+    assert not t.is_alive()
+    for i, result in enumerate(holder["results"]):
+        assert result == {"status": "ok", "data": 300 + 100 * i}, result
+    assert c.stats["reconnects"] >= 1
+    assert c.request("echo", {"message": "after"}) == {"status": "ok", "data": "after"}
+
+
+def test_redis_gone_fails_calls_at_once(own_server, make_client):
+    """Redis stopped (and not back): the calls waiting fail with ConnectionError at
+    once, not at their timeout, and so do new calls."""
+    c = make_client(own_server.redis_url, env="dev", user="foo", source="cerbastest",
+                    timeout=20.0)
+    c.request("hello")
+    holder = {}
+    t = threading.Thread(target=lambda: holder.update(results=in_threads(
+        3, lambda i: c.request("sleep", {"ms": 4000}))))
+    t.start()
+    wait_for(lambda: c.waiting() == 3, "the calls to be in flight")
+    own_server.redis.stop()
+    stopped_at = time.monotonic()
+    t.join(timeout=25.0)
+    assert not t.is_alive()
+    assert time.monotonic() - stopped_at < 3.0
+    for result in holder["results"]:
+        assert isinstance(result, ConnectionError), result
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        c.request("hello", timeout=5.0)
+    assert time.monotonic() - started < 2.0
+
+
 def _answers(client):
     try:
         return client.request("hello", timeout=1.0)["status"] == "ok"

@@ -212,6 +212,21 @@ class ClientBase:
         """Each client's own state: its connections, locks, waiters (nothing connects yet)."""
         raise NotImplementedError
 
+    def _new_run(self, run_id: str) -> bool:
+        """Notes the run_id a new connection found (the caller holds whatever lock
+        guards the client's state); True when it is another than before: Redis was
+        restarted, so the ids reserved and the calls waiting belong to a Redis
+        that is gone (the caller fails those calls)."""
+        if self._run_id is None:
+            self._run_id = run_id
+            return False
+        if run_id == self._run_id:
+            return False
+        self._run_id = run_id
+        self._generation += 1
+        self.stats["restarts"] += 1
+        return True
+
     def counter_key(self) -> str:
         return self._names.counter
 

@@ -54,6 +54,8 @@ class AsyncClient(ClientBase):
         self._pool_free: Optional[asyncio.Semaphore] = None  # made on the client's loop
         self._sub_conn: Any = None
         self._sub_up: Optional[asyncio.Event] = None
+        self._sub_wake: Optional[asyncio.Event] = None
+        self._sub_error: Optional[ConnectionError] = None  # the last reconnect's, while down
         self._unsubscribes: List[bytes] = []  # channels done with, not yet unsubscribed
         self._flush_timer: Optional[asyncio.TimerHandle] = None
         self._reader: Optional["asyncio.Task[None]"] = None
@@ -123,6 +125,7 @@ class AsyncClient(ClientBase):
         self._fail_all(ClosedError("client closed while the call waited"))
         if self._sub_up is not None:
             self._sub_up.set()  # wakes callers waiting for the subscriber connection
+            self._sub_wake.set()
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()
@@ -238,12 +241,7 @@ class AsyncClient(ClientBase):
         return [await conn.read_response() for _ in commands], gen
 
     def _seen_run_id(self, run_id: str) -> int:
-        if self._run_id is None:
-            self._run_id = run_id
-        elif run_id != self._run_id:
-            self._run_id = run_id
-            self._generation += 1
-            self.stats["restarts"] += 1
+        if self._new_run(run_id):
             self._fail_all(ConnectionError(_RESTARTED))
         return self._generation
 
@@ -259,7 +257,8 @@ class AsyncClient(ClientBase):
     async def _subscribe(self, channel: bytes, future: "asyncio.Future[bytes]",
                          deadline: float) -> None:
         if self._sub_up is None:
-            self._sub_up = asyncio.Event()
+            self._sub_up = asyncio.Event()  # set while the subscriber connection is up
+            self._sub_wake = asyncio.Event()  # set (and replaced) when a reconnect fails
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read_loop())
         while True:
@@ -275,13 +274,18 @@ class AsyncClient(ClientBase):
                     return
                 self._sub_broken()
                 continue
+            if self._sub_error is not None:
+                raise self._sub_error
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("no subscriber connection to Redis within the timeout")
+            up, woken = self._sub_up.wait(), self._sub_wake.wait()
+            tasks = [asyncio.ensure_future(up), asyncio.ensure_future(woken)]
             try:
-                await asyncio.wait_for(self._sub_up.wait(), left)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait(tasks, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
 
     def _unsubscribe(self, channel: bytes, future: "asyncio.Future[bytes]") -> None:
         if self._waiters.get(channel) is future:
@@ -359,8 +363,16 @@ class AsyncClient(ClientBase):
         except asyncio.CancelledError:
             await _disconnect(conn)
             raise
-        except Exception:
+        except (asyncio.TimeoutError, redis.TimeoutError):
+            await _disconnect(conn)  # Redis frozen or slow: it may come back as the same run
+            return False
+        except Exception as e:
+            # As client.py: refused or broken at once, the Redis is gone: fail now.
             await _disconnect(conn)
+            self._sub_error = ConnectionError("Redis at %s unreachable: %s" % (self.url, e))
+            self._fail_all(self._sub_error)
+            self._sub_wake.set()
+            self._sub_wake = asyncio.Event()
             return False
         self._seen_run_id(run_id)
         if self._closed:
@@ -374,6 +386,7 @@ class AsyncClient(ClientBase):
         self._sub_conn = conn
         if old is not None:
             self.stats["reconnects"] += 1
+        self._sub_error = None
         self._sub_up.set()
         return True
 

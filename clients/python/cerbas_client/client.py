@@ -113,6 +113,7 @@ class Client(ClientBase):
         self._in_use: set = set()  # command connections a call is using
         self._sub_conn: Any = None
         self._sub_up = False
+        self._sub_error: Optional[ConnectionError] = None  # the last reconnect's, while down
         self._unsubscribes: List[bytes] = []  # channels done with, not yet unsubscribed
         self._reader: Optional[threading.Thread] = None
         self._id_lock = threading.Lock()
@@ -329,12 +330,7 @@ class Client(ClientBase):
         """Notes the run_id a new connection found; a new one means Redis was
         restarted: every waiting call fails and the id block is dropped."""
         with self._lock:
-            if self._run_id is None:
-                self._run_id = run_id
-            elif run_id != self._run_id:
-                self._run_id = run_id
-                self._generation += 1
-                self.stats["restarts"] += 1
+            if self._new_run(run_id):
                 waiters = list(self._waiters.values())
                 self._waiters.clear()
                 for w in waiters:
@@ -371,6 +367,8 @@ class Client(ClientBase):
                     except (OSError, AttributeError):
                         self._sub_broken()
                         continue
+                if self._sub_error is not None:
+                    raise self._sub_error
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("no subscriber connection to Redis within the timeout")
@@ -444,8 +442,22 @@ class Client(ClientBase):
             conn.connect()
             conn.send_command("INFO", "server", check_health=False)
             run_id = _protocol.parse_run_id(conn.read_response())
-        except Exception:
+        except redis.TimeoutError:
+            _disconnect(conn)  # Redis frozen or slow: it may come back as the same run
+            return False
+        except Exception as e:
+            # Refused or broken at once: the Redis these calls went to is gone (a
+            # new process has a new run_id), so they fail now, as does every call
+            # until a reconnect succeeds.
             _disconnect(conn)
+            error = ConnectionError("Redis at %s unreachable: %s" % (self.url, e))
+            with self._lock:
+                self._sub_error = error
+                waiters = list(self._waiters.values())
+                self._waiters.clear()
+                self._sub_ready.notify_all()
+            for w in waiters:
+                w.fail(error)
             return False
         old = self._sub_conn
         if old is not None:
@@ -465,6 +477,7 @@ class Client(ClientBase):
                 return False
             self._sub_conn = conn
             self._sub_up = True
+            self._sub_error = None
             if old is not None:
                 self.stats["reconnects"] += 1
             self._sub_ready.notify_all()
