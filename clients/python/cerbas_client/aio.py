@@ -301,7 +301,7 @@ class AsyncClient(ClientBase):
                 self._flush_unsubscribes()
 
     def _flush_unsubscribes(self) -> None:
-        if self._unsubscribes and self._sub_up is not None and self._sub_up.is_set():
+        if self._unsubscribes and not self._closed and self._sub_up is not None and self._sub_up.is_set():
             if _write(self._sub_conn, _protocol.resp_command(b"UNSUBSCRIBE", *self._unsubscribes)):
                 self._unsubscribes = []
             else:
@@ -326,10 +326,9 @@ class AsyncClient(ClientBase):
                     backoff = min(backoff * 2, 1.0)
                 continue
             try:
-                if not conn._reader._buffer:
-                    # About to wait for Redis: nothing else carries the gathered
-                    # unsubscribes if no call comes; send them once idle for 1 s.
-                    self._schedule_flush()
+                # Nothing else carries the gathered unsubscribes if no call comes:
+                # send them after 1 s.
+                self._schedule_flush()
                 message = await conn.read_response()
             except asyncio.CancelledError:
                 raise
