@@ -12,7 +12,7 @@ subscribed on it, before the request is pushed, and a reader routes each message
 to its caller) and reuses a few command connections; ids are reserved 100 at a
 time. Errors are one hierarchy: ``CerbasError`` > ``TimeoutError`` (also the
 builtin ``TimeoutError``), ``ConnectionError`` (also the builtin one) >
-``ClosedError``, ``ProtocolError``, ``ReplyError``.
+``RestartedError``, ``ClosedError``; ``ProtocolError``, ``ReplyError``.
 
 Redis is found as the server finds it: the URL is the argument, else
 ``CERBAS_REDIS_URL``, else ``redis://127.0.0.1:6379`` (a password goes in the URL:
@@ -45,11 +45,11 @@ from typing import Any, Dict, Optional
 from ._protocol import resolve
 from .client import Client
 from .errors import (CerbasError, CerbasTimeout, ClosedError, ConnectionError,
-                     ProtocolError, ReplyError, TimeoutError)
+                     ProtocolError, ReplyError, RestartedError, TimeoutError)
 
 __all__ = [
     "AsyncClient", "CerbasError", "CerbasTimeout", "ClosedError", "Client",
-    "ConnectionError", "ProtocolError", "ReplyError", "TimeoutError", "request",
+    "ConnectionError", "ProtocolError", "ReplyError", "RestartedError", "TimeoutError", "request",
     "request_without_response", "resolve",
 ]
 

@@ -250,3 +250,70 @@ class ClientBase:
     def _timeout_for(self, timeout: Optional[float], delay: Optional[float]) -> float:
         """A call's timeout: its own, else the client's plus the call's delay."""
         return self.timeout + (delay or 0) if timeout is None else timeout
+
+
+class _Incomplete(Exception):
+    pass
+
+
+class RespReader:
+    """Parses what a subscriber connection receives (RESP2: arrays of bulk
+    strings and integers, simple strings, errors) from chunks fed as they come.
+    The clients read their subscriber socket themselves (one read, every message
+    in it) rather than through redis-py's per-message calls; hiredis's Reader
+    does the same in C and is used instead when installed."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> None:
+        self._buf = self._buf + data if self._buf else data
+
+    def gets(self) -> Any:
+        """The next whole reply, or False when more data is needed."""
+        try:
+            reply, end = self._parse(0)
+        except _Incomplete:
+            return False
+        self._buf = self._buf[end:]
+        return reply
+
+    def _parse(self, pos: int):
+        buf = self._buf
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            raise _Incomplete
+        kind, line = buf[pos:pos + 1], buf[pos + 1:eol]
+        pos = eol + 2
+        if kind == b"$":
+            n = int(line)
+            if n < 0:
+                return None, pos
+            if len(buf) < pos + n + 2:
+                raise _Incomplete
+            return buf[pos:pos + n], pos + n + 2
+        if kind == b"*":
+            n = int(line)
+            if n < 0:
+                return None, pos
+            items = []
+            for _ in range(n):
+                item, pos = self._parse(pos)
+                items.append(item)
+            return items, pos
+        if kind == b":":
+            return int(line), pos
+        if kind == b"+":
+            return line, pos
+        if kind == b"-":
+            return ProtocolError(line.decode("utf-8", "replace")), pos
+        raise ProtocolError("not RESP: %r" % buf[pos - 2 - len(line) - 1:pos][:40])
+
+
+def reply_reader() -> Any:
+    """A parser for the subscriber connection: hiredis's if installed, else ours."""
+    try:
+        import hiredis
+    except ImportError:
+        return RespReader()
+    return hiredis.Reader()

@@ -23,11 +23,10 @@ import redis.asyncio
 from . import _protocol
 from ._protocol import ClientBase
 from .errors import (CerbasError, ClosedError, ConnectionError, ProtocolError,
-                     ReplyError, TimeoutError)
+                     ReplyError, RestartedError, TimeoutError, restarted)
 
 __all__ = ["AsyncClient"]
 
-_RESTARTED = "Redis was restarted (run_id changed) while the call waited"
 
 _CLASSES = {
     redis.connection.Connection: redis.asyncio.connection.Connection,
@@ -56,6 +55,8 @@ class AsyncClient(ClientBase):
         self._sub_up: Optional[asyncio.Event] = None
         self._sub_wake: Optional[asyncio.Event] = None
         self._sub_error: Optional[ConnectionError] = None  # the last reconnect's, while down
+        self._sub_failures = 0  # reconnects refused so far
+        self._sub_poke: Optional[asyncio.Event] = None  # set: try a reconnect now
         self._unsubscribes: List[bytes] = []  # channels done with, not yet unsubscribed
         self._flush_timer: Optional[asyncio.TimerHandle] = None
         self._reader: Optional["asyncio.Task[None]"] = None
@@ -73,29 +74,45 @@ class AsyncClient(ClientBase):
         deadline = time.monotonic() + timeout
         body = self.body(func, args, user, source, delay=delay)
         self._check_open()
+        try:
+            data = await self._call(func, body, msgpack, deadline, timeout)
+        except RestartedError as e:
+            if e.pushed:
+                raise
+            # As client.py: nothing was pushed under the old id; go again, once.
+            data = await self._call(func, body, msgpack, deadline, timeout)
+        return _protocol.decode_reply(data, msgpack)
+
+    async def _call(self, func: str, body: bytes, msgpack: bool, deadline: float,
+                    timeout: float) -> bytes:
+        """One attempt of request(): the reply's bytes."""
         id, generation = await self._next_id(deadline)
         channel = self.reply_channel(id, msgpack).encode()
         if self._closed:
             raise ClosedError("client is closed")
         if generation != self._generation:
-            raise ConnectionError(_RESTARTED)
+            raise restarted(pushed=False)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._waiters[channel] = future
         # One timer per call (cheaper than wait_for, which wraps a task around it).
         timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, future)
+        pushed = False
         try:
             await self._subscribe(channel, future, deadline)
             await self._push(id, body, generation, deadline)
+            pushed = True
             try:
-                data = await future
+                return await future
             except _Expired:
                 raise TimeoutError("no reply to %s (request %d) within %g s"
                                    % (func, id, timeout)) from None
+        except RestartedError as e:
+            e.pushed = pushed
+            raise
         finally:
             timer.cancel()
             self._unsubscribe(channel, future)
-        return _protocol.decode_reply(data, msgpack)
 
     async def call(self, func: str, args: Optional[Dict[str, Any]] = None, **options: Any) -> Any:
         """As ``Client.call``: the reply's data, or ``ReplyError``."""
@@ -112,9 +129,15 @@ class AsyncClient(ClientBase):
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         body = self.body(func, args, user, source, reply=False, delay=delay)
         self._check_open()
-        id, generation = await self._next_id(deadline)
-        await self._push(id, body, generation, deadline)
-        return id
+        for attempt in (1, 2):
+            id, generation = await self._next_id(deadline)
+            try:
+                await self._push(id, body, generation, deadline)
+                return id
+            except RestartedError:  # raised before sending: go again with a new id
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         """Closes the connections: calls in flight fail at once with ``ClosedError``,
@@ -236,13 +259,17 @@ class AsyncClient(ClientBase):
             await conn.send_command("INFO", "server", check_health=False)
             gen = self._seen_run_id(_protocol.parse_run_id(await conn.read_response()))
         if generation is not None and gen != generation:
-            raise ConnectionError(_RESTARTED)
+            raise restarted()
         await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
         return [await conn.read_response() for _ in commands], gen
 
     def _seen_run_id(self, run_id: str) -> int:
         if self._new_run(run_id):
-            self._fail_all(ConnectionError(_RESTARTED))
+            waiters = list(self._waiters.values())
+            self._waiters.clear()
+            for future in waiters:
+                if not future.done():
+                    future.set_exception(restarted())
         return self._generation
 
     def _fail_all(self, error: CerbasError) -> None:
@@ -259,8 +286,10 @@ class AsyncClient(ClientBase):
         if self._sub_up is None:
             self._sub_up = asyncio.Event()  # set while the subscriber connection is up
             self._sub_wake = asyncio.Event()  # set (and replaced) when a reconnect fails
+            self._sub_poke = asyncio.Event()
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+        failures = self._sub_failures
         while True:
             if future.done():
                 if isinstance(future.exception(), _Expired):
@@ -275,7 +304,10 @@ class AsyncClient(ClientBase):
                 self._sub_broken()
                 continue
             if self._sub_error is not None:
-                raise self._sub_error
+                # As client.py: fail only on a reconnect refused since this call came.
+                if self._sub_failures > failures:
+                    raise self._sub_error
+                self._sub_poke.set()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("no subscriber connection to Redis within the timeout")
@@ -315,6 +347,9 @@ class AsyncClient(ClientBase):
             writer.close()  # the reader task sees the end and reconnects
 
     async def _read_loop(self) -> None:
+        """The reader task: keeps the subscriber connection up and resolves each
+        message's future, until close(). As client.py's, it reads the stream
+        itself, every message a read brings at once."""
         backoff = 0.05
         while not self._closed:
             conn = self._sub_conn
@@ -322,24 +357,41 @@ class AsyncClient(ClientBase):
                 if await self._sub_reconnect():
                     backoff = 0.05
                 else:
-                    await asyncio.sleep(backoff)  # Redis is down: retry, each time a bit later
+                    try:  # Redis is down: retry, each time a bit later, or when poked
+                        await asyncio.wait_for(self._sub_poke.wait(), backoff)
+                    except asyncio.TimeoutError:
+                        pass
+                    self._sub_poke.clear()
                     backoff = min(backoff * 2, 1.0)
                 continue
             try:
-                # Nothing else carries the gathered unsubscribes if no call comes:
-                # send them after 1 s.
-                self._schedule_flush()
-                message = await conn.read_response()
+                await self._read_messages(conn)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                self._sub_up.clear()
-                await _disconnect(conn)
-                continue
-            if type(message) is list and len(message) == 3 and message[0] == b"message":
-                future = self._waiters.get(message[1])
-                if future is not None and not future.done():
-                    future.set_result(message[2])
+                pass
+            self._sub_up.clear()
+            await _disconnect(conn)
+
+    async def _read_messages(self, conn) -> None:
+        stream = conn._reader
+        parser = _protocol.reply_reader()
+        waiters = self._waiters
+        while not self._closed:
+            # Nothing else carries the gathered unsubscribes if no call comes:
+            # send them after 1 s.
+            self._schedule_flush()
+            data = await stream.read(65536)
+            if not data:
+                return  # closed by Redis (or by us)
+            parser.feed(data)
+            message = parser.gets()
+            while message is not False:
+                if type(message) is list and len(message) == 3 and message[0] == b"message":
+                    future = waiters.get(message[1])
+                    if future is not None and not future.done():
+                        future.set_result(message[2])
+                message = parser.gets()
 
     def _schedule_flush(self) -> None:
         if self._unsubscribes and self._flush_timer is None:
@@ -369,6 +421,7 @@ class AsyncClient(ClientBase):
             # As client.py: refused or broken at once, the Redis is gone: fail now.
             await _disconnect(conn)
             self._sub_error = ConnectionError("Redis at %s unreachable: %s" % (self.url, e))
+            self._sub_failures += 1
             self._fail_all(self._sub_error)
             self._sub_wake.set()
             self._sub_wake = asyncio.Event()

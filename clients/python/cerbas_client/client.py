@@ -31,6 +31,7 @@ request's reply), and a new id block is reserved.
 """
 
 import select
+import socket
 import threading
 import time
 from typing import Any, Dict, List, Optional
@@ -40,11 +41,11 @@ import redis
 from . import _protocol
 from ._protocol import ClientBase
 from .errors import (CerbasError, ClosedError, ConnectionError, ProtocolError,
-                     ReplyError, TimeoutError)
+                     ReplyError, RestartedError, TimeoutError, restarted)
 
 __all__ = ["Client"]
 
-_RESTARTED = "Redis was restarted (run_id changed) while the call waited"
+
 
 
 class _Waiter:
@@ -114,6 +115,8 @@ class Client(ClientBase):
         self._sub_conn: Any = None
         self._sub_up = False
         self._sub_error: Optional[ConnectionError] = None  # the last reconnect's, while down
+        self._sub_failures = 0  # reconnects refused so far
+        self._sub_poked = False  # a caller wants a reconnect tried now, not after the pause
         self._unsubscribes: List[bytes] = []  # channels done with, not yet unsubscribed
         self._reader: Optional[threading.Thread] = None
         self._id_lock = threading.Lock()
@@ -138,6 +141,19 @@ class Client(ClientBase):
         deadline = time.monotonic() + timeout
         body = self.body(func, args, user, source, delay=delay)
         self._check_open()
+        try:
+            waiter = self._call(func, body, msgpack, deadline, timeout)
+        except RestartedError as e:
+            if e.pushed:
+                raise
+            # Nothing was pushed under the old id: go again, with one from the new
+            # Redis (at most once more: a second restart within one call fails it).
+            waiter = self._call(func, body, msgpack, deadline, timeout)
+        return _protocol.decode_reply(waiter.data, msgpack)
+
+    def _call(self, func: str, body: bytes, msgpack: bool, deadline: float,
+              timeout: float) -> "_Waiter":
+        """One attempt of request(): the waiter holding the reply."""
         id, generation = self._next_id(deadline)
         channel = self.reply_channel(id, msgpack).encode()
         waiter = _Waiter()
@@ -145,19 +161,24 @@ class Client(ClientBase):
             if self._closed:
                 raise ClosedError("client is closed")
             if generation != self._generation:
-                raise ConnectionError(_RESTARTED)
+                raise restarted(pushed=False)
             self._waiters[channel] = waiter
+        pushed = False
         try:
             self._subscribe(channel, waiter, deadline)
             self._push(id, body, generation, deadline)
+            pushed = True
             left = deadline - time.monotonic()
             if not (left > 0 and waiter.lock.acquire(timeout=left)):
                 raise TimeoutError("no reply to %s (request %d) within %g s" % (func, id, timeout))
             if waiter.error is not None:
                 raise waiter.error
+        except RestartedError as e:
+            e.pushed = pushed
+            raise
         finally:
             self._unsubscribe(channel, waiter)
-        return _protocol.decode_reply(waiter.data, msgpack)
+        return waiter
 
     def call(self, func: str, args: Optional[Dict[str, Any]] = None, **options: Any) -> Any:
         """Like ``request()`` (same keyword options) but returns the reply's ``data``
@@ -176,9 +197,15 @@ class Client(ClientBase):
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         body = self.body(func, args, user, source, reply=False, delay=delay)
         self._check_open()
-        id, generation = self._next_id(deadline)
-        self._push(id, body, generation, deadline)
-        return id
+        for attempt in (1, 2):
+            id, generation = self._next_id(deadline)
+            try:
+                self._push(id, body, generation, deadline)
+                return id
+            except RestartedError:  # raised before sending: go again with a new id
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         """Closes the connections. Calls in flight fail at once with ``ClosedError``,
@@ -249,7 +276,7 @@ class Client(ClientBase):
         try:
             gen = self._connect(conn, deadline)
             if generation is not None and gen != generation:
-                raise ConnectionError(_RESTARTED)
+                raise restarted()
             _set_timeout(conn, self._left(deadline))
             conn.send_packed_command(conn.pack_commands(commands), check_health=False)
             answers = [conn.read_response() for _ in commands]
@@ -334,7 +361,7 @@ class Client(ClientBase):
                 waiters = list(self._waiters.values())
                 self._waiters.clear()
                 for w in waiters:
-                    w.fail(ConnectionError(_RESTARTED))
+                    w.fail(restarted())
             return self._generation
 
     def _connection_error(self, e: BaseException) -> CerbasError:
@@ -349,6 +376,7 @@ class Client(ClientBase):
         unsubscribes gathered so far, in the same write), waiting (up to the
         deadline) for it to be up; a reconnect subscribes ``channel`` itself."""
         with self._lock:
+            failures = self._sub_failures
             if self._reader is None:
                 self._reader = threading.Thread(target=self._read_loop,
                                                 name="cerbas-subscriber", daemon=True)
@@ -368,7 +396,12 @@ class Client(ClientBase):
                         self._sub_broken()
                         continue
                 if self._sub_error is not None:
-                    raise self._sub_error
+                    # Fail only on a reconnect refused since this call came: Redis
+                    # may be back by now, so ask the reader to try at once.
+                    if self._sub_failures > failures:
+                        raise self._sub_error
+                    self._sub_poked = True
+                    self._sub_ready.notify_all()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("no subscriber connection to Redis within the timeout")
@@ -404,7 +437,9 @@ class Client(ClientBase):
 
     def _read_loop(self) -> None:
         """The reader thread: keeps the subscriber connection up and routes each
-        message to its waiter, until close()."""
+        message to its waiter, until close(). It reads the socket itself, every
+        message a read brings at once (it is the one thread all replies pass
+        through)."""
         backoff = 0.05
         while not self._closed:
             conn = self._sub_conn
@@ -412,27 +447,47 @@ class Client(ClientBase):
                 if self._sub_reconnect():
                     backoff = 0.05
                 else:
-                    time.sleep(backoff)  # Redis is down: retry, each time a bit later
+                    with self._lock:  # Redis is down: retry, each time a bit later
+                        if not self._sub_poked:
+                            self._sub_ready.wait(backoff)
+                        self._sub_poked = False
                     backoff = min(backoff * 2, 1.0)
                 continue
             try:
-                if not conn.can_read(timeout=1.0):
-                    with self._lock:  # idle: no SUBSCRIBE will carry them soon
-                        self._flush_unsubscribes()
-                    continue
-                message = conn.read_response()
+                self._read_messages(conn)
             except Exception:
-                with self._lock:
-                    if self._sub_conn is conn:
-                        self._sub_up = False
-                _disconnect(conn)
-                continue
-            if type(message) is list and len(message) == 3 and message[0] == b"message":
-                waiter = self._waiters.get(message[1])
-                if waiter is not None:
-                    waiter.deliver(message[2])
+                pass
+            with self._lock:
+                if self._sub_conn is conn:
+                    self._sub_up = False
+            _disconnect(conn)
         if self._sub_conn is not None:
             _disconnect(self._sub_conn)
+
+    def _read_messages(self, conn) -> None:
+        """Reads ``conn`` until it breaks (or the client closes), handing each
+        message to its waiter."""
+        sock = conn._sock
+        sock.settimeout(1.0)  # wakes up to see close(), and to flush when idle
+        parser = _protocol.reply_reader()
+        waiters = self._waiters
+        while not self._closed:
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                with self._lock:  # idle: no SUBSCRIBE will carry them soon
+                    self._flush_unsubscribes()
+                continue
+            if not data:
+                return  # closed by Redis (or by us)
+            parser.feed(data)
+            message = parser.gets()
+            while message is not False:
+                if type(message) is list and len(message) == 3 and message[0] == b"message":
+                    waiter = waiters.get(message[1])
+                    if waiter is not None:
+                        waiter.deliver(message[2])
+                message = parser.gets()
 
     def _sub_reconnect(self) -> bool:
         """Opens the subscriber connection; on the same Redis run subscribes every
@@ -453,6 +508,7 @@ class Client(ClientBase):
             error = ConnectionError("Redis at %s unreachable: %s" % (self.url, e))
             with self._lock:
                 self._sub_error = error
+                self._sub_failures += 1
                 waiters = list(self._waiters.values())
                 self._waiters.clear()
                 self._sub_ready.notify_all()

@@ -9,6 +9,7 @@ __all__ = [
     "TimeoutError",
     "ConnectionError",
     "ClosedError",
+    "RestartedError",
     "ProtocolError",
     "ReplyError",
     "CerbasTimeout",
@@ -28,6 +29,21 @@ class ConnectionError(CerbasError, builtins.ConnectionError):  # noqa: A001
     """Redis could not be reached or the connection broke during the call, or Redis
     was restarted while the call waited (its request id may be handed out again, so
     its reply could no longer be told apart from another request's)."""
+
+
+class RestartedError(ConnectionError):
+    """Redis was restarted (its ``run_id`` changed) while the call waited for its
+    reply: the restarted Redis may hand the call's id to another request, so the
+    call fails rather than risk getting that request's reply. (A call that had not
+    pushed its request yet is retried with a new id instead.)"""
+
+
+def restarted(pushed: bool = True) -> RestartedError:
+    """A RestartedError saying whether the call's request had been sent (request()
+    retries one that had not); one per call, as ``pushed`` differs."""
+    e = RestartedError("Redis was restarted (run_id changed) while the call waited")
+    e.pushed = pushed
+    return e
 
 
 class ClosedError(ConnectionError):
