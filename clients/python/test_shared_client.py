@@ -414,3 +414,26 @@ def test_run_id_parsing():
     assert _protocol.parse_run_id({"run_id": "x"}) == "x"
     with pytest.raises(ProtocolError):
         _protocol.parse_run_id(b"# Server\r\n")
+
+
+def test_resp_reader_takes_messages_in_any_chunks():
+    stream = (b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
+              b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$10\r\n{\"a\":\"\r\n\"}\r\n"
+              b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$0\r\n\r\n"
+              b"+PONG\r\n-ERR wrong\r\n$-1\r\n")
+    want = [[b"subscribe", b"ch", 1], [b"message", b"ch", b'{"a":"\r\n"}'],
+            [b"message", b"ch", b""], b"PONG", "ERR wrong", None]
+    for size in (1, 2, 3, 7, len(stream)):
+        reader = _protocol.RespReader()
+        got = []
+        for i in range(0, len(stream), size):
+            reader.feed(stream[i:i + size])
+            reply = reader.gets()
+            while reply is not False:
+                got.append(str(reply) if isinstance(reply, ProtocolError) else reply)
+                reply = reader.gets()
+        assert got == want, size
+    reader = _protocol.RespReader()
+    reader.feed(b"?what\r\n")
+    with pytest.raises(ProtocolError):
+        reader.gets()
