@@ -166,10 +166,11 @@ def resp_command(*parts: bytes) -> bytes:
     return b"".join(out)
 
 
-def subscribe_packet(channel: bytes, unsubscribe: "list") -> bytes:
-    """``UNSUBSCRIBE`` of the channels done with (if any), then ``SUBSCRIBE channel``."""
+def subscribe_packet(channels: "list", unsubscribe: "list") -> bytes:
+    """``UNSUBSCRIBE`` of the channels done with (if any), then ``SUBSCRIBE`` of
+    ``channels``."""
     head = resp_command(b"UNSUBSCRIBE", *unsubscribe) if unsubscribe else b""
-    return head + resp_command(b"SUBSCRIBE", channel)
+    return head + resp_command(b"SUBSCRIBE", *channels)
 
 
 def connection_settings(url: str, db: int, socket_timeout: Optional[float]) -> Dict[str, Any]:

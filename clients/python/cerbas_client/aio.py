@@ -58,6 +58,8 @@ class AsyncClient(ClientBase):
         self._sub_failures = 0  # reconnects refused so far
         self._sub_poke: Optional[asyncio.Event] = None  # set: try a reconnect now
         self._unsubscribes: List[bytes] = []  # channels done with, not yet unsubscribed
+        self._sub_queue: List[bytes] = []  # channels to subscribe in this turn of the loop
+        self._sub_flushed: "Optional[asyncio.Future[bool]]" = None  # their write, when made
         self._flush_timer: Optional[asyncio.TimerHandle] = None
         self._reader: Optional["asyncio.Task[None]"] = None
         self._id_lock: Optional[asyncio.Lock] = None  # made on the client's loop
@@ -298,10 +300,14 @@ class AsyncClient(ClientBase):
             if self._closed:
                 raise ClosedError("client is closed")
             if self._sub_up.is_set():
-                if _write(self._sub_conn, _protocol.subscribe_packet(channel, self._unsubscribes)):
-                    self._unsubscribes = []
+                # Every call that subscribes in this turn of the loop shares one
+                # write, made before any of them goes on to push.
+                self._sub_queue.append(channel)
+                if self._sub_flushed is None:
+                    self._sub_flushed = asyncio.get_running_loop().create_future()
+                    asyncio.get_running_loop().call_soon(self._flush_subscribes)
+                if await self._sub_flushed:
                     return
-                self._sub_broken()
                 continue
             if self._sub_error is not None:
                 # As client.py: fail only on a reconnect refused since this call came.
@@ -318,6 +324,17 @@ class AsyncClient(ClientBase):
             finally:
                 for task in tasks:
                     task.cancel()
+
+    def _flush_subscribes(self) -> None:
+        flushed, self._sub_flushed = self._sub_flushed, None
+        channels, self._sub_queue = self._sub_queue, []
+        ok = (not self._closed and self._sub_up.is_set() and _write(
+            self._sub_conn, _protocol.subscribe_packet(channels, self._unsubscribes)))
+        if ok:
+            self._unsubscribes = []
+        elif not self._closed:
+            self._sub_broken()  # the reader reconnects and subscribes what is awaited
+        flushed.set_result(ok)
 
     def _unsubscribe(self, channel: bytes, future: "asyncio.Future[bytes]") -> None:
         if self._waiters.get(channel) is future:

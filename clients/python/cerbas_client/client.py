@@ -387,7 +387,7 @@ class Client(ClientBase):
                 if self._closed:
                     raise ClosedError("client is closed")
                 if self._sub_up:
-                    packet = _protocol.subscribe_packet(channel, self._unsubscribes)
+                    packet = _protocol.subscribe_packet([channel], self._unsubscribes)
                     try:
                         self._sub_conn._sock.sendall(packet)
                         self._unsubscribes = []
