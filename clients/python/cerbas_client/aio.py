@@ -14,6 +14,7 @@ An ``AsyncClient`` belongs to the event loop it is first used on.
 """
 
 import asyncio
+import collections
 import time
 from typing import Any, Dict, List, Optional
 
@@ -48,9 +49,7 @@ class AsyncClient(ClientBase):
         self._sub_kwargs = dict(self._kwargs, socket_timeout=None)
         self._closed = False
         self._waiters: Dict[bytes, "asyncio.Future[bytes]"] = {}
-        self._idle: List[Any] = []
-        self._in_use: set = set()
-        self._pool_free: Optional[asyncio.Semaphore] = None  # made on the client's loop
+        self._pipe = _Pipeline(self)
         self._sub_conn: Any = None
         self._sub_up: Optional[asyncio.Event] = None
         self._sub_wake: Optional[asyncio.Event] = None
@@ -158,12 +157,9 @@ class AsyncClient(ClientBase):
                 await reader
             except (asyncio.CancelledError, Exception):
                 pass
-        conns = self._idle + list(self._in_use)
-        self._idle = []
+        await self._pipe.close()
         if self._sub_conn is not None:
-            conns.append(self._sub_conn)
-        for conn in conns:
-            await _disconnect(conn)
+            await _disconnect(self._sub_conn)
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -199,71 +195,25 @@ class AsyncClient(ClientBase):
                              ("RPUSH", self._names.queue, id)], deadline, generation)
 
     async def _command(self, commands, deadline: float, generation: Optional[int] = None):
-        """As client.py's: one round trip on a pooled connection, bounded by the
-        deadline; never sent to a Redis other than ``generation``."""
+        """As client.py's: one round trip, bounded by the deadline, never sent to a
+        Redis other than ``generation``; here on the one command connection every
+        task shares (see _Pipeline)."""
         if self._closed:
             raise ClosedError("client is closed")
-        if self._pool_free is None:
-            self._pool_free = asyncio.Semaphore(self._pool_size)
-        if self._pool_free.locked():
-            left = deadline - time.monotonic()
-            try:
-                if left <= 0:
-                    raise asyncio.TimeoutError
-                await asyncio.wait_for(self._pool_free.acquire(), left)
-            except asyncio.TimeoutError:
-                raise TimeoutError("no Redis connection free within the timeout") from None
-        else:
-            await self._pool_free.acquire()  # free: returns at once
-        if self._closed:
-            self._pool_free.release()
-            raise ClosedError("client is closed")
-        conn = self._idle.pop() if self._idle else self._conn_class(**self._kwargs)
-        self._in_use.add(conn)
-        ok = False
         try:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("the call's deadline passed before Redis answered")
-            answers, gen = await _bounded(self._round_trip(conn, commands, generation),
-                                          min(left, self.socket_timeout))
-            ok = True
-            return answers, gen
+            answers, gen = await self._pipe.execute(commands, deadline, generation)
         except CerbasError:
             raise
         except (asyncio.TimeoutError, redis.TimeoutError):
             raise TimeoutError("Redis did not answer in time") from None
-        except redis.ResponseError as e:
-            raise ProtocolError("Redis refused %s: %s" % (commands[0][0], e)) from None
-        except (redis.ConnectionError, OSError) as e:
+        except Exception as e:  # redis-py's and the OS's connection errors
             if self._closed:
                 raise ClosedError("client closed while the call waited") from None
             raise ConnectionError("Redis at %s: %s" % (self.url, e)) from None
-        except Exception:
-            if self._closed:  # close() pulled the connection from under the call
-                raise ClosedError("client closed while the call waited") from None
-            raise
-        finally:
-            self._in_use.discard(conn)
-            self._pool_free.release()
-            if ok and not self._closed:
-                self._idle.append(conn)
-            else:
-                # Broken, cancelled halfway or refused: its stream may be out of step.
-                await _disconnect(conn)
-
-    async def _round_trip(self, conn, commands, generation: Optional[int]):
-        gen = self._generation
-        if conn.is_connected and (conn._reader.at_eof() or conn._writer.is_closing()):
-            await _disconnect(conn)  # closed while idle (e.g. Redis restarted): reconnect
-        if not conn.is_connected:
-            await conn.connect()
-            await conn.send_command("INFO", "server", check_health=False)
-            gen = self._seen_run_id(_protocol.parse_run_id(await conn.read_response()))
-        if generation is not None and gen != generation:
-            raise restarted()
-        await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-        return [await conn.read_response() for _ in commands], gen
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise ProtocolError("Redis refused %s: %s" % (commands[0][0], answer))
+        return answers, gen
 
     def _seen_run_id(self, run_id: str) -> int:
         if self._new_run(run_id):
@@ -458,6 +408,149 @@ class AsyncClient(ClientBase):
         self._sub_error = None
         self._sub_up.set()
         return True
+
+
+class _Pipeline:
+    """The AsyncClient's command connection, shared by every task: the commands
+    of one turn of the event loop go out in one write (auto-pipelining), a reader
+    task takes the answers in order and hands each call its own. A call that
+    times out leaves its place in the order (its answers, if they come, are
+    dropped); a broken connection fails the calls waiting on it, and the next call
+    opens a new one (checking Redis's run_id, as every new connection does)."""
+
+    def __init__(self, client: "AsyncClient"):
+        self.client = client
+        self.conn: Any = None
+        self.generation = 0
+        self.connecting: Optional[asyncio.Lock] = None
+        self.queue: List[Any] = []  # [conn, packed parts, answers wanted, future]: to write
+        self.inflight: "collections.deque" = collections.deque()  # [wanted, answers, future]
+        self.flush_scheduled = False
+        self.reader: Optional["asyncio.Task[None]"] = None
+
+    async def execute(self, commands, deadline: float, generation: Optional[int]):
+        conn, gen = await self._connected(deadline)
+        if generation is not None and gen != generation:
+            raise restarted()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.queue.append([conn, conn.pack_commands(commands), len(commands), future])
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            loop.call_soon(self._flush)
+        timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, future)
+        try:
+            return await future, gen
+        except _Expired:
+            raise TimeoutError("Redis did not answer in time") from None
+        finally:
+            timer.cancel()
+
+    def _live(self) -> bool:
+        conn = self.conn
+        return (conn is not None and conn.is_connected and not conn._reader.at_eof()
+                and not conn._writer.is_closing())
+
+    async def _connected(self, deadline: float):
+        if self._live():
+            return self.conn, self.generation
+        if self.connecting is None:
+            self.connecting = asyncio.Lock()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the call's deadline passed before Redis answered")
+        return await _bounded(self._connect(), min(left, self.client.socket_timeout))
+
+    async def _connect(self):
+        async with self.connecting:
+            if self._live():
+                return self.conn, self.generation
+            if self.conn is not None:
+                self._broken(self.conn, ConnectionError("connection to Redis lost"))
+            c = self.client
+            conn = c._conn_class(**c._kwargs)
+            try:
+                await conn.connect()
+                await conn.send_command("INFO", "server", check_health=False)
+                run_id = _protocol.parse_run_id(await conn.read_response())
+            except BaseException:
+                await _disconnect(conn)
+                raise
+            if c._closed:
+                await _disconnect(conn)
+                raise ClosedError("client is closed")
+            self.generation = c._seen_run_id(run_id)
+            self.conn = conn
+            self.reader = asyncio.get_running_loop().create_task(self._read(conn))
+            return conn, self.generation
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        queue, self.queue = self.queue, []
+        parts: List[bytes] = []
+        for conn, packed, wanted, future in queue:
+            if future.done():
+                continue  # timed out before it was sent: nothing to send or answer
+            if conn is not self.conn or not self._live():
+                future.set_exception(ConnectionError("connection to Redis lost"))
+                continue
+            parts.extend(packed)
+            self.inflight.append([wanted, [], future])
+        if parts:
+            self.conn._writer.writelines(parts)
+
+    async def _read(self, conn) -> None:
+        parser = _protocol.reply_reader()
+        stream = conn._reader
+        try:
+            while True:
+                data = await stream.read(65536)
+                if not data:
+                    raise ConnectionError("connection closed by Redis")
+                parser.feed(data)
+                answer = parser.gets()
+                while answer is not False:
+                    entry = self.inflight[0]  # IndexError: an answer nobody asked for
+                    entry[1].append(answer)
+                    if len(entry[1]) == entry[0]:
+                        self.inflight.popleft()
+                        if not entry[2].done():
+                            entry[2].set_result(entry[1])
+                    answer = parser.gets()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._broken(conn, e)
+            await _disconnect(conn)
+
+    def _broken(self, conn, error: BaseException) -> None:
+        """``conn`` is done for: the calls waiting on it fail."""
+        if conn is not self.conn:
+            return
+        self.conn = None
+        if self.client._closed:
+            error = ClosedError("client closed while the call waited")
+        elif not isinstance(error, CerbasError):
+            error = ConnectionError("Redis at %s: %s" % (self.client.url, error))
+        waiting = [e[2] for e in self.inflight] + [e[3] for e in self.queue if e[0] is conn]
+        self.inflight.clear()
+        self.queue = [e for e in self.queue if e[0] is not conn]
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
+
+    async def close(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            self._broken(conn, ClosedError("client closed while the call waited"))
+            await _disconnect(conn)
+        reader, self.reader = self.reader, None
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+            try:
+                await reader
+            except (asyncio.CancelledError, Exception):
+                pass
 
 
 if hasattr(asyncio, "timeout"):  # Python 3.11+: no task around the coroutine
