@@ -190,7 +190,7 @@ class ClientBase:
 
     def __init__(self, url: Optional[str] = None, env: Optional[str] = None, *,
                  prefix: str = DEFAULT_PREFIX, user: str = "test", source: str = "test",
-                 timeout: float = 10.0, socket_timeout: float = 5.0, pool_size: int = 8,
+                 timeout: float = 10.0, socket_timeout: float = 5.0,
                  id_block: int = DEFAULT_ID_BLOCK):
         self.url, self.env, self.db = resolve(url, env)
         self.prefix = prefix
@@ -201,7 +201,6 @@ class ClientBase:
         self._names = Names(prefix, self.db)
         self._settings = connection_settings(self.url, self.db, socket_timeout)
         self._id_block_size = id_block
-        self._pool_size = pool_size
         self._run_id: Optional[str] = None
         self._generation = 0  # +1 each time Redis is seen restarted
         self._ids = IdBlock()

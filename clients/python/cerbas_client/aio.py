@@ -4,11 +4,12 @@ one ``AsyncClient`` shared by every task of an event loop. Not for: threads (use
 
 The same design as the blocking client (client.py's module comment says why each
 step is as it is): ids from a block, ``SUBSCRIBE`` written on the one subscriber
-connection before ``SET`` + ``RPUSH`` go out in one round trip on a pooled command
-connection, a reader task routing each message to the future of the caller
-waiting on its channel, each step bounded by the call's deadline; after a broken
-subscriber connection the awaited channels are subscribed again if Redis is the
-same run, and their calls fail with ``ConnectionError`` if it was restarted.
+connection before ``SET`` + ``RPUSH`` go out on the one command connection (the
+subscribes, and the commands, of one turn of the event loop in one write each), a
+reader task routing each message to the future of the caller waiting on its
+channel, each step bounded by the call's deadline; after a broken subscriber
+connection the awaited channels are subscribed again if Redis is the same run,
+and their calls fail with ``RestartedError`` if it was restarted.
 
 An ``AsyncClient`` belongs to the event loop it is first used on.
 """
@@ -45,7 +46,7 @@ class AsyncClient(ClientBase):
         self._conn_class = _CLASSES[settings.pop("connection_class", redis.connection.Connection)]
         self._kwargs = settings
         # The subscriber waits for messages without a read timeout; its connecting
-        # and writing are bounded by asyncio.wait_for instead.
+        # is bounded by asyncio.wait_for instead.
         self._sub_kwargs = dict(self._kwargs, socket_timeout=None)
         self._closed = False
         self._waiters: Dict[bytes, "asyncio.Future[bytes]"] = {}

@@ -7,8 +7,9 @@ How one call goes (docs/PROTOCOL.md, "The steps of one request"):
 2. ``SUBSCRIBE`` to its reply channel, written on the client's one subscriber
    connection (shared by every caller; a reader thread routes each message to the
    caller waiting on that channel);
-3. ``SET`` the body and ``RPUSH`` the id, in one round trip on a command connection
-   (a small pool, reused: never a connection per call);
+3. ``SET`` the body and ``RPUSH`` the id, pipelined on the one command
+   connection every thread shares (_line.py: calls made at the same moment go
+   out in one write, a thread reads the answers; never a connection per call);
 4. wait for the reader thread to hand over the reply, at most until the deadline;
    the channel's ``UNSUBSCRIBE`` goes out with the next call's ``SUBSCRIBE`` (one
    write per call on the subscriber connection; a message on a channel nobody
@@ -30,7 +31,6 @@ handed out again by the restarted Redis, and a caller must never get another
 request's reply), and a new id block is reserved.
 """
 
-import select
 import socket
 import threading
 import time
@@ -39,9 +39,10 @@ from typing import Any, Dict, List, Optional
 import redis
 
 from . import _protocol
+from ._line import CommandLine
 from ._protocol import ClientBase
-from .errors import (CerbasError, ClosedError, ConnectionError, ProtocolError,
-                     ReplyError, RestartedError, TimeoutError, restarted)
+from .errors import (CerbasError, ClosedError, ConnectionError, ReplyError,
+                     RestartedError, TimeoutError, restarted)
 
 __all__ = ["Client"]
 
@@ -88,9 +89,7 @@ class Client(ClientBase):
     they must be registered in the server's configuration. ``timeout`` (seconds) is
     how long a call waits for its reply unless it names another. ``socket_timeout``
     bounds each Redis read and write (a call's deadline bounds it further);
-    ``pool_size`` is the most command connections open at once (a call holds
-    one for a single round trip); ``id_block`` how many
-    ids one ``INCRBY`` reserves.
+    ``id_block`` is how many ids one ``INCRBY`` reserves.
     """
 
     def _init_connections(self) -> None:
@@ -103,15 +102,12 @@ class Client(ClientBase):
                                           socket_connect_timeout=self.socket_timeout)
 
         # _lock guards everything below it; _sub_ready is signalled when the
-        # subscriber connection is up (or the client closed), _pool_free when a
-        # command connection is given back.
+        # subscriber connection is up (or the client closed).
         self._lock = threading.Lock()
         self._sub_ready = threading.Condition(self._lock)
-        self._pool_free = threading.Condition(self._lock)  # a command connection came back
         self._closed = False
         self._waiters: Dict[bytes, _Waiter] = {}
-        self._idle: List[Any] = []  # command connections not in use
-        self._in_use: set = set()  # command connections a call is using
+        self._line = CommandLine(self)
         self._sub_conn: Any = None
         self._sub_up = False
         self._sub_error: Optional[ConnectionError] = None  # the last reconnect's, while down
@@ -216,18 +212,12 @@ class Client(ClientBase):
             self._closed = True
             waiters = list(self._waiters.values())
             self._waiters.clear()
-            idle, self._idle = self._idle, []
-            in_use = list(self._in_use)
             sub = self._sub_conn
             self._sub_up = False
             self._sub_ready.notify_all()
-            self._pool_free.notify_all()
         for w in waiters:
             w.fail(ClosedError("client closed while the call waited"))
-        for conn in idle:
-            _disconnect(conn)
-        for conn in in_use:
-            _shutdown(conn)  # a call blocked on it fails now, not at its deadline
+        self._line.close()  # calls waiting for Redis's answers fail now too
         if sub is not None:
             _shutdown(sub)  # wakes the reader thread, which disconnects it
         reader = self._reader
@@ -269,89 +259,10 @@ class Client(ClientBase):
                        ("RPUSH", self._names.queue, id)], deadline, generation)
 
     def _command(self, commands, deadline: float, generation: Optional[int] = None):
-        """Sends ``commands`` in one round trip on a pooled connection and returns
-        (their answers, the Redis generation they went to). With ``generation``, the
-        commands are not sent to a Redis other than that one."""
-        conn = self._checkout(deadline)
-        try:
-            gen = self._connect(conn, deadline)
-            if generation is not None and gen != generation:
-                raise restarted()
-            _set_timeout(conn, self._left(deadline))
-            conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-            answers = [conn.read_response() for _ in commands]
-        except CerbasError:
-            raise  # ours (deadline passed, Redis restarted): the connection is fine
-        except redis.ResponseError as e:
-            _disconnect(conn)  # the other answers may be unread: start afresh
-            raise ProtocolError("Redis refused %s: %s" % (commands[0][0], e)) from None
-        except redis.TimeoutError:
-            _disconnect(conn)
-            raise TimeoutError("Redis did not answer in time") from None
-        except (redis.ConnectionError, OSError) as e:
-            _disconnect(conn)
-            raise self._connection_error(e) from None
-        except BaseException:
-            _disconnect(conn)
-            raise
-        finally:
-            self._checkin(conn)
-        return answers, gen
-
-    def _left(self, deadline: float) -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the call's deadline passed before Redis answered")
-        return min(left, self.socket_timeout)
-
-    def _checkout(self, deadline: float):
-        """A command connection: an idle one, a new one while fewer than
-        ``pool_size`` exist, else the next one given back (up to the deadline)."""
-        with self._lock:
-            while True:
-                if self._closed:
-                    raise ClosedError("client is closed")
-                if self._idle:
-                    conn = self._idle.pop()
-                    break
-                if len(self._in_use) < self._pool_size:
-                    conn = self._conn_class(**self._kwargs)
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("no Redis connection free within the timeout")
-                self._pool_free.wait(left)
-            self._in_use.add(conn)
-            return conn
-
-    def _checkin(self, conn) -> None:
-        with self._lock:
-            self._in_use.discard(conn)
-            self._pool_free.notify()
-            if not self._closed:
-                self._idle.append(conn)
-                return
-        _disconnect(conn)
-
-    def _connect(self, conn, deadline: float) -> int:
-        """Connects ``conn`` if it is not, checking Redis's run_id; returns the
-        Redis generation it talks to."""
-        sock = conn._sock
-        if sock is not None:
-            # Readable while idle means closed (e.g. Redis restarted): reconnect
-            # rather than fail the call on it.
-            if not select.select([sock], [], [], 0)[0]:
-                return self._generation
-            _disconnect(conn)
-        left = self._left(deadline)
-        conn.socket_timeout = conn.socket_connect_timeout = left
-        try:
-            conn.connect()
-            conn.send_command("INFO", "server", check_health=False)
-            run_id = _protocol.parse_run_id(conn.read_response())
-        finally:
-            conn.socket_timeout = conn.socket_connect_timeout = self.socket_timeout
-        return self._seen_run_id(run_id)
+        """Sends ``commands`` and returns (their answers, the Redis generation they
+        went to); with ``generation``, never to a Redis other than that one. On the
+        one command connection every thread shares (_line.py)."""
+        return self._line.execute(commands, deadline, generation)
 
     def _seen_run_id(self, run_id: str) -> int:
         """Notes the run_id a new connection found; a new one means Redis was
@@ -363,11 +274,6 @@ class Client(ClientBase):
                 for w in waiters:
                     w.fail(restarted())
             return self._generation
-
-    def _connection_error(self, e: BaseException) -> CerbasError:
-        if self._closed:
-            return ClosedError("client closed while the call waited")
-        return ConnectionError("Redis at %s: %s" % (self.url, e))
 
     # --- the subscriber connection -----------------------------------------------
 
@@ -538,12 +444,6 @@ class Client(ClientBase):
                 self.stats["reconnects"] += 1
             self._sub_ready.notify_all()
         return True
-
-
-def _set_timeout(conn, seconds: float) -> None:
-    sock = conn._sock
-    if sock is not None:
-        sock.settimeout(seconds)
 
 
 def _shutdown(conn) -> None:
