@@ -283,6 +283,27 @@ def test_frozen_redis_times_out_at_the_callers_timeout(own_server, make_client, 
     wait_for(lambda: _answers(c), "the client to work again after Redis resumed", timeout=20.0)
 
 
+def test_frozen_redis_each_caller_gets_its_own_timeout(own_server, make_client):
+    """Callers sharing a client (and its connections) with different timeouts:
+    each times out at its own, not at another's."""
+    c = make_client(own_server.redis_url, env="dev", user="foo", source="cerbastest")
+    c.request("hello")
+    timeouts = [0.4, 0.8, 1.2, 1.6, 2.0, 2.4]
+    own_server.redis.pause()
+    try:
+        def caller(i):
+            started = time.monotonic()
+            try:
+                c.request("hello", timeout=timeouts[i])
+            except TimeoutError:
+                return time.monotonic() - started
+        took = in_threads(len(timeouts), caller)
+    finally:
+        own_server.redis.resume()
+    for timeout, t in zip(timeouts, took):
+        assert t is not None and abs(t - timeout) <= 0.5, (timeouts, took)
+
+
 def test_close_with_calls_in_flight(cerbas_server, make_client):
     c = make_client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
     holder = {}
