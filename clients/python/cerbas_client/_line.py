@@ -146,16 +146,11 @@ class CommandLine:
 
     def _connect(self) -> bool:
         c = self.client
-        conn = c._conn_class(**c._kwargs)
         try:
-            conn.connect()
-            conn.send_command("INFO", "server", check_health=False)
-            run_id = _protocol.parse_run_id(conn.read_response())
+            conn, run_id = open_connection(c)
         except redis.TimeoutError:
-            _disconnect(conn)  # frozen or slow: the calls queued wait (to their deadlines)
-            return False
-        except Exception as e:
-            _disconnect(conn)  # refused: the calls queued fail now
+            return False  # frozen or slow: the calls queued wait (to their deadlines)
+        except Exception as e:  # refused: the calls queued fail now
             error = ConnectionError("Redis at %s unreachable: %s" % (c.url, e))
             with self.lock:
                 queued, self.queue = self.queue, []
@@ -225,6 +220,19 @@ class CommandLine:
         thread = self.thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=2.0)
+
+
+def open_connection(client: Any):
+    """A new connection of ``client``'s kind and Redis's run_id (``INFO server``),
+    which every new connection checks; redis-py's errors as they come."""
+    conn = client._conn_class(**client._kwargs)
+    try:
+        conn.connect()
+        conn.send_command("INFO", "server", check_health=False)
+        return conn, _protocol.parse_run_id(conn.read_response())
+    except BaseException:
+        _disconnect(conn)
+        raise
 
 
 def _shutdown(conn) -> None:

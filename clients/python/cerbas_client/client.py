@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional
 import redis
 
 from . import _protocol
-from ._line import CommandLine
+from ._line import CommandLine, _disconnect, _shutdown, open_connection
 from ._protocol import ClientBase
 from .errors import (CerbasError, ClosedError, ConnectionError, ReplyError,
                      RestartedError, TimeoutError, restarted)
@@ -398,19 +398,14 @@ class Client(ClientBase):
     def _sub_reconnect(self) -> bool:
         """Opens the subscriber connection; on the same Redis run subscribes every
         channel still awaited, on a restarted one fails their calls instead."""
-        conn = self._conn_class(**self._kwargs)
         try:
-            conn.connect()
-            conn.send_command("INFO", "server", check_health=False)
-            run_id = _protocol.parse_run_id(conn.read_response())
+            conn, run_id = open_connection(self)
         except redis.TimeoutError:
-            _disconnect(conn)  # Redis frozen or slow: it may come back as the same run
-            return False
+            return False  # Redis frozen or slow: it may come back as the same run
         except Exception as e:
             # Refused or broken at once: the Redis these calls went to is gone (a
             # new process has a new run_id), so they fail now, as does every call
             # until a reconnect succeeds.
-            _disconnect(conn)
             error = ConnectionError("Redis at %s unreachable: %s" % (self.url, e))
             with self._lock:
                 self._sub_error = error
@@ -444,20 +439,3 @@ class Client(ClientBase):
                 self.stats["reconnects"] += 1
             self._sub_ready.notify_all()
         return True
-
-
-def _shutdown(conn) -> None:
-    """Wakes a thread blocked reading ``conn`` (it then sees an error)."""
-    sock = conn._sock
-    if sock is not None:
-        try:
-            sock.shutdown(2)  # socket.SHUT_RDWR
-        except OSError:
-            pass
-
-
-def _disconnect(conn) -> None:
-    try:
-        conn.disconnect()
-    except Exception:
-        pass
