@@ -144,8 +144,8 @@ def test_reply_published_before_the_subscription_settled(cerbas_server, make_cli
         def late_subscribe(channel, waiter, deadline):
             pass
 
-        def push_first(id, body, generation, deadline):
-            push(id, body, generation, deadline)
+        def push_first(id, body, generation, deadline, on_error=None):
+            push(id, body, generation, deadline)  # waits for Redis's answers
             pushed_and_answered(id)
             channel = inner.reply_channel(id).encode()
             subscribe(channel, inner._waiters[channel], deadline)

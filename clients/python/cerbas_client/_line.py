@@ -27,9 +27,11 @@ from .errors import CerbasError, ClosedError, ConnectionError, ProtocolError, Ti
 class Queued:
     """The commands of one call: written in a batch, answered by the reader."""
 
-    __slots__ = ("commands", "generation", "lock", "answers", "error", "done", "abandoned")
+    __slots__ = ("commands", "generation", "lock", "answers", "error", "done", "abandoned",
+                 "on_error")
 
-    def __init__(self, commands, generation: Optional[int]) -> None:
+    def __init__(self, commands, generation: Optional[int], on_error: Any = None) -> None:
+        self.on_error = on_error  # for calls that do not wait: told of a failure
         self.commands = commands
         self.generation = generation  # the Redis run they must go to (None: any)
         self.lock = threading.Lock()  # released once, when done
@@ -43,6 +45,8 @@ class Queued:
         if not self.done:
             self.error, self.done = error, True
             self.lock.release()
+            if error is not None and self.on_error is not None:
+                self.on_error(error)
 
 
 class CommandLine:
@@ -61,9 +65,33 @@ class CommandLine:
         self.thread: Optional[threading.Thread] = None
         self.closed = False
 
+    def send(self, commands, generation: Optional[int], on_error: Any) -> Queued:
+        """Queues ``commands`` (written at once when the connection is up) without
+        waiting for their answers; a failure is passed to ``on_error``."""
+        entry = Queued(commands, generation, on_error)
+        self._enqueue(entry)
+        return entry
+
+    def abandon(self, entry: Queued) -> None:
+        """The caller gave up: if ``entry`` is not written yet, it never will be."""
+        with self.lock:
+            entry.abandoned = True
+
     def execute(self, commands, deadline: float, generation: Optional[int]):
         """The answers to ``commands`` and the Redis generation they went to."""
         entry = Queued(commands, generation)
+        self._enqueue(entry)
+        left = deadline - time.monotonic()
+        if not (left > 0 and entry.lock.acquire(timeout=left)):
+            with self.lock:
+                if not entry.done:
+                    entry.abandoned = True
+                    raise TimeoutError("Redis did not answer in time")
+        if entry.error is not None:
+            raise entry.error
+        return entry.answers, entry.generation
+
+    def _enqueue(self, entry: Queued) -> None:
         with self.lock:
             if self.closed:
                 raise ClosedError("client is closed")
@@ -79,15 +107,6 @@ class CommandLine:
                 self.wake.notify_all()  # the reader may be pausing between tries
         if write:
             self._write()
-        left = deadline - time.monotonic()
-        if not (left > 0 and entry.lock.acquire(timeout=left)):
-            with self.lock:
-                if not entry.done:
-                    entry.abandoned = True
-                    raise TimeoutError("Redis did not answer in time")
-        if entry.error is not None:
-            raise entry.error
-        return entry.answers, entry.generation
 
     def _write(self) -> None:
         """Writes the queued calls, one write per batch, until none are left (the

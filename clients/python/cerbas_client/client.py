@@ -159,20 +159,25 @@ class Client(ClientBase):
             if generation != self._generation:
                 raise restarted(pushed=False)
             self._waiters[channel] = waiter
-        pushed = False
+        sent = None
         try:
-            self._subscribe(channel, waiter, deadline)
-            self._push(id, body, generation, deadline)
-            pushed = True
+            try:
+                self._subscribe(channel, waiter, deadline)
+            except RestartedError as e:
+                e.pushed = False
+                raise
+            # The push's answers are not waited for: the reply is what the caller
+            # waits for, and a push that fails (refused, connection lost, Redis
+            # restarted) fails the waiter instead (saves a thread hop per call).
+            sent = self._push(id, body, generation, deadline, on_error=waiter.fail)
             left = deadline - time.monotonic()
             if not (left > 0 and waiter.lock.acquire(timeout=left)):
                 raise TimeoutError("no reply to %s (request %d) within %g s" % (func, id, timeout))
             if waiter.error is not None:
                 raise waiter.error
-        except RestartedError as e:
-            e.pushed = pushed
-            raise
         finally:
+            if sent is not None and waiter.data is None:
+                self._line.abandon(sent)  # not written yet (Redis down): never will be
             self._unsubscribe(channel, waiter)
         return waiter
 
@@ -254,9 +259,15 @@ class Client(ClientBase):
 
     # --- command connections -----------------------------------------------------
 
-    def _push(self, id: int, body: bytes, generation: int, deadline: float) -> None:
-        self._command([("SET", self._names.request_key(id), body),
-                       ("RPUSH", self._names.queue, id)], deadline, generation)
+    def _push(self, id: int, body: bytes, generation: int, deadline: float,
+              on_error: Any = None) -> Any:
+        """``SET`` + ``RPUSH``: waits for Redis's answers, or with ``on_error``
+        only queues them (returning the queued entry) and reports a failure there."""
+        commands = [("SET", self._names.request_key(id), body), ("RPUSH", self._names.queue, id)]
+        if on_error is not None:
+            return self._line.send(commands, generation, on_error)
+        self._command(commands, deadline, generation)
+        return None
 
     def _command(self, commands, deadline: float, generation: Optional[int] = None):
         """Sends ``commands`` and returns (their answers, the Redis generation they
