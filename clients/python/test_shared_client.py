@@ -135,7 +135,7 @@ def test_reply_published_before_the_subscription_settled(cerbas_server, make_cli
         async def late_subscribe(channel, future, deadline):
             pass
 
-        async def push_first(id, body, generation, deadline):
+        async def push_first(id, body, generation, deadline, on_error=None):
             await push(id, body, generation, deadline)
             await asyncio.get_running_loop().run_in_executor(None, pushed_and_answered, id)
             await subscribe(inner.reply_channel(id).encode(), inner._waiters[

@@ -99,21 +99,29 @@ class AsyncClient(ClientBase):
         self._waiters[channel] = future
         # One timer per call (cheaper than wait_for, which wraps a task around it).
         timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, future)
-        pushed = False
+        def fail(error: CerbasError) -> None:
+            if not future.done():
+                future.set_exception(error)
+
+        sent = None
         try:
-            await self._subscribe(channel, future, deadline)
-            await self._push(id, body, generation, deadline)
-            pushed = True
+            try:
+                await self._subscribe(channel, future, deadline)
+                # As client.py: the push's answers are not waited for, a failed
+                # push fails the call.
+                sent = await self._push(id, body, generation, deadline, on_error=fail)
+            except RestartedError as e:
+                e.pushed = False
+                raise
             try:
                 return await future
             except _Expired:
                 raise TimeoutError("no reply to %s (request %d) within %g s"
                                    % (func, id, timeout)) from None
-        except RestartedError as e:
-            e.pushed = pushed
-            raise
         finally:
             timer.cancel()
+            if sent is not None and not sent.done():
+                sent.cancel()  # not written yet: never will be; else its answers are dropped
             self._unsubscribe(channel, future)
 
     async def call(self, func: str, args: Optional[Dict[str, Any]] = None, **options: Any) -> Any:
@@ -191,9 +199,24 @@ class AsyncClient(ClientBase):
 
     # --- command connections -----------------------------------------------------
 
-    async def _push(self, id: int, body: bytes, generation: int, deadline: float) -> None:
-        await self._command([("SET", self._names.request_key(id), body),
-                             ("RPUSH", self._names.queue, id)], deadline, generation)
+    async def _push(self, id: int, body: bytes, generation: int, deadline: float,
+                    on_error: Any = None) -> Any:
+        """As client.py's: waits for Redis's answers, or with ``on_error`` only
+        queues the commands (returning their future) and reports a failure there."""
+        commands = [("SET", self._names.request_key(id), body), ("RPUSH", self._names.queue, id)]
+        if on_error is not None:
+            try:
+                return await self._pipe.send(commands, deadline, generation, on_error)
+            except CerbasError:
+                raise
+            except (asyncio.TimeoutError, redis.TimeoutError):
+                raise TimeoutError("Redis did not answer in time") from None
+            except Exception as e:
+                if self._closed:
+                    raise ClosedError("client closed while the call waited") from None
+                raise ConnectionError("Redis at %s: %s" % (self.url, e)) from None
+        await self._command(commands, deadline, generation)
+        return None
 
     async def _command(self, commands, deadline: float, generation: Optional[int] = None):
         """As client.py's: one round trip, bounded by the deadline, never sent to a
@@ -429,16 +452,47 @@ class _Pipeline:
         self.flush_scheduled = False
         self.reader: Optional["asyncio.Task[None]"] = None
 
-    async def execute(self, commands, deadline: float, generation: Optional[int]):
+    async def send(self, commands, deadline: float, generation: Optional[int],
+                   on_error: Any) -> "asyncio.Future[Any]":
+        """Queues ``commands`` without waiting for their answers (once connected);
+        a failure, or an error answer, is passed to ``on_error``."""
         conn, gen = await self._connected(deadline)
         if generation is not None and gen != generation:
-            raise restarted()
+            raise restarted(pushed=False)
+        future = self._enqueue(conn, commands)
+        client = self.client
+
+        def answered(f: "asyncio.Future[Any]") -> None:
+            if f.cancelled():
+                return
+            error = f.exception()
+            if error is None:
+                refused = [a for a in f.result() if isinstance(a, Exception)]
+                if refused:
+                    error = ProtocolError("Redis refused %s: %s" % (commands[0][0], refused[0]))
+            elif not isinstance(error, CerbasError):
+                error = ConnectionError("Redis at %s: %s" % (client.url, error))
+            if error is not None:
+                on_error(error)
+
+        future.add_done_callback(answered)
+        return future
+
+    def _enqueue(self, conn, commands) -> "asyncio.Future[Any]":
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.queue.append([conn, conn.pack_commands(commands), len(commands), future])
         if not self.flush_scheduled:
             self.flush_scheduled = True
             loop.call_soon(self._flush)
+        return future
+
+    async def execute(self, commands, deadline: float, generation: Optional[int]):
+        conn, gen = await self._connected(deadline)
+        if generation is not None and gen != generation:
+            raise restarted()
+        loop = asyncio.get_running_loop()
+        future = self._enqueue(conn, commands)
         timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, future)
         try:
             return await future, gen
