@@ -1,0 +1,460 @@
+"""Tests of what issue 12 asks of both Python clients (blocking ``Client`` and
+asyncio ``AsyncClient``, each test runs once per kind through ``make_client``):
+one client shared by many callers, Redis restarted or frozen under calls, close()
+with calls in flight, a reply published before the subscription settled, the
+error types, the API. Not for: the example functions' replies
+(test_cerbas_client.py).
+"""
+
+import asyncio
+import builtins
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+
+from conftest import AsyncFacade, CerbasServer, RedisServer, free_port, wait_for
+from cerbas_client import (CerbasError, Client, ClosedError, ConnectionError, ProtocolError,
+                           ReplyError, TimeoutError)
+from cerbas_client import _protocol
+from cerbas_client.aio import AsyncClient
+
+CALLERS = 16
+
+
+def in_threads(n, target):
+    """Runs ``target(i)`` in n threads at once; returns what each returned or raised."""
+    results = [None] * n
+    start = threading.Barrier(n)
+
+    def run(i):
+        start.wait()
+        try:
+            results[i] = target(i)
+        except BaseException as e:  # the test inspects it
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60.0)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    return results
+
+
+def new_connections(redis_srv):
+    r = redis_srv.connect()
+    try:
+        return int(r.info("stats")["total_connections_received"])
+    finally:
+        r.close()
+
+
+# --- sharing ---------------------------------------------------------------------
+
+def test_callers_sharing_one_client_get_their_own_replies(cerbas_server, redis_server, make_client):
+    c = make_client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
+    c.request("hello")  # connections open
+    before = new_connections(redis_server)
+
+    def caller(i):
+        for j in range(60):
+            message = {"caller": i, "call": j, "tag": uuid.uuid4().hex}
+            reply = c.request("echo", {"message": message}, msgpack=(j % 3 == 0))
+            assert reply == {"status": "ok", "data": message}, (i, j, reply)
+        return "done"
+
+    results = in_threads(CALLERS, caller)
+    assert results == ["done"] * CALLERS, [r for r in results if r != "done"][:3]
+    # 960 calls: a few more command connections at most (one per concurrent
+    # caller, pooled), never one per call.
+    assert new_connections(redis_server) - before <= CALLERS + 1
+
+
+def test_asyncio_tasks_sharing_one_client(cerbas_server):
+    async def main():
+        async with AsyncClient(cerbas_server.redis_url, env="dev", user="foo",
+                               source="cerbastest") as c:
+            async def caller(i):
+                for j in range(30):
+                    reply = await c.request("echo", {"message": [i, j]})
+                    assert reply == {"status": "ok", "data": [i, j]}
+                return i
+            return await asyncio.gather(*(caller(i) for i in range(CALLERS)))
+
+    assert asyncio.run(main()) == list(range(CALLERS))
+
+
+def test_republish_is_rarely_needed_and_no_reply_is_lost(tmp_path, make_client):
+    """Under load (16 callers), every reply arrives although SUBSCRIBE is not
+    confirmed before the push; the server's republish count says how often a
+    reply was published before its subscription was in effect."""
+    redis_srv = RedisServer(str(tmp_path))
+    try:
+        server = CerbasServer(redis_srv.url, str(tmp_path), http=True)
+        try:
+            c = make_client(redis_srv.url, env="dev", user="foo", source="cerbastest")
+            before = server.metric("cerbas_republishes_total")
+            calls = 150
+
+            def caller(i):
+                for j in range(calls):
+                    assert c.request("echo", {"message": [i, j]}, timeout=10.0)["data"] == [i, j]
+                return "done"
+
+            assert in_threads(CALLERS, caller) == ["done"] * CALLERS
+            republished = server.metric("cerbas_republishes_total") - before
+            print("\n%s: %d round trips, %d republishes" % (make_client.kind, CALLERS * calls,
+                                                          republished))
+            # Not a guarantee the client relies on (the republish covers it), but a
+            # sign that the subscription is in effect before the push nearly always.
+            assert republished <= CALLERS * calls // 100
+        finally:
+            server.stop()
+    finally:
+        redis_srv.stop()
+
+
+def test_reply_published_before_the_subscription_settled(cerbas_server, make_client):
+    """The push goes out first and the server answers to nobody; only then does
+    the client subscribe: the server's republish still reaches it."""
+    c = make_client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
+    inner = c.client if isinstance(c, AsyncFacade) else c
+    r = redis_connect(cerbas_server)
+    subscribe, push = inner._subscribe, inner._push
+    answered = []
+
+    def pushed_and_answered(id):
+        wait_for(lambda: not r.exists(inner.request_key(id)), "the server to answer")
+        answered.append(id)
+
+    if isinstance(c, AsyncFacade):
+        async def late_subscribe(channel, future, deadline):
+            pass
+
+        async def push_first(id, body, generation, deadline, on_error=None):
+            await push(id, body, generation, deadline)
+            await asyncio.get_running_loop().run_in_executor(None, pushed_and_answered, id)
+            await subscribe(inner.reply_channel(id).encode(), inner._waiters[
+                inner.reply_channel(id).encode()], deadline)
+    else:
+        def late_subscribe(channel, waiter, deadline):
+            pass
+
+        def push_first(id, body, generation, deadline, on_error=None):
+            push(id, body, generation, deadline)  # waits for Redis's answers
+            pushed_and_answered(id)
+            channel = inner.reply_channel(id).encode()
+            subscribe(channel, inner._waiters[channel], deadline)
+
+    inner._subscribe, inner._push = late_subscribe, push_first
+    try:
+        assert c.request("echo", {"message": "late"}, timeout=8.0) == {"status": "ok", "data": "late"}
+        assert len(answered) == 1
+    finally:
+        r.close()
+
+
+def redis_connect(server):
+    return redis.Redis.from_url(server.redis_url, db=1, socket_timeout=5.0)
+
+
+# --- faults ----------------------------------------------------------------------
+
+def test_redis_restarted_with_calls_in_flight(own_server, make_client):
+    """Calls waiting when Redis restarts (empty: CERBAS-COUNTER back to 0) fail at
+    once with ConnectionError; requests of another client that get the same ids
+    from the restarted Redis never answer them; the client then works again."""
+    redis_srv = own_server.redis
+    c = make_client(own_server.redis_url, env="dev", user="foo", source="cerbastest",
+                    timeout=30.0)
+    c.request("hello")
+    n = 6
+    started = []
+
+    def in_flight(i):
+        started.append(i)
+        return c.request("sleep", {"ms": 4000})
+
+    holder = {}
+    t = threading.Thread(target=lambda: holder.update(results=in_threads(n, in_flight)))
+    t.start()
+    wait_for(lambda: c.waiting() == n, "the calls to be in flight")
+    redis_srv.restart()
+    # Another client takes the same ids from the counter set back, at once.
+    # (cerbas's readiness check took ids 1-100, c took 101-200: its calls in
+    # flight have 102-107, the ids the other client gets now.)
+    r = redis_srv.connect()
+    r.set("CERBAS-COUNTER", 101)
+    r.close()
+    restarted_at = time.monotonic()
+    other = make_client(own_server.redis_url, env="dev", user="foo", source="cerbastest",
+                        id_block=1)
+    t.join(timeout=20.0)
+    assert not t.is_alive()
+    failed_after = time.monotonic() - restarted_at
+    for result in holder["results"]:
+        assert isinstance(result, ConnectionError), result
+        assert "restarted" in str(result) or "Redis at" in str(result), result
+    assert failed_after < 5.0, failed_after
+    # cerbas reconnects too; then both clients work, the old one on a new id block.
+    wait_for(lambda: _answers(other), "cerbas to answer after the restart", timeout=20.0)
+    for i in range(5):
+        assert c.request("echo", {"message": i}, timeout=10.0) == {"status": "ok", "data": i}
+    assert c.stats["restarts"] == 1
+
+
+def test_subscriber_connection_killed_calls_still_get_their_replies(cerbas_server, make_client):
+    """Same Redis, subscriber connection broken (CLIENT KILL) while calls wait:
+    the client reconnects, subscribes the awaited channels again, and each call
+    gets its own reply (published after the reconnect, or republished)."""
+    c = make_client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
+    c.request("hello")
+    holder = {}
+    t = threading.Thread(target=lambda: holder.update(results=in_threads(
+        6, lambda i: c.request("sleep", {"ms": 300 + 100 * i}, timeout=10.0))))
+    t.start()
+    wait_for(lambda: c.waiting() == 6, "the calls to be in flight")
+    r = redis_connect(cerbas_server)
+    try:
+        killed = r.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    finally:
+        r.close()
+    assert killed >= 1
+    t.join(timeout=20.0)
+    assert not t.is_alive()
+    for i, result in enumerate(holder["results"]):
+        assert result == {"status": "ok", "data": 300 + 100 * i}, result
+    assert c.stats["reconnects"] >= 1
+    assert c.request("echo", {"message": "after"}) == {"status": "ok", "data": "after"}
+
+
+def test_redis_gone_fails_calls_at_once(own_server, make_client):
+    """Redis stopped (and not back): the calls waiting fail with ConnectionError at
+    once, not at their timeout, and so do new calls."""
+    c = make_client(own_server.redis_url, env="dev", user="foo", source="cerbastest",
+                    timeout=20.0)
+    c.request("hello")
+    holder = {}
+    t = threading.Thread(target=lambda: holder.update(results=in_threads(
+        3, lambda i: c.request("sleep", {"ms": 4000}))))
+    t.start()
+    wait_for(lambda: c.waiting() == 3, "the calls to be in flight")
+    own_server.redis.stop()
+    stopped_at = time.monotonic()
+    t.join(timeout=25.0)
+    assert not t.is_alive()
+    assert time.monotonic() - stopped_at < 3.0
+    for result in holder["results"]:
+        assert isinstance(result, ConnectionError), result
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        c.request("hello", timeout=5.0)
+    assert time.monotonic() - started < 2.0
+
+
+def _answers(client):
+    try:
+        return client.request("hello", timeout=1.0)["status"] == "ok"
+    except CerbasError:
+        return False
+
+
+@pytest.mark.parametrize("state", ["connected", "fresh", "id-block-empty"])
+def test_frozen_redis_times_out_at_the_callers_timeout(own_server, make_client, state):
+    redis_srv = own_server.redis
+    c = make_client(own_server.redis_url, env="dev", user="foo", source="cerbastest",
+                    id_block=1 if state == "id-block-empty" else 100)
+    if state != "fresh":
+        c.request("hello")
+    redis_srv.pause()
+    try:
+        for timeout in (1.0, 0.3):
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                c.request("hello", timeout=timeout)
+            took = time.monotonic() - started
+            assert abs(took - timeout) <= 0.5, (timeout, took)
+    finally:
+        redis_srv.resume()
+    wait_for(lambda: _answers(c), "the client to work again after Redis resumed", timeout=20.0)
+
+
+def test_frozen_redis_each_caller_gets_its_own_timeout(own_server, make_client):
+    """Callers sharing a client (and its connections) with different timeouts:
+    each times out at its own, not at another's."""
+    c = make_client(own_server.redis_url, env="dev", user="foo", source="cerbastest")
+    c.request("hello")
+    timeouts = [0.4, 0.8, 1.2, 1.6, 2.0, 2.4]
+    own_server.redis.pause()
+    try:
+        def caller(i):
+            started = time.monotonic()
+            try:
+                c.request("hello", timeout=timeouts[i])
+            except TimeoutError:
+                return time.monotonic() - started
+        took = in_threads(len(timeouts), caller)
+    finally:
+        own_server.redis.resume()
+    for timeout, t in zip(timeouts, took):
+        assert t is not None and abs(t - timeout) <= 0.5, (timeouts, took)
+
+
+def test_close_with_calls_in_flight(cerbas_server, make_client):
+    c = make_client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
+    holder = {}
+    t = threading.Thread(target=lambda: holder.update(
+        results=in_threads(4, lambda i: c.request("sleep", {"ms": 5000}, timeout=20.0))))
+    t.start()
+    wait_for(lambda: c.waiting() == 4, "the calls to be in flight")
+    closed_at = time.monotonic()
+    c.close()
+    t.join(timeout=10.0)
+    assert time.monotonic() - closed_at < 1.0
+    for result in holder["results"]:
+        assert isinstance(result, ClosedError), result
+    c.close()  # again: nothing happens
+
+
+def test_calls_after_close_fail_at_once(cerbas_server):
+    client = Client(cerbas_server.redis_url, env="dev")
+    client.request("hello")
+    client.close()
+    started = time.monotonic()
+    with pytest.raises(ClosedError):
+        client.request("hello")
+    with pytest.raises(ClosedError):
+        client.request_without_response("hello")
+    assert time.monotonic() - started < 0.1
+
+    async def main():
+        a = AsyncClient(cerbas_server.redis_url, env="dev")
+        await a.request("hello")
+        await a.close()
+        with pytest.raises(ClosedError):
+            await a.request("hello")
+        with pytest.raises(ClosedError):
+            await a.request_without_response("hello")
+
+    asyncio.run(main())
+
+
+# --- errors and API --------------------------------------------------------------
+
+def test_error_hierarchy():
+    assert issubclass(TimeoutError, CerbasError) and issubclass(TimeoutError, builtins.TimeoutError)
+    assert issubclass(ConnectionError, CerbasError)
+    assert issubclass(ConnectionError, builtins.ConnectionError)
+    assert issubclass(ClosedError, ConnectionError)
+    assert issubclass(ProtocolError, CerbasError) and issubclass(ReplyError, CerbasError)
+
+
+def test_unreachable_redis_is_a_connection_error(make_client):
+    c = make_client("redis://127.0.0.1:%d" % free_port(), env="dev", timeout=2.0)
+    started = time.monotonic()
+    with pytest.raises(ConnectionError):
+        c.request("hello")
+    with pytest.raises(ConnectionError):
+        c.request_without_response("hello")
+    assert time.monotonic() - started < 2.0
+
+
+def test_counter_that_is_not_a_number_is_a_protocol_error(own_server, make_client):
+    r = own_server.redis.connect()
+    r.set("CERBAS-COUNTER", "abc")
+    r.close()
+    c = make_client(own_server.redis_url, env="dev")
+    with pytest.raises(ProtocolError):
+        c.request("hello")
+
+
+def test_error_reply_is_a_reply_error_from_call(cerbas_server, make_client):
+    c = make_client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
+    assert c.call("sum", {"a": 1, "b": 2}) == 3
+    with pytest.raises(ReplyError) as e:
+        c.call("witherror")
+    assert e.value.message == "unexpected error"
+    assert c.request("witherror") == {"status": "error", "data": "unexpected error"}
+
+
+def test_client_timeout_is_a_builtin_timeout_too(cerbas_server, make_client):
+    c = make_client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
+    started = time.monotonic()
+    with pytest.raises(builtins.TimeoutError):
+        c.request("sleep", {"ms": 3000}, timeout=0.5)
+    assert abs(time.monotonic() - started - 0.5) < 0.5
+
+
+def test_options_are_keyword_only(cerbas_server, make_client):
+    c = make_client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
+    with pytest.raises(TypeError):
+        c.request("hello", None, "foo")
+
+
+def test_delay(cerbas_server, make_client):
+    c = make_client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
+    started = time.monotonic()
+    assert c.request("echo", {"message": "later"}, delay=0.5) == {"status": "ok", "data": "later"}
+    assert time.monotonic() - started >= 0.5
+    with pytest.raises(ValueError):
+        c.request("hello", delay=-1)
+
+
+def test_bad_replies_are_protocol_errors():
+    assert _protocol.decode_reply(b'{"status":"ok","data":1}', False) == {"status": "ok", "data": 1}
+    for data, msgpack in [(b"not json", False), (b"[1]", False), (b'{"data":1}', False),
+                          (b"\xc1", True)]:
+        with pytest.raises(ProtocolError):
+            _protocol.decode_reply(data, msgpack)
+
+
+def test_body_and_delay_encoding():
+    assert _protocol.encode_body("f", None, "u", "s") == b'{"func":"f","user":"u","source":"s"}'
+    assert b'"delay":1500' in _protocol.encode_body("f", {}, "u", "s", delay=1.5)
+    assert b'"reply":false' in _protocol.encode_body("f", {}, "u", "s", reply=False)
+    with pytest.raises(TypeError):
+        _protocol.encode_body(3, None, "u", "s")
+
+
+def test_id_block():
+    block = _protocol.IdBlock()
+    assert block.take(0) is None
+    block.refill(300, 100, 0)
+    assert [block.take(0) for _ in range(2)] == [201, 202]
+    assert block.take(1) is None  # another Redis run: its ids may be handed out again
+    with pytest.raises(ProtocolError):
+        block.refill(-5, 100, 0)
+
+
+def test_run_id_parsing():
+    assert _protocol.parse_run_id(b"# Server\r\nredis_version:7.0\r\nrun_id:abc123\r\n") == "abc123"
+    assert _protocol.parse_run_id({"run_id": "x"}) == "x"
+    with pytest.raises(ProtocolError):
+        _protocol.parse_run_id(b"# Server\r\n")
+
+
+def test_resp_reader_takes_messages_in_any_chunks():
+    stream = (b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
+              b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$10\r\n{\"a\":\"\r\n\"}\r\n"
+              b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$0\r\n\r\n"
+              b"+PONG\r\n-ERR wrong\r\n$-1\r\n")
+    want = [[b"subscribe", b"ch", 1], [b"message", b"ch", b'{"a":"\r\n"}'],
+            [b"message", b"ch", b""], b"PONG", "ERR wrong", None]
+    for size in (1, 2, 3, 7, len(stream)):
+        reader = _protocol.RespReader()
+        got = []
+        for i in range(0, len(stream), size):
+            reader.feed(stream[i:i + size])
+            reply = reader.gets()
+            while reply is not False:
+                got.append(str(reply) if isinstance(reply, ProtocolError) else reply)
+                reply = reader.gets()
+        assert got == want, size
+    reader = _protocol.RespReader()
+    reader.feed(b"?what\r\n")
+    with pytest.raises(ProtocolError):
+        reader.gets()
