@@ -335,7 +335,7 @@ fn deliver(reply_to: &ReplyTo, out: &Outbox, unanswered: &Unanswered, reply: Loc
             });
             unanswered.done(1);
         }
-        ReplyTo::Local(tx) => {
+        ReplyTo::Local(tx, _) => {
             let _ = tx.send(reply);
         }
     }
@@ -365,6 +365,14 @@ impl Dispatcher {
     /// from the reader (on `jobs`), not on `due` (a delayed request, an
     /// in-process call), as the worker saw it (pool.rs).
     pub(crate) fn handle(&self, mut job: Job, from_reader: bool) -> AfterCall {
+        // A local call its caller gave up on before any worker was free is not
+        // run (the caller answered it already). A delayed job back from the
+        // timer was taken before its delay.
+        if let (ReplyTo::Local(_, claim), false) = (&job.reply_to, job.waited) {
+            if !claim.take() {
+                return AfterCall::GoOn;
+            }
+        }
         bump(&self.stats.requests);
         let mut request = match job.body {
             Ok(r) => r,
@@ -449,7 +457,7 @@ impl Dispatcher {
             source: request.source,
             origin: match job.reply_to {
                 ReplyTo::Redis { id } | ReplyTo::RedisSilent { id } => Origin::Redis { id },
-                ReplyTo::Local(_) => Origin::Local,
+                ReplyTo::Local(..) => Origin::Local,
             },
             deadline,
             services: self.services.clone(),
@@ -700,7 +708,7 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         f.dispatcher.handle(
             Job {
-                reply_to: ReplyTo::Local(tx),
+                reply_to: ReplyTo::Local(tx, Default::default()),
                 body,
                 waited: false,
             },
@@ -720,7 +728,7 @@ mod tests {
             let (tx, rx) = crossbeam_channel::unbounded();
             f.dispatcher.handle(
                 Job {
-                    reply_to: ReplyTo::Local(tx),
+                    reply_to: ReplyTo::Local(tx, Default::default()),
                     body: Ok(body),
                     waited: false,
                 },
@@ -906,7 +914,7 @@ mod tests {
             std::thread::spawn(move || {
                 f.dispatcher.handle(
                     Job {
-                        reply_to: ReplyTo::Local(tx),
+                        reply_to: ReplyTo::Local(tx, Default::default()),
                         body: Ok(request("cached", "tom", "web")),
                         waited: false,
                     },
@@ -937,7 +945,7 @@ mod tests {
             Instant::now(),
             Some(hung.clone()),
             "f".into(),
-            ReplyTo::Local(tx),
+            ReplyTo::Local(tx, Default::default()),
             out.into(),
             Unanswered::default(),
             Arc::default(),
@@ -1023,7 +1031,7 @@ mod tests {
         let start = Instant::now();
         f.dispatcher.handle(
             Job {
-                reply_to: ReplyTo::Local(tx),
+                reply_to: ReplyTo::Local(tx, Default::default()),
                 body: Ok(r),
                 waited: false,
             },

@@ -97,6 +97,7 @@ fn config(redis: &Redis, port: u16) -> Config {
             max_body_bytes: 1024,
             read_timeout_ms: 1_000,
             write_timeout_ms: 1_000,
+            header_timeout_ms: 1_000,
             proxy_connect_timeout_ms: 500,
             proxy_read_timeout_ms: 500,
             breaker_open_ms: 1_000,
@@ -888,7 +889,7 @@ fn slow_clients_do_not_hold_the_handler_threads() {
         assert!(got.starts_with("HTTP/1.1 408") || got.is_empty(), "{got}");
         assert!(took < 4 * SECS, "cut off after {took:?}");
     }
-    // The half-sent heads are closed by the read timeout.
+    // The half-sent heads are closed by the head timeout.
     for mut s in heads {
         s.set_read_timeout(Some(5 * SECS)).expect("timeout");
         let t = Instant::now();

@@ -11,7 +11,7 @@
 //! then sends with the script's requests. Read-only. Not for: what is shown or
 //! how (`src/dashboard/`).
 
-use super::{auth, respond, text, with, Plug, Reply};
+use super::{auth, respond, text, with, Plug, Reply, Request};
 use crate::dashboard::page;
 use crate::dashboard::snapshot;
 use crate::dashboard::state::{self, Raw, RawInstance, RawRequest, State};
@@ -38,24 +38,16 @@ pub(super) struct Dashboard {
 }
 
 /// Handles a request whose path is `/dashboard` or under it.
-pub(super) fn handle(plug: &Plug, dash: &Dashboard, rq: &tiny_http::Request, path: &str) -> Reply {
+pub(super) fn handle(plug: &Plug, dash: &Dashboard, rq: &Request, path: &str) -> Reply {
     let reply = route(plug, dash, rq, path);
     secure(reply)
 }
 
-fn route(plug: &Plug, dash: &Dashboard, rq: &tiny_http::Request, path: &str) -> Reply {
-    if !matches!(
-        rq.method(),
-        tiny_http::Method::Get | tiny_http::Method::Head
-    ) {
+fn route(plug: &Plug, dash: &Dashboard, rq: &Request, path: &str) -> Reply {
+    if !matches!(rq.method(), "GET" | "HEAD") {
         return with(text(405, "method not allowed"), "Allow", "GET, HEAD");
     }
-    let authorization = rq
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Authorization"))
-        .map(|h| h.value.as_str().to_string());
-    if let Err(denied) = allowed(plug, authorization.as_deref()) {
+    if let Err(denied) = allowed(plug, rq.header("Authorization")) {
         let why = match denied {
             auth::Denied::Missing => "a token is required",
             auth::Denied::Invalid => "invalid token",
