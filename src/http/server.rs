@@ -7,8 +7,8 @@
 //! - `cerbas-http-accept` accepts connections. Up to `http.max_connections` are
 //!   open at once; one beyond that is handed to `cerbas-http-refuse`, which
 //!   answers `503` with `Connection: close` and closes it (so a flood costs one
-//!   thread and a bounded queue; when even that queue is full the connection is
-//!   closed at once).
+//!   thread and a bounded queue; when even that queue is full the accepting
+//!   thread answers and closes at once).
 //! - One small thread per open connection reads request heads. A head must
 //!   arrive whole within `http.header_timeout_ms` of its first byte (else `408`
 //!   and close), a connection idle between requests is closed after
@@ -42,8 +42,15 @@ use std::time::{Duration, Instant};
 const POLL: Duration = Duration::from_millis(200);
 /// Stack of a connection thread: it parses heads and writes short refusals only.
 const CONN_STACK: usize = 256 << 10;
-/// Connections over the cap waiting for their `503`; more are closed at once.
-const REFUSE_QUEUE: usize = 64;
+/// Connections over the cap waiting for the refusing thread; more are
+/// answered by the accepting thread and closed at once.
+const REFUSE_QUEUE: usize = 1024;
+/// Most refused connections kept lingering at once.
+const MAX_LINGERING: usize = 4096;
+/// How often lingering refused connections are read.
+const SWEEP: Duration = Duration::from_millis(20);
+/// How long a refused connection is kept to read what its client still sends.
+const REFUSE_LINGER: Duration = Duration::from_millis(500);
 /// How long a closing connection reads (and drops) what the client still sends,
 /// so that its answer is not lost to a reset.
 const LINGER: Duration = Duration::from_millis(500);
@@ -483,6 +490,7 @@ fn accept(
         events: libc::POLLIN,
         revents: 0,
     };
+    let over_capacity = over_capacity();
     while !shared.closing.load(Ordering::SeqCst) {
         // SAFETY: one valid pollfd that lives across the call.
         if unsafe { libc::poll(&mut fd, 1, POLL.as_millis() as libc::c_int) } <= 0 {
@@ -500,7 +508,8 @@ fn accept(
         };
         if shared.open.load(Ordering::SeqCst) >= shared.settings.max_connections {
             shared.stats.metrics.http_request("over_capacity", 503);
-            if refuse.try_send(stream).is_err() {
+            if let Err(e) = refuse.try_send(stream) {
+                refuse_now(&e.into_inner(), &over_capacity);
                 log::debug!("HTTP: over the connection cap; closed {remote} at once");
             }
             continue;
@@ -530,8 +539,8 @@ impl Drop for Open<'_> {
     }
 }
 
-/// Answers connections over the cap `503` and closes them.
-fn refuse_all(streams: &Receiver<TcpStream>) {
+/// The answer to a connection over the cap.
+fn over_capacity() -> Vec<u8> {
     let body = "too many connections; try again later\n";
     let mut answer = Vec::new();
     wire::response_head(
@@ -547,10 +556,57 @@ fn refuse_all(streams: &Receiver<TcpStream>) {
         &date(),
     );
     answer.extend_from_slice(body.as_bytes());
-    for stream in streams {
-        let _ = stream.set_write_timeout(Some(POLL));
-        let _ = (&stream).write_all(&answer);
-        linger(stream, Duration::from_millis(100));
+    answer
+}
+
+/// Sends `answer` on a fresh connection without blocking (its empty send
+/// buffer takes it whole) and ends the sending side.
+fn refuse_now(stream: &TcpStream, answer: &[u8]) {
+    let _ = stream.set_nonblocking(true);
+    let _ = (&*stream).write(answer);
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Answers connections over the cap `503` and closes them. Each is kept for
+/// up to [`REFUSE_LINGER`] after its answer, reading (and dropping) what the
+/// client sends, without blocking: closing with unread input would reset the
+/// connection and could lose the answer.
+fn refuse_all(streams: &Receiver<TcpStream>) {
+    let answer = over_capacity();
+    let mut lingering: Vec<(TcpStream, Instant)> = Vec::new();
+    let mut next_sweep = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        let wait = match lingering.is_empty() {
+            true => POLL,
+            false => SWEEP,
+        };
+        let first = match streams.recv_timeout(wait) {
+            Ok(stream) => Some(stream),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
+        for stream in first.into_iter().chain(streams.try_iter()) {
+            refuse_now(&stream, &answer);
+            if lingering.len() < MAX_LINGERING {
+                lingering.push((stream, Instant::now() + REFUSE_LINGER));
+            }
+        }
+        let now = Instant::now();
+        if now < next_sweep {
+            continue;
+        }
+        next_sweep = now + SWEEP;
+        lingering.retain(|(stream, until)| {
+            now < *until
+                && loop {
+                    match (&*stream).read(&mut buf) {
+                        Ok(0) => break false,
+                        Ok(_) => {}
+                        Err(e) => break e.kind() == io::ErrorKind::WouldBlock,
+                    }
+                }
+        });
     }
 }
 
