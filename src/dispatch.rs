@@ -722,6 +722,24 @@ mod tests {
     /// An in-process caller gets refusals, timeouts and panics as types (the
     /// HTTP plug picks its status from them); a function's own error is a reply.
     #[test]
+    fn a_local_call_its_caller_withdrew_is_not_run() {
+        let f = fixture();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let claim = crate::job::Claim::default();
+        assert!(claim.withdraw());
+        f.dispatcher.handle(
+            Job {
+                reply_to: ReplyTo::Local(tx, claim),
+                body: Ok(request("hello", "tom", "web")),
+                waited: false,
+            },
+            false,
+        );
+        assert!(rx.try_recv().is_err(), "no reply: it did not run");
+        assert_eq!(f.dispatcher.stats.requests.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
     fn a_local_caller_gets_errors_as_types() {
         let f = fixture();
         let typed = |body| {

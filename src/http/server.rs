@@ -188,7 +188,8 @@ impl Read for Conn {
 impl BufRead for Conn {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         if self.start == self.end {
-            self.start = 0;
+            // Emptied first, so a failed read leaves nothing stale behind.
+            (self.start, self.end) = (0, 0);
             self.end = self.stream.read(&mut self.buf)?;
         }
         Ok(self.pending())
