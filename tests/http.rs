@@ -1448,7 +1448,11 @@ fn connections_beyond_the_cap_get_503_and_cost_no_thread() {
     let shipped = std::fs::read_to_string(repo_file("cerbas.toml")).expect("cerbas.toml");
     let text = shipped
         .replacen("\nmax_connections = 512\n", "\nmax_connections = 50\n", 1)
-        .replacen("\nheader_timeout_ms = 10000\n", "\nheader_timeout_ms = 60000\n", 1);
+        .replacen(
+            "\nheader_timeout_ms = 10000\n",
+            "\nheader_timeout_ms = 60000\n",
+            1,
+        );
     assert_eq!(
         (text.matches("= 50\n").count(), text.contains("= 60000\n")),
         (1, true),

@@ -1,14 +1,14 @@
 //! The Plug: the HTTP server (our own HTTP/1.1 front, no async runtime). A fixed
 //! number of handler threads (`http.threads`, named `cerbas-http-N`) take
-//! requests from the front (`server.rs`) and route them: `/api/…` to functions through the one
-//! dispatch path (`api.rs`, via `caller.rs`), configured prefixes to other web apps
+//! requests from the front (`http/server.rs`) and route them: `/api/…` to
+//! functions through the one dispatch path (`api.rs`, via `caller.rs`), configured prefixes to other web apps
 //! (`proxy.rs`, each target behind its `breaker.rs`), `/health` and `/metrics`
-//! (`health.rs`), `/dashboard` (`dashboard.rs`). Started by `server.rs` after the
+//! (`health.rs`), `/dashboard` (`dashboard.rs`). Started by `src/server.rs` after the
 //! workers, stopped after the drain: new calls get 503 as soon as the stop begins,
 //! calls in flight finish (or get 503 at the drain deadline), then each thread is
 //! woken and joined.
 //!
-//! The front itself (`server.rs`, on std::net, with `wire.rs` for the bytes)
+//! The front itself (`http/server.rs`, on std::net, with `wire.rs` for the bytes)
 //! caps connections (`http.max_connections`, 503 beyond), request heads (size,
 //! lines, `http.header_timeout_ms`) and idle keep-alive connections; a client
 //! that sends its head slowly holds a connection thread, never a handler thread.
