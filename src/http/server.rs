@@ -491,7 +491,6 @@ fn accept(
         events: libc::POLLIN,
         revents: 0,
     };
-    let over_capacity = over_capacity();
     while !shared.closing.load(Ordering::SeqCst) {
         // SAFETY: one valid pollfd that lives across the call.
         if unsafe { libc::poll(&mut fd, 1, POLL.as_millis() as libc::c_int) } <= 0 {
@@ -510,7 +509,7 @@ fn accept(
         if shared.open.load(Ordering::SeqCst) >= shared.settings.max_connections {
             shared.stats.metrics.http_request("over_capacity", 503);
             if let Err(e) = refuse.try_send(stream) {
-                refuse_now(&e.into_inner(), &over_capacity);
+                refuse_now(&e.into_inner(), &over_capacity());
                 log::debug!("HTTP: over the connection cap; closed {remote} at once");
             }
             continue;
@@ -573,7 +572,6 @@ fn refuse_now(stream: &TcpStream, answer: &[u8]) {
 /// client sends, without blocking: closing with unread input would reset the
 /// connection and could lose the answer.
 fn refuse_all(streams: &Receiver<TcpStream>) {
-    let answer = over_capacity();
     let mut lingering: Vec<(TcpStream, Instant)> = Vec::new();
     let mut next_sweep = Instant::now();
     let mut buf = [0u8; 4096];
@@ -587,6 +585,8 @@ fn refuse_all(streams: &Receiver<TcpStream>) {
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
         };
+        // Made for each batch, so its Date is now.
+        let answer = over_capacity();
         for stream in first.into_iter().chain(streams.try_iter()) {
             refuse_now(&stream, &answer);
             if lingering.len() < MAX_LINGERING {
