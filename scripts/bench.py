@@ -9,7 +9,8 @@ Starts a fresh redis-server and a release `cerbas` on free loopback ports, then:
   client's CPU (it measures its own), the server's (/proc/PID/stat) and Redis's
   (`INFO cpu`) per round trip around each run;
 - W3 (drain 20,000 queued one-way requests) and W4 (200 x sleep 100 ms) from
-  `examples/loadgen.rs`, with the server's RSS idle and at its peak.
+  `examples/loadgen.rs`, with the server's RSS idle and at its peak, then W3
+  again with a second instance on the same Redis.
 Prints a Markdown table on stdout (progress on stderr). Not for: asserting
 anything (tests do that) or comparing runs made at different times: only ratios
 within one run mean something on a shared machine.
@@ -188,6 +189,22 @@ def main():
         if "acked " in w3:
             w3_rate = float(w3.split("acked ")[1].split("/s")[0].replace(",", ""))
         w4, _, _ = loadgen("w4")
+        peak = proc_kib(server.pid, "VmHWM")
+
+        # A second instance on the same Redis: W3 again.
+        log("second instance")
+        second = subprocess.Popen(
+            [os.path.join(ROOT, "target/release/cerbas"), "--config", "cerbas.toml",
+             "--redis", url, "--http", "", "--crontab", "/dev/null"],
+            cwd=ROOT, stdout=server_log, stderr=server_log, env={**os.environ, "RUST_LOG": "warn"},
+        )
+        try:
+            wait("the second instance", 20,
+                 lambda: redis_cli(port, "SCARD", "CERBAS-INSTANCES", db=1).strip() == "2")
+            w3_two, _, _ = loadgen("w3")
+        finally:
+            second.terminate()
+            second.wait(timeout=20)
 
         print(f"## cerbas bench, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
               f"{os.cpu_count()} cores, {subprocess.run(['redis-server', '--version'], capture_output=True, text=True).stdout.split()[2]}")
@@ -211,9 +228,10 @@ def main():
         print(f"- {w3}" + (f" (W3 / SET: {w3_rate / set_ops:.3f})" if w3_rate and set_ops else "")
               + f"; server CPU {w3_server * 1e6 / w3_n:.1f} µs/request, Redis CPU {w3_redis * 1e6 / w3_n:.1f} "
               "µs/request (the load generator's own SET + RPUSH included; republish looks run on after the drain)")
+        print(f"- two instances: {w3_two}")
         print(f"- {w4}")
         print(f"- server RSS idle {rss_idle / 1024:.1f} MiB, peak through W2 {rss_w2 / 1024:.1f} MiB, "
-              f"peak after W3/W4 {proc_kib(server.pid, 'VmHWM') / 1024:.1f} MiB")
+              f"peak after W3/W4 {peak / 1024:.1f} MiB")
     finally:
         if server:
             server.terminate()

@@ -7,6 +7,11 @@
 //! caller does with the reply (the HTTP status is `http/api.rs`'s business).
 //!
 //! Two interactions with the rest of the server, on purpose:
+//! - The wait for a worker. A call waits at most [`Caller::wait`] (the default
+//!   deadline, `timeout_ms`) for a worker to take it; if every worker stays
+//!   busy that long, the caller withdraws the job ([`Claim`]) and gives up with
+//!   [`NotRun::NoWorker`]: the function is then never run. Once a worker has
+//!   taken the job, the function's own deadline bounds the rest.
 //! - The drain. Each call counts in [`Unanswered`] from before it is handed over
 //!   until its reply is back, so a graceful stop waits for in-flight local calls
 //!   as for requests from Redis. Once the stop is triggered no new call is taken
@@ -21,21 +26,27 @@
 //!   (its deadline not yet started) until a worker is free. So with H local calls
 //!   running, at most H requests wait in this instance instead of in Redis.
 
-use crate::job::{Job, LocalReply, ReplyTo, Unanswered};
+use crate::job::{Claim, Job, LocalReply, ReplyTo, Unanswered};
 use crate::protocol::Request;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often a waiting call looks at the drain deadline.
 const POLL: Duration = Duration::from_millis(50);
 
-/// The server is stopping: the call was not taken, or was given up at the drain
-/// deadline.
+/// Why a call got no reply from its function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Stopping;
+pub(crate) enum NotRun {
+    /// The server is stopping: the call was not taken, or was given up at the
+    /// drain deadline.
+    Stopping,
+    /// No worker took the call within this long (every one was busy); it was
+    /// withdrawn and will not run.
+    NoWorker(Duration),
+}
 
 /// Hands requests to the worker pool and waits for their replies. Cheap to
 /// clone; one per thread that calls.
@@ -48,6 +59,8 @@ pub(crate) struct Caller {
     pub(crate) shutdown: Shutdown,
     /// Set by the server at the drain deadline: stop waiting.
     pub(crate) abandon: Arc<AtomicBool>,
+    /// How long a call waits for a worker to take it.
+    pub(crate) wait: Duration,
 }
 
 /// Counts a call in [`Unanswered`] until dropped, whichever way the call ends.
@@ -61,30 +74,42 @@ impl Drop for Counted {
 
 impl Caller {
     /// Runs `request` through the dispatch path and returns its reply (or why it
-    /// was refused, typed). Blocks until a worker has answered: the function's
-    /// deadline bounds that once a worker has picked the job.
-    pub(crate) fn call(&self, request: Request) -> Result<LocalReply, Stopping> {
+    /// was refused, typed). Blocks until a worker has answered: up to
+    /// [`Caller::wait`] for a worker to take the job, then the function's
+    /// deadline bounds the rest.
+    pub(crate) fn call(&self, request: Request) -> Result<LocalReply, NotRun> {
         if self.shutdown.is_triggered() {
-            return Err(Stopping);
+            return Err(NotRun::Stopping);
         }
         self.unanswered.add(1);
         let _counted = Counted(self.unanswered.clone());
         let (tx, rx) = crossbeam_channel::bounded(1);
+        let claim = Claim::default();
         let job = Job {
-            reply_to: ReplyTo::Local(tx),
+            reply_to: ReplyTo::Local(tx, claim.clone()),
             body: Ok(request),
             waited: false,
         };
         if self.jobs.send(job).is_err() {
-            return Err(Stopping);
+            return Err(NotRun::Stopping);
         }
+        let give_up = Instant::now() + self.wait;
         loop {
-            match rx.recv_timeout(POLL) {
+            let poll = give_up
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(1), POLL);
+            match rx.recv_timeout(poll) {
                 Ok(reply) => return Ok(reply),
-                Err(RecvTimeoutError::Timeout) if !self.abandon.load(Ordering::SeqCst) => {}
-                // Abandoned at the drain deadline, or the job was dropped unanswered
-                // (the workers are gone).
-                Err(_) => return Err(Stopping),
+                Err(RecvTimeoutError::Timeout) if self.abandon.load(Ordering::SeqCst) => {
+                    return Err(NotRun::Stopping)
+                }
+                // No worker took it in time: withdrawn, unless one just did.
+                Err(RecvTimeoutError::Timeout) if Instant::now() >= give_up && claim.withdraw() => {
+                    return Err(NotRun::NoWorker(self.wait))
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                // The job was dropped unanswered (the workers are gone).
+                Err(RecvTimeoutError::Disconnected) => return Err(NotRun::Stopping),
             }
         }
     }
@@ -104,6 +129,7 @@ mod tests {
                 unanswered: Unanswered::default(),
                 shutdown: Shutdown::new(),
                 abandon: Arc::default(),
+                wait: Duration::from_secs(10),
             },
             rx,
         )
@@ -117,7 +143,7 @@ mod tests {
             std::thread::spawn(move || {
                 let job = jobs.recv().expect("a job");
                 assert!(!unanswered.is_zero(), "counted while it runs");
-                if let ReplyTo::Local(tx) = job.reply_to {
+                if let ReplyTo::Local(tx, _) = job.reply_to {
                     let _ = tx.send(Ok(Some(Reply::Ok("hi".into()))));
                 }
             })
@@ -132,20 +158,46 @@ mod tests {
     fn no_call_is_taken_once_stopping_and_waits_end_at_the_drain_deadline() {
         let (c, jobs) = caller();
         c.abandon.store(true, Ordering::SeqCst);
-        assert_eq!(c.call(Request::new("hello", Map::new())), Err(Stopping));
+        assert_eq!(
+            c.call(Request::new("hello", Map::new())),
+            Err(NotRun::Stopping)
+        );
         assert!(jobs.try_recv().is_ok(), "it was handed over");
         assert!(c.unanswered.is_zero(), "and no longer counted");
         c.shutdown.trigger();
-        assert_eq!(c.call(Request::new("hello", Map::new())), Err(Stopping));
+        assert_eq!(
+            c.call(Request::new("hello", Map::new())),
+            Err(NotRun::Stopping)
+        );
         assert!(jobs.try_recv().is_err(), "nothing handed over");
         assert!(c.unanswered.is_zero());
+    }
+
+    #[test]
+    fn a_call_no_worker_takes_in_time_is_withdrawn_and_never_runs() {
+        let (mut c, jobs) = caller();
+        c.wait = Duration::from_millis(30);
+        let t = Instant::now();
+        assert_eq!(
+            c.call(Request::new("hello", Map::new())),
+            Err(NotRun::NoWorker(c.wait))
+        );
+        assert!(t.elapsed() < Duration::from_secs(1));
+        assert!(c.unanswered.is_zero());
+        match jobs.try_recv().map(|j| j.reply_to) {
+            Ok(ReplyTo::Local(_, claim)) => assert!(!claim.take(), "a worker must not run it"),
+            _ => panic!("the job was handed over"),
+        }
     }
 
     #[test]
     fn a_job_dropped_unanswered_ends_the_wait() {
         let (c, jobs) = caller();
         drop(jobs);
-        assert_eq!(c.call(Request::new("hello", Map::new())), Err(Stopping));
+        assert_eq!(
+            c.call(Request::new("hello", Map::new())),
+            Err(NotRun::Stopping)
+        );
         assert!(c.unanswered.is_zero());
     }
 }

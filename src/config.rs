@@ -365,6 +365,15 @@ pub struct HttpConfig {
     pub read_timeout_ms: u64,
     /// A client write that waits longer than this fails, in ms.
     pub write_timeout_ms: u64,
+    /// Most connections open at once; one more gets 503 and is closed.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers), in bytes (431 past it).
+    pub max_head_bytes: usize,
+    /// A request head must arrive whole within this many ms of its first byte
+    /// (then 408 and close); also how long a new connection may stay silent.
+    pub header_timeout_ms: u64,
+    /// A connection idle between requests is closed after this many ms.
+    pub keep_alive_ms: u64,
     /// Bearer token → user. When set, every `/api` call needs a token.
     pub tokens: BTreeMap<String, String>,
     /// Role → the users (of `tokens`) who have it. The one role is `admin`: who may
@@ -378,6 +387,10 @@ pub struct HttpConfig {
     /// A proxy target must answer (and each read of its body return) within
     /// this, in ms (then 504).
     pub proxy_read_timeout_ms: u64,
+    /// A whole proxied exchange (request sent, response head and body back)
+    /// may take this long, in ms; a response still streaming then is cut off
+    /// and its connection closed.
+    pub proxy_response_timeout_ms: u64,
     /// This many failures of one target ...
     pub breaker_failures: u32,
     /// ... within this many ms open its breaker ...
@@ -396,11 +409,16 @@ impl Default for HttpConfig {
             max_body_bytes: 1 << 20,
             read_timeout_ms: 10_000,
             write_timeout_ms: 10_000,
+            max_connections: 512,
+            max_head_bytes: 16 << 10,
+            header_timeout_ms: 10_000,
+            keep_alive_ms: 5_000,
             tokens: BTreeMap::new(),
             roles: BTreeMap::new(),
             forward_token: false,
             proxy_connect_timeout_ms: 2_000,
             proxy_read_timeout_ms: 30_000,
+            proxy_response_timeout_ms: 120_000,
             breaker_failures: 2,
             breaker_window_ms: 3_000,
             breaker_open_ms: 10_000,
@@ -414,6 +432,16 @@ impl HttpConfig {
         within("http.max_body_bytes", self.max_body_bytes, 64, 512 << 20)?;
         within("http.read_timeout_ms", self.read_timeout_ms, 1, HOUR_MS)?;
         within("http.write_timeout_ms", self.write_timeout_ms, 1, HOUR_MS)?;
+        within("http.max_connections", self.max_connections, 1, 100_000)?;
+        within("http.max_head_bytes", self.max_head_bytes, 1024, 1 << 20)?;
+        within("http.header_timeout_ms", self.header_timeout_ms, 1, HOUR_MS)?;
+        within("http.keep_alive_ms", self.keep_alive_ms, 1, HOUR_MS)?;
+        within(
+            "http.proxy_response_timeout_ms",
+            self.proxy_response_timeout_ms,
+            1,
+            DAY_MS,
+        )?;
         within(
             "http.proxy_connect_timeout_ms",
             self.proxy_connect_timeout_ms,

@@ -325,7 +325,7 @@ fn remember_error(
     };
     let id = match reply_to {
         ReplyTo::Redis { id } | ReplyTo::RedisSilent { id } => Some(*id),
-        ReplyTo::Local(_) => None,
+        ReplyTo::Local(..) => None,
     };
     stats.recent_errors.add(id, func, user, &message);
 }
@@ -365,7 +365,7 @@ fn deliver(reply_to: &ReplyTo, out: &Outbox, unanswered: &Unanswered, reply: Loc
             });
             unanswered.done(1);
         }
-        ReplyTo::Local(tx) => {
+        ReplyTo::Local(tx, _) => {
             let _ = tx.send(reply);
         }
     }
@@ -395,6 +395,14 @@ impl Dispatcher {
     /// from the reader (on `jobs`), not on `due` (a delayed request, an
     /// in-process call), as the worker saw it (pool.rs).
     pub(crate) fn handle(&self, mut job: Job, from_reader: bool) -> AfterCall {
+        // A local call its caller gave up on before any worker was free is not
+        // run (the caller answered it already). A delayed job back from the
+        // timer was taken before its delay.
+        if let (ReplyTo::Local(_, claim), false) = (&job.reply_to, job.waited) {
+            if !claim.take() {
+                return AfterCall::GoOn;
+            }
+        }
         bump(&self.stats.requests);
         let mut request = match job.body {
             Ok(r) => r,
@@ -480,7 +488,7 @@ impl Dispatcher {
             source: request.source,
             origin: match job.reply_to {
                 ReplyTo::Redis { id } | ReplyTo::RedisSilent { id } => Origin::Redis { id },
-                ReplyTo::Local(_) => Origin::Local,
+                ReplyTo::Local(..) => Origin::Local,
             },
             deadline,
             services: self.services.clone(),
@@ -735,7 +743,7 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         f.dispatcher.handle(
             Job {
-                reply_to: ReplyTo::Local(tx),
+                reply_to: ReplyTo::Local(tx, Default::default()),
                 body,
                 waited: false,
             },
@@ -749,13 +757,31 @@ mod tests {
     /// An in-process caller gets refusals, timeouts and panics as types (the
     /// HTTP plug picks its status from them); a function's own error is a reply.
     #[test]
+    fn a_local_call_its_caller_withdrew_is_not_run() {
+        let f = fixture();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let claim = crate::job::Claim::default();
+        assert!(claim.withdraw());
+        f.dispatcher.handle(
+            Job {
+                reply_to: ReplyTo::Local(tx, claim),
+                body: Ok(request("hello", "tom", "web")),
+                waited: false,
+            },
+            false,
+        );
+        assert!(rx.try_recv().is_err(), "no reply: it did not run");
+        assert_eq!(f.dispatcher.stats.requests.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
     fn a_local_caller_gets_errors_as_types() {
         let f = fixture();
         let typed = |body| {
             let (tx, rx) = crossbeam_channel::unbounded();
             f.dispatcher.handle(
                 Job {
-                    reply_to: ReplyTo::Local(tx),
+                    reply_to: ReplyTo::Local(tx, Default::default()),
                     body: Ok(body),
                     waited: false,
                 },
@@ -941,7 +967,7 @@ mod tests {
             std::thread::spawn(move || {
                 f.dispatcher.handle(
                     Job {
-                        reply_to: ReplyTo::Local(tx),
+                        reply_to: ReplyTo::Local(tx, Default::default()),
                         body: Ok(request("cached", "tom", "web")),
                         waited: false,
                     },
@@ -972,7 +998,7 @@ mod tests {
             Instant::now(),
             Some(hung.clone()),
             "f".into(),
-            ReplyTo::Local(tx),
+            ReplyTo::Local(tx, Default::default()),
             out.into(),
             Unanswered::default(),
             Arc::default(),
@@ -1058,7 +1084,7 @@ mod tests {
         let start = Instant::now();
         f.dispatcher.handle(
             Job {
-                reply_to: ReplyTo::Local(tx),
+                reply_to: ReplyTo::Local(tx, Default::default()),
                 body: Ok(r),
                 waited: false,
             },

@@ -123,6 +123,10 @@ pub enum HttpError {
     /// The server is stopping.
     #[error("stopping: try again later")]
     Stopping,
+    /// Every worker stayed busy for as long as the call may wait (ms): it was
+    /// not run.
+    #[error("no worker free within {0} ms: try again later")]
+    NoWorker(u64),
 }
 
 /// The error a user's function returns: its message becomes the reply's `data`.

@@ -15,7 +15,7 @@ use crate::error::RequestError;
 use crate::protocol::{CronTag, Reply, Request};
 use crossbeam_channel::{SendError, Sender};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -29,8 +29,37 @@ pub(crate) enum ReplyTo {
     RedisSilent { id: u64 },
     /// Sent to an in-process caller (the HTTP plug through `caller.rs`; cron next).
     /// It gets the error as a type, not only as a message, so it can tell a
-    /// refusal from a timeout (the HTTP status).
-    Local(Sender<LocalReply>),
+    /// refusal from a timeout (the HTTP status). The [`Claim`] lets the caller
+    /// withdraw the job while no worker has taken it.
+    Local(Sender<LocalReply>, Claim),
+}
+
+/// Who has a local call's job: a worker takes it before running it, or the
+/// caller withdraws it when no worker took it in time (the call is then not
+/// run at all). Whichever comes first wins; the other learns it lost.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Claim(Arc<AtomicU8>);
+
+impl Claim {
+    const WAITING: u8 = 0;
+    const TAKEN: u8 = 1;
+    const WITHDRAWN: u8 = 2;
+
+    /// A worker takes the job: false when the caller has withdrawn it.
+    pub(crate) fn take(&self) -> bool {
+        self.swap_from_waiting(Self::TAKEN)
+    }
+
+    /// The caller withdraws the job: false when a worker has taken it.
+    pub(crate) fn withdraw(&self) -> bool {
+        self.swap_from_waiting(Self::WITHDRAWN)
+    }
+
+    fn swap_from_waiting(&self, to: u8) -> bool {
+        self.0
+            .compare_exchange(Self::WAITING, to, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
 }
 
 /// What an in-process caller gets: the function's reply (`None` for "no reply";

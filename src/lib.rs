@@ -41,9 +41,9 @@
 //! | [`context`] | what a function gets: caller, deadline, Redis, shutdown |
 //! | `job` | data between threads: jobs, replies, ids in hand, counters |
 //! | `dispatch` | the one path every request takes |
-//! | `caller` | its in-process entry point (HTTP, cron): request in, reply out |
+//! | `caller` | its in-process entry point (HTTP, cron): request in, reply out, a bounded wait for a worker |
 //! | `metrics` | the Prometheus registry every thread counts into |
-//! | `http` | the Plug: HTTP threads, `/api` routes, tokens, proxy, breaker, health, dashboard routes |
+//! | `http` | the Plug: its own HTTP/1.1 front (std::net + httparse: connection cap, head limits, keep-alive), `/api` routes, tokens, proxy, breaker, health, dashboard routes |
 //! | `dashboard` | each instance's snapshot in Redis; the dashboard's state and page (pure); its actions |
 //! | `limits` | how many calls a user or a function may run at once |
 //! | `reader` | the queue reader thread |

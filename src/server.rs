@@ -172,6 +172,8 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
                     unanswered: unanswered.clone(),
                     shutdown: shutdown.clone(),
                     abandon: abandon.clone(),
+                    // As long as a call may run, it may wait for a worker.
+                    wait: Duration::from_millis(config.timeout_ms),
                 },
                 stats: stats.clone(),
                 redis: client.clone(),

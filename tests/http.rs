@@ -97,6 +97,7 @@ fn config(redis: &Redis, port: u16) -> Config {
             max_body_bytes: 1024,
             read_timeout_ms: 1_000,
             write_timeout_ms: 1_000,
+            header_timeout_ms: 1_000,
             proxy_connect_timeout_ms: 500,
             proxy_read_timeout_ms: 500,
             breaker_open_ms: 1_000,
@@ -889,7 +890,7 @@ fn slow_clients_do_not_hold_the_handler_threads() {
         assert!(got.starts_with("HTTP/1.1 408") || got.is_empty(), "{got}");
         assert!(took < 4 * SECS, "cut off after {took:?}");
     }
-    // The half-sent heads are closed by the read timeout.
+    // The half-sent heads are closed by the head timeout.
     for mut s in heads {
         s.set_read_timeout(Some(5 * SECS)).expect("timeout");
         let t = Instant::now();
@@ -1396,4 +1397,511 @@ fn bad_http_settings_stop_the_start() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("prefix takes a path the plug serves itself")
     );
+}
+
+// ---- the front: limits tiny_http did not have (issue 10's last defects) ----
+
+/// Sends `raw` on a new connection (a write the server cuts short is not an
+/// error: it may refuse before reading everything) and reads until it closes
+/// or `within` passes; says how long that took.
+fn lenient(port: u16, raw: &[u8], within: Duration) -> (String, Duration) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(within)).expect("timeout");
+    let t = Instant::now();
+    let _ = s.write_all(raw);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    (String::from_utf8_lossy(&out).into_owned(), t.elapsed())
+}
+
+/// Reads one response from `s`: its head (status line and headers) and its
+/// body (by Content-Length; none without it).
+fn one_response(s: &mut std::io::BufReader<TcpStream>) -> (String, Vec<u8>) {
+    use std::io::BufRead;
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        let n = s.read_line(&mut line).expect("a response line");
+        assert!(n > 0, "closed after {head:?}");
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).expect("the body");
+    (head, body)
+}
+
+fn connect(port: u16) -> (TcpStream, std::io::BufReader<TcpStream>) {
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(10 * SECS)).expect("timeout");
+    let r = std::io::BufReader::new(s.try_clone().expect("clone"));
+    (s, r)
+}
+
+/// Whether the server closed `s` within `within` (reading nothing more).
+fn closed_within(r: &mut std::io::BufReader<TcpStream>, within: Duration) -> Option<Duration> {
+    r.get_ref().set_read_timeout(Some(within)).expect("timeout");
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    match r.read_to_end(&mut rest) {
+        Ok(_) if rest.is_empty() => Some(t.elapsed()),
+        _ => None,
+    }
+}
+
+#[test]
+fn connections_beyond_the_cap_get_503_and_cost_no_thread() {
+    let redis = Redis::start();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let shipped = std::fs::read_to_string(repo_file("cerbas.toml")).expect("cerbas.toml");
+    let text = shipped
+        .replacen("\nmax_connections = 512\n", "\nmax_connections = 50\n", 1)
+        .replacen(
+            "\nheader_timeout_ms = 10000\n",
+            "\nheader_timeout_ms = 60000\n",
+            1,
+        );
+    assert_eq!(
+        (text.matches("= 50\n").count(), text.contains("= 60000\n")),
+        (1, true),
+        "the shipped configuration sets both"
+    );
+    let path = common::scratch("cap").join("cerbas.toml");
+    std::fs::write(&path, text).expect("write config");
+    let server = Server::start_args(
+        &redis,
+        &["--config", path.to_str().expect("path"), "--http", &addr],
+    );
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{}/task", server.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let before = threads();
+    // 2,000 idle connections: 50 are held, the others answered 503 and closed.
+    let mut conns: Vec<Option<TcpStream>> = (0..2000)
+        .map(|_| {
+            let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            s.set_nonblocking(true).expect("nonblocking");
+            Some(s)
+        })
+        .collect();
+    let (mut refused, mut closed) = (0, 0);
+    let mut buf = [0u8; 512];
+    wait_for(
+        "the connections over the cap to be closed",
+        30 * SECS,
+        || {
+            for slot in conns.iter_mut() {
+                let Some(s) = slot else { continue };
+                match s.read(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        let got = String::from_utf8_lossy(&buf[..n]);
+                        if got.starts_with("HTTP/1.1 503") && got.contains("Connection: close") {
+                            refused += 1;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    // The server's end (a 503 read earlier, or a plain close).
+                    _ => {
+                        closed += 1;
+                        *slot = None;
+                    }
+                }
+            }
+            (closed >= 1950).then_some(())
+        },
+    );
+    let held = threads();
+    eprintln!(
+        "2,000 connections, cap 50: {refused} got 503, {closed} closed; threads {before} -> {held}"
+    );
+    assert_eq!(closed, 1950, "exactly the cap is held");
+    assert!(refused >= 1900, "nearly all were told why: {refused}");
+    assert!(
+        held <= before + 50 + 5,
+        "a thread per held connection at most: {before} -> {held}"
+    );
+    // The held ones are served, and a place freed is taken by the next.
+    let mut open: Vec<TcpStream> = conns.into_iter().flatten().collect();
+    let mut first = open.pop().expect("a held connection");
+    first.set_nonblocking(false).expect("blocking");
+    first.set_read_timeout(Some(10 * SECS)).expect("timeout");
+    first
+        .write_all(b"GET /api/hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut out = String::new();
+    let _ = first.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    drop(first);
+    wait_for("a freed place", 10 * SECS, || {
+        let a = get(&format!("http://{addr}/api/hello")).ok()?;
+        (a.0 == 200).then_some(())
+    });
+    drop(open);
+}
+
+#[test]
+fn a_huge_request_head_gets_431() {
+    let redis = Redis::start();
+    let (plug, _) = Plug::start(&redis, |_| {});
+    let mut big = b"GET /api/hello HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    big.resize(big.len() + (1 << 20), b'a');
+    big.extend_from_slice(b"\r\n\r\n");
+    let (got, took) = lenient(plug.port, &big, 10 * SECS);
+    assert!(got.starts_with("HTTP/1.1 431"), "{got:.200}");
+    assert!(took < 2 * SECS, "answered after {took:?}");
+    let many: String = (0..150).map(|i| format!("X-H{i}: 1\r\n")).collect();
+    let (got, _) = lenient(
+        plug.port,
+        format!("GET /api/hello HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(),
+        10 * SECS,
+    );
+    assert!(got.starts_with("HTTP/1.1 431"), "{got:.200}");
+    assert!(got.contains("too many header lines"), "{got}");
+    // A head just under the limit is fine.
+    let near = format!(
+        "GET /api/hello HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(15 << 10)
+    );
+    let (got, _) = lenient(plug.port, near.as_bytes(), 10 * SECS);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:.200}");
+}
+
+#[test]
+fn a_request_line_that_is_not_utf8_gets_400() {
+    let redis = Redis::start();
+    let (plug, _) = Plug::start(&redis, |_| {});
+    let (got, took) = lenient(
+        plug.port,
+        b"GET /api/\xff\xfehello HTTP/1.1\r\nHost: x\r\n\r\n",
+        5 * SECS,
+    );
+    assert!(got.starts_with("HTTP/1.1 400"), "{got:?}");
+    assert!(got.contains("Connection: close"), "{got}");
+    assert!(took < SECS, "{took:?}");
+    let (got, _) = lenient(plug.port, b"\x00\x01\x02 garbage\r\n\r\n", 5 * SECS);
+    assert!(got.starts_with("HTTP/1.1 400"), "{got:?}");
+    assert_eq!(must_get(&plug.url("/api/hello")).0, 200, "still serving");
+}
+
+#[test]
+fn conflicting_body_lengths_get_400_at_once() {
+    let redis = Redis::start();
+    let (plug, _) = Plug::start(&redis, |_| {});
+    for framing in [
+        "Content-Length: 7\r\nContent-Length: 8",
+        "Content-Length: 7, 8",
+        "Content-Length: 7\r\nTransfer-Encoding: chunked",
+        "Transfer-Encoding: chunked\r\nContent-Length: 7",
+    ] {
+        let (got, took) = lenient(
+            plug.port,
+            format!("POST /api/echo HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n{{\"a\":1}}")
+                .as_bytes(),
+            5 * SECS,
+        );
+        assert!(got.starts_with("HTTP/1.1 400"), "{framing}: {got:?}");
+        assert!(
+            took < Duration::from_millis(700),
+            "{framing}: after {took:?}"
+        );
+    }
+    // The same length twice is one length.
+    let (got, _) = lenient(
+        plug.port,
+        b"POST /api/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\nContent-Length: 7\r\nConnection: close\r\n\r\n{\"a\":1}",
+        5 * SECS,
+    );
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+}
+
+#[test]
+fn a_head_trickled_byte_by_byte_gets_408_at_the_head_deadline() {
+    let redis = Redis::start();
+    let (plug, _) = Plug::start(&redis, |c| c.http.threads = 1);
+    let mut s = TcpStream::connect(("127.0.0.1", plug.port)).expect("connect");
+    s.set_read_timeout(Some(10 * SECS)).expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let stop = Arc::new(AtomicBool::new(false));
+    // A byte every 300 ms: each read is well within the read timeout (1 s).
+    let trickle = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let _ = w.write_all(b"GET /api/hello HTTP/1.1\r\nX-Slow: ");
+            while !stop.load(Ordering::SeqCst) && w.write_all(b"a").is_ok() {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    let t = Instant::now();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let took = t.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let _ = trickle.join();
+    let got = String::from_utf8_lossy(&out);
+    assert!(got.starts_with("HTTP/1.1 408"), "{got:?} after {took:?}");
+    assert!(took < 3 * SECS, "cut off after {took:?}");
+    // The only handler thread was never held.
+    assert_eq!(must_get(&plug.url("/api/hello")).0, 200);
+}
+
+#[test]
+fn an_api_call_gets_503_when_no_worker_frees_within_its_deadline() {
+    let redis = Redis::start();
+    let (plug, started) = Plug::start(&redis, |c| {
+        c.workers = 1;
+        c.timeout_ms = 500;
+    });
+    let url = plug.url("/api/sleep?ms=3000");
+    let busy = std::thread::spawn(move || must_get(&url));
+    started.recv_timeout(10 * SECS).expect("the sleep started");
+    let t = Instant::now();
+    let waited = must_get(&plug.url("/api/hello"));
+    let took = t.elapsed();
+    assert_eq!(waited.0, 503, "{:?}", String::from_utf8_lossy(&waited.2));
+    assert_eq!(
+        json_of(&waited)["data"],
+        "no worker free within 500 ms: try again later"
+    );
+    assert_eq!(header(&waited, "retry-after"), "1");
+    assert!(
+        took < 2 * SECS,
+        "503 after its deadline, not the sleep's end: {took:?}"
+    );
+    assert_eq!(busy.join().expect("sleep").0, 200);
+    assert_eq!(must_get(&plug.url("/api/hello")).0, 200);
+    // The withdrawn call never ran: one hello in all.
+    let samples = scrape(&plug);
+    let hellos = sample(
+        &samples,
+        "cerbas_requests_total",
+        &[("function", "hello"), ("outcome", "ok")],
+    );
+    assert_eq!(hellos, Some(1.0));
+}
+
+/// An upstream that answers one request at once with a chunked body of one
+/// byte every 100 ms for 5 s (flushed each time, which tiny_http does not do).
+fn trickling_upstream() -> (u16, JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let thread = std::thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).is_ok_and(|n| n == 1) {
+            head.push(byte[0]);
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(100));
+            if s.write_all(b"1\r\n.\r\n").is_err() {
+                return;
+            }
+        }
+        let _ = s.write_all(b"0\r\n\r\n");
+    });
+    (port, thread)
+}
+
+#[test]
+fn a_trickling_upstream_response_is_cut_off_at_its_deadline() {
+    let redis = Redis::start();
+    let (port, upstream) = trickling_upstream();
+    let (plug, _) = Plug::start(&redis, |c| {
+        c.http.proxy_response_timeout_ms = 1_000;
+        c.http.threads = 1;
+        c.proxy = vec![ProxyTarget {
+            prefix: "/api5".into(),
+            target: format!("http://127.0.0.1:{port}"),
+            name: Some("flask".into()),
+        }];
+    });
+    let (got, took) = lenient(
+        plug.port,
+        b"GET /api5/trickle HTTP/1.1\r\nHost: x\r\n\r\n",
+        10 * SECS,
+    );
+    eprintln!("a trickling upstream: cut off after {took:?}");
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    assert!(got.contains("Transfer-Encoding: chunked"), "{got}");
+    assert!(
+        !got.ends_with("0\r\n\r\n"),
+        "the client sees a cut-off body: {got:?}"
+    );
+    assert!(
+        took < 3 * SECS,
+        "cut off after {took:?}, not at the trickle's end (5 s)"
+    );
+    // The only handler thread is free again.
+    let t = Instant::now();
+    assert_eq!(must_get(&plug.url("/api/hello")).0, 200);
+    assert!(t.elapsed() < SECS);
+    upstream.join().expect("upstream");
+}
+
+#[test]
+fn the_front_speaks_http_1_1() {
+    let redis = Redis::start();
+    let (plug, _) = Plug::start(&redis, |c| c.http.keep_alive_ms = 500);
+    // Pipelined requests on one connection, HEAD without a body among them.
+    let (mut w, mut r) = connect(plug.port);
+    w.write_all(
+        b"GET /api/hello HTTP/1.1\r\nHost: x\r\n\r\nHEAD /api/hello HTTP/1.1\r\nHost: x\r\n\r\nGET /api/foo?var1=a&var2=b HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .expect("write");
+    let (head, body) = one_response(&mut r);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, br#"{"status":"ok","data":"hello world!"}"#);
+    let (head, body) = one_response(&mut r);
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.contains("Content-Length: 37"),
+        "{head}"
+    );
+    // (one_response read 37 bytes of "body": the next response's head.)
+    assert!(
+        body.starts_with(b"HTTP/1.1 200"),
+        "HEAD sent no body: {:?}",
+        String::from_utf8_lossy(&body)
+    );
+    // An idle keep-alive connection is closed after keep_alive_ms.
+    let (mut w, mut r) = connect(plug.port);
+    w.write_all(b"GET /api/hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    assert!(one_response(&mut r).0.starts_with("HTTP/1.1 200"));
+    let idle = closed_within(&mut r, 5 * SECS).expect("closed");
+    assert!(idle < 2 * SECS, "idle connection closed after {idle:?}");
+    // HTTP/1.0 closes, unless it asks for keep-alive.
+    let (got, took) = lenient(plug.port, b"GET /api/hello HTTP/1.0\r\n\r\n", 5 * SECS);
+    assert!(
+        got.starts_with("HTTP/1.0 200") && got.contains("Connection: close"),
+        "{got}"
+    );
+    assert!(took < SECS);
+    let (mut w, mut r) = connect(plug.port);
+    for _ in 0..2 {
+        w.write_all(b"GET /api/hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .expect("write");
+        let (head, _) = one_response(&mut r);
+        assert!(
+            head.starts_with("HTTP/1.0 200") && head.contains("Connection: keep-alive"),
+            "{head}"
+        );
+    }
+    // Expect: 100-continue: the body is asked for, then answered.
+    let (mut w, mut r) = connect(plug.port);
+    w.write_all(
+        b"POST /api/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .expect("write");
+    let (head, _) = one_response(&mut r);
+    assert!(head.starts_with("HTTP/1.1 100 Continue"), "{head}");
+    w.write_all(br#"{"a":1}"#).expect("write");
+    let (head, body) = one_response(&mut r);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, br#"{"status":"ok","data":{"a":1}}"#);
+    // A refusal before the body does not ask for it, and closes.
+    w.write_all(b"POST /api/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n")
+        .expect("write");
+    let (head, _) = one_response(&mut r);
+    assert!(
+        head.starts_with("HTTP/1.1 413") && head.contains("Connection: close"),
+        "{head}"
+    );
+    // A chunked body is decoded.
+    let (got, _) = lenient(
+        plug.port,
+        b"POST /api/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\n{\"a\r\n4;x=y\r\n\":2}\r\n0\r\n\r\n",
+        5 * SECS,
+    );
+    assert!(
+        got.starts_with("HTTP/1.1 200") && got.ends_with(r#"{"status":"ok","data":{"a":2}}"#),
+        "{got}"
+    );
+    let (got, _) = lenient(
+        plug.port,
+        b"POST /api/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        5 * SECS,
+    );
+    assert!(
+        got.starts_with("HTTP/1.1 400") && got.contains("chunked body"),
+        "{got}"
+    );
+}
+
+#[test]
+fn a_client_killed_mid_body_frees_its_handler_thread() {
+    let redis = Redis::start();
+    let (upstream, _) = Upstream::start();
+    let (plug, _) = Plug::start(&redis, |c| {
+        c.http.threads = 2;
+        c.http.read_timeout_ms = 30_000;
+        c.proxy = vec![upstream.target("/api5", "flask")];
+    });
+    // Two clients, each killed (SIGKILL) in the middle of its body: one to a
+    // function, one through the proxy. The read timeout is long, so only the
+    // closed connection can free the threads.
+    let script = r#"
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(sys.argv[2].encode() + b"0123456789")
+print("sent", flush=True)
+time.sleep(60)
+"#;
+    let mut children = Vec::new();
+    for head in [
+        "POST /api/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n",
+        "POST /api5/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n",
+    ] {
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script, &plug.port.to_string(), head])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        std::io::BufRead::read_line(&mut out, &mut line).expect("sent");
+        assert_eq!(line.trim(), "sent");
+        children.push(child);
+    }
+    // Both handler threads now wait for bodies.
+    wait_for("both bodies to be waited for", 10 * SECS, || {
+        let t = Instant::now();
+        let r = agent()
+            .get(&plug.url("/api/hello"))
+            .config()
+            .timeout_global(Some(Duration::from_millis(300)))
+            .build()
+            .call();
+        (r.is_err() || t.elapsed() >= Duration::from_millis(250)).then_some(())
+    });
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let t = Instant::now();
+    assert_eq!(must_get(&plug.url("/api/hello")).0, 200);
+    assert!(
+        t.elapsed() < 2 * SECS,
+        "served {:?} after the kills",
+        t.elapsed()
+    );
+    // The client's failure did not count against the target.
+    assert_eq!(must_get(&plug.url("/api5/ok")).0, 200);
+    assert_eq!(must_get(&plug.url("/api5/ok")).0, 200);
 }

@@ -6,20 +6,19 @@
 //! the HTTP handler threads. Not for: access, deadlines, panics or counting calls
 //! (the dispatcher does those for every request).
 
-use super::{auth, respond, text, with, Plug, Reply};
-use crate::caller::Stopping;
+use super::{auth, respond, text, with, Plug, Reply, Request as HttpRequest};
+use crate::caller::NotRun;
 use crate::error::{HttpError, RequestError};
 use crate::protocol::{parse_request, Reply as Answer, Request};
 use serde_json::{Map, Value};
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read};
 use std::time::{Duration, Instant};
-use tiny_http::Method;
 
 /// Handles a request whose path is `/api` or under it; says which route it took
 /// (for the metrics) and what to answer.
 pub(super) fn handle(
     plug: &Plug,
-    rq: &mut tiny_http::Request,
+    rq: &mut HttpRequest,
     path: &str,
     query: &str,
 ) -> (&'static str, Reply) {
@@ -27,15 +26,10 @@ pub(super) fn handle(
     if name.is_empty() || name.contains('/') {
         return ("not_found", text(404, "NOT FOUND"));
     }
-    let authorization = rq
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Authorization"))
-        .map(|h| h.value.as_str().to_string());
     let user = match auth::user(
         &plug.config.tokens,
         &plug.config.user,
-        authorization.as_deref(),
+        rq.header("Authorization"),
     ) {
         Ok(user) => user,
         Err(denied) => {
@@ -46,8 +40,8 @@ pub(super) fn handle(
             return ("api", with(refused(e), "WWW-Authenticate", "Bearer"));
         }
     };
-    let get = matches!(rq.method(), Method::Get | Method::Head);
-    let post = *rq.method() == Method::Post;
+    let get = matches!(rq.method(), "GET" | "HEAD");
+    let post = rq.method() == "POST";
     match name {
         // The original's: var1 and var2 back as JSON, no function called.
         "foo" if get => ("api_foo", foo(query)),
@@ -109,7 +103,12 @@ fn call(plug: &Plug, request: Request) -> Reply {
                 _ => r,
             }
         }
-        Err(Stopping) => with(refused(HttpError::Stopping), "Retry-After", "1"),
+        Err(NotRun::Stopping) => with(refused(HttpError::Stopping), "Retry-After", "1"),
+        Err(NotRun::NoWorker(waited)) => with(
+            refused(HttpError::NoWorker(waited.as_millis() as u64)),
+            "Retry-After",
+            "1",
+        ),
     }
 }
 
@@ -149,7 +148,7 @@ fn refused(e: HttpError) -> Reply {
         HttpError::MissingToken | HttpError::InvalidToken => 401,
         HttpError::MethodNotAllowed => 405,
         HttpError::SlowBody => 408,
-        HttpError::Stopping => 503,
+        HttpError::Stopping | HttpError::NoWorker(_) => 503,
         HttpError::RepeatedArgument(_)
         | HttpError::NameNotUtf8
         | HttpError::BodyNotArguments
@@ -194,7 +193,7 @@ fn foo(query: &str) -> Reply {
 
 /// The original's `/api/general`: `{"request": {"func", "args", "source"}}`. The
 /// user is the caller's (token or `http.user`), never the body's.
-fn general(plug: &Plug, rq: &mut tiny_http::Request, user: &str) -> Reply {
+fn general(plug: &Plug, rq: &mut HttpRequest, user: &str) -> Reply {
     let body = match read_body(plug, rq) {
         Ok(b) => b,
         Err(r) => return r,
@@ -288,14 +287,14 @@ fn body_args(body: &[u8]) -> Result<Map<String, Value>, Reply> {
 /// Reads the whole body, up to `http.max_body_bytes` (413 past it), within
 /// `http.read_timeout_ms` in all (408 past it, so a client that trickles its body
 /// cannot hold a handler thread).
-fn read_body(plug: &Plug, rq: &mut tiny_http::Request) -> Result<Vec<u8>, Reply> {
+fn read_body(plug: &Plug, rq: &mut HttpRequest) -> Result<Vec<u8>, Reply> {
     let max = plug.config.max_body_bytes;
     let too_large = |size: usize| {
         let e = RequestError::TooLarge { size, limit: max };
         with(refused_request(e), "Connection", "close")
     };
-    if let Some(n) = rq.body_length().filter(|n| *n > max) {
-        return Err(too_large(n));
+    if let Some(n) = rq.body_length().filter(|n| *n > max as u64) {
+        return Err(too_large(usize::try_from(n).unwrap_or(usize::MAX)));
     }
     let deadline = Instant::now() + Duration::from_millis(plug.config.read_timeout_ms);
     let mut body = Vec::new();
@@ -356,11 +355,8 @@ mod tests {
             body_args(br#"{"a":1}"#).ok().map(Value::Object),
             Some(json!({"a": 1}))
         );
-        assert_eq!(
-            body_args(b"[1]").err().map(|r| r.status_code().0),
-            Some(400)
-        );
-        assert_eq!(body_args(b"{").err().map(|r| r.status_code().0), Some(400));
+        assert_eq!(body_args(b"[1]").err().map(|r| r.status()), Some(400));
+        assert_eq!(body_args(b"{").err().map(|r| r.status()), Some(400));
     }
 
     #[test]
@@ -369,11 +365,11 @@ mod tests {
             HttpError::NotGeneral.to_string(),
             r#"body must be {"request": {"func", "args", "source"}}"#
         );
-        assert_eq!(refused(HttpError::NotGeneral).status_code().0, 400);
-        assert_eq!(refused(HttpError::MissingToken).status_code().0, 401);
-        assert_eq!(refused(HttpError::SlowBody).status_code().0, 408);
-        assert_eq!(refused(HttpError::Stopping).status_code().0, 503);
-        assert_eq!(refused(HttpError::MethodNotAllowed).status_code().0, 405);
+        assert_eq!(refused(HttpError::NotGeneral).status(), 400);
+        assert_eq!(refused(HttpError::MissingToken).status(), 401);
+        assert_eq!(refused(HttpError::SlowBody).status(), 408);
+        assert_eq!(refused(HttpError::Stopping).status(), 503);
+        assert_eq!(refused(HttpError::MethodNotAllowed).status(), 405);
     }
 
     #[test]

@@ -11,11 +11,11 @@
 //! with the token as password (any user name), which a browser asks for and
 //! then sends with the script's requests. Actions are for admins only
 //! (`actions::may_act`); the page of anyone else has no action buttons and their
-//! POSTs get 403. tiny_http is touched only by [`asked`], [`read_body`] and the
-//! `Reply` type (`mod.rs`), so a change of HTTP server changes those alone. Not
+//! POSTs get 403. The HTTP server's types are touched only by [`asked`],
+//! [`read_body`] and the `Reply` type (`mod.rs`). Not
 //! for: what is shown or how, or what an action does (`src/dashboard/`).
 
-use super::{auth, respond, text, with, Plug, Reply};
+use super::{auth, respond, text, with, Plug, Reply, Request};
 use crate::dashboard::actions::{self, Action, Failed, Here};
 use crate::dashboard::page;
 use crate::dashboard::snapshot;
@@ -57,32 +57,24 @@ struct Asked {
     from_loopback: bool,
 }
 
-/// Reads what the dashboard needs from a tiny_http request.
-fn asked(rq: &tiny_http::Request) -> Asked {
-    let header = |name: &'static str| {
-        rq.headers()
-            .iter()
-            .find(|h| h.field.equiv(name))
-            .map(|h| h.value.as_str().to_string())
-    };
+/// Reads what the dashboard needs from an HTTP request.
+fn asked(rq: &Request) -> Asked {
+    let header = |name: &str| rq.header(name).map(str::to_string);
     Asked {
-        get: matches!(
-            rq.method(),
-            tiny_http::Method::Get | tiny_http::Method::Head
-        ),
-        post: matches!(rq.method(), tiny_http::Method::Post),
+        get: matches!(rq.method(), "GET" | "HEAD"),
+        post: rq.method() == "POST",
         authorization: header("Authorization"),
         origin: header("Origin"),
         sec_fetch_site: header("Sec-Fetch-Site"),
         host: header("Host"),
         content_type: header("Content-Type"),
         csrf: header("X-Cerbas-Csrf"),
-        from_loopback: rq.remote_addr().is_some_and(|a| a.ip().is_loopback()),
+        from_loopback: rq.remote_addr().ip().is_loopback(),
     }
 }
 
 /// Reads at most `max` bytes of the request's body; `None` when it is longer.
-fn read_body(rq: &mut tiny_http::Request, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+fn read_body(rq: &mut Request, max: usize) -> std::io::Result<Option<Vec<u8>>> {
     let mut body = Vec::new();
     std::io::Read::read_to_end(
         &mut std::io::Read::take(rq.as_reader(), max as u64 + 1),
@@ -95,7 +87,7 @@ fn read_body(rq: &mut tiny_http::Request, max: usize) -> std::io::Result<Option<
 pub(super) fn handle(
     plug: &Plug,
     dash: &Dashboard,
-    rq: &mut tiny_http::Request,
+    rq: &mut Request,
     path: &str,
     proxies: Vec<state::Proxy>,
 ) -> Reply {

@@ -6,7 +6,10 @@
 //! keeps connections to each target for reuse. Each target has its own circuit
 //! breaker (`breaker.rs`): a connect failure (502), a timeout (504) or a 5xx from
 //! the target counts against it; while it is open the proxy answers 503 at once
-//! with `Retry-After`. Runs on the HTTP handler threads.
+//! with `Retry-After`. A whole exchange is bounded by
+//! `http.proxy_response_timeout_ms`: a target that trickles its answer is cut
+//! off then (the client's connection is closed mid-body), so it cannot hold a
+//! handler thread for longer. Runs on the HTTP handler threads.
 //! No open proxy: only origin-form request targets reach here (`mod.rs` refuses
 //! absolute URIs), the URL is always the configured target's with the request's
 //! path appended, the client's `Host` is never used to choose, and a path with a
@@ -14,13 +17,12 @@
 //! Not for: which paths are the plug's own (`mod.rs`).
 
 use super::breaker::{Admit, Breaker};
-use super::{text, with, Plug};
+use super::{text, with, Plug, Request, Response};
 use crate::config::{HttpConfig, ProxyTarget};
 use std::io::{ErrorKind, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tiny_http::{Header, Response, StatusCode};
 use ureq::http;
 
 /// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1),
@@ -56,6 +58,7 @@ pub(super) struct Proxy {
     agent: ureq::Agent,
     forward_token: bool,
     body_timeout: Duration,
+    response_timeout: Duration,
 }
 
 impl Proxy {
@@ -91,6 +94,7 @@ impl Proxy {
             agent,
             forward_token: config.forward_token,
             body_timeout: Duration::from_millis(config.read_timeout_ms),
+            response_timeout: Duration::from_millis(config.proxy_response_timeout_ms),
         }
     }
 
@@ -138,7 +142,7 @@ impl Proxy {
     }
 
     /// Forwards `rq` to `t` and streams the answer back; returns the status sent.
-    pub(super) fn forward(&self, rq: tiny_http::Request, t: &Target, plug: &Plug) -> u16 {
+    pub(super) fn forward(&self, rq: Request, t: &Target, plug: &Plug) -> u16 {
         let url = rq.url().to_string();
         let status = if !safe_path(url.split_once('?').map_or(&*url, |(p, _)| p)) {
             super::send(rq, text(400, "bad path"));
@@ -160,7 +164,7 @@ impl Proxy {
         status
     }
 
-    fn exchange(&self, mut req: tiny_http::Request, url: &str, t: &Target, plug: &Plug) -> u16 {
+    fn exchange(&self, mut req: Request, url: &str, t: &Target, plug: &Plug) -> u16 {
         let request = match self.build(&req, url, t) {
             Ok(r) => r,
             Err(e) => {
@@ -168,17 +172,14 @@ impl Proxy {
                 return 400;
             }
         };
-        let has_body = req.body_length().is_some_and(|n| n > 0)
-            || req
-                .headers()
-                .iter()
-                .any(|h| h.field.equiv("Transfer-Encoding"));
+        let has_body = req.has_body();
+        let started = Instant::now();
         let client_failed = Arc::new(AtomicBool::new(false));
         let result = {
             let mut body = Deadline {
                 inner: req.as_reader(),
-                until: Instant::now() + self.body_timeout,
-                failed: client_failed.clone(),
+                until: started + self.body_timeout,
+                failed: Some(client_failed.clone()),
             };
             let (parts, ()) = request.into_parts();
             // Bound to a name so the borrowed body is released at the block's end.
@@ -225,49 +226,41 @@ impl Proxy {
         let length = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-        let headers: Vec<Header> = parts
-            .headers
-            .iter()
-            .filter(|(name, _)| {
-                let n = name.as_str();
-                !is_hop_by_hop(n) && n != "content-length" && !connection_names(&parts.headers, n)
-            })
-            .filter_map(|(name, value)| {
-                Header::from_bytes(name.as_str().as_bytes(), value.as_bytes()).ok()
-            })
-            .collect();
-        let response = Response::new(
-            StatusCode(status),
-            headers,
-            body.into_reader(),
-            length,
-            None,
-        );
-        super::send(req, response);
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let body = Deadline {
+            inner: body.into_reader(),
+            until: started + self.response_timeout,
+            failed: None,
+        };
+        let label = t.label.clone();
+        let body = CutOff {
+            inner: body,
+            label,
+            said: false,
+        };
+        let mut answer = Response::stream(status, Box::new(body), length);
+        for (name, value) in &parts.headers {
+            let n = name.as_str();
+            if !is_hop_by_hop(n) && n != "content-length" && !connection_names(&parts.headers, n) {
+                answer = answer.with_header(n, value.as_bytes());
+            }
+        }
+        super::send(req, answer);
         status
     }
 
     /// The request to send upstream: the target's URL with the request's path and
     /// query, its method, and its end-to-end headers plus `X-Forwarded-*`.
-    fn build(
-        &self,
-        rq: &tiny_http::Request,
-        url: &str,
-        t: &Target,
-    ) -> Result<http::Request<()>, String> {
-        let method =
-            http::Method::from_bytes(rq.method().as_str().as_bytes()).map_err(|e| e.to_string())?;
+    fn build(&self, rq: &Request, url: &str, t: &Target) -> Result<http::Request<()>, String> {
+        let method = http::Method::from_bytes(rq.method().as_bytes()).map_err(|e| e.to_string())?;
         let mut b = http::Request::builder()
             .method(method)
             .uri(format!("{}{url}", t.base));
         let named_by_connection: Vec<String> = rq
             .headers()
-            .iter()
-            .filter(|h| h.field.equiv("Connection"))
-            .flat_map(|h| {
-                h.value
-                    .as_str()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("Connection"))
+            .flat_map(|(_, v)| {
+                String::from_utf8_lossy(v)
                     .split(',')
                     .map(|s| s.trim().to_ascii_lowercase())
                     .collect::<Vec<_>>()
@@ -275,28 +268,24 @@ impl Proxy {
             .collect();
         let mut forwarded_for = None;
         let mut host = None;
-        for h in rq.headers() {
-            let name = h.field.as_str().as_str().to_ascii_lowercase();
+        for (field, value) in rq.headers() {
+            let name = field.to_ascii_lowercase();
             match name.as_str() {
-                "x-forwarded-for" => forwarded_for = Some(h.value.as_str().to_string()),
-                "host" => host = Some(h.value.as_str().to_string()),
+                "x-forwarded-for" => {
+                    forwarded_for = Some(String::from_utf8_lossy(value).into_owned())
+                }
+                "host" => host = Some(String::from_utf8_lossy(value).into_owned()),
                 "authorization" if !self.forward_token => {}
                 n if is_hop_by_hop(n) || named_by_connection.iter().any(|c| c == n) => {}
-                _ => b = b.header(h.field.as_str().as_str(), h.value.as_str()),
+                _ => b = b.header(field, value),
             }
         }
-        let client = rq
-            .remote_addr()
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default();
+        let client = rq.remote_addr().ip().to_string();
         let chain = match forwarded_for {
-            Some(prev) if !client.is_empty() => format!("{prev}, {client}"),
-            Some(prev) => prev,
+            Some(prev) => format!("{prev}, {client}"),
             None => client,
         };
-        if !chain.is_empty() {
-            b = b.header("X-Forwarded-For", chain);
-        }
+        b = b.header("X-Forwarded-For", chain);
         b = b.header("X-Forwarded-Proto", "http");
         if let Some(host) = host {
             b = b.header("X-Forwarded-Host", host);
@@ -374,26 +363,49 @@ pub(super) fn safe_path(path: &str) -> bool {
     })
 }
 
-/// The client's body, failing once `until` has passed, and saying so in `failed`
-/// (so a slow client is told apart from a slow target).
+/// A body that fails once `until` has passed: the client's (saying so in
+/// `failed`, so a slow client is told apart from a slow target) or the
+/// target's (the exchange's total deadline).
 struct Deadline<R> {
     inner: R,
     until: Instant,
-    failed: Arc<AtomicBool>,
+    failed: Option<Arc<AtomicBool>>,
 }
 
 impl<R: Read> Read for Deadline<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let said = |e: std::io::Error| {
+            if let Some(f) = &self.failed {
+                f.store(true, Ordering::SeqCst);
+            }
+            e
+        };
         if Instant::now() > self.until {
-            self.failed.store(true, Ordering::SeqCst);
-            return Err(std::io::Error::new(
+            return Err(said(std::io::Error::new(
                 ErrorKind::TimedOut,
-                "client body too slow",
-            ));
+                "past the deadline",
+            )));
         }
-        self.inner
-            .read(buf)
-            .inspect_err(|_| self.failed.store(true, Ordering::SeqCst))
+        self.inner.read(buf).map_err(said)
+    }
+}
+
+/// The target's body on its way to the client: a failure (the deadline, a
+/// broken or stalled target) is logged once; the client's connection is then
+/// closed mid-body by the front.
+struct CutOff<R> {
+    inner: R,
+    label: String,
+    said: bool,
+}
+
+impl<R: Read> Read for CutOff<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).inspect_err(|e| {
+            if !std::mem::replace(&mut self.said, true) {
+                log::warn!("proxy {}: response cut off: {e}", self.label);
+            }
+        })
     }
 }
 
