@@ -513,7 +513,13 @@ impl Reader {
                 Ok(t) => t,
                 // Someone flushed the scripts: the next take loads it again.
                 Err(e) if e.code() == Some("NOSCRIPT") => return Ok(true),
-                Err(e) => return Err(e),
+                // The take runs even when the wait fails (`CLIENT UNBLOCK …
+                // ERROR`, a failover), and the wait's error hides what it took:
+                // the next step compares the processing list with `InHand`.
+                Err(e) => {
+                    *synced = false;
+                    return Err(e);
+                }
             };
             taken = TakeAnswer::from(after_wait);
         }
