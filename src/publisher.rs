@@ -866,10 +866,14 @@ impl Publishing {
     }
 }
 
+/// Whether Redis has refused a `PUBSUB NUMSUB` (logged once per process).
+static LOOK_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// What became of each held reply, from its part of a pipeline's results (see
 /// [`Publishing::pipeline`]): two `PUBLISH` counts for each reply that was heard,
 /// then one `PUBSUB NUMSUB` answer for the others. A missing or unreadable answer
-/// counts as nobody, so the reply goes back to its schedule.
+/// counts as nobody, so the reply goes back to its schedule; a look Redis
+/// refused counts as heard, so the reply is published (blind) at once.
 fn republished(
     again: Vec<Retry>,
     results: &mut impl Iterator<Item = RedisResult<Value>>,
@@ -893,10 +897,24 @@ fn republished(
         })
         .collect();
     if !unheard.is_empty() {
+        let answer = results.next();
+        if let Some(Err(e)) = &answer {
+            if !crate::connection::is_lost(e) {
+                // Redis refuses the look (an ACL without `PUBSUB`, a renamed
+                // command): publish on the schedule instead, as before looks,
+                // or a late subscriber would never get its reply.
+                if !LOOK_REFUSED.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "redis refuses PUBSUB NUMSUB ({e}): replies held for late subscribers are published again blind"
+                    );
+                }
+                out.extend(unheard.into_iter().map(|r| (r, Republished::Heard)));
+                return out;
+            }
+        }
         // `[channel, count, channel, count, ...]`, two channels per reply; an
         // answer that is not that counts as nobody.
-        let counts: Vec<i64> = results
-            .next()
+        let counts: Vec<i64> = answer
             .and_then(|v| v.ok())
             .and_then(|v| redis::from_redis_value::<Vec<Value>>(v).ok())
             .map(|flat| {
@@ -1060,6 +1078,24 @@ mod tests {
         );
         let got = outcomes(vec![held_reply(3, false)], vec![Ok(Value::Int(7))]);
         assert_eq!(got, vec![(3, Republished::Nobody)]);
+    }
+
+    /// An ACL without `PUBSUB`: the look is refused, so the replies are
+    /// published at once (blind), not held unheard until their grace ends.
+    #[test]
+    fn a_refused_look_publishes_the_held_replies() {
+        let noperm = || {
+            Err(RedisError::from((
+                redis::ErrorKind::Extension,
+                "NOPERM",
+                "no permissions to run the 'pubsub|numsub' command".to_string(),
+            )))
+        };
+        let got = outcomes(
+            vec![held_reply(1, false), held_reply(2, false)],
+            vec![noperm()],
+        );
+        assert_eq!(got, vec![(1, Republished::Heard), (2, Republished::Heard)]);
     }
 
     #[test]

@@ -545,3 +545,44 @@ fn replies_held_across_a_redis_restart_never_reach_new_requests_with_their_ids()
     }
     listener.join().expect("listener");
 }
+
+/// A server whose Redis user may `PUBLISH` but not `PUBSUB` (an ACL written
+/// for the commands cerbas used to send): it cannot look for late subscribers,
+/// so it publishes held replies again on their schedule, and a late subscriber
+/// still gets its reply.
+#[test]
+fn a_late_subscriber_gets_its_reply_when_the_acl_denies_pubsub() {
+    let redis = Redis::start();
+    let mut conn = redis.conn();
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "cerbas", "on", ">secret", "~*", "&*", "+@all", "-pubsub",
+        ])
+        .query(&mut conn)
+        .expect("ACL SETUSER");
+    let url = format!("redis://cerbas:secret@127.0.0.1:{}", redis.port);
+    let server = Server::spawn(&redis, &["--redis", &url], &[]);
+    server.wait_ready(&redis);
+    let ids = submit_many(&mut conn, &[body("hello", json!({}))]);
+    wait_for("the request acknowledged", Duration::from_secs(10), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+    let mut c = redis::Client::open(redis.url_db(1).as_str())
+        .and_then(|c| c.get_connection())
+        .expect("subscriber connection");
+    let mut ps = c.as_pubsub();
+    ps.subscribe(format!("CERBAS-RESPONSE-1-{:010}", ids[0]))
+        .expect("SUBSCRIBE");
+    ps.set_read_timeout(Some(Duration::from_secs(8)))
+        .expect("timeout");
+    let got = ps.get_message().unwrap_or_else(|e| {
+        panic!(
+            "no reply for a late subscriber ({e}); log:\n{}",
+            server.log_text()
+        )
+    });
+    assert_eq!(
+        got.get_payload_bytes(),
+        br#"{"status":"ok","data":"hello world!"}"#
+    );
+}
