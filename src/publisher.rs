@@ -68,10 +68,15 @@ return out
 /// again after its answer was lost.
 enum Ack {
     /// Acknowledge `id`, and publish `encoded` if the ack went through.
-    Reply { id: u64, encoded: Option<Encoded> },
+    Reply {
+        id: u64,
+        epoch: u64,
+        encoded: Option<Encoded>,
+    },
     /// Store `id` as delayed and release it.
     Delay {
         id: u64,
+        epoch: u64,
         body: String,
         delay_ms: u64,
     },
@@ -81,6 +86,16 @@ impl Ack {
     fn id(&self) -> u64 {
         match self {
             Ack::Reply { id, .. } | Ack::Delay { id, .. } => *id,
+        }
+    }
+
+    /// Whether it is the reply of a take this instance lost (see [`InHand`]):
+    /// then nothing is sent for it, and it is no longer held.
+    fn is_orphan(&self, in_hand: &InHand) -> bool {
+        match self {
+            Ack::Reply { id, epoch, .. } | Ack::Delay { id, epoch, .. } => {
+                in_hand.is_orphan(*id, *epoch)
+            }
         }
     }
 
@@ -448,6 +463,14 @@ impl Publishing {
                     if !going {
                         finish_by = Some(Instant::now() + FINISH_GRACE.min(self.p.grace));
                     }
+                    let before = acks.len();
+                    acks.retain(|a| !a.is_orphan(&self.p.in_hand));
+                    if acks.len() < before {
+                        log::warn!(
+                            "{} replies not published: their requests were lost from redis (restarted?) while they ran, and their ids may belong to new requests now",
+                            before - acks.len()
+                        );
+                    }
                 }
                 Some(by) => std::thread::sleep(wake.min(by).saturating_duration_since(now)),
             }
@@ -517,7 +540,7 @@ impl Publishing {
         let mut why: Option<String> = None;
         for (ack, result) in acks.into_iter().zip(acked) {
             match (ack, result) {
-                (Ack::Reply { id, encoded }, Acked::Done { received }) => {
+                (Ack::Reply { id, encoded, .. }, Acked::Done { received }) => {
                     done.push(id);
                     if let (Some(e), 0) = (encoded, received) {
                         held.add(id, e, now);
@@ -531,8 +554,12 @@ impl Publishing {
                     );
                     done.push(ack.id());
                 }
-                (Ack::Reply { id, encoded }, Acked::AckRefused { received, why: w }) => {
-                    refused.acks.push(Ack::Reply { id, encoded: None });
+                (Ack::Reply { id, epoch, encoded }, Acked::AckRefused { received, why: w }) => {
+                    refused.acks.push(Ack::Reply {
+                        id,
+                        epoch,
+                        encoded: None,
+                    });
                     if let (Some(e), 0) = (encoded, received) {
                         held.add(id, e, now);
                     }
@@ -652,8 +679,10 @@ impl Publishing {
     /// (a restart, maybe from an older dump, or a failover; or Redis would not
     /// say): then the replies held for late subscribers are dropped, since their
     /// ids may be given to new requests there, whose callers must never get
-    /// them. Requests in hand are safe: `REPLY` publishes only what the new
-    /// Redis still lists as this instance's.
+    /// them. Requests in hand are not published there either once the reader
+    /// found them gone from the processing list (`InHand::is_orphan`), even if
+    /// this instance took a new request with the same id meanwhile; those
+    /// still listed (`appendonly yes`) are answered.
     fn another_redis(&mut self, c: &mut Connection) -> bool {
         let run = crate::connection::run_id(c);
         let another = match &self.redis_run {
@@ -692,7 +721,7 @@ impl Publishing {
         let replies: Vec<(u64, &Option<Encoded>)> = acks
             .iter()
             .filter_map(|a| match a {
-                Ack::Reply { id, encoded } => Some((*id, encoded)),
+                Ack::Reply { id, encoded, .. } => Some((*id, encoded)),
                 Ack::Delay { .. } => None,
             })
             .collect();
@@ -716,7 +745,10 @@ impl Publishing {
             }
         }
         for ack in acks {
-            if let Ack::Delay { id, body, delay_ms } = ack {
+            if let Ack::Delay {
+                id, body, delay_ms, ..
+            } = ack
+            {
                 pipe.cmd("EVALSHA")
                     .arg(self.schedule.get_hash())
                     .arg(4)
@@ -971,8 +1003,18 @@ fn bytes(acks: &[Ack]) -> usize {
 /// The work a message asks for; `None` for `Finish`.
 fn to_ack(msg: Outgoing) -> Option<Ack> {
     match msg {
-        Outgoing::Reply { id, encoded } => Some(Ack::Reply { id, encoded }),
-        Outgoing::Delay { id, body, delay_ms } => Some(Ack::Delay { id, body, delay_ms }),
+        Outgoing::Reply { id, epoch, encoded } => Some(Ack::Reply { id, epoch, encoded }),
+        Outgoing::Delay {
+            id,
+            epoch,
+            body,
+            delay_ms,
+        } => Some(Ack::Delay {
+            id,
+            epoch,
+            body,
+            delay_ms,
+        }),
         Outgoing::Finish => None,
     }
 }

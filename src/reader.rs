@@ -195,6 +195,21 @@ fn lost_entries(listed: Vec<Vec<u8>>, mut known: HashMap<u64, usize>) -> Vec<Vec
         .collect()
 }
 
+/// The ids this instance knows it holds (`known`, from [`InHand`]) that the
+/// processing list (`listed`) does not list, counting repeats: takes whose
+/// request Redis no longer has here.
+fn orphans(listed: &[Vec<u8>], mut known: HashMap<u64, usize>) -> Vec<u64> {
+    for id in listed.iter().filter_map(|e| parse_queue_entry(e)) {
+        if let Some(n) = known.get_mut(&id) {
+            *n = n.saturating_sub(1);
+        }
+    }
+    known
+        .into_iter()
+        .flat_map(|(id, n)| std::iter::repeat_n(id, n))
+        .collect()
+}
+
 /// One request's answer from `read_body` ([`TAKE`], [`FETCH`]).
 #[derive(Debug, PartialEq)]
 enum Fetched {
@@ -588,6 +603,16 @@ impl Reader {
             .arg(0)
             .arg(-1)
             .query(c)?;
+        let orphans = orphans(&listed, known.clone());
+        if !orphans.is_empty() {
+            log::warn!(
+                "{} requests in hand are no longer in {} (redis restarted without them, or \
+                 another instance recovered them): their replies will not be published",
+                orphans.len(),
+                self.processing
+            );
+            self.in_hand.orphaned(orphans);
+        }
         let lost = lost_entries(listed, known);
         if !lost.is_empty() {
             log::warn!(
@@ -723,7 +748,10 @@ impl Reader {
 
     fn job(&self, id: u64, answer: Option<Fetched>) -> Job {
         Job {
-            reply_to: ReplyTo::Redis { id },
+            reply_to: ReplyTo::Redis {
+                id,
+                epoch: self.in_hand.epoch(),
+            },
             body: self.body(id, answer),
             waited: false,
         }
@@ -916,6 +944,24 @@ mod tests {
         let mut pace = Pace::new(t0 + Duration::from_millis(10));
         pace.finished(1000, t0);
         assert_eq!(pace.ahead(t0, 100), 25, "no decay backwards in time");
+    }
+
+    #[test]
+    fn orphans_are_held_ids_the_list_no_longer_has() {
+        let known = HashMap::from([(7, 2), (9, 1), (5, 1)]);
+        let mut got = orphans(&entries(&["7", "9", "x", "3"]), known);
+        got.sort();
+        assert_eq!(got, [5, 7]);
+        // An orphan's reply is told from a later take of the same id.
+        let in_hand = InHand::default();
+        in_hand.add([5]);
+        in_hand.orphaned([5]);
+        let later = in_hand.epoch();
+        in_hand.add([5]);
+        assert!(!in_hand.is_orphan(5, later), "the new take is no orphan");
+        assert!(in_hand.is_orphan(5, later - 1));
+        assert!(!in_hand.is_orphan(5, later - 1), "counted off once");
+        assert_eq!(in_hand.snapshot(), HashMap::from([(5, 1)]));
     }
 
     #[test]

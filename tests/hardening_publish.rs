@@ -586,3 +586,40 @@ fn a_late_subscriber_gets_its_reply_when_the_acl_denies_pubsub() {
         br#"{"status":"ok","data":"hello world!"}"#
     );
 }
+
+/// A request still running when Redis restarts empty (its counter set back):
+/// the restarted Redis gives its id to a new request, which this instance takes
+/// while the old one runs. The old request's reply must not be published to the
+/// new request's caller, nor its ack take the new request out of the processing
+/// list: the new caller gets its own reply.
+#[test]
+fn a_request_running_across_a_redis_restart_never_answers_the_new_request_with_its_id() {
+    let mut redis = Redis::start();
+    let server = Server::start(&redis);
+    let mut conn = redis.conn();
+    let sleep = |ms: u64| body("sleep", json!({ "ms": ms }));
+    let old = submit_many(&mut conn, &[sleep(2500)])[0];
+    wait_for("the old request taken", Duration::from_secs(10), || {
+        (llen(&mut conn, "CERBAS-QUEUE") == 0 && in_processing(&mut conn) == 1).then_some(())
+    });
+    redis.restart(Duration::from_millis(100));
+    let mut conn = redis.conn();
+    let _: () = redis::cmd("SET")
+        .arg("CERBAS-COUNTER")
+        .arg(old - 1)
+        .query(&mut conn)
+        .expect("counter set back");
+    let reply = redis.reply_for(old, false, || {
+        let new = submit_many(&mut conn, &[sleep(3000)])[0];
+        assert_eq!(new, old, "the new request got the old id");
+    });
+    assert_eq!(
+        reply,
+        cerbas::Reply::Ok(json!(3000)),
+        "log:\n{}",
+        server.log_text()
+    );
+    wait_for("nothing left in Redis", Duration::from_secs(10), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+}
