@@ -463,14 +463,6 @@ impl Publishing {
                     if !going {
                         finish_by = Some(Instant::now() + FINISH_GRACE.min(self.p.grace));
                     }
-                    let before = acks.len();
-                    acks.retain(|a| !a.is_orphan(&self.p.in_hand));
-                    if acks.len() < before {
-                        log::warn!(
-                            "{} replies not published: their requests were lost from redis (restarted?) while they ran, and their ids may belong to new requests now",
-                            before - acks.len()
-                        );
-                    }
                 }
                 Some(by) => std::thread::sleep(wake.min(by).saturating_duration_since(now)),
             }
@@ -479,12 +471,13 @@ impl Publishing {
                 // The older ones first.
                 acks.splice(0..0, refused.acks.drain(..));
             }
+            self.drop_orphans(&mut acks);
             let again = held.take_due(now, MAX_BATCH_BYTES);
             let published = again.iter().filter(|r| r.heard).count();
             self.p.stats.metrics.republished.inc_by(published as u64);
             if !acks.is_empty() || !again.is_empty() {
                 let Some((acked, republished)) =
-                    self.send(&never, &mut conn, &acks, again, finish_by)
+                    self.send(&never, &mut conn, &mut acks, again, finish_by)
                 else {
                     log::warn!("redis unavailable at shutdown: replies not published");
                     return;
@@ -608,7 +601,7 @@ impl Publishing {
         &mut self,
         never: &Shutdown,
         conn: &mut Option<Connection>,
-        acks: &[Ack],
+        acks: &mut Vec<Ack>,
         again: Vec<Retry>,
         finish_by: Option<Instant>,
     ) -> Option<Sent> {
@@ -638,6 +631,9 @@ impl Publishing {
                         }
                         *conn = Some(c);
                         self.loaded = false;
+                        // The reader may have found some gone from a restarted
+                        // Redis meanwhile, and taken their ids again.
+                        self.drop_orphans(acks);
                     }
                     None if give_up.is_none() => continue,
                     None => return None,
@@ -672,6 +668,19 @@ impl Publishing {
                     }
                 },
             }
+        }
+    }
+
+    /// Takes out of `acks` those of requests this instance lost (`InHand::is_orphan`):
+    /// nothing is sent for them.
+    fn drop_orphans(&self, acks: &mut Vec<Ack>) {
+        let before = acks.len();
+        acks.retain(|a| !a.is_orphan(&self.p.in_hand));
+        if acks.len() < before {
+            log::warn!(
+                "{} replies not published: their requests were lost from redis (restarted?) while they ran, and their ids may belong to new requests now",
+                before - acks.len()
+            );
         }
     }
 
