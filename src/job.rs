@@ -241,8 +241,9 @@ impl InHand {
     /// Records `ids` (with repeats) as orphans: held here, taken in this epoch
     /// or before, and no longer in the processing list. Ends the epoch, so later
     /// takes of the same ids are told apart. An id already recorded keeps its
-    /// record.
-    pub(crate) fn orphaned(&self, ids: impl IntoIterator<Item = u64>) {
+    /// record. Returns how many it recorded.
+    pub(crate) fn orphaned(&self, ids: impl IntoIterator<Item = u64>) -> usize {
+        let mut recorded = 0;
         if let Ok(mut held) = self.0.lock() {
             let epoch = held.epoch;
             let mut found: HashMap<u64, usize> = HashMap::new();
@@ -250,10 +251,17 @@ impl InHand {
                 *found.entry(id).or_default() += 1;
             }
             for (id, n) in found {
-                held.orphans.entry(id).or_insert((epoch, n));
+                // Only what is still held: an ack that went through since the
+                // reader's snapshot leaves nothing to tell apart.
+                let n = n.min(held.counts.get(&id).copied().unwrap_or(0));
+                if n > 0 && !held.orphans.contains_key(&id) {
+                    held.orphans.insert(id, (epoch, n));
+                    recorded += n;
+                }
             }
             held.epoch += 1;
         }
+        recorded
     }
 
     /// Whether the reply to `id`, taken in `epoch`, is an orphan's: then it is

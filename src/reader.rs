@@ -605,13 +605,14 @@ impl Reader {
             .query(c)?;
         let orphans = orphans(&listed, known.clone());
         if !orphans.is_empty() {
-            log::warn!(
-                "{} requests in hand are no longer in {} (redis restarted without them, or \
-                 another instance recovered them): their replies will not be published",
-                orphans.len(),
-                self.processing
-            );
-            self.in_hand.orphaned(orphans);
+            let n = self.in_hand.orphaned(orphans);
+            if n > 0 {
+                log::warn!(
+                    "{n} requests in hand are no longer in {} (redis restarted without them, or \
+                     another instance recovered them): their replies will not be published",
+                    self.processing
+                );
+            }
         }
         let lost = lost_entries(listed, known);
         if !lost.is_empty() {
@@ -962,6 +963,9 @@ mod tests {
         assert!(in_hand.is_orphan(5, later - 1));
         assert!(!in_hand.is_orphan(5, later - 1), "counted off once");
         assert_eq!(in_hand.snapshot(), HashMap::from([(5, 1)]));
+        // An id acked since the snapshot is no orphan.
+        in_hand.orphaned([8]);
+        assert!(!in_hand.is_orphan(8, 0));
     }
 
     #[test]
