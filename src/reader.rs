@@ -512,7 +512,6 @@ impl Reader {
                 .arg("RIGHT")
                 .arg("RIGHT")
                 .arg(BLOCK.as_secs_f64())
-                .ignore()
                 .cmd("EVALSHA")
                 .arg(scripts.take.get_hash())
                 .arg(4)
@@ -524,13 +523,24 @@ impl Reader {
                 .arg(self.max_request_bytes)
                 .arg(&key)
                 .arg(&fallback);
-            let (after_wait,): (Value,) = match pipe.query(c) {
-                Ok(t) => t,
+            // The two answers are read one at a time: a pipeline's `query` reads
+            // every answer even after a timeout, each with its own read timeout,
+            // so a stalled Redis held the reader for twice the read timeout. A
+            // lost connection ends the step at once (the take's answer is
+            // unknown: the next step compares the processing list with
+            // `InHand`); a wait Redis ended with an error (`CLIENT UNBLOCK …
+            // ERROR`, a failover) still has its take's answer to read, since
+            // the take runs all the same.
+            c.send_packed_command(&pipe.get_packed_pipeline())?;
+            if let Err(e) = c.recv_response().and_then(Value::extract_error) {
+                if crate::connection::is_lost(&e) {
+                    return Err(e);
+                }
+            }
+            let after_wait = match c.recv_response().and_then(Value::extract_error) {
+                Ok(v) => v,
                 // Someone flushed the scripts: the next take loads it again.
                 Err(e) if e.code() == Some("NOSCRIPT") => return Ok(true),
-                // The take runs even when the wait fails (`CLIENT UNBLOCK …
-                // ERROR`, a failover), and the wait's error hides what it took:
-                // the next step compares the processing list with `InHand`.
                 Err(e) => {
                     *synced = false;
                     return Err(e);

@@ -1145,3 +1145,31 @@ fn a_wait_ended_by_an_error_still_serves_what_its_take_took() {
         leftover_keys(&mut conn).is_empty().then_some(())
     });
 }
+
+/// Redis stalls (`SIGSTOP`) while the idle reader waits on the queue with its
+/// take behind the wait: the reader gives the connection up after its read
+/// timeout (10.5 s), not after one read timeout per answer it waits for (a
+/// pipeline's query read the second answer after the first timed out: 21 s).
+#[test]
+fn a_stall_during_the_wait_is_noticed_after_one_read_timeout() {
+    let redis = Redis::start();
+    let server = Server::start(&redis);
+    let mut conn = redis.conn();
+    blocked_reader(&mut conn);
+    redis.pause();
+    let stalled = Instant::now();
+    // Give-up time: 10.5 s after the last write, at most 0.5 s (a wait) after
+    // the stall began; then some room for a loaded machine.
+    let noticed = std::panic::catch_unwind(|| {
+        wait_for("the reader to give up", Duration::from_secs(16), || {
+            server
+                .log_text()
+                .contains("reader: redis unavailable")
+                .then(|| stalled.elapsed())
+        })
+    });
+    redis.resume();
+    let noticed = noticed.unwrap_or_else(|_| panic!("log:\n{}", server.log_text()));
+    assert!(noticed >= Duration::from_secs(9), "{noticed:?}");
+    assert_serves_hello(&redis, &server);
+}
