@@ -640,11 +640,9 @@ impl Publishing {
                 }
             }
             let c = conn.as_mut()?;
-            let result = self.load(c).and_then(|()| {
-                self.pipeline(acks, &again)
-                    .ignore_errors()
-                    .query::<Vec<RedisResult<Value>>>(c)
-            });
+            let result = self
+                .load(c)
+                .and_then(|()| crate::connection::query_each(c, &self.pipeline(acks, &again)));
             match result {
                 Ok(results) => {
                     self.p.connector.recovered();

@@ -523,27 +523,27 @@ impl Reader {
                 .arg(self.max_request_bytes)
                 .arg(&key)
                 .arg(&fallback);
-            // The two answers are read one at a time: a pipeline's `query` reads
-            // every answer even after a timeout, each with its own read timeout,
-            // so a stalled Redis held the reader for twice the read timeout. A
-            // lost connection ends the step at once (the take's answer is
+            // Read one at a time (`query_each`): a stall costs one read timeout.
+            // A lost connection ends the step at once (the take's answer is
             // unknown: the next step compares the processing list with
             // `InHand`); a wait Redis ended with an error (`CLIENT UNBLOCK …
-            // ERROR`, a failover) still has its take's answer to read, since
-            // the take runs all the same.
-            c.send_packed_command(&pipe.get_packed_pipeline())?;
-            if let Err(e) = c.recv_response().and_then(Value::extract_error) {
-                if crate::connection::is_lost(&e) {
-                    return Err(e);
-                }
-            }
-            let after_wait = match c.recv_response().and_then(Value::extract_error) {
-                Ok(v) => v,
+            // ERROR`, a failover) still has its take's answer read, since the
+            // take runs all the same.
+            let mut answers = crate::connection::query_each(c, &pipe)?.into_iter();
+            let after_wait = match answers.nth(1) {
+                Some(Ok(v)) => v,
                 // Someone flushed the scripts: the next take loads it again.
-                Err(e) if e.code() == Some("NOSCRIPT") => return Ok(true),
-                Err(e) => {
+                Some(Err(e)) if e.code() == Some("NOSCRIPT") => return Ok(true),
+                Some(Err(e)) => {
                     *synced = false;
                     return Err(e);
+                }
+                None => {
+                    *synced = false;
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Parse,
+                        "no answer from the take script",
+                    )));
                 }
             };
             taken = TakeAnswer::from(after_wait);

@@ -623,3 +623,49 @@ fn a_request_running_across_a_redis_restart_never_answers_the_new_request_with_i
         leftover_keys(&mut conn).is_empty().then_some(())
     });
 }
+
+/// The publisher's pipeline of several commands (here the two `PUBLISH` of a
+/// held reply whose late subscriber it found) meets a Redis that stops
+/// answering: the publisher gives the connection up after one read timeout
+/// (10.5 s), not one per command (a pipeline's query read every answer after
+/// the first timed out: 21 s), and the subscriber still gets its reply.
+#[test]
+fn a_stalled_pipeline_is_given_up_after_one_read_timeout() {
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port);
+    let url = relay.url();
+    let config = config_with("reply_grace_ms = 60000");
+    let config = config.to_str().expect("utf-8 path");
+    let server = Server::start_args(&redis, &["--redis", &url, "--config", config]);
+    let mut conn = redis.conn();
+    let id = submit_many(&mut conn, &[body("hello", json!({}))])[0];
+    wait_for("the request acknowledged", Duration::from_secs(10), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+    // The republish to the late subscriber is held back.
+    let held = relay.hold(b"PUBLISH");
+    let mut c = redis::Client::open(redis.url_db(1).as_str())
+        .and_then(|c| c.get_connection())
+        .expect("subscriber connection");
+    let mut ps = c.as_pubsub();
+    ps.subscribe(format!("CERBAS-RESPONSE-1-{id:010}"))
+        .expect("SUBSCRIBE");
+    held.recv_timeout(Duration::from_secs(10))
+        .expect("the publisher publishing again");
+    let since = Instant::now();
+    let noticed = wait_for("the publisher to give up", Duration::from_secs(17), || {
+        server
+            .log_text()
+            .contains("publisher: redis unavailable")
+            .then(|| since.elapsed())
+    });
+    relay.release();
+    assert!(noticed >= Duration::from_secs(9), "{noticed:?}");
+    ps.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let got = ps.get_message().expect("the reply, published again");
+    assert_eq!(
+        got.get_payload_bytes(),
+        br#"{"status":"ok","data":"hello world!"}"#
+    );
+}
