@@ -701,11 +701,14 @@ impl Reader {
             // here but read again by `FETCH`, which refuses one too large from
             // its size. (`MGET` brought whatever the key held by then.)
             let mut pipe = redis::pipe();
-            pipe.ignore_errors();
             for (key, (_, _, size)) in keys.iter().zip(lot) {
                 pipe.cmd("GETRANGE").arg(key).arg(0).arg(*size);
             }
-            let bodies: Vec<RedisResult<Vec<u8>>> = pipe.query(c)?;
+            // One read timeout for a stall, not one per body (`query_each`).
+            let bodies: Vec<RedisResult<Vec<u8>>> = crate::connection::query_each(c, &pipe)?
+                .into_iter()
+                .map(|b| b.and_then(|v| redis::from_redis_value(v).map_err(Into::into)))
+                .collect();
             let mut jobs = Vec::with_capacity(lot.len());
             let mut ids = Vec::with_capacity(lot.len());
             for ((id, _, size), body) in lot.iter().zip(bodies) {
