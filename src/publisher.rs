@@ -7,9 +7,10 @@
 //! for a delayed request. An id leaves [`InHand`] only once its ack is in Redis: an
 //! ack Redis refuses (`MISCONF`, `LOADING`) is retried with back-off until it is
 //! accepted, so the reader never serves it again meanwhile. A reply nobody was
-//! subscribed to (the seed's client subscribes after its `RPUSH`) is published
-//! again with back-off until `reply_grace_ms` has passed, the last time at its
-//! end; at most `republish_max_bytes` of such replies are held, the oldest dropped
+//! subscribed to (the seed's client subscribes after its `RPUSH`) is held: its
+//! channels are looked for a subscriber (`PUBSUB NUMSUB`) with back-off until
+//! `reply_grace_ms` has passed, the last time at its end, and it is published
+//! again once one is there (blind, if Redis refuses the look); at most `republish_max_bytes` of such replies are held, the oldest dropped
 //! first. What waits for it is counted ([`Backlog`]): the reader takes no more
 //! requests while too much does. On `Finish` it flushes, then moves whatever this
 //! instance still holds back to the queue, so a shutdown loses nothing. Not for:
