@@ -39,6 +39,28 @@ pub(crate) fn is_lost(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.kind() == ErrorKind::Parse
 }
 
+/// Sends `pipe` in one write and reads its answers one at a time, each as its
+/// own result (an error Redis answered is that command's), giving up at the first
+/// that shows the connection lost. A pipeline's own `query` reads every answer
+/// even after a timeout, each with its own read timeout: a stalled Redis held a
+/// thread for one read timeout per command.
+pub(crate) fn query_each(
+    c: &mut Connection,
+    pipe: &redis::Pipeline,
+) -> Result<Vec<Result<redis::Value, RedisError>>, RedisError> {
+    c.send_packed_command(&pipe.get_packed_pipeline())?;
+    let mut answers = Vec::with_capacity(pipe.len());
+    while answers.len() < pipe.len() {
+        match c.recv_response().and_then(redis::Value::extract_error) {
+            Err(e) if is_lost(&e) => return Err(e),
+            // RESP3 out-of-band data is no answer.
+            Ok(redis::Value::Push { .. }) => {}
+            answer => answers.push(answer),
+        }
+    }
+    Ok(answers)
+}
+
 /// What a thread should do after a command failed (see [`Connector::failed`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Failure {

@@ -324,7 +324,7 @@ fn remember_error(
         Ok(_) => return,
     };
     let id = match reply_to {
-        ReplyTo::Redis { id } | ReplyTo::RedisSilent { id } => Some(*id),
+        ReplyTo::Redis { id, .. } | ReplyTo::RedisSilent { id, .. } => Some(*id),
         ReplyTo::Local(..) => None,
     };
     stats.recent_errors.add(id, func, user, &message);
@@ -348,19 +348,24 @@ fn outcome(reply: &LocalReply) -> &'static str {
 /// Reply`), as it is to an in-process caller.
 fn deliver(reply_to: &ReplyTo, out: &Outbox, unanswered: &Unanswered, reply: LocalReply) {
     match reply_to {
-        ReplyTo::Redis { id } => {
+        ReplyTo::Redis { id, epoch } => {
             let reply = reply.unwrap_or_else(|e| Some(e.into()));
             let encoded = reply.map(|r| Encoded {
                 json: r.to_json(),
                 msgpack: r.to_msgpack(),
             });
-            let _ = out.send(Outgoing::Reply { id: *id, encoded });
+            let _ = out.send(Outgoing::Reply {
+                id: *id,
+                epoch: *epoch,
+                encoded,
+            });
             // After the send: a stop that sees 0 queues its `Finish` behind this.
             unanswered.done(1);
         }
-        ReplyTo::RedisSilent { id } => {
+        ReplyTo::RedisSilent { id, epoch } => {
             let _ = out.send(Outgoing::Reply {
                 id: *id,
+                epoch: *epoch,
                 encoded: None,
             });
             unanswered.done(1);
@@ -487,7 +492,7 @@ impl Dispatcher {
             user: request.user,
             source: request.source,
             origin: match job.reply_to {
-                ReplyTo::Redis { id } | ReplyTo::RedisSilent { id } => Origin::Redis { id },
+                ReplyTo::Redis { id, .. } | ReplyTo::RedisSilent { id, .. } => Origin::Redis { id },
                 ReplyTo::Local(..) => Origin::Local,
             },
             deadline,
@@ -592,10 +597,11 @@ impl Dispatcher {
             );
         }
         match (&reply_to, &self.services.timer, due) {
-            (ReplyTo::Redis { id } | ReplyTo::RedisSilent { id }, _, _) => {
+            (ReplyTo::Redis { id, epoch } | ReplyTo::RedisSilent { id, epoch }, _, _) => {
                 bump(&self.stats.delayed);
                 let _ = self.out.send(Outgoing::Delay {
                     id: *id,
+                    epoch: *epoch,
                     body: request.to_json_without_delay(),
                     delay_ms: ms,
                 });

@@ -22,11 +22,12 @@ use std::time::Duration;
 /// Where a job's reply goes.
 #[derive(Clone, Debug)]
 pub(crate) enum ReplyTo {
-    /// Published on the request's channels by the publisher, which also acks it.
-    Redis { id: u64 },
+    /// Published on the request's channels by the publisher, which also acks it;
+    /// `epoch` is that of its take ([`InHand::epoch`]).
+    Redis { id: u64, epoch: u64 },
     /// A request from Redis whose client wants no reply (`"reply": false`): the
     /// publisher acks it and publishes nothing.
-    RedisSilent { id: u64 },
+    RedisSilent { id: u64, epoch: u64 },
     /// Sent to an in-process caller (the HTTP plug through `caller.rs`; cron next).
     /// It gets the error as a type, not only as a message, so it can tell a
     /// refusal from a timeout (the HTTP status). The [`Claim`] lets the caller
@@ -73,7 +74,7 @@ impl ReplyTo {
     /// from Redis (it is still acknowledged); an in-process caller always gets it.
     pub(crate) fn silenced(self) -> Self {
         match self {
-            ReplyTo::Redis { id } => ReplyTo::RedisSilent { id },
+            ReplyTo::Redis { id, epoch } => ReplyTo::RedisSilent { id, epoch },
             other => other,
         }
     }
@@ -102,12 +103,17 @@ impl Encoded {
 /// What the publisher is asked to do.
 pub(crate) enum Outgoing {
     /// Publish (unless `encoded` is `None`: a "no reply", or a client that asked
-    /// for none) and acknowledge request `id`.
-    Reply { id: u64, encoded: Option<Encoded> },
+    /// for none) and acknowledge request `id` (taken in `epoch`).
+    Reply {
+        id: u64,
+        epoch: u64,
+        encoded: Option<Encoded>,
+    },
     /// Store request `id` in `P-DELAYED` with `body` (its request without the delay),
     /// due `delay_ms` from now, and release it from this instance.
     Delay {
         id: u64,
+        epoch: u64,
         body: String,
         delay_ms: u64,
     },
@@ -207,14 +213,32 @@ impl From<Sender<Outgoing>> for Outbox {
 /// is in Redis. A count, not a set: the same id can be taken again before the ack
 /// of its first take is removed (a `delay` request moved back by `MOVE_DUE`, a
 /// duplicated queue entry), and that ack must not make the second take look lost.
+///
+/// It also knows which takes are orphans: ids held here that the processing list
+/// no longer lists (Redis restarted without them, or another instance recovered
+/// them). Their id may come back as another request (a restarted Redis hands out
+/// its ids again) and be taken here again; an orphan's ack would then remove that
+/// new take from the list and publish the old reply to the new caller. So each
+/// take carries the epoch it was taken in ([`InHand::epoch`]), the reader records
+/// the orphans it finds ([`InHand::orphaned`]), which closes the epoch, and the
+/// publisher sends nothing for an orphan's reply ([`InHand::is_orphan`]).
 #[derive(Clone, Default)]
-pub(crate) struct InHand(Arc<Mutex<HashMap<u64, usize>>>);
+pub(crate) struct InHand(Arc<Mutex<Takes>>);
+
+#[derive(Default)]
+struct Takes {
+    counts: HashMap<u64, usize>,
+    epoch: u64,
+    /// Per orphaned id: the last epoch its orphans may have been taken in, and
+    /// how many there are.
+    orphans: HashMap<u64, (u64, usize)>,
+}
 
 impl InHand {
     pub(crate) fn add(&self, ids: impl IntoIterator<Item = u64>) {
         if let Ok(mut held) = self.0.lock() {
             for id in ids {
-                *held.entry(id).or_default() += 1;
+                *held.counts.entry(id).or_default() += 1;
             }
         }
     }
@@ -222,10 +246,12 @@ impl InHand {
     pub(crate) fn remove(&self, ids: impl IntoIterator<Item = u64>) {
         if let Ok(mut held) = self.0.lock() {
             for id in ids {
-                if let Some(n) = held.get_mut(&id) {
+                if let Some(n) = held.counts.get_mut(&id) {
                     *n -= 1;
                     if *n == 0 {
-                        held.remove(&id);
+                        held.counts.remove(&id);
+                        // No take of it is left: nor is an orphan.
+                        held.orphans.remove(&id);
                     }
                 }
             }
@@ -233,7 +259,58 @@ impl InHand {
     }
 
     pub(crate) fn snapshot(&self) -> HashMap<u64, usize> {
-        self.0.lock().map(|s| s.clone()).unwrap_or_default()
+        self.0.lock().map(|s| s.counts.clone()).unwrap_or_default()
+    }
+
+    /// The epoch of takes made now.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.0.lock().map(|s| s.epoch).unwrap_or_default()
+    }
+
+    /// Records `ids` (with repeats) as orphans: held here, taken in this epoch
+    /// or before, and no longer in the processing list. Ends the epoch, so later
+    /// takes of the same ids are told apart. An id already recorded keeps its
+    /// record. Returns how many it recorded.
+    pub(crate) fn orphaned(&self, ids: impl IntoIterator<Item = u64>) -> usize {
+        let mut recorded = 0;
+        if let Ok(mut held) = self.0.lock() {
+            let epoch = held.epoch;
+            let mut found: HashMap<u64, usize> = HashMap::new();
+            for id in ids {
+                *found.entry(id).or_default() += 1;
+            }
+            for (id, n) in found {
+                // Only what is still held: an ack that went through since the
+                // reader's snapshot leaves nothing to tell apart.
+                let n = n.min(held.counts.get(&id).copied().unwrap_or(0));
+                if n > 0 && !held.orphans.contains_key(&id) {
+                    held.orphans.insert(id, (epoch, n));
+                    recorded += n;
+                }
+            }
+            held.epoch += 1;
+        }
+        recorded
+    }
+
+    /// Whether the reply to `id`, taken in `epoch`, is an orphan's: then it is
+    /// counted off, and no longer held (nothing is to be sent for it).
+    pub(crate) fn is_orphan(&self, id: u64, epoch: u64) -> bool {
+        let Ok(mut held) = self.0.lock() else {
+            return false;
+        };
+        let orphan = match held.orphans.get_mut(&id) {
+            Some((last, n)) if epoch <= *last && *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        };
+        if orphan {
+            drop(held);
+            self.remove([id]);
+        }
+        orphan
     }
 }
 

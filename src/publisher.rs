@@ -7,9 +7,10 @@
 //! for a delayed request. An id leaves [`InHand`] only once its ack is in Redis: an
 //! ack Redis refuses (`MISCONF`, `LOADING`) is retried with back-off until it is
 //! accepted, so the reader never serves it again meanwhile. A reply nobody was
-//! subscribed to (the seed's client subscribes after its `RPUSH`) is published
-//! again with back-off until `reply_grace_ms` has passed, the last time at its
-//! end; at most `republish_max_bytes` of such replies are held, the oldest dropped
+//! subscribed to (the seed's client subscribes after its `RPUSH`) is held: its
+//! channels are looked for a subscriber (`PUBSUB NUMSUB`) with back-off until
+//! `reply_grace_ms` has passed, the last time at its end, and it is published
+//! again once one is there (blind, if Redis refuses the look); at most `republish_max_bytes` of such replies are held, the oldest dropped
 //! first. What waits for it is counted ([`Backlog`]): the reader takes no more
 //! requests while too much does. On `Finish` it flushes, then moves whatever this
 //! instance still holds back to the queue, so a shutdown loses nothing. Not for:
@@ -68,10 +69,15 @@ return out
 /// again after its answer was lost.
 enum Ack {
     /// Acknowledge `id`, and publish `encoded` if the ack went through.
-    Reply { id: u64, encoded: Option<Encoded> },
+    Reply {
+        id: u64,
+        epoch: u64,
+        encoded: Option<Encoded>,
+    },
     /// Store `id` as delayed and release it.
     Delay {
         id: u64,
+        epoch: u64,
         body: String,
         delay_ms: u64,
     },
@@ -81,6 +87,16 @@ impl Ack {
     fn id(&self) -> u64 {
         match self {
             Ack::Reply { id, .. } | Ack::Delay { id, .. } => *id,
+        }
+    }
+
+    /// Whether it is the reply of a take this instance lost (see [`InHand`]):
+    /// then nothing is sent for it, and it is no longer held.
+    fn is_orphan(&self, in_hand: &InHand) -> bool {
+        match self {
+            Ack::Reply { id, epoch, .. } | Ack::Delay { id, epoch, .. } => {
+                in_hand.is_orphan(*id, *epoch)
+            }
         }
     }
 
@@ -456,12 +472,13 @@ impl Publishing {
                 // The older ones first.
                 acks.splice(0..0, refused.acks.drain(..));
             }
+            self.drop_orphans(&mut acks);
             let again = held.take_due(now, MAX_BATCH_BYTES);
             let published = again.iter().filter(|r| r.heard).count();
             self.p.stats.metrics.republished.inc_by(published as u64);
             if !acks.is_empty() || !again.is_empty() {
                 let Some((acked, republished)) =
-                    self.send(&never, &mut conn, &acks, again, finish_by)
+                    self.send(&never, &mut conn, &mut acks, again, finish_by)
                 else {
                     log::warn!("redis unavailable at shutdown: replies not published");
                     return;
@@ -517,7 +534,7 @@ impl Publishing {
         let mut why: Option<String> = None;
         for (ack, result) in acks.into_iter().zip(acked) {
             match (ack, result) {
-                (Ack::Reply { id, encoded }, Acked::Done { received }) => {
+                (Ack::Reply { id, encoded, .. }, Acked::Done { received }) => {
                     done.push(id);
                     if let (Some(e), 0) = (encoded, received) {
                         held.add(id, e, now);
@@ -531,8 +548,12 @@ impl Publishing {
                     );
                     done.push(ack.id());
                 }
-                (Ack::Reply { id, encoded }, Acked::AckRefused { received, why: w }) => {
-                    refused.acks.push(Ack::Reply { id, encoded: None });
+                (Ack::Reply { id, epoch, encoded }, Acked::AckRefused { received, why: w }) => {
+                    refused.acks.push(Ack::Reply {
+                        id,
+                        epoch,
+                        encoded: None,
+                    });
                     if let (Some(e), 0) = (encoded, received) {
                         held.add(id, e, now);
                     }
@@ -581,7 +602,7 @@ impl Publishing {
         &mut self,
         never: &Shutdown,
         conn: &mut Option<Connection>,
-        acks: &[Ack],
+        acks: &mut Vec<Ack>,
         again: Vec<Retry>,
         finish_by: Option<Instant>,
     ) -> Option<Sent> {
@@ -611,17 +632,18 @@ impl Publishing {
                         }
                         *conn = Some(c);
                         self.loaded = false;
+                        // The reader may have found some gone from a restarted
+                        // Redis meanwhile, and taken their ids again.
+                        self.drop_orphans(acks);
                     }
                     None if give_up.is_none() => continue,
                     None => return None,
                 }
             }
             let c = conn.as_mut()?;
-            let result = self.load(c).and_then(|()| {
-                self.pipeline(acks, &again)
-                    .ignore_errors()
-                    .query::<Vec<RedisResult<Value>>>(c)
-            });
+            let result = self
+                .load(c)
+                .and_then(|()| crate::connection::query_each(c, &self.pipeline(acks, &again)));
             match result {
                 Ok(results) => {
                     self.p.connector.recovered();
@@ -648,12 +670,27 @@ impl Publishing {
         }
     }
 
+    /// Takes out of `acks` those of requests this instance lost (`InHand::is_orphan`):
+    /// nothing is sent for them.
+    fn drop_orphans(&self, acks: &mut Vec<Ack>) {
+        let before = acks.len();
+        acks.retain(|a| !a.is_orphan(&self.p.in_hand));
+        if acks.len() < before {
+            log::warn!(
+                "{} replies not published: their requests were lost from redis (restarted?) while they ran, and their ids may belong to new requests now",
+                before - acks.len()
+            );
+        }
+    }
+
     /// Whether a new connection `c` reaches another run of Redis than the last
     /// (a restart, maybe from an older dump, or a failover; or Redis would not
     /// say): then the replies held for late subscribers are dropped, since their
     /// ids may be given to new requests there, whose callers must never get
-    /// them. Requests in hand are safe: `REPLY` publishes only what the new
-    /// Redis still lists as this instance's.
+    /// them. Requests in hand are not published there either once the reader
+    /// found them gone from the processing list (`InHand::is_orphan`), even if
+    /// this instance took a new request with the same id meanwhile; those
+    /// still listed (`appendonly yes`) are answered.
     fn another_redis(&mut self, c: &mut Connection) -> bool {
         let run = crate::connection::run_id(c);
         let another = match &self.redis_run {
@@ -692,7 +729,7 @@ impl Publishing {
         let replies: Vec<(u64, &Option<Encoded>)> = acks
             .iter()
             .filter_map(|a| match a {
-                Ack::Reply { id, encoded } => Some((*id, encoded)),
+                Ack::Reply { id, encoded, .. } => Some((*id, encoded)),
                 Ack::Delay { .. } => None,
             })
             .collect();
@@ -716,7 +753,10 @@ impl Publishing {
             }
         }
         for ack in acks {
-            if let Ack::Delay { id, body, delay_ms } = ack {
+            if let Ack::Delay {
+                id, body, delay_ms, ..
+            } = ack
+            {
                 pipe.cmd("EVALSHA")
                     .arg(self.schedule.get_hash())
                     .arg(4)
@@ -866,10 +906,14 @@ impl Publishing {
     }
 }
 
+/// Whether Redis has refused a `PUBSUB NUMSUB` (logged once per process).
+static LOOK_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// What became of each held reply, from its part of a pipeline's results (see
 /// [`Publishing::pipeline`]): two `PUBLISH` counts for each reply that was heard,
 /// then one `PUBSUB NUMSUB` answer for the others. A missing or unreadable answer
-/// counts as nobody, so the reply goes back to its schedule.
+/// counts as nobody, so the reply goes back to its schedule; a look Redis
+/// refused counts as heard, so the reply is published (blind) at once.
 fn republished(
     again: Vec<Retry>,
     results: &mut impl Iterator<Item = RedisResult<Value>>,
@@ -893,10 +937,24 @@ fn republished(
         })
         .collect();
     if !unheard.is_empty() {
+        let answer = results.next();
+        if let Some(Err(e)) = &answer {
+            if !crate::connection::is_lost(e) {
+                // Redis refuses the look (an ACL without `PUBSUB`, a renamed
+                // command): publish on the schedule instead, as before looks,
+                // or a late subscriber would never get its reply.
+                if !LOOK_REFUSED.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "redis refuses PUBSUB NUMSUB ({e}): replies held for late subscribers are published again blind"
+                    );
+                }
+                out.extend(unheard.into_iter().map(|r| (r, Republished::Heard)));
+                return out;
+            }
+        }
         // `[channel, count, channel, count, ...]`, two channels per reply; an
         // answer that is not that counts as nobody.
-        let counts: Vec<i64> = results
-            .next()
+        let counts: Vec<i64> = answer
             .and_then(|v| v.ok())
             .and_then(|v| redis::from_redis_value::<Vec<Value>>(v).ok())
             .map(|flat| {
@@ -953,8 +1011,18 @@ fn bytes(acks: &[Ack]) -> usize {
 /// The work a message asks for; `None` for `Finish`.
 fn to_ack(msg: Outgoing) -> Option<Ack> {
     match msg {
-        Outgoing::Reply { id, encoded } => Some(Ack::Reply { id, encoded }),
-        Outgoing::Delay { id, body, delay_ms } => Some(Ack::Delay { id, body, delay_ms }),
+        Outgoing::Reply { id, epoch, encoded } => Some(Ack::Reply { id, epoch, encoded }),
+        Outgoing::Delay {
+            id,
+            epoch,
+            body,
+            delay_ms,
+        } => Some(Ack::Delay {
+            id,
+            epoch,
+            body,
+            delay_ms,
+        }),
         Outgoing::Finish => None,
     }
 }
@@ -1060,6 +1128,24 @@ mod tests {
         );
         let got = outcomes(vec![held_reply(3, false)], vec![Ok(Value::Int(7))]);
         assert_eq!(got, vec![(3, Republished::Nobody)]);
+    }
+
+    /// An ACL without `PUBSUB`: the look is refused, so the replies are
+    /// published at once (blind), not held unheard until their grace ends.
+    #[test]
+    fn a_refused_look_publishes_the_held_replies() {
+        let noperm = || {
+            Err(RedisError::from((
+                redis::ErrorKind::Extension,
+                "NOPERM",
+                "no permissions to run the 'pubsub|numsub' command".to_string(),
+            )))
+        };
+        let got = outcomes(
+            vec![held_reply(1, false), held_reply(2, false)],
+            vec![noperm()],
+        );
+        assert_eq!(got, vec![(1, Republished::Heard), (2, Republished::Heard)]);
     }
 
     #[test]

@@ -195,6 +195,21 @@ fn lost_entries(listed: Vec<Vec<u8>>, mut known: HashMap<u64, usize>) -> Vec<Vec
         .collect()
 }
 
+/// The ids this instance knows it holds (`known`, from [`InHand`]) that the
+/// processing list (`listed`) does not list, counting repeats: takes whose
+/// request Redis no longer has here.
+fn orphans(listed: &[Vec<u8>], mut known: HashMap<u64, usize>) -> Vec<u64> {
+    for id in listed.iter().filter_map(|e| parse_queue_entry(e)) {
+        if let Some(n) = known.get_mut(&id) {
+            *n = n.saturating_sub(1);
+        }
+    }
+    known
+        .into_iter()
+        .flat_map(|(id, n)| std::iter::repeat_n(id, n))
+        .collect()
+}
+
 /// One request's answer from `read_body` ([`TAKE`], [`FETCH`]).
 #[derive(Debug, PartialEq)]
 enum Fetched {
@@ -497,7 +512,6 @@ impl Reader {
                 .arg("RIGHT")
                 .arg("RIGHT")
                 .arg(BLOCK.as_secs_f64())
-                .ignore()
                 .cmd("EVALSHA")
                 .arg(scripts.take.get_hash())
                 .arg(4)
@@ -509,11 +523,28 @@ impl Reader {
                 .arg(self.max_request_bytes)
                 .arg(&key)
                 .arg(&fallback);
-            let (after_wait,): (Value,) = match pipe.query(c) {
-                Ok(t) => t,
+            // Read one at a time (`query_each`): a stall costs one read timeout.
+            // A lost connection ends the step at once (the take's answer is
+            // unknown: the next step compares the processing list with
+            // `InHand`); a wait Redis ended with an error (`CLIENT UNBLOCK …
+            // ERROR`, a failover) still has its take's answer read, since the
+            // take runs all the same.
+            let mut answers = crate::connection::query_each(c, &pipe)?.into_iter();
+            let after_wait = match answers.nth(1) {
+                Some(Ok(v)) => v,
                 // Someone flushed the scripts: the next take loads it again.
-                Err(e) if e.code() == Some("NOSCRIPT") => return Ok(true),
-                Err(e) => return Err(e),
+                Some(Err(e)) if e.code() == Some("NOSCRIPT") => return Ok(true),
+                Some(Err(e)) => {
+                    *synced = false;
+                    return Err(e);
+                }
+                None => {
+                    *synced = false;
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Parse,
+                        "no answer from the take script",
+                    )));
+                }
             };
             taken = TakeAnswer::from(after_wait);
         }
@@ -582,6 +613,17 @@ impl Reader {
             .arg(0)
             .arg(-1)
             .query(c)?;
+        let orphans = orphans(&listed, known.clone());
+        if !orphans.is_empty() {
+            let n = self.in_hand.orphaned(orphans);
+            if n > 0 {
+                log::warn!(
+                    "{n} requests in hand are no longer in {} (redis restarted without them, or \
+                     another instance recovered them): their replies will not be published",
+                    self.processing
+                );
+            }
+        }
         let lost = lost_entries(listed, known);
         if !lost.is_empty() {
             log::warn!(
@@ -659,11 +701,14 @@ impl Reader {
             // here but read again by `FETCH`, which refuses one too large from
             // its size. (`MGET` brought whatever the key held by then.)
             let mut pipe = redis::pipe();
-            pipe.ignore_errors();
             for (key, (_, _, size)) in keys.iter().zip(lot) {
                 pipe.cmd("GETRANGE").arg(key).arg(0).arg(*size);
             }
-            let bodies: Vec<RedisResult<Vec<u8>>> = pipe.query(c)?;
+            // One read timeout for a stall, not one per body (`query_each`).
+            let bodies: Vec<RedisResult<Vec<u8>>> = crate::connection::query_each(c, &pipe)?
+                .into_iter()
+                .map(|b| b.and_then(|v| redis::from_redis_value(v).map_err(Into::into)))
+                .collect();
             let mut jobs = Vec::with_capacity(lot.len());
             let mut ids = Vec::with_capacity(lot.len());
             for ((id, _, size), body) in lot.iter().zip(bodies) {
@@ -717,7 +762,10 @@ impl Reader {
 
     fn job(&self, id: u64, answer: Option<Fetched>) -> Job {
         Job {
-            reply_to: ReplyTo::Redis { id },
+            reply_to: ReplyTo::Redis {
+                id,
+                epoch: self.in_hand.epoch(),
+            },
             body: self.body(id, answer),
             waited: false,
         }
@@ -910,6 +958,27 @@ mod tests {
         let mut pace = Pace::new(t0 + Duration::from_millis(10));
         pace.finished(1000, t0);
         assert_eq!(pace.ahead(t0, 100), 25, "no decay backwards in time");
+    }
+
+    #[test]
+    fn orphans_are_held_ids_the_list_no_longer_has() {
+        let known = HashMap::from([(7, 2), (9, 1), (5, 1)]);
+        let mut got = orphans(&entries(&["7", "9", "x", "3"]), known);
+        got.sort();
+        assert_eq!(got, [5, 7]);
+        // An orphan's reply is told from a later take of the same id.
+        let in_hand = InHand::default();
+        in_hand.add([5]);
+        in_hand.orphaned([5]);
+        let later = in_hand.epoch();
+        in_hand.add([5]);
+        assert!(!in_hand.is_orphan(5, later), "the new take is no orphan");
+        assert!(in_hand.is_orphan(5, later - 1));
+        assert!(!in_hand.is_orphan(5, later - 1), "counted off once");
+        assert_eq!(in_hand.snapshot(), HashMap::from([(5, 1)]));
+        // An id acked since the snapshot is no orphan.
+        in_hand.orphaned([8]);
+        assert!(!in_hand.is_orphan(8, 0));
     }
 
     #[test]

@@ -1086,3 +1086,96 @@ fn a_pause_set_while_the_reader_waits_takes_nothing() {
         .expect("LRANGE");
     assert_eq!(queued, vec![id.to_string()], "the request stays queued");
 }
+
+/// The reader's client id, from `CLIENT LIST`, once it waits on the queue.
+fn blocked_reader(conn: &mut redis::Connection) -> String {
+    wait_for(
+        "the reader waiting on the queue",
+        Duration::from_secs(10),
+        || {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query(conn)
+                .expect("CLIENT LIST");
+            list.lines()
+                .find(|l| l.contains("cmd=blmove"))
+                .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+                .map(str::to_string)
+        },
+    )
+}
+
+/// The wait on the queue ends with an error (`CLIENT UNBLOCK … ERROR`, as an
+/// operator's tool or a failover does) while a request is queued: the take sent
+/// behind the wait still runs and moves the request to the processing list, whose
+/// answer the failed wait's error hid. The reader must serve it all the same,
+/// not leave it there until its next reconnect.
+#[test]
+fn a_wait_ended_by_an_error_still_serves_what_its_take_took() {
+    let redis = Redis::start();
+    let server = Server::start(&redis);
+    server.wait_ready(&redis);
+    let mut conn = redis.conn();
+    let reader = blocked_reader(&mut conn);
+    let id = store(&mut conn, &body("hello", json!({})));
+    let got = replies(
+        &redis,
+        &[id],
+        || {
+            // One transaction: the request is queued and the wait ended with an
+            // error before Redis serves the waiting reader, so only the take
+            // behind the wait takes it.
+            let _: () = redis::pipe()
+                .atomic()
+                .cmd("RPUSH")
+                .arg("CERBAS-QUEUE")
+                .arg(id)
+                .ignore()
+                .cmd("CLIENT")
+                .arg("UNBLOCK")
+                .arg(&reader)
+                .arg("ERROR")
+                .ignore()
+                .query(&mut conn)
+                .expect("RPUSH and CLIENT UNBLOCK");
+        },
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        got.get(&id).map(|(r, _)| r.clone()),
+        Some(Reply::Ok("hello world!".into())),
+        "log:\n{}",
+        server.log_text()
+    );
+    wait_for("the request acked", Duration::from_secs(10), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+}
+
+/// Redis stalls (`SIGSTOP`) while the idle reader waits on the queue with its
+/// take behind the wait: the reader gives the connection up after its read
+/// timeout (10.5 s), not after one read timeout per answer it waits for (a
+/// pipeline's query read the second answer after the first timed out: 21 s).
+#[test]
+fn a_stall_during_the_wait_is_noticed_after_one_read_timeout() {
+    let redis = Redis::start();
+    let server = Server::start(&redis);
+    let mut conn = redis.conn();
+    blocked_reader(&mut conn);
+    redis.pause();
+    let stalled = Instant::now();
+    // Give-up time: 10.5 s after the last write, at most 0.5 s (a wait) after
+    // the stall began; then some room for a loaded machine.
+    let noticed = std::panic::catch_unwind(|| {
+        wait_for("the reader to give up", Duration::from_secs(16), || {
+            server
+                .log_text()
+                .contains("reader: redis unavailable")
+                .then(|| stalled.elapsed())
+        })
+    });
+    redis.resume();
+    let noticed = noticed.unwrap_or_else(|_| panic!("log:\n{}", server.log_text()));
+    assert!(noticed >= Duration::from_secs(9), "{noticed:?}");
+    assert_serves_hello(&redis, &server);
+}

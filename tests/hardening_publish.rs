@@ -545,3 +545,127 @@ fn replies_held_across_a_redis_restart_never_reach_new_requests_with_their_ids()
     }
     listener.join().expect("listener");
 }
+
+/// A server whose Redis user may `PUBLISH` but not `PUBSUB` (an ACL written
+/// for the commands cerbas used to send): it cannot look for late subscribers,
+/// so it publishes held replies again on their schedule, and a late subscriber
+/// still gets its reply.
+#[test]
+fn a_late_subscriber_gets_its_reply_when_the_acl_denies_pubsub() {
+    let redis = Redis::start();
+    let mut conn = redis.conn();
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "cerbas", "on", ">secret", "~*", "&*", "+@all", "-pubsub",
+        ])
+        .query(&mut conn)
+        .expect("ACL SETUSER");
+    let url = format!("redis://cerbas:secret@127.0.0.1:{}", redis.port);
+    let server = Server::spawn(&redis, &["--redis", &url], &[]);
+    server.wait_ready(&redis);
+    let ids = submit_many(&mut conn, &[body("hello", json!({}))]);
+    wait_for("the request acknowledged", Duration::from_secs(10), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+    let mut c = redis::Client::open(redis.url_db(1).as_str())
+        .and_then(|c| c.get_connection())
+        .expect("subscriber connection");
+    let mut ps = c.as_pubsub();
+    ps.subscribe(format!("CERBAS-RESPONSE-1-{:010}", ids[0]))
+        .expect("SUBSCRIBE");
+    ps.set_read_timeout(Some(Duration::from_secs(8)))
+        .expect("timeout");
+    let got = ps.get_message().unwrap_or_else(|e| {
+        panic!(
+            "no reply for a late subscriber ({e}); log:\n{}",
+            server.log_text()
+        )
+    });
+    assert_eq!(
+        got.get_payload_bytes(),
+        br#"{"status":"ok","data":"hello world!"}"#
+    );
+}
+
+/// A request still running when Redis restarts empty (its counter set back):
+/// the restarted Redis gives its id to a new request, which this instance takes
+/// while the old one runs. The old request's reply must not be published to the
+/// new request's caller, nor its ack take the new request out of the processing
+/// list: the new caller gets its own reply.
+#[test]
+fn a_request_running_across_a_redis_restart_never_answers_the_new_request_with_its_id() {
+    let mut redis = Redis::start();
+    let server = Server::start(&redis);
+    let mut conn = redis.conn();
+    let sleep = |ms: u64| body("sleep", json!({ "ms": ms }));
+    let old = submit_many(&mut conn, &[sleep(2500)])[0];
+    wait_for("the old request taken", Duration::from_secs(10), || {
+        (llen(&mut conn, "CERBAS-QUEUE") == 0 && in_processing(&mut conn) == 1).then_some(())
+    });
+    redis.restart(Duration::from_millis(100));
+    let mut conn = redis.conn();
+    let _: () = redis::cmd("SET")
+        .arg("CERBAS-COUNTER")
+        .arg(old - 1)
+        .query(&mut conn)
+        .expect("counter set back");
+    let reply = redis.reply_for(old, false, || {
+        let new = submit_many(&mut conn, &[sleep(3000)])[0];
+        assert_eq!(new, old, "the new request got the old id");
+    });
+    assert_eq!(
+        reply,
+        cerbas::Reply::Ok(json!(3000)),
+        "log:\n{}",
+        server.log_text()
+    );
+    wait_for("nothing left in Redis", Duration::from_secs(10), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+}
+
+/// The publisher's pipeline of several commands (here the two `PUBLISH` of a
+/// held reply whose late subscriber it found) meets a Redis that stops
+/// answering: the publisher gives the connection up after one read timeout
+/// (10.5 s), not one per command (a pipeline's query read every answer after
+/// the first timed out: 21 s), and the subscriber still gets its reply.
+#[test]
+fn a_stalled_pipeline_is_given_up_after_one_read_timeout() {
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port);
+    let url = relay.url();
+    let config = config_with("reply_grace_ms = 60000");
+    let config = config.to_str().expect("utf-8 path");
+    let server = Server::start_args(&redis, &["--redis", &url, "--config", config]);
+    let mut conn = redis.conn();
+    let id = submit_many(&mut conn, &[body("hello", json!({}))])[0];
+    wait_for("the request acknowledged", Duration::from_secs(10), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+    // The republish to the late subscriber is held back.
+    let held = relay.hold(b"PUBLISH");
+    let mut c = redis::Client::open(redis.url_db(1).as_str())
+        .and_then(|c| c.get_connection())
+        .expect("subscriber connection");
+    let mut ps = c.as_pubsub();
+    ps.subscribe(format!("CERBAS-RESPONSE-1-{id:010}"))
+        .expect("SUBSCRIBE");
+    held.recv_timeout(Duration::from_secs(10))
+        .expect("the publisher publishing again");
+    let since = Instant::now();
+    let noticed = wait_for("the publisher to give up", Duration::from_secs(17), || {
+        server
+            .log_text()
+            .contains("publisher: redis unavailable")
+            .then(|| since.elapsed())
+    });
+    relay.release();
+    assert!(noticed >= Duration::from_secs(9), "{noticed:?}");
+    ps.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let got = ps.get_message().expect("the reply, published again");
+    assert_eq!(
+        got.get_payload_bytes(),
+        br#"{"status":"ok","data":"hello world!"}"#
+    );
+}
