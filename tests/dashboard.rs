@@ -5,8 +5,9 @@
 //! leaving the page, tokens, bad requests and Redis not answering; each action
 //! (delete, run now, cron now, pause and resume across instances), who may take
 //! them, recent errors and proxy breakers. The browser test (headless Chromium
-//! running the page's script, and clicking *delete* over the DevTools protocol)
-//! is `browser_*`.
+//! running the page's script after ok, error, refused, timed-out and cron calls,
+//! reading its counts and tables, and clicking *delete* over the DevTools
+//! protocol; its screenshot kept at target/tmp/dashboard.png) is `browser_*`.
 
 mod common;
 
@@ -55,26 +56,36 @@ struct Node {
 
 impl Node {
     fn start(redis: &Redis, config: &std::path::Path, workers: &str) -> Node {
+        Node::start_args(redis, config, workers, &[])
+    }
+
+    /// [`Node::start`] running `crontab` (its text) too.
+    fn start_with_crontab(
+        redis: &Redis,
+        config: &std::path::Path,
+        workers: &str,
+        crontab: &str,
+    ) -> Node {
+        let tab = crontab_file(crontab);
+        Node::start_args(redis, config, workers, &["--crontab", &tab])
+    }
+
+    fn start_args(redis: &Redis, config: &std::path::Path, workers: &str, extra: &[&str]) -> Node {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let config = config.to_string_lossy().into_owned();
-        let server = Server::start_args(
-            redis,
-            &["--config", &config, "--http", &addr, "--workers", workers],
-        );
+        let mut args = vec!["--config", &config, "--http", &addr, "--workers", workers];
+        args.extend_from_slice(extra);
+        let server = Server::start_args(redis, &args);
         Node { server, port }
     }
 
     /// A node with the shipped configuration running `crontab` (its text).
     fn with_crontab(redis: &Redis, crontab: &str) -> Node {
-        let tab = common::scratch("crontab").join("CRONTAB");
-        std::fs::write(&tab, crontab).expect("write CRONTAB");
+        let tab = crontab_file(crontab);
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
-        let server = Server::start_args(
-            redis,
-            &["--http", &addr, "--crontab", &tab.to_string_lossy()],
-        );
+        let server = Server::start_args(redis, &["--http", &addr, "--crontab", &tab]);
         Node { server, port }
     }
 
@@ -92,6 +103,13 @@ impl Node {
     fn wait_state(&self, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
         wait_for(what, 20 * SECS, || Some(self.state()).filter(|s| ok(s)))
     }
+}
+
+/// A scratch CRONTAB holding `text`; its path.
+fn crontab_file(text: &str) -> String {
+    let tab = common::scratch("crontab").join("CRONTAB");
+    std::fs::write(&tab, text).expect("write CRONTAB");
+    tab.to_string_lossy().into_owned()
 }
 
 /// `sleep` may run 30 s here, so a few of them keep every worker busy.
@@ -135,6 +153,14 @@ fn busy_cluster(redis: &Redis) -> (Node, Node) {
     let config = long_sleep_config();
     let a = Node::start(redis, &config, "1");
     let b = Node::start(redis, &config, "1");
+    make_busy(redis, &a);
+    (a, b)
+}
+
+/// What [`busy_cluster`] does once its two one-worker instances are started
+/// (`a` one of them): the delayed request, both workers busy, the hostile
+/// requests waiting.
+fn make_busy(redis: &Redis, a: &Node) {
     a.wait_state("both instances alive", |s| alive_names(s).len() == 2);
     let mut c = redis.conn();
     submit_many(
@@ -154,7 +180,6 @@ fn busy_cluster(redis: &Redis) -> (Node, Node) {
             body_of(XSS_FUNC, json!({"a": 1}), json!({})),
         ],
     );
-    (a, b)
 }
 
 #[test]
@@ -483,7 +508,7 @@ impl Browser {
             "--disable-gpu",
             "--no-first-run",
             "--remote-debugging-pipe",
-            "--window-size=1280,1200",
+            "--window-size=1280,2000",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg("about:blank")
@@ -620,10 +645,90 @@ impl Drop for Browser {
     }
 }
 
+/// A once-a-year cron entry: it runs during a test only when its action asks.
+const YEARLY_HELLO: &str = "0 0 1 1 * | {\"func\": \"hello\", \"source\": \"foo\"}\n";
+/// An unknown function with a hostile name: its error reply names it.
+const ERR_FUNC: &str = "<img src=y onerror=alert(2)>";
+
+/// [`busy_cluster`] after some traffic, all of it answered and counted first:
+/// an ok call (`hello`), an error reply (`witherror`), an unknown function
+/// named [`ERR_FUNC`], a timeout (`slow`, past a 200 ms deadline here), and
+/// [`YEARLY_HELLO`] (the first instance's CRONTAB) run once by its action.
+fn busy_cluster_after_traffic(redis: &Redis) -> (Node, Node) {
+    let config = config_with(
+        "[functions.sleep]\ntimeout_ms = 30000\n\n[functions.slow]\ntimeout_ms = 200\n",
+    );
+    let a = Node::start_with_crontab(redis, &config, "1", YEARLY_HELLO);
+    let b = Node::start(redis, &config, "1");
+    let s = a.wait_state("both instances alive, the cron entry shown", |s| {
+        alive_names(s).len() == 2 && s["cron"].as_array().is_some_and(|c| c.len() == 1)
+    });
+    let entry = s["cron"][0]["entry"]
+        .as_str()
+        .expect("an entry id")
+        .to_string();
+    submit_many(
+        &mut redis.conn(),
+        &[
+            body_of("hello", json!({}), json!({})),
+            body_of("witherror", json!({}), json!({})),
+            body_of(ERR_FUNC, json!({}), json!({})),
+            body_of("slow", json!({}), json!({})),
+        ],
+    );
+    let (status, answer) = a.act(json!({"action": "cron", "entry": entry}));
+    assert_eq!(status, 200, "{answer}");
+    a.wait_state("the traffic answered and counted", |s| {
+        let t = &s["totals"];
+        let listed = |list: &str, key: &str, name: &str| {
+            s[list]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|x| x[key] == name))
+        };
+        t["ok"].as_u64() >= Some(2)
+            && t["errors"].as_u64() >= Some(1)
+            && t["timeouts"].as_u64() >= Some(1)
+            && t["queue_length"] == 0
+            && t["workers_busy"] == 0
+            && s["cron"][0]["runs"] == 1
+            && ["hello", "witherror", "slow"]
+                .iter()
+                .all(|f| listed("functions", "name", f))
+            && listed("errors", "func", "witherror")
+            && listed("errors", "func", ERR_FUNC)
+    });
+    make_busy(redis, &a);
+    (a, b)
+}
+
+/// The text of every cell of tbody `id`, row by row, in the browser's page.
+fn rows_in(browser: &mut Browser, id: &str) -> Vec<Vec<String>> {
+    let v = browser.eval(&format!(
+        "Array.from(document.querySelectorAll('#{id} tr')).map(function (r) {{ \
+           return Array.from(r.cells).map(function (c) {{ return c.textContent; }}); }})"
+    ));
+    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("rows of {id}: {e}: {v}"))
+}
+
+/// The first of `rows` whose `column` is `text`.
+fn row_where<'a>(rows: &'a [Vec<String>], column: usize, text: &str) -> &'a [String] {
+    rows.iter()
+        .find(|r| r.get(column).is_some_and(|c| c == text))
+        .unwrap_or_else(|| panic!("a row with {text:?} in column {column}: {rows:?}"))
+}
+
+/// The number a totals cell of the browser's page shows.
+fn total_in(browser: &mut Browser, id: &str) -> u64 {
+    let v = browser.eval(&format!("document.getElementById('t-{id}').textContent"));
+    v.as_str()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("t-{id} is a number: {v}"))
+}
+
 #[test]
 fn browser_runs_the_script_which_fills_the_page_and_runs_no_injected_code() {
     let redis = Redis::start();
-    let (a, _b) = busy_cluster(&redis);
+    let (a, _b) = busy_cluster_after_traffic(&redis);
     // One more hostile argument, whose handler would mark the page if it ran.
     let marker = "<img src=x onerror=\"document.body.setAttribute('data-pwned','1')\">";
     submit_many(
@@ -678,6 +783,45 @@ fn browser_runs_the_script_which_fills_the_page_and_runs_no_injected_code() {
              !!document.querySelector('#waiting button[data-action=\"delete\"][data-id=\"{victim}\"]')"
         ),
     );
+    // What the script put in the page: the counts, each function that ran, the
+    // cron entry and its run, the recent errors (a hostile name as text).
+    assert!(total_in(&mut browser, "errors") >= 1);
+    assert!(total_in(&mut browser, "timeouts") >= 1);
+    assert!(total_in(&mut browser, "ok") >= 2);
+    assert_eq!(total_in(&mut browser, "alive"), 2);
+    assert_eq!(total_in(&mut browser, "queue_length"), 3);
+    assert_eq!(total_in(&mut browser, "delayed"), 1);
+    let functions = rows_in(&mut browser, "functions");
+    let function = |name: &str| row_where(&functions, 0, name);
+    // Columns: name, calls, ok, errors, timeouts, …
+    let count = |row: &[String], column: usize| row[column].parse::<u64>().unwrap_or(0);
+    assert!(count(function("hello"), 2) >= 2, "{functions:?}");
+    assert!(count(function("witherror"), 3) >= 1, "{functions:?}");
+    assert!(count(function("slow"), 4) >= 1, "{functions:?}");
+    let cron = rows_in(&mut browser, "cron");
+    assert_eq!(cron.len(), 1, "{cron:?}");
+    // Columns: entry, func, schedule, next, outcome, message, at, duration,
+    // instance, runs, and its run-now button.
+    let c = &cron[0];
+    assert_eq!(
+        (c[1].as_str(), c[2].as_str()),
+        ("hello", "0 0 1 1 *"),
+        "{c:?}"
+    );
+    assert_eq!(c[4], "ok", "{c:?}");
+    assert!(c[6].ends_with(" UTC"), "when it ran: {c:?}");
+    assert!(c[9].starts_with("1 (1 ok, 0 errors"), "{c:?}");
+    let recent = rows_in(&mut browser, "errors");
+    // Columns: at, id, func, user, message, instance.
+    let error = |func: &str| row_where(&recent, 2, func);
+    assert_eq!(error("witherror")[4], "unexpected error");
+    let hostile = error(ERR_FUNC);
+    assert!(hostile[4].contains("unknown function"), "{hostile:?}");
+    assert!(hostile[4].contains(ERR_FUNC), "{hostile:?}");
+    assert_eq!(
+        browser.eval("document.querySelectorAll('img, script:not([src])').length"),
+        json!(0)
+    );
     let clicked = browser.eval(&format!(
         "document.querySelector('#waiting button[data-action=\"delete\"][data-id=\"{victim}\"]').click(); true"
     ));
@@ -715,7 +859,7 @@ fn browser_runs_the_script_which_fills_the_page_and_runs_no_injected_code() {
         &a.url("/dashboard"),
         &[
             &format!("--screenshot={}", shot.display()),
-            "--window-size=1280,1200",
+            "--window-size=1280,2000",
             "--hide-scrollbars",
         ],
     );
