@@ -486,6 +486,7 @@ impl Dispatcher {
         let cache = self.cache(&request, function.options.cache_secs, deadline);
         if let Some(Ok(data)) = cache {
             bump(&self.stats.cache_hits);
+            self.stats.metrics.cache_hit(&pending.func);
             return pending.returned(Ok(Answer::Value(data)));
         }
         let ctx = Context {

@@ -167,6 +167,11 @@ impl Metrics {
         }
     }
 
+    /// Counts a call of `function` answered from the result cache.
+    pub(crate) fn cache_hit(&self, function: &str) {
+        self.functions.cache_hit(function);
+    }
+
     /// Brings the counters kept elsewhere (they only grow) up to their totals.
     pub(crate) fn totals(&self, replies_dropped: u64, reconnects: u64) {
         let _one = self.totals.lock().unwrap_or_else(|p| p.into_inner());

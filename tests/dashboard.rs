@@ -1502,3 +1502,25 @@ fn a_wrong_typed_snapshot_index_or_error_list_hides_no_pause() {
         (b.health()["status"] == "paused").then_some(())
     });
 }
+
+/// A call answered from the result cache counts as a cache hit of its
+/// function, in the per-function table as in the totals.
+#[test]
+fn cache_hits_show_per_function() {
+    let redis = Redis::start();
+    let config = config_with("[functions.echo]\ncache_secs = 60\n");
+    let a = Node::start(&redis, &config, "2");
+    a.wait_state("the instance alive", |s| alive_names(s).len() == 1);
+    let client = redis.client();
+    for _ in 0..3 {
+        let reply = client.request("echo", json!({"message": "again"}));
+        assert_eq!(reply.expect("a reply"), cerbas::Reply::Ok(json!("again")));
+    }
+    let s = a.wait_state("two cache hits of echo", |s| {
+        s["functions"]
+            .as_array()
+            .and_then(|f| f.iter().find(|f| f["name"] == "echo"))
+            .is_some_and(|f| f["cache_hits"] == 2 && f["calls"] == 3)
+    });
+    assert_eq!(s["totals"]["cache_hits"], 2, "{s:#}");
+}

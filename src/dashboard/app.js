@@ -174,11 +174,11 @@
     fill('functions', s.functions.map(function (f) {
       return {
         cls: '',
-        cells: [f.name, f.calls, f.ok, f.errors, f.timeouts, f.panics, f.refused,
+        cells: [f.name, f.calls, f.ok, f.errors, f.timeouts, f.panics, f.refused, f.cache_hits,
           ms(f.p50_ms), ms(f.p95_ms), ms(f.p99_ms), f.recent_calls, f.recent_errors,
           ms(f.recent_p50_ms), ms(f.recent_p95_ms), ms(f.recent_p99_ms)]
       };
-    }), 15);
+    }), 16);
     fill('errors', s.errors.map(function (e) {
       return {
         cls: '',

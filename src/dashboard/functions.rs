@@ -28,6 +28,8 @@ pub(crate) struct Counts {
     pub(crate) panics: u64,
     /// Refused before running (access, limits, invalid arguments).
     pub(crate) refused: u64,
+    /// Answered from the result cache (counted in `calls` and `ok` too).
+    pub(crate) cache_hits: u64,
     /// Calls that ran, by duration bucket.
     pub(crate) buckets: Vec<u64>,
 }
@@ -37,6 +39,25 @@ pub(crate) struct Counts {
 pub(crate) struct Tally(Mutex<BTreeMap<String, Counts>>);
 
 impl Tally {
+    /// Counts a call of `function` answered from the result cache (its call and
+    /// outcome are counted by [`Tally::call`] as usual).
+    pub(crate) fn cache_hit(&self, function: &str) {
+        let Ok(mut map) = self.0.lock() else {
+            return;
+        };
+        if let Some(c) = map.get_mut(function) {
+            c.cache_hits += 1;
+        } else {
+            map.insert(
+                function.to_string(),
+                Counts {
+                    cache_hits: 1,
+                    ..Counts::default()
+                },
+            );
+        }
+    }
+
     /// Counts one answered call of `function` with a metrics `outcome` label.
     pub(crate) fn call(&self, function: &str, outcome: &str, took: Option<Duration>) {
         let Ok(mut map) = self.0.lock() else {
@@ -95,6 +116,7 @@ pub(crate) fn merge(a: &mut Counts, b: &Counts) {
     a.timeouts += b.timeouts;
     a.panics += b.panics;
     a.refused += b.refused;
+    a.cache_hits += b.cache_hits;
     if a.buckets.len() < b.buckets.len() {
         a.buckets.resize(b.buckets.len(), 0);
     }
@@ -117,6 +139,7 @@ pub(crate) fn since(now: &Counts, then: &Counts) -> Counts {
         timeouts: now.timeouts.saturating_sub(then.timeouts),
         panics: now.panics.saturating_sub(then.panics),
         refused: now.refused.saturating_sub(then.refused),
+        cache_hits: now.cache_hits.saturating_sub(then.cache_hits),
         buckets,
     }
 }
@@ -210,6 +233,23 @@ mod tests {
         assert_eq!(quantile(&h.buckets, 1.0), Some(8192));
         assert_eq!(s["-"].refused, 1);
         assert_eq!(quantile(&s["-"].buckets, 0.5), None);
+    }
+
+    #[test]
+    fn cache_hits_are_counted_per_function_and_merge_and_subtract() {
+        let t = Tally::default();
+        t.cache_hit("fib");
+        t.call("fib", "ok", Some(Duration::from_micros(100)));
+        t.cache_hit("fib");
+        t.call("fib", "ok", Some(Duration::from_micros(100)));
+        let then = t.snapshot();
+        assert_eq!((then["fib"].calls, then["fib"].cache_hits), (2, 2));
+        t.cache_hit("fib");
+        let now = t.snapshot();
+        assert_eq!(since(&now["fib"], &then["fib"]).cache_hits, 1);
+        let mut sum = now["fib"].clone();
+        merge(&mut sum, &then["fib"]);
+        assert_eq!(sum.cache_hits, 5);
     }
 
     #[test]

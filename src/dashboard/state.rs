@@ -128,6 +128,7 @@ pub(crate) struct Function {
     pub(crate) timeouts: u64,
     pub(crate) panics: u64,
     pub(crate) refused: u64,
+    pub(crate) cache_hits: u64,
     /// Duration quantiles, ms: upper bounds of doubling buckets (`functions.rs`).
     pub(crate) p50_ms: Option<u64>,
     pub(crate) p95_ms: Option<u64>,
@@ -350,6 +351,7 @@ fn functions(instances: &[Instance]) -> Vec<Function> {
             timeouts: c.timeouts,
             panics: c.panics,
             refused: c.refused,
+            cache_hits: c.cache_hits,
             p50_ms: quantile(&c.buckets, 0.50),
             p95_ms: quantile(&c.buckets, 0.95),
             p99_ms: quantile(&c.buckets, 0.99),
