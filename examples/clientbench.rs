@@ -1,4 +1,4 @@
-//! The Rust client's benchmark, per the client benchmark contract (issue 12):
+//! The Rust client's benchmark, per the client benchmark contract (BENCH.md):
 //! W1, one caller's sequential round trips (p50/p99) beside the redis crate's own
 //! PING p50; W2, many threads sharing one `Client`, round trips per second. Prints
 //! exactly one JSON line on stdout (logs go to stderr). Not for: starting Redis or

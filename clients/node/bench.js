@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * The Node client's benchmark, per the bench contract of issue 12: W1 (one caller,
+ * The Node client's benchmark, per the contract in BENCH.md: W1 (one caller,
  * sequential round trips, next to node-redis's own PING) or W2 (concurrent callers
  * sharing ONE client for some seconds). Prints one JSON line on stdout; logs go to
  * stderr. Not for: starting Redis or a server (`make bench` does), nor asserting.

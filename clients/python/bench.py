@@ -1,5 +1,5 @@
-"""The Python clients' benchmark (issue 12; contract: the lead's bench contract, one
-JSON line on stdout). Not for: starting Redis or cerbas (``make bench`` does), or
+"""The Python clients' benchmark (the contract every client's bench follows is in
+BENCH.md: W1 or W2, one JSON line on stdout). Not for: starting Redis or cerbas (``make bench`` does), or
 tests.
 
     .venv/bin/python clients/python/bench.py --redis URL --workload w1|w2 \\

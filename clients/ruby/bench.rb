@@ -1,9 +1,9 @@
 # frozen_string_literal: true
 
-# The Ruby client's benchmark (contract: issue 12, item 5): W1, sequential round
+# The Ruby client's benchmark (contract: BENCH.md): W1, sequential round
 # trips of one caller, next to the redis gem's own PING; W2, round trips/s of
 # many threads sharing one Client. Prints one JSON line on stdout (logs go to
-# stderr). Not for starting Redis or cerbas (scripts/bench.sh does), nor for
+# stderr). Not for starting Redis or cerbas (`make bench` does), nor for
 # measuring their CPU.
 #
 #   ruby -Iclients/ruby/lib clients/ruby/bench.rb --redis URL --workload w1|w2 \
