@@ -452,15 +452,10 @@ fn a_late_subscriber_to_the_msgpack_channel_alone_gets_its_reply() {
     wait_for("the request acknowledged", Duration::from_secs(10), || {
         leftover_keys(&mut conn).is_empty().then_some(())
     });
-    let mut c = redis::Client::open(redis.url_db(1).as_str())
-        .and_then(|c| c.get_connection())
-        .expect("subscriber connection");
-    let mut ps = c.as_pubsub();
-    ps.subscribe(format!("MSGPACK:CERBAS-RESPONSE-1-{:010}", ids[0]))
-        .expect("SUBSCRIBE");
-    ps.set_read_timeout(Some(Duration::from_secs(8)))
-        .expect("timeout");
-    let got = ps.get_message().expect("the reply, republished");
+    let channel = format!("MSGPACK:CERBAS-RESPONSE-1-{:010}", ids[0]);
+    let got = redis
+        .first_message(&channel, Duration::from_secs(8))
+        .expect("the reply, republished");
     let reply: serde_json::Value =
         rmp_serde::from_slice(got.get_payload_bytes()).expect("msgpack reply");
     assert_eq!(reply, json!({"status": "ok", "data": "hello world!"}));
@@ -567,20 +562,15 @@ fn a_late_subscriber_gets_its_reply_when_the_acl_denies_pubsub() {
     wait_for("the request acknowledged", Duration::from_secs(10), || {
         leftover_keys(&mut conn).is_empty().then_some(())
     });
-    let mut c = redis::Client::open(redis.url_db(1).as_str())
-        .and_then(|c| c.get_connection())
-        .expect("subscriber connection");
-    let mut ps = c.as_pubsub();
-    ps.subscribe(format!("CERBAS-RESPONSE-1-{:010}", ids[0]))
-        .expect("SUBSCRIBE");
-    ps.set_read_timeout(Some(Duration::from_secs(8)))
-        .expect("timeout");
-    let got = ps.get_message().unwrap_or_else(|e| {
-        panic!(
-            "no reply for a late subscriber ({e}); log:\n{}",
-            server.log_text()
-        )
-    });
+    let channel = format!("CERBAS-RESPONSE-1-{:010}", ids[0]);
+    let got = redis
+        .first_message(&channel, Duration::from_secs(8))
+        .unwrap_or_else(|e| {
+            panic!(
+                "no reply for a late subscriber ({e}); log:\n{}",
+                server.log_text()
+            )
+        });
     assert_eq!(
         got.get_payload_bytes(),
         br#"{"status":"ok","data":"hello world!"}"#

@@ -1112,15 +1112,9 @@ fn metrics_are_prometheus_text_and_count_what_happened() {
         let n: i64 = redis::cmd("EXISTS").arg(&key).query(&mut conn).ok()?;
         (n == 0).then_some(())
     });
-    let mut sub = redis::Client::open(redis.url_db(1).as_str())
-        .and_then(|c| c.get_connection())
-        .expect("subscriber connection");
-    let mut ps = sub.as_pubsub();
-    ps.subscribe(client.keys().reply_channel(id))
-        .expect("SUBSCRIBE");
-    ps.set_read_timeout(Some(Duration::from_secs(8)))
-        .expect("timeout");
-    ps.get_message().expect("the reply, published again");
+    redis
+        .first_message(&client.keys().reply_channel(id), Duration::from_secs(8))
+        .expect("the reply, published again");
     wait_for("a republish counted", Duration::from_secs(10), || {
         let m = scrape(&plug);
         (sample(&m, "cerbas_republishes_total", &[]).unwrap_or(0.0) >= 1.0).then_some(())

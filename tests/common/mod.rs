@@ -149,6 +149,16 @@ impl Redis {
             .expect("redis connection")
     }
 
+    /// Subscribes (db 1) to `channel` and waits up to `within` for its first
+    /// message: how a client that subscribes late hears a republish.
+    pub fn first_message(&self, channel: &str, within: Duration) -> redis::RedisResult<redis::Msg> {
+        let mut c = redis::Client::open(self.url_db(1).as_str())?.get_connection()?;
+        let mut ps = c.as_pubsub();
+        ps.subscribe(channel)?;
+        ps.set_read_timeout(Some(within))?;
+        ps.get_message()
+    }
+
     /// A client as user `foo`, source `cerbastest` (the original's test client).
     pub fn client(&self) -> Client {
         Client::open(&self.url(), Env::Dev)
