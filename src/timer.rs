@@ -6,10 +6,10 @@
 
 use crate::job::Job;
 use crate::shutdown::Shutdown;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::Sender;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -125,25 +125,65 @@ pub(crate) enum TimerEvent {
     Shutdown,
 }
 
-enum Command {
-    Schedule(Instant, TimerEvent),
-    Stop,
+/// What the timer thread and everyone scheduling share. Scheduling is a push
+/// under the lock, and wakes the timer thread only when the new event comes due
+/// before the time it sleeps until: every call schedules its deadline, and
+/// waking a thread per call (as a channel to the timer did) cost a futex wake
+/// and a context switch per request for a deadline that is almost never the
+/// earliest.
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+struct State {
+    queue: TimerQueue<TimerEvent>,
+    /// When the timer thread will look again unless woken; `None` while it is
+    /// awake, when it looks at the queue before it sleeps anyway.
+    sleeping_until: Option<Instant>,
+    /// The queue's length at which settled deadlines are dropped next.
+    purge_at: usize,
+    stopped: bool,
+}
+
+impl Shared {
+    /// The state, even if a thread panicked holding it: each change to it is a
+    /// single push, pop or flag, complete before anything that could panic.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Schedules events on the timer thread.
 #[derive(Clone)]
 pub(crate) struct TimerHandle {
-    tx: Sender<Command>,
+    shared: Arc<Shared>,
 }
 
 impl TimerHandle {
     pub(crate) fn schedule(&self, due: Instant, event: TimerEvent) {
-        // Fails only once the timer has stopped, at the very end of shutdown.
-        let _ = self.tx.send(Command::Schedule(due, event));
+        let mut state = self.shared.lock();
+        // Only at the very end of shutdown: nothing would fire it.
+        if state.stopped {
+            return;
+        }
+        state.queue.push(due, event);
+        if state.queue.len() >= state.purge_at {
+            state
+                .queue
+                .retain(|e| !matches!(e, TimerEvent::Deadline(p) if p.settled()));
+            state.purge_at = (state.queue.len() * 2).max(PURGE_AT);
+        }
+        if state.sleeping_until.is_some_and(|until| due < until) {
+            // It looks again at once; it sleeps again only until `due`.
+            state.sleeping_until = None;
+            self.shared.wake.notify_one();
+        }
     }
 
     pub(crate) fn stop(&self) {
-        let _ = self.tx.send(Command::Stop);
+        self.shared.lock().stopped = true;
+        self.shared.wake.notify_one();
     }
 }
 
@@ -152,34 +192,54 @@ pub(crate) fn start(
     due: Sender<Job>,
     shutdown: Shutdown,
 ) -> std::io::Result<(TimerHandle, JoinHandle<()>)> {
-    let (tx, rx) = crossbeam_channel::unbounded();
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            queue: TimerQueue::new(),
+            sleeping_until: None,
+            purge_at: PURGE_AT,
+            stopped: false,
+        }),
+        wake: Condvar::new(),
+    });
+    let handle = TimerHandle {
+        shared: shared.clone(),
+    };
     let thread = std::thread::Builder::new()
         .name("cerbas-timer".into())
-        .spawn(move || run(rx, due, shutdown))?;
-    Ok((TimerHandle { tx }, thread))
+        .spawn(move || run(&shared, due, shutdown))?;
+    Ok((handle, thread))
 }
 
-fn run(rx: Receiver<Command>, due: Sender<Job>, shutdown: Shutdown) {
-    let mut queue = TimerQueue::new();
-    let mut purge_at = PURGE_AT;
+/// With nothing scheduled, the timer still looks once an hour.
+const IDLE_WAIT: Duration = Duration::from_secs(3600);
+
+fn run(shared: &Shared, due: Sender<Job>, shutdown: Shutdown) {
+    let mut fired = Vec::new();
     loop {
-        let wait = queue
-            .next_due()
-            .map(|d| d.saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::from_secs(3600));
-        match rx.recv_timeout(wait) {
-            Ok(Command::Schedule(at, event)) => {
-                queue.push(at, event);
-                if queue.len() >= purge_at {
-                    queue.retain(|e| !matches!(e, TimerEvent::Deadline(p) if p.settled()));
-                    purge_at = (queue.len() * 2).max(PURGE_AT);
-                }
+        {
+            let mut state = shared.lock();
+            if state.stopped {
+                return;
             }
-            Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-            Err(RecvTimeoutError::Timeout) => {}
+            let now = Instant::now();
+            while let Some(event) = state.queue.pop_due(now) {
+                fired.push(event);
+            }
+            if fired.is_empty() {
+                let until = state.queue.next_due().unwrap_or(now + IDLE_WAIT);
+                state.sleeping_until = Some(until);
+                let wait = until.saturating_duration_since(now);
+                let (mut state, _) = shared
+                    .wake
+                    .wait_timeout(state, wait)
+                    .unwrap_or_else(PoisonError::into_inner);
+                state.sleeping_until = None;
+                continue;
+            }
         }
-        let now = Instant::now();
-        while let Some(event) = queue.pop_due(now) {
+        // Fired outside the lock: an expiry sends a reply, and nothing that
+        // schedules should wait for that.
+        for event in fired.drain(..) {
             match event {
                 TimerEvent::Deadline(pending) => pending.expire(),
                 // On shutdown a due request stays in this instance's processing
@@ -265,6 +325,37 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(Arc::strong_count(&first), 1, "the timer let go of it");
+        timer.stop();
+        thread.join().unwrap();
+    }
+
+    /// The timer sleeps until its earliest event and is woken only by one due
+    /// sooner: a near deadline scheduled while it sleeps for a far one fires on
+    /// time, not after the far one.
+    #[test]
+    fn an_event_sooner_than_the_one_slept_for_wakes_the_timer() {
+        let (due_tx, _due_rx) = crossbeam_channel::unbounded();
+        let shutdown = Shutdown::new();
+        let (timer, thread) = start(due_tx, shutdown.clone()).unwrap();
+        let far: Arc<dyn Expire> = Arc::new(Answered);
+        timer.schedule(
+            Instant::now() + Duration::from_secs(3600),
+            TimerEvent::Deadline(far),
+        );
+        // Let the timer go to sleep until the far deadline first.
+        let asleep = Instant::now() + Duration::from_secs(10);
+        while timer.shared.lock().sleeping_until.is_none() && Instant::now() < asleep {
+            std::thread::yield_now();
+        }
+        assert!(
+            timer.shared.lock().sleeping_until.is_some(),
+            "the timer slept"
+        );
+        timer.schedule(
+            Instant::now() + Duration::from_millis(20),
+            TimerEvent::Shutdown,
+        );
+        assert!(shutdown.wait_timeout(Duration::from_secs(10)));
         timer.stop();
         thread.join().unwrap();
     }
