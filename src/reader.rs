@@ -490,64 +490,58 @@ impl Reader {
         let queue = self.keys.queue();
         let (key, fallback) = self.keys.request_prefixes();
         let paused = self.keys.paused(&self.instance);
-        let mut call = scripts.take.prepare_invoke();
-        call.key(&queue)
-            .key(&self.processing)
-            .key(self.keys.heartbeat(&self.instance))
-            .key(&paused)
+        // The take waits behind a wait for the queue to fill, in one write: a
+        // wait on a queue that has entries returns at once, and on an empty one
+        // it blocks until the first arrives, then Redis runs the take at once.
+        // So a take costs one round trip whether the queue is full or empty (a
+        // take sent first on its own cost an idle server a second round trip per
+        // request). The wait moves the queue's last entry onto its own end, which
+        // changes nothing.
+        let mut pipe = redis::pipe();
+        pipe.cmd("BLMOVE")
+            .arg(&queue)
+            .arg(&queue)
+            .arg("RIGHT")
+            .arg("RIGHT")
+            .arg(BLOCK.as_secs_f64())
+            .cmd("EVALSHA")
+            .arg(scripts.take.get_hash())
+            .arg(4)
+            .arg(&queue)
+            .arg(&self.processing)
+            .arg(self.keys.heartbeat(&self.instance))
+            .arg(&paused)
             .arg(wanted)
             .arg(self.max_request_bytes)
             .arg(&key)
             .arg(&fallback);
-        let mut taken = TakeAnswer::from(call.invoke::<Value>(c)?);
-        if matches!(&taken, TakeAnswer::Taken(t) if t.is_empty()) {
-            // Wait for the queue to fill: moving its last entry onto its own end
-            // changes nothing, and blocks like a take would. The take goes in the
-            // same write, so Redis runs it the moment the wait ends: an idle
-            // server answers in one round trip of its own.
-            let mut pipe = redis::pipe();
-            pipe.cmd("BLMOVE")
-                .arg(&queue)
-                .arg(&queue)
-                .arg("RIGHT")
-                .arg("RIGHT")
-                .arg(BLOCK.as_secs_f64())
-                .cmd("EVALSHA")
-                .arg(scripts.take.get_hash())
-                .arg(4)
-                .arg(&queue)
-                .arg(&self.processing)
-                .arg(self.keys.heartbeat(&self.instance))
-                .arg(&paused)
-                .arg(wanted)
-                .arg(self.max_request_bytes)
-                .arg(&key)
-                .arg(&fallback);
-            // Read one at a time (`query_each`): a stall costs one read timeout.
-            // A lost connection ends the step at once (the take's answer is
-            // unknown: the next step compares the processing list with
-            // `InHand`); a wait Redis ended with an error (`CLIENT UNBLOCK …
-            // ERROR`, a failover) still has its take's answer read, since the
-            // take runs all the same.
-            let mut answers = crate::connection::query_each(c, &pipe)?.into_iter();
-            let after_wait = match answers.nth(1) {
-                Some(Ok(v)) => v,
-                // Someone flushed the scripts: the next take loads it again.
-                Some(Err(e)) if e.code() == Some("NOSCRIPT") => return Ok(true),
-                Some(Err(e)) => {
-                    *synced = false;
-                    return Err(e);
-                }
-                None => {
-                    *synced = false;
-                    return Err(redis::RedisError::from((
-                        redis::ErrorKind::Parse,
-                        "no answer from the take script",
-                    )));
-                }
-            };
-            taken = TakeAnswer::from(after_wait);
-        }
+        // Read one at a time (`query_each`): a stall costs one read timeout. A
+        // lost connection ends the step at once (the take's answer is unknown:
+        // the next step compares the processing list with `InHand`); a wait
+        // Redis ended with an error (`CLIENT UNBLOCK … ERROR`, a failover, a
+        // refused write) still has its take's answer read, since the take runs
+        // all the same.
+        let answers = crate::connection::query_each(c, &pipe)?;
+        let taken = match answers.into_iter().nth(1) {
+            Some(Ok(v)) => TakeAnswer::from(v),
+            // A new connection's Redis, or someone flushed the scripts: load it
+            // for the next step.
+            Some(Err(e)) if e.code() == Some("NOSCRIPT") => {
+                scripts.take.prepare_invoke().load(c)?;
+                return Ok(true);
+            }
+            Some(Err(e)) => {
+                *synced = false;
+                return Err(e);
+            }
+            None => {
+                *synced = false;
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Parse,
+                    "no answer from the take script",
+                )));
+            }
+        };
         match taken {
             TakeAnswer::Paused => {
                 // Paused from another instance's page: stop at once rather than
