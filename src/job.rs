@@ -17,7 +17,7 @@ use crossbeam_channel::{SendError, Sender};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Where a job's reply goes.
 #[derive(Clone, Debug)]
@@ -141,25 +141,51 @@ const BACKLOG_BYTES: usize = 8 << 20;
 /// falls behind (a slow Redis, a flood of replies nobody hears) requests wait in
 /// Redis, not in this process's memory. (The channel itself stays unbounded: the
 /// timer, which sends timeout replies, must never block.)
+///
+/// The publisher also sleeps here ([`Backlog::wait_more`]) rather than in the
+/// channel: crossbeam's blocking receive spins and yields the CPU
+/// (`sched_yield`) a few times before it sleeps, several system calls per reply
+/// for a publisher that is idle between replies.
 #[derive(Default)]
 pub(crate) struct Backlog {
-    load: Mutex<(usize, usize)>,
+    load: Mutex<Load>,
     room: Condvar,
+    more: Condvar,
+}
+
+#[derive(Default)]
+struct Load {
+    count: usize,
+    bytes: usize,
+    /// The publisher sleeps in [`Backlog::wait_more`]: only then is a wake sent.
+    waiting: bool,
+    /// How many wait in [`Backlog::wait_room`] (the reader): a wake, a system
+    /// call, is sent only to someone waiting.
+    short_of_room: usize,
+}
+
+impl Load {
+    fn over(&self) -> bool {
+        self.count > BACKLOG_COUNT || self.bytes > BACKLOG_BYTES
+    }
 }
 
 impl Backlog {
     fn add(&self, bytes: usize) {
         if let Ok(mut load) = self.load.lock() {
-            load.0 += 1;
-            load.1 += bytes;
+            load.count += 1;
+            load.bytes += bytes;
+            if std::mem::take(&mut load.waiting) {
+                self.more.notify_one();
+            }
         }
     }
 
     pub(crate) fn taken(&self, count: usize, bytes: usize) {
         if let Ok(mut load) = self.load.lock() {
-            load.0 = load.0.saturating_sub(count);
-            load.1 = load.1.saturating_sub(bytes);
-            if load.0 <= BACKLOG_COUNT && load.1 <= BACKLOG_BYTES {
+            load.count = load.count.saturating_sub(count);
+            load.bytes = load.bytes.saturating_sub(bytes);
+            if load.short_of_room > 0 && !load.over() {
                 self.room.notify_all();
             }
         }
@@ -168,17 +194,46 @@ impl Backlog {
     /// Waits up to `timeout` for the backlog to be within its bounds; says whether
     /// it is.
     pub(crate) fn wait_room(&self, timeout: Duration) -> bool {
-        let Ok(load) = self.load.lock() else {
+        let deadline = Instant::now() + timeout;
+        let Ok(mut load) = self.load.lock() else {
             return true;
         };
-        match self
-            .room
-            .wait_timeout_while(load, timeout, |(count, bytes)| {
-                *count > BACKLOG_COUNT || *bytes > BACKLOG_BYTES
-            }) {
-            Ok((_, waited)) => !waited.timed_out(),
-            Err(_) => true,
+        while load.over() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            load.short_of_room += 1;
+            load = match self.room.wait_timeout(load, left) {
+                Ok((load, _)) => load,
+                Err(_) => return true,
+            };
+            load.short_of_room -= 1;
         }
+        true
+    }
+
+    /// Waits until something was sent that the publisher has not counted as
+    /// [`taken`](Backlog::taken), or until `deadline`; says whether something was.
+    /// It may still be on its way into the channel: it was counted just before.
+    pub(crate) fn wait_more(&self, deadline: Instant) -> bool {
+        let Ok(mut load) = self.load.lock() else {
+            return true;
+        };
+        while load.count == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                load.waiting = false;
+                return false;
+            }
+            load.waiting = true;
+            load = match self.more.wait_timeout(load, left) {
+                Ok((load, _)) => load,
+                Err(_) => return true,
+            };
+        }
+        load.waiting = false;
+        true
     }
 }
 

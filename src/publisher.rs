@@ -21,7 +21,7 @@ use crate::job::{Backlog, Encoded, InHand, Outgoing, Stats};
 use crate::protocol::Keys;
 use crate::scheduler::SCHEDULE;
 use crate::shutdown::Shutdown;
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use redis::{Connection, RedisError, RedisResult, Script, Value};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -457,7 +457,7 @@ impl Publishing {
             let mut acks = Vec::new();
             match finish_by {
                 None => {
-                    let going = gather(&rx, wake, &mut acks);
+                    let going = gather(&rx, &self.p.backlog, wake, &mut acks);
                     self.p
                         .backlog
                         .taken(acks.len() + usize::from(!going), bytes(&acks));
@@ -981,8 +981,18 @@ fn republished(
 /// Takes what the workers sent into `acks`: waits for the first until `wake`, then
 /// takes what else is waiting, up to [`MAX_BATCH`] requests and about
 /// [`MAX_BATCH_BYTES`]. False once it was told to finish.
-fn gather(rx: &Receiver<Outgoing>, wake: Instant, acks: &mut Vec<Ack>) -> bool {
-    let first = match rx.recv_deadline(wake) {
+fn gather(rx: &Receiver<Outgoing>, backlog: &Backlog, wake: Instant, acks: &mut Vec<Ack>) -> bool {
+    // Asleep on the backlog's count, not in the channel (see `Backlog`).
+    let first = if backlog.wait_more(wake) {
+        rx.recv_deadline(wake)
+    } else {
+        // Nothing was counted; a closed channel is noticed here.
+        rx.try_recv().map_err(|e| match e {
+            TryRecvError::Empty => RecvTimeoutError::Timeout,
+            TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+        })
+    };
+    let first = match first {
         Ok(msg) => msg,
         Err(RecvTimeoutError::Disconnected) => return false,
         Err(RecvTimeoutError::Timeout) => return true,
