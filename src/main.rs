@@ -27,8 +27,8 @@ struct Cli {
     /// Worker threads
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
-    /// The cron file
-    #[arg(long, value_name = "PATH")]
+    /// The cron file; "" for none (cron off)
+    #[arg(long, value_name = "PATH", value_parser = any_path)]
     crontab: Option<PathBuf>,
     /// Address of the HTTP plug, e.g. 127.0.0.1:4455
     #[arg(long, value_name = "ADDR")]
@@ -57,6 +57,12 @@ enum CronCommand {
         /// The file [default: the configuration's crontab]
         path: Option<PathBuf>,
     },
+}
+
+/// A path as given, "" included (clap's own path parser refuses "", which here
+/// means "none", as `crontab = ""` does in the configuration).
+fn any_path(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
 }
 
 /// `cerbas cron check|list`: prints the report on stdout.

@@ -13,6 +13,7 @@ use crate::connection::{Connector, Failure};
 use crate::protocol::Keys;
 use crate::shutdown::Shutdown;
 use redis::{Connection, RedisResult};
+use std::sync::LazyLock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -179,7 +180,9 @@ return 1
 /// before it takes anything, and whenever it finds its heartbeat gone, so no
 /// request is ever held by an unregistered instance.
 pub(crate) fn beat(c: &mut Connection, keys: &Keys, instance: &str) -> RedisResult<()> {
-    redis::Script::new(BEAT)
+    // Built once: a `Script` hashes its source when built.
+    static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(BEAT));
+    SCRIPT
         .key(keys.heartbeat(instance))
         .key(keys.instances())
         .arg(instance)

@@ -274,6 +274,15 @@ fn a_missing_crontab_is_logged_once_and_read_when_it_appears() {
     s.wait_log("cron: added line 1", 1);
 }
 
+/// `--crontab ""` turns cron off, as `crontab = ""` in the configuration does
+/// (clap's path parser refused an empty value).
+#[test]
+fn an_empty_crontab_flag_turns_cron_off() {
+    let redis = Redis::start();
+    let s = Server::start_args(&redis, &["--crontab", ""]);
+    s.wait_log("cron is off (crontab = \"\")", 1);
+}
+
 fn cerbas(args: &[&str]) -> (i32, String) {
     let out = Command::new(bin())
         .args(["--config", &repo_file("cerbas.toml")])

@@ -157,7 +157,7 @@ fn describe_last(l: &Last, zone: &Zone) -> String {
         (o, _) => o.to_string(),
     };
     format!(
-        "{outcome} at {at}, took {} ms, on {}; {} runs ({} ok, {} errors, {} timeouts)",
+        "{outcome} at {at}, took {} ms, on {}; runs: {} (ok {}, errors {}, timeouts {})",
         field("duration_ms"),
         field("instance"),
         field("runs"),
@@ -268,7 +268,7 @@ mod tests {
             })
         };
         assert!(list_report(&tab, &Zone::Utc, now, Some(&some)).contains(
-            "  last: error (boom) at 2026-05-28 20:26:40 UTC, took 12 ms, on h-1; 3 runs (2 ok, 1 errors, 0 timeouts)\n"
+            "  last: error (boom) at 2026-05-28 20:26:40 UTC, took 12 ms, on h-1; runs: 3 (ok 2, errors 1, timeouts 0)\n"
         ));
     }
 }
