@@ -17,19 +17,19 @@
 //!   as for requests from Redis. Once the stop is triggered no new call is taken
 //!   ([`Stopping`]); a call still waiting when the drain deadline passes (the
 //!   server sets `abandon`) gives up with [`Stopping`] too.
-//! - The reader's "ready" count. Jobs go on the workers' `due` channel (the one
-//!   the timer uses), not on the reader's `jobs` channel: a worker that takes a
-//!   job from `due` does not announce itself free again afterwards (`pool.rs`),
+//! - The reader's "ready" count. Jobs go on the workers' due lane (the one the
+//!   timer uses, `handoff.rs`), not on the reader's lane: a worker that takes a
+//!   due job does not announce itself free again afterwards (`pool.rs`),
 //!   so the reader's count of idle workers never grows past the pool. While a
 //!   worker runs a local call, the reader may still count it idle and take one
-//!   request from Redis for it; that request waits in the bounded `jobs` channel
+//!   request from Redis for it; that request waits in the bounded reader's lane
 //!   (its deadline not yet started) until a worker is free. So with H local calls
 //!   running, at most H requests wait in this instance instead of in Redis.
 
 use crate::job::{Claim, Job, LocalReply, ReplyTo, Unanswered};
 use crate::protocol::Request;
 use crate::shutdown::Shutdown;
-use crossbeam_channel::{RecvTimeoutError, Sender};
+use crossbeam_channel::RecvTimeoutError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,7 +53,7 @@ pub(crate) enum NotRun {
 #[derive(Clone)]
 pub(crate) struct Caller {
     /// The workers' `due` channel.
-    pub(crate) jobs: Sender<Job>,
+    pub(crate) jobs: crate::handoff::DueLane,
     pub(crate) unanswered: Unanswered,
     /// The server's shutdown: once triggered, no new calls.
     pub(crate) shutdown: Shutdown,
@@ -121,8 +121,10 @@ mod tests {
     use crate::protocol::Reply;
     use serde_json::Map;
 
-    fn caller() -> (Caller, crossbeam_channel::Receiver<Job>) {
-        let (jobs, rx) = crossbeam_channel::unbounded();
+    /// A caller, the workers' end of its jobs, and the reader's lane, held
+    /// open as long as the test needs the workers' end.
+    fn caller() -> (Caller, crate::handoff::Jobs, crate::handoff::ReaderLane) {
+        let (reader, jobs, rx) = crate::handoff::handoff(1);
         (
             Caller {
                 jobs,
@@ -132,16 +134,17 @@ mod tests {
                 wait: Duration::from_secs(10),
             },
             rx,
+            reader,
         )
     }
 
     #[test]
     fn a_call_counts_until_its_reply_is_back() {
-        let (c, jobs) = caller();
+        let (c, jobs, _reader) = caller();
         let worker = {
             let unanswered = c.unanswered.clone();
             std::thread::spawn(move || {
-                let job = jobs.recv().expect("a job");
+                let (job, _) = jobs.recv_timeout(Duration::from_secs(10)).expect("a job");
                 assert!(!unanswered.is_zero(), "counted while it runs");
                 if let ReplyTo::Local(tx, _) = job.reply_to {
                     let _ = tx.send(Ok(Some(Reply::Ok("hi".into()))));
@@ -156,26 +159,26 @@ mod tests {
 
     #[test]
     fn no_call_is_taken_once_stopping_and_waits_end_at_the_drain_deadline() {
-        let (c, jobs) = caller();
+        let (c, jobs, _reader) = caller();
         c.abandon.store(true, Ordering::SeqCst);
         assert_eq!(
             c.call(Request::new("hello", Map::new())),
             Err(NotRun::Stopping)
         );
-        assert!(jobs.try_recv().is_ok(), "it was handed over");
+        assert!(jobs.try_recv_due().is_some(), "it was handed over");
         assert!(c.unanswered.is_zero(), "and no longer counted");
         c.shutdown.trigger();
         assert_eq!(
             c.call(Request::new("hello", Map::new())),
             Err(NotRun::Stopping)
         );
-        assert!(jobs.try_recv().is_err(), "nothing handed over");
+        assert!(jobs.try_recv_due().is_none(), "nothing handed over");
         assert!(c.unanswered.is_zero());
     }
 
     #[test]
     fn a_call_no_worker_takes_in_time_is_withdrawn_and_never_runs() {
-        let (mut c, jobs) = caller();
+        let (mut c, jobs, _reader) = caller();
         c.wait = Duration::from_millis(30);
         let t = Instant::now();
         assert_eq!(
@@ -184,15 +187,15 @@ mod tests {
         );
         assert!(t.elapsed() < Duration::from_secs(1));
         assert!(c.unanswered.is_zero());
-        match jobs.try_recv().map(|j| j.reply_to) {
-            Ok(ReplyTo::Local(_, claim)) => assert!(!claim.take(), "a worker must not run it"),
+        match jobs.try_recv_due().map(|j| j.reply_to) {
+            Some(ReplyTo::Local(_, claim)) => assert!(!claim.take(), "a worker must not run it"),
             _ => panic!("the job was handed over"),
         }
     }
 
     #[test]
     fn a_job_dropped_unanswered_ends_the_wait() {
-        let (c, jobs) = caller();
+        let (c, jobs, _reader) = caller();
         drop(jobs);
         assert_eq!(
             c.call(Request::new("hello", Map::new())),

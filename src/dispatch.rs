@@ -662,7 +662,9 @@ mod tests {
         dispatcher: Dispatcher,
         timer: crate::timer::TimerHandle,
         thread: Option<std::thread::JoinHandle<()>>,
-        due: crossbeam_channel::Receiver<Job>,
+        due: crate::handoff::Jobs,
+        /// Held open: a closed reader lane ends the workers' end.
+        _reader: crate::handoff::ReaderLane,
         cron_runs: crossbeam_channel::Receiver<CronRun>,
     }
 
@@ -705,7 +707,7 @@ mod tests {
             })
             .users(["foo"]);
         registry.register("quiet", |_: NoArgs, _: &Context| Answer::NoReply);
-        let (due_tx, due) = crossbeam_channel::unbounded();
+        let (reader, due_tx, due) = crate::handoff::handoff(1);
         let (timer, thread) = crate::timer::start(due_tx, Shutdown::new()).unwrap();
         let (out, _out_rx) = crossbeam_channel::unbounded();
         let (cron_tx, cron_runs) = crossbeam_channel::unbounded();
@@ -734,6 +736,7 @@ mod tests {
             timer,
             thread: Some(thread),
             due,
+            _reader: reader,
             cron_runs,
         }
     }
@@ -1098,7 +1101,7 @@ mod tests {
             false,
         );
         assert!(rx.try_recv().is_err(), "nothing before the delay");
-        let job = f.due.recv_timeout(Duration::from_secs(10)).unwrap();
+        let (job, _) = f.due.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(start.elapsed() >= Duration::from_millis(30));
         f.dispatcher.handle(job, false);
         assert_eq!(

@@ -19,7 +19,7 @@
 //!                                           republish to late subscribers)
 //!  CRONTAB ──▶ cron thread ──each tick, claimed once (SET NX + request + RPUSH,
 //!              one script)──▶ P-QUEUE; outcomes of cron runs ◀── dispatch
-//!  HTTP handler threads (the Plug) ──caller: a job on the timer's channel──▶ workers
+//!  HTTP handler threads (the Plug) ──caller: a job on the due lane──▶ workers
 //!        (reply on a channel; /health, /metrics, reverse proxy beside it)
 //!  ctrl-c / SIGTERM / halt ──▶ shutdown: stop taking → wait for unanswered calls
 //!        (drain_timeout_ms) → flush publisher → return unfinished requests to the
@@ -47,6 +47,7 @@
 //! | `dashboard` | each instance's snapshot in Redis; the dashboard's state and page (pure); its actions |
 //! | `limits` | how many calls a user or a function may run at once |
 //! | `reader` | the queue reader thread |
+//! | `handoff` | how jobs reach the workers: the reader's lane and the due lane, one lock |
 //! | `pool` | the worker threads |
 //! | [`timer`] | deadlines of running calls, delayed shutdown (in process) |
 //! | `scheduler` | in Redis: delayed requests coming due, heartbeat, dead instances |
@@ -86,6 +87,7 @@ pub mod cron;
 mod dashboard;
 mod dispatch;
 pub mod error;
+mod handoff;
 mod http;
 mod job;
 mod limits;

@@ -1,18 +1,18 @@
 //! The worker pool: a fixed number of named threads, each taking one job at a time
-//! from the jobs channel (or a delayed job from the timer) and running it through
-//! the dispatcher. A panicking function does not kill its worker (the dispatcher
-//! catches it). A call past its deadline keeps its thread (threads cannot be
-//! killed), so the pool's supervisor thread starts a replacement when asked
-//! (`dispatch::Hung`), and the stuck worker retires when its call returns: the
-//! pool keeps its width. (A replacement says it is free at once only if the hung
-//! call came from the reader: otherwise the hung worker's "free" still stands.) A worker says on `ready` when it is free to start a job
+//! from the hand-off (`handoff.rs`: the reader's jobs, and due jobs from the timer
+//! and the HTTP plug) and running it through the dispatcher. A panicking function
+//! does not kill its worker (the dispatcher catches it). A call past its deadline
+//! keeps its thread (threads cannot be killed), so the pool's supervisor thread
+//! starts a replacement when asked (`dispatch::Hung`), and the stuck worker retires
+//! when its call returns: the pool keeps its width. (A replacement says it is free
+//! at once only if the hung call came from the reader: otherwise the hung worker's
+//! "free" still stands.) A worker says on `ready` when it is free to start a job
 //! from the reader (once when it starts, and after each such job), so the reader
-//! takes from Redis only what the pool can start now. Workers exit when the reader has gone and the jobs channel
-//! is empty, or when the drain deadline has passed.
+//! takes from Redis only what the pool can start now. Workers exit when the reader
+//! has gone and its lane is empty, or when the drain deadline has passed.
 //! Not for: deadlines (the timer) or replies (the publisher).
 
 use crate::dispatch::{AfterCall, Dispatcher};
-use crate::job::Job;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{select, Receiver, Sender};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,8 +22,8 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub(crate) struct Worker {
     pub(crate) dispatcher: Arc<Dispatcher>,
-    pub(crate) jobs: Receiver<Job>,
-    pub(crate) due: Receiver<Job>,
+    /// Jobs from the reader and due jobs (the timer, the HTTP plug).
+    pub(crate) jobs: crate::handoff::Jobs,
     /// One message each time this worker is free for a job from `jobs`.
     pub(crate) ready: Sender<()>,
     /// Set at the drain deadline: take no more jobs.
@@ -82,13 +82,9 @@ impl Worker {
             if announce {
                 let _ = self.ready.send(());
             }
-            let (job, from_reader) = select! {
-                recv(self.jobs) -> job => (job, true),
-                recv(self.due) -> job => (job, false),
-            };
-            announce = from_reader;
-            match job {
-                Ok(job) => {
+            match self.jobs.recv() {
+                Some((job, from_reader)) => {
+                    announce = from_reader;
                     // A replacement took this worker's place while its call ran
                     // past the deadline (the dispatcher has counted it back).
                     if self.dispatcher.handle(job, from_reader) == AfterCall::Retire {
@@ -99,8 +95,8 @@ impl Worker {
                 // from it. Local calls (HTTP) already handed over on `due` are
                 // still served, so their callers are not left waiting for the
                 // drain deadline.
-                Err(_) => {
-                    while let Ok(job) = self.due.try_recv() {
+                None => {
+                    while let Some(job) = self.jobs.try_recv_due() {
                         if self.dispatcher.handle(job, false) == AfterCall::Retire {
                             return;
                         }

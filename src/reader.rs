@@ -34,10 +34,11 @@
 
 use crate::connection::{Connector, Failure};
 use crate::error::RequestError;
+use crate::handoff::NotHanded;
 use crate::job::{Backlog, InHand, Job, Paused, ReplyTo, Stats, Unanswered};
 use crate::protocol::{describe_entry, parse_queue_entry, parse_request, Keys};
 use crate::shutdown::Shutdown;
-use crossbeam_channel::{select, Receiver, SendTimeoutError, Sender};
+use crossbeam_channel::{select, Receiver};
 use redis::{Connection, RedisResult, Value};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -372,7 +373,7 @@ pub(crate) struct Reader {
     pub(crate) instance: String,
     pub(crate) processing: String,
     pub(crate) max_request_bytes: usize,
-    pub(crate) jobs: Sender<Job>,
+    pub(crate) jobs: crate::handoff::ReaderLane,
     /// One message per worker that has become free (pool.rs).
     pub(crate) ready: Receiver<()>,
     pub(crate) stats: Arc<Stats>,
@@ -412,7 +413,7 @@ impl Reader {
         let mut workers = Workers {
             free: 0,
             pace: Pace::new(Instant::now()),
-            width: self.jobs.capacity().unwrap_or(1),
+            width: self.jobs.width(),
             turned_over: false,
         };
         while !self.shutdown.is_triggered() {
@@ -820,8 +821,8 @@ impl Reader {
                         workers.free -= 1;
                         break;
                     }
-                    Err(SendTimeoutError::Timeout(j)) => job = j,
-                    Err(SendTimeoutError::Disconnected(_)) => {
+                    Err(NotHanded::Full(j)) => job = *j,
+                    Err(NotHanded::Closed) => {
                         self.unanswered.done(1);
                         return false;
                     }

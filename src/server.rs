@@ -79,8 +79,9 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
     let read_timeout = BLOCK + Duration::from_secs(10);
 
     let stopping = Shutdown::new();
-    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(config.workers);
-    let (due_tx, due_rx) = crossbeam_channel::unbounded();
+    // The reader's jobs (bounded by the pool's width) and due jobs (the timer's,
+    // the HTTP plug's), to the workers.
+    let (jobs_tx, due_tx, jobs_rx) = crate::handoff::handoff(config.workers);
     // Workers say when they are free; the reader takes only that many requests.
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     // Replies are not bounded (DESIGN §3 draws them bounded): their number is
@@ -137,7 +138,6 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         Worker {
             dispatcher,
             jobs: jobs_rx,
-            due: due_rx,
             ready: ready_tx,
             abandon: abandon.clone(),
         },

@@ -2,11 +2,11 @@
 //! calls (the caller gets `timeout`), delayed requests coming due, and a delayed
 //! shutdown (`halt`). The queue itself ([`TimerQueue`]) is pure and takes the time
 //! as an argument, so it is tested without sleeping. Not for: running functions (the
-//! workers do; due requests go to them on a channel).
+//! workers do; due requests go to them on the due lane, `handoff.rs`).
 
+use crate::handoff::DueLane;
 use crate::job::Job;
 use crate::shutdown::Shutdown;
-use crossbeam_channel::Sender;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -189,7 +189,7 @@ impl TimerHandle {
 
 /// Starts the timer thread. Due requests go to `due`; `halt` triggers `shutdown`.
 pub(crate) fn start(
-    due: Sender<Job>,
+    due: DueLane,
     shutdown: Shutdown,
 ) -> std::io::Result<(TimerHandle, JoinHandle<()>)> {
     let shared = Arc::new(Shared {
@@ -213,7 +213,7 @@ pub(crate) fn start(
 /// With nothing scheduled, the timer still looks once an hour.
 const IDLE_WAIT: Duration = Duration::from_secs(3600);
 
-fn run(shared: &Shared, due: Sender<Job>, shutdown: Shutdown) {
+fn run(shared: &Shared, due: DueLane, shutdown: Shutdown) {
     let mut fired = Vec::new();
     loop {
         {
@@ -312,7 +312,7 @@ mod tests {
     /// for 600,000 calls under a one-hour timeout. Settled ones are dropped early.
     #[test]
     fn deadlines_of_answered_calls_do_not_wait_for_their_due_time() {
-        let (due_tx, _due_rx) = crossbeam_channel::unbounded();
+        let (_reader, due_tx, _jobs) = crate::handoff::handoff(1);
         let (timer, thread) = start(due_tx, Shutdown::new()).unwrap();
         let later = Instant::now() + Duration::from_secs(3600);
         let first: Arc<dyn Expire> = Arc::new(Answered);
@@ -334,7 +334,7 @@ mod tests {
     /// time, not after the far one.
     #[test]
     fn an_event_sooner_than_the_one_slept_for_wakes_the_timer() {
-        let (due_tx, _due_rx) = crossbeam_channel::unbounded();
+        let (_reader, due_tx, _jobs) = crate::handoff::handoff(1);
         let shutdown = Shutdown::new();
         let (timer, thread) = start(due_tx, shutdown.clone()).unwrap();
         let far: Arc<dyn Expire> = Arc::new(Answered);
@@ -362,7 +362,7 @@ mod tests {
 
     #[test]
     fn a_scheduled_shutdown_fires() {
-        let (due_tx, _due_rx) = crossbeam_channel::unbounded();
+        let (_reader, due_tx, _jobs) = crate::handoff::handoff(1);
         let shutdown = Shutdown::new();
         let (timer, thread) = start(due_tx, shutdown.clone()).unwrap();
         timer.schedule(

@@ -1,0 +1,414 @@
+//! How jobs reach the workers: two lanes under one lock, the reader's (bounded by
+//! the pool's width) and the "due" lane (delayed requests from the timer, calls
+//! from the HTTP plug), and one condition variable the idle workers sleep on.
+//! Not for: deciding how many jobs to take from Redis (the reader counts idle
+//! workers on its `ready` channel) or running them (`pool.rs`).
+//!
+//! Why not two crossbeam channels and a `select!`: on this hot path (one hand-off
+//! per request) crossbeam cost several system calls per job. A worker waiting in
+//! `select!` is registered on both channels' wakers; a sender unparks it while
+//! holding the waker's lock, so the woken worker blocked at once on that lock to
+//! unregister (a futex wait and wake more, and on 2 cores a 70 µs stall was seen
+//! when the reader was preempted holding it), and a receive spins and yields the
+//! CPU before it sleeps. Here a sender pushes under the lock, releases it, and
+//! wakes one sleeping worker only if one sleeps.
+
+use crate::job::Job;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+struct Shared {
+    lanes: Mutex<Lanes>,
+    /// Idle workers wait here for a job.
+    arrived: Condvar,
+    /// The reader waits here while its lane is full.
+    room: Condvar,
+}
+
+struct Lanes {
+    from_reader: VecDeque<Job>,
+    due: VecDeque<Job>,
+    /// The most jobs waiting in the reader's lane.
+    width: usize,
+    /// The reader's end is gone: nothing more will come from Redis.
+    reader_closed: bool,
+    /// How many [`DueLane`]s are left; none: nothing more will come due.
+    due_senders: usize,
+    /// How many [`Jobs`] ends are left; none: every worker has gone, and a
+    /// send fails at once, as on a channel without receivers.
+    receivers: usize,
+    /// Workers asleep on `arrived`: a wake, a system call, only for them.
+    asleep: usize,
+    /// The reader asleep on `room`.
+    reader_waits: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Lanes> {
+        // Each change under the lock is one push, pop or counter: a panic
+        // elsewhere leaves nothing half done.
+        self.lanes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The three ends of a new hand-off whose reader lane holds at most `width` jobs.
+pub(crate) fn handoff(width: usize) -> (ReaderLane, DueLane, Jobs) {
+    let shared = Arc::new(Shared {
+        lanes: Mutex::new(Lanes {
+            from_reader: VecDeque::with_capacity(width),
+            due: VecDeque::new(),
+            width: width.max(1),
+            reader_closed: false,
+            due_senders: 1,
+            receivers: 1,
+            asleep: 0,
+            reader_waits: false,
+        }),
+        arrived: Condvar::new(),
+        room: Condvar::new(),
+    });
+    (
+        ReaderLane(shared.clone()),
+        DueLane(shared.clone()),
+        Jobs(shared),
+    )
+}
+
+/// Why a job was not handed over.
+pub(crate) enum NotHanded {
+    /// The reader's lane stayed full: the job, to try again.
+    Full(Box<Job>),
+    /// Every worker has gone (the job is dropped: its caller sees its reply
+    /// channel close).
+    Closed,
+}
+
+/// The reader's end: jobs taken from Redis. Dropping it tells the workers that
+/// nothing more will come from Redis.
+pub(crate) struct ReaderLane(Arc<Shared>);
+
+impl std::fmt::Debug for NotHanded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NotHanded::Full(_) => "the reader's lane is full",
+            NotHanded::Closed => "every worker has gone",
+        })
+    }
+}
+
+impl ReaderLane {
+    /// Hands `job` to the workers, waiting up to `timeout` while the lane is full.
+    pub(crate) fn send_timeout(&self, job: Job, timeout: Duration) -> Result<(), NotHanded> {
+        let deadline = Instant::now() + timeout;
+        let mut lanes = self.0.lock();
+        loop {
+            if lanes.receivers == 0 {
+                return Err(NotHanded::Closed);
+            }
+            if lanes.from_reader.len() < lanes.width {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(NotHanded::Full(Box::new(job)));
+            }
+            lanes.reader_waits = true;
+            lanes = self
+                .0
+                .room
+                .wait_timeout(lanes, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            lanes.reader_waits = false;
+        }
+        lanes.from_reader.push_back(job);
+        let wake = lanes.asleep > 0;
+        drop(lanes);
+        if wake {
+            self.0.arrived.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The most jobs its lane holds.
+    pub(crate) fn width(&self) -> usize {
+        self.0.lock().width
+    }
+}
+
+impl Drop for ReaderLane {
+    fn drop(&mut self) {
+        self.0.lock().reader_closed = true;
+        self.0.arrived.notify_all();
+    }
+}
+
+/// A sender on the due lane (the timer, the HTTP plug's caller). The lane closes
+/// when the last clone is dropped.
+pub(crate) struct DueLane(Arc<Shared>);
+
+impl DueLane {
+    /// Hands `job` to the workers; never waits. Fails once every worker has
+    /// gone.
+    pub(crate) fn send(&self, job: Job) -> Result<(), NotHanded> {
+        let mut lanes = self.0.lock();
+        if lanes.receivers == 0 {
+            return Err(NotHanded::Closed);
+        }
+        lanes.due.push_back(job);
+        let wake = lanes.asleep > 0;
+        drop(lanes);
+        if wake {
+            self.0.arrived.notify_one();
+        }
+        Ok(())
+    }
+}
+
+impl Clone for DueLane {
+    fn clone(&self) -> Self {
+        self.0.lock().due_senders += 1;
+        DueLane(self.0.clone())
+    }
+}
+
+impl Drop for DueLane {
+    fn drop(&mut self) {
+        let mut lanes = self.0.lock();
+        lanes.due_senders -= 1;
+        if lanes.due_senders == 0 {
+            drop(lanes);
+            self.0.arrived.notify_all();
+        }
+    }
+}
+
+/// The workers' end.
+pub(crate) struct Jobs(Arc<Shared>);
+
+impl Clone for Jobs {
+    fn clone(&self) -> Self {
+        self.0.lock().receivers += 1;
+        Jobs(self.0.clone())
+    }
+}
+
+impl Drop for Jobs {
+    fn drop(&mut self) {
+        let mut lanes = self.0.lock();
+        lanes.receivers -= 1;
+        if lanes.receivers == 0 {
+            // What waits is dropped unanswered, as a channel's messages are when
+            // its last receiver goes: their callers see the reply channel close.
+            let mut waiting = std::mem::take(&mut lanes.from_reader);
+            waiting.append(&mut lanes.due);
+            drop(lanes);
+            drop(waiting);
+            self.0.room.notify_all();
+        }
+    }
+}
+
+impl Jobs {
+    /// The next job and whether it came from the reader, waiting for one; `None`
+    /// once nothing is waiting and a lane has closed (the reader has gone, or the
+    /// timer and the plug have), as a `select!` over two channels ends at the
+    /// first closed one.
+    pub(crate) fn recv(&self) -> Option<(Job, bool)> {
+        self.recv_until(None)
+    }
+
+    /// As [`Jobs::recv`], giving up at `deadline` (tests).
+    #[cfg(test)]
+    pub(crate) fn recv_timeout(&self, timeout: Duration) -> Option<(Job, bool)> {
+        self.recv_until(Some(Instant::now() + timeout))
+    }
+
+    fn recv_until(&self, deadline: Option<Instant>) -> Option<(Job, bool)> {
+        let mut lanes = self.0.lock();
+        loop {
+            // Due jobs first: an HTTP caller waits for a worker with a deadline.
+            let next = match lanes.due.pop_front() {
+                Some(job) => Some((job, false)),
+                None => lanes.from_reader.pop_front().map(|job| (job, true)),
+            };
+            if let Some((job, from_reader)) = next {
+                let wake_reader = from_reader && lanes.reader_waits;
+                drop(lanes);
+                if wake_reader {
+                    self.0.room.notify_one();
+                }
+                return Some((job, from_reader));
+            }
+            if lanes.reader_closed || lanes.due_senders == 0 {
+                return None;
+            }
+            lanes.asleep += 1;
+            lanes = match deadline {
+                None => self
+                    .0
+                    .arrived
+                    .wait(lanes)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    let (l, waited) = self
+                        .0
+                        .arrived
+                        .wait_timeout(lanes, left)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    if waited.timed_out() {
+                        let mut l = l;
+                        l.asleep -= 1;
+                        return None;
+                    }
+                    l
+                }
+            };
+            lanes.asleep -= 1;
+        }
+    }
+
+    /// A due job if one waits, without waiting (the last ones, once the reader
+    /// has gone).
+    pub(crate) fn try_recv_due(&self) -> Option<Job> {
+        self.0.lock().due.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{Claim, ReplyTo};
+    use crate::protocol::Request;
+
+    fn job(func: &str) -> Job {
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        Job {
+            reply_to: ReplyTo::Local(tx, Claim::default()),
+            body: Ok(Request::new(func, serde_json::Map::new())),
+            waited: false,
+        }
+    }
+
+    fn func(j: &(Job, bool)) -> (String, bool) {
+        let name = match &j.0.body {
+            Ok(r) => r.func.clone(),
+            Err(_) => String::new(),
+        };
+        (name, j.1)
+    }
+
+    #[test]
+    fn due_jobs_go_first_and_each_says_where_it_came_from() {
+        let (reader, due, jobs) = handoff(4);
+        reader.send_timeout(job("a"), Duration::ZERO).unwrap();
+        due.send(job("b")).unwrap();
+        let got: Vec<_> = (0..2)
+            .map(|_| func(&jobs.recv_timeout(Duration::ZERO).unwrap()))
+            .collect();
+        assert_eq!(got, [("b".into(), false), ("a".into(), true)]);
+        assert!(jobs.recv_timeout(Duration::from_millis(1)).is_none());
+    }
+
+    #[test]
+    fn the_reader_lane_is_bounded_and_a_take_makes_room() {
+        let (reader, _due, jobs) = handoff(1);
+        reader.send_timeout(job("a"), Duration::ZERO).unwrap();
+        assert!(matches!(
+            reader.send_timeout(job("b"), Duration::from_millis(5)),
+            Err(NotHanded::Full(_))
+        ));
+        let worker = {
+            let jobs = jobs.clone();
+            std::thread::spawn(move || jobs.recv().map(|j| func(&j)))
+        };
+        reader
+            .send_timeout(job("c"), Duration::from_secs(10))
+            .expect("room once the worker took one");
+        assert_eq!(worker.join().unwrap(), Some(("a".into(), true)));
+        assert_eq!(jobs.recv().map(|j| func(&j)), Some(("c".into(), true)));
+    }
+
+    #[test]
+    fn a_sleeping_worker_is_woken_by_either_lane() {
+        let (reader, due, jobs) = handoff(2);
+        for send_due in [true, false] {
+            let j = jobs.clone();
+            let worker = std::thread::spawn(move || j.recv().map(|j| func(&j)));
+            // Until it sleeps, so the wake is what brings the job.
+            while jobs.0.lock().asleep == 0 {
+                std::thread::yield_now();
+            }
+            if send_due {
+                due.send(job("d")).unwrap();
+            } else {
+                reader.send_timeout(job("r"), Duration::ZERO).unwrap();
+            }
+            let expected = if send_due { ("d", false) } else { ("r", true) };
+            assert_eq!(
+                worker.join().unwrap(),
+                Some((expected.0.into(), expected.1))
+            );
+        }
+    }
+
+    #[test]
+    fn workers_end_once_a_lane_closes_but_not_before_the_waiting_jobs() {
+        let (reader, due, jobs) = handoff(2);
+        reader.send_timeout(job("a"), Duration::ZERO).unwrap();
+        let sleeper = {
+            let j = jobs.clone();
+            std::thread::spawn(move || {
+                let first = j.recv().map(|j| func(&j));
+                (first, j.recv().is_none())
+            })
+        };
+        let other = due.clone();
+        drop(other);
+        drop(reader);
+        let (first, ended) = sleeper.join().unwrap();
+        assert_eq!(first, Some(("a".into(), true)), "the waiting job first");
+        assert!(ended, "then the end, the reader being gone");
+        // The due lane is still open; its last jobs are taken without waiting.
+        due.send(job("late")).unwrap();
+        assert!(jobs.try_recv_due().is_some());
+        assert!(jobs.try_recv_due().is_none());
+    }
+
+    #[test]
+    fn the_last_due_sender_gone_ends_a_sleeping_worker() {
+        let (_reader, due, jobs) = handoff(2);
+        let worker = std::thread::spawn(move || jobs.recv().is_none());
+        let clone = due.clone();
+        drop(due);
+        drop(clone);
+        assert!(worker.join().unwrap());
+    }
+
+    #[test]
+    fn with_every_worker_gone_sends_fail_and_what_waited_is_dropped() {
+        let (reader, due, jobs) = handoff(1);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        due.send(Job {
+            reply_to: ReplyTo::Local(tx, Claim::default()),
+            body: Ok(Request::new("a", serde_json::Map::new())),
+            waited: false,
+        })
+        .unwrap();
+        drop(jobs);
+        assert!(
+            matches!(
+                rx.try_recv(),
+                Err(crossbeam_channel::TryRecvError::Disconnected)
+            ),
+            "its caller sees the job dropped"
+        );
+        assert!(due.send(job("b")).is_err());
+        assert!(matches!(
+            reader.send_timeout(job("c"), Duration::ZERO),
+            Err(NotHanded::Closed)
+        ));
+    }
+}
