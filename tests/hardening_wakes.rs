@@ -359,3 +359,127 @@ fn scripts_flushed_under_load_lose_and_repeat_nothing() {
         "{log}"
     );
 }
+
+/// The publisher held up (its first pipeline naming a reply channel is held by a
+/// relay) while 10,000 requests wait: the workers' replies pile up in its
+/// backlog, and the reader stops taking at the backlog's bound (4096 messages)
+/// and waits for room, woken only because it waits. Released, it takes again:
+/// every request runs once (a tally), none is lost or run twice.
+#[test]
+fn a_publisher_held_up_stops_the_reader_at_the_backlog_bound_and_it_resumes() {
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port);
+    let url = relay.url();
+    let mut server = Server::start_args(&redis, &["--redis", &url]);
+    let mut conn = redis.conn();
+    let n = 10_000;
+    let one = String::from_utf8(redis.client().body("tally", json!({"name": "backlog"})))
+        .expect("a UTF-8 body");
+    let held = relay.hold(b"CERBAS-RESPONSE-");
+    submit_many(&mut conn, &vec![one; n]);
+    held.recv_timeout(Duration::from_secs(20))
+        .expect("the publisher's first pipeline held");
+    let tally = |conn: &mut redis::Connection| get_int(conn, "CERBAS-TALLY-backlog");
+    wait_for("the backlog filled", Duration::from_secs(30), || {
+        (tally(&mut conn) >= 4096).then_some(())
+    });
+    // The reader has stopped: what runs now is what it had taken. (A window to
+    // watch it in, shorter than the publisher's read timeout.)
+    let stopped_at = tally(&mut conn);
+    std::thread::sleep(Duration::from_secs(2));
+    let ran = tally(&mut conn);
+    let queued: i64 = redis::cmd("LLEN")
+        .arg("CERBAS-QUEUE")
+        .query(&mut conn)
+        .expect("LLEN");
+    println!("publisher held: {stopped_at} then {ran} run, {queued} still queued");
+    // The bound, the publisher's first batch (not counted any more), and what
+    // a take may take for 100 workers.
+    assert!(
+        ran <= 4096 + 512 + 300,
+        "{ran} ran while the publisher was held"
+    );
+    assert!(queued >= (n as i64) - ran - 300, "{queued} queued");
+    relay.release();
+    wait_for("every request run", Duration::from_secs(120), || {
+        (tally(&mut conn) >= n as i64).then_some(())
+    });
+    wait_for("every request acked", Duration::from_secs(60), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+    server.signal(libc::SIGTERM);
+    assert!(
+        server.wait_exit(Duration::from_secs(15)).is_some(),
+        "stopped"
+    );
+    assert_eq!(tally(&mut conn), n as i64, "log:\n{}", server.log_text());
+}
+
+/// As above with big replies: 1000 `echo` calls of 64 KiB each behind a held
+/// publisher stop the reader at the backlog's byte bound (8 MiB: about 128
+/// replies, plus the publisher's first batch and what 100 workers hold), not
+/// after 64 MB of replies; released, every request is answered.
+#[test]
+fn big_replies_behind_a_held_publisher_stop_the_reader_at_the_byte_bound() {
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port);
+    let url = relay.url();
+    let server = Server::start_args(&redis, &["--redis", &url]);
+    let mut conn = redis.conn();
+    let n = 1000;
+    let message = "x".repeat(64 << 10);
+    let one = String::from_utf8(redis.client().body("echo", json!({"message": message})))
+        .expect("a UTF-8 body");
+    let held = relay.hold(b"CERBAS-RESPONSE-");
+    submit_many(&mut conn, &vec![one; n]);
+    held.recv_timeout(Duration::from_secs(20))
+        .expect("the publisher's first pipeline held");
+    let queued = |conn: &mut redis::Connection| -> i64 {
+        redis::cmd("LLEN")
+            .arg("CERBAS-QUEUE")
+            .query(conn)
+            .expect("LLEN")
+    };
+    // Taken so far settles below the bound; watch it for a while (shorter than
+    // the publisher's read timeout).
+    wait_for("some taken", Duration::from_secs(20), || {
+        (queued(&mut conn) < n as i64 - 100).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let taken = n as i64 - queued(&mut conn);
+    let hwm = vm_hwm_kib(server.pid());
+    println!("publisher held: {taken} of {n} taken, server VmHWM {hwm} KiB");
+    assert!(taken <= 128 + 16 + 2 * 100 + 50, "{taken} taken");
+    relay.release();
+    wait_for("every request acked", Duration::from_secs(120), || {
+        leftover_keys(&mut conn).is_empty().then_some(())
+    });
+    assert!(hwm < 96 << 10, "server VmHWM {hwm} KiB");
+}
+
+/// A delayed request (`"delay": 700`) while the timer sleeps for an hour-away
+/// deadline and the reader waits in Redis: it comes due (moved to the head of the
+/// queue each second), the reader's wait wakes on it, and it is answered between
+/// its delay and a second or so later.
+#[test]
+fn a_delayed_request_comes_due_while_the_timer_sleeps_for_an_hour() {
+    let redis = Redis::start();
+    let _server = server_with(&redis, "[functions.hello]\ntimeout_ms = 3600000\n", &[]);
+    let c = redis.client();
+    assert_eq!(
+        c.request("hello", json!(null)).expect("a reply"),
+        Reply::Ok("hello world!".into())
+    );
+    for _ in 0..3 {
+        let start = Instant::now();
+        let opts = cerbas::CallOptions::new().delay(Duration::from_millis(700));
+        let reply = c
+            .request_with("hello", json!(null), &opts)
+            .expect("a reply");
+        let took = start.elapsed();
+        println!("delayed 700 ms: answered after {took:?}");
+        assert_eq!(reply, Reply::Ok("hello world!".into()));
+        assert!(took >= Duration::from_millis(700), "{took:?}");
+        assert!(took < Duration::from_millis(2500), "{took:?}");
+    }
+}
