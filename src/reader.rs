@@ -440,6 +440,7 @@ impl Reader {
             if synced && !self.backlog.wait_room(BLOCK) {
                 continue;
             }
+            let taking = synced;
             let step = if synced {
                 self.take(c, &scripts, &mut workers, &mut synced)
             } else {
@@ -447,7 +448,13 @@ impl Reader {
                     .inspect(|_| synced = true)
             };
             match step {
-                Ok(true) => self.connector.recovered(),
+                // Only a take ends a spell of refusals: a refused take leaves
+                // the reader unsynced, and the recovery that follows (heartbeat,
+                // processing list) goes through while the queue alone is refused
+                // (a client SET it to a string): ending the spell there logged
+                // it twice and reset its back-off on every try.
+                Ok(true) if taking => self.connector.recovered(),
+                Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => match self.connector.failed(&e) {
                     Failure::Lost => conn = None,
@@ -496,14 +503,18 @@ impl Reader {
         // it blocks until the first arrives, then Redis runs the take at once.
         // So a take costs one round trip whether the queue is full or empty (a
         // take sent first on its own cost an idle server a second round trip per
-        // request). The wait moves the queue's last entry onto its own end, which
-        // changes nothing.
+        // request). The wait moves the queue's first entry onto its own head,
+        // which changes nothing. The first, not the last: the wait answers the
+        // entry it moved, and the first is the one the take takes next (each
+        // entry is downloaded by a wait at most once), where the last stays the
+        // last for the whole queue, and a big bogus entry there (anyone can push
+        // one) came down with every take.
         let mut pipe = redis::pipe();
         pipe.cmd("BLMOVE")
             .arg(&queue)
             .arg(&queue)
-            .arg("RIGHT")
-            .arg("RIGHT")
+            .arg("LEFT")
+            .arg("LEFT")
             .arg(BLOCK.as_secs_f64())
             .cmd("EVALSHA")
             .arg(scripts.take.get_hash())
