@@ -4,11 +4,15 @@
 //! costs on the same machine, in the same run (issue 12: "show the measurement
 //! that bounds it").
 //!
-//! One thread, one blocking Redis connection, and per batch two round trips:
-//! `MGET` of the request bodies, then one write holding the last batch's
-//! `PUBLISH` ×2 (JSON and msgpack, the same bytes cerbas publishes: the public
-//! `Reply` encoders) and `DEL` of its request keys, with the next `BLMPOP ...
-//! COUNT n` behind them. It answers `hello`, `echo` and `tally` inline, as
+//! One thread, one blocking Redis connection, and per batch ONE write and one
+//! wait: the last batch's `PUBLISH` ×2 (JSON and msgpack, the same bytes cerbas
+//! publishes: the public `Reply` encoders) and `DEL` of its request keys, then
+//! `BLMOVE` of the next id from the queue to a list of its own, then a script
+//! (`TAKE`) that pops that id and up to `--batch` more and returns them with
+//! their bodies. Redis runs a connection's commands in order, so the script runs
+//! as soon as the `BLMOVE` is served, in the same turn: the queue holds only
+//! ids, yet the server gets ids and bodies without a round trip of its own for
+//! the `GET`s. It answers `hello`, `echo` and `tally` inline, as
 //! `src/functions.rs` does: `tally` makes one sequential `INCR` per request, as
 //! the function does from a worker (`--pipeline-functions` sends a batch's
 //! `INCR`s in one pipeline instead, which no user function could: the floor of
@@ -50,7 +54,7 @@ pub struct Args {
     /// Redis URL (its db, else CERBAS_ENV's: dev 1, prod 8).
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis: String,
-    /// Most requests taken from the queue at once (BLMPOP ... COUNT).
+    /// Most requests taken from the queue at once.
     #[arg(long, default_value_t = 512)]
     batch: usize,
     /// Send a batch's `tally` INCRs in one pipeline rather than one at a time.
@@ -58,10 +62,40 @@ pub struct Args {
     pipeline_functions: bool,
 }
 
-/// How long one `BLMPOP` waits before the loop looks at the stop flag again.
+/// How long one `BLMOVE` waits before the loop looks at the stop flag again.
 const POLL_SECS: f64 = 0.1;
-/// Read timeout of the connection: longer than any `BLMPOP` wait.
+/// Read timeout of the connection: longer than any `BLMOVE` wait.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Takes what the `BLMOVE` put in the hand list (KEYS[1]; normally one id, or
+/// none after a timeout; more if an earlier floor stopped between the two) and
+/// up to ARGV[1] ids in all from the queue (KEYS[2]); returns `{entry, body}`
+/// pairs, the body of ARGV[2] .. the id padded to 10 digits (false when it is
+/// missing or not a string, or the entry is not an id: Rust sorts those out).
+pub const TAKE: &str = r#"
+local taken = redis.call('LPOP', KEYS[1], 64) or {}
+local more = tonumber(ARGV[1]) - #taken
+if more > 0 then
+  for _, e in ipairs(redis.call('LPOP', KEYS[2], more) or {}) do
+    taken[#taken + 1] = e
+  end
+end
+local out = {}
+for i, e in ipairs(taken) do
+  local body = false
+  if string.match(e, '^[1-9]%d*$') or e == '0' then
+    local id = e
+    if #id < 10 then id = string.rep('0', 10 - #id) .. id end
+    body = redis.pcall('GET', ARGV[2] .. id)
+    if type(body) == 'table' then body = false end
+  end
+  out[i] = {e, body}
+end
+return out
+"#;
+
+/// What [`TAKE`] answers: each queue entry with its body, if it has one.
+type Taken = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 #[derive(Deserialize)]
 struct Echo {
@@ -164,7 +198,8 @@ pub fn serve(
     served: &mut u64,
 ) -> redis::RedisResult<()> {
     let max_bytes = Config::default().max_request_bytes;
-    let queue = keys.queue();
+    let (queue, hand) = (keys.queue(), keys.key("FLOOR-HAND"));
+    let take: String = redis::cmd("SCRIPT").arg("LOAD").arg(TAKE).query(c)?;
     // The last batch's replies and DEL, sent in the same write as the next take.
     let mut pending = redis::pipe();
     loop {
@@ -175,33 +210,37 @@ pub fn serve(
             return Ok(());
         }
         pending
-            .cmd("BLMPOP")
-            .arg(POLL_SECS)
-            .arg(1)
+            .cmd("BLMOVE")
             .arg(&queue)
+            .arg(&hand)
             .arg("LEFT")
-            .arg("COUNT")
-            .arg(args.batch.max(1));
-        let (taken,): (Option<(String, Vec<Vec<u8>>)>,) = pending.query(c)?;
+            .arg("RIGHT")
+            .arg(POLL_SECS)
+            .ignore()
+            .cmd("EVALSHA")
+            .arg(&take)
+            .arg(2)
+            .arg(&hand)
+            .arg(&queue)
+            .arg(args.batch.max(1))
+            .arg(keys.request_prefix());
+        let (taken,): (Taken,) = pending.query(c)?;
         pending = redis::pipe();
-        let Some((_, entries)) = taken else {
-            continue;
-        };
-        let ids: Vec<u64> = entries
-            .iter()
-            .filter_map(|e| {
-                let id = parse_queue_entry(e);
-                if id.is_none() {
-                    eprintln!("floor: dropped queue entry {}", describe_entry(e));
+        let mut ids = Vec::with_capacity(taken.len());
+        let mut bodies = Vec::with_capacity(taken.len());
+        for (entry, body) in taken {
+            match parse_queue_entry(&entry) {
+                Some(id) => {
+                    ids.push(id);
+                    bodies.push(body);
                 }
-                id
-            })
-            .collect();
+                None => eprintln!("floor: dropped queue entry {}", describe_entry(&entry)),
+            }
+        }
         if ids.is_empty() {
             continue;
         }
         let names: Vec<String> = ids.iter().map(|id| keys.request(*id)).collect();
-        let mut bodies: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(&names).query(c)?;
         // The original's later Python client writes P-REQUEST-…: read only when missing.
         let missing: Vec<usize> = (0..ids.len()).filter(|i| bodies[*i].is_none()).collect();
         if !missing.is_empty() {
