@@ -7,7 +7,7 @@
 //! One thread, one blocking Redis connection, and per batch ONE write and one
 //! wait: the last batch's `PUBLISH` ×2 (JSON and msgpack, the same bytes cerbas
 //! publishes: the public `Reply` encoders) and `DEL` of its request keys, then
-//! `BLMOVE` of the next id from the queue to a list of its own, then a script
+//! `BLMOVE` of the next id from the queue to a list of its own (`P-FLOOR-HAND`), then a script
 //! (`TAKE`) that pops that id and up to `--batch` more and returns them with
 //! their bodies. Redis runs a connection's commands in order, so the script runs
 //! as soon as the `BLMOVE` is served, in the same turn: the queue holds only
