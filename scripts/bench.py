@@ -308,9 +308,13 @@ def print_floor(cerbas_rows, cerbas_w3, floor, set_ops):
     print()
     print("- " + drain_note("floor W3, tally's INCR one round trip per request (as the function)", w3, set_ops))
     print("- " + drain_note("floor W3, tally's INCRs pipelined per batch (the protocol alone)", w3_piped, set_ops))
+    (n1, _, _), (n2, _, _) = drain_rates(w3[0]), drain_rates(w3_piped[0])
+    if n1 and n2:
+        print(f"- tally's own INCR round trip in the floor (server CPU of the first drain less the second's): "
+              f"{(w3[2] / n1 - w3_piped[2] / n2) * 1e6:.1f} µs/request")
     print(f"- bare round trip, `redis-benchmark -t incr -c 1 -n 50000`: {fmt(bare['ops'])} INCR/s; its own CPU "
           f"{bare['client_us']:.1f} µs per round trip ({bare['user_us']:.1f} user + {bare['sys_us']:.1f} sys), "
-          f"Redis {bare['redis_us']:.1f} µs: the least CPU any process spends on one sequential Redis call")
+          f"Redis {bare['redis_us']:.1f} µs (an event-loop client: `epoll_wait` besides `write` + `read` per call)")
 
 
 def main():
