@@ -45,9 +45,10 @@ sh-tests: bin
 	CERBAS_BIN=$(BIN) bash clients/sh/test.sh
 
 # One table: W1/W2 per shipped client with client, server and Redis CPU per
-# round trip, W3, W4, RSS, next to same-run baselines (BENCH.md keeps the latest).
+# round trip, W3, W4, RSS, next to same-run baselines and the protocol floor
+# (examples/floor.rs, a yardstick; BENCH.md keeps the latest).
 bench: setup
-	cargo build --release --bin cerbas --example loadgen --example clientbench
+	cargo build --release --bin cerbas --example loadgen --example clientbench --example floor
 	.venv/bin/python scripts/bench.py
 
 # criterion: the protocol's hot path (parse a request, encode a reply).
