@@ -310,7 +310,7 @@ impl Taken {
     /// answer as one array (`code, x, y`, as [`Fetched::decode`] reads it), none
     /// for an entry that is no id (code -1).
     fn decode_all(flat: Vec<Value>) -> Option<Vec<Taken>> {
-        if flat.len() % 4 != 0 {
+        if !flat.len().is_multiple_of(4) {
             return None;
         }
         let mut values = flat.into_iter();
