@@ -1,7 +1,7 @@
 //! The Rust client (`src/client/`) against a real redis-server and a real cerbas
 //! server: one client shared by many threads, Redis restarted, killed
-//! connections, a frozen Redis, close, replies published the moment a request is
-//! queued, and each kind of error. Not for: the server's own behaviour (server.rs).
+//! connections, a frozen Redis (also behind a big write that blocks), close,
+//! replies published the moment a request is queued, and each kind of error. Not for: the server's own behaviour (server.rs).
 
 mod common;
 
@@ -412,4 +412,105 @@ fn a_unix_socket_url_works() {
         Ok(Reply::Ok(json!("unix")))
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Bytes waiting in the send queues of the TCP connections to Redis on `port`
+/// (from /proc/net/tcp): how much a writer has pushed that a frozen Redis has
+/// not read.
+fn unsent_to(port: u16) -> u64 {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return 0;
+    };
+    let peer = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (rem, queues) = (f.get(2)?, f.get(4)?);
+            if !rem.ends_with(&peer) {
+                return None;
+            }
+            u64::from_str_radix(queues.split(':').next()?, 16).ok()
+        })
+        .sum()
+}
+
+/// A call whose big request blocks on the socket of a frozen Redis holds the
+/// connection's writer until its own deadline: a later call on the same client
+/// with a shorter deadline must still get its own timeout at its deadline, not
+/// wait on the writer's lock until the big call gives up.
+#[test]
+fn a_call_behind_a_big_write_to_a_frozen_redis_gets_its_own_timeout() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let c = Arc::new(redis.client());
+    assert!(c.request("hello", json!({})).is_ok(), "warm: ids in hand");
+    redis.pause();
+    let big = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            // 32 MB: more than the loopback socket buffers hold.
+            let message = "x".repeat(32 << 20);
+            let opts = CallOptions::new().timeout(Duration::from_secs(6));
+            c.request_with("echo", json!({ "message": message }), &opts)
+        })
+    };
+    wait_for("the big write blocks", Duration::from_secs(10), || {
+        (unsent_to(redis.port) > 1 << 20).then_some(())
+    });
+    let second = Duration::from_secs(1);
+    let start = Instant::now();
+    let got = c.request_with("hello", json!({}), &CallOptions::new().timeout(second));
+    let took = start.elapsed();
+    assert_eq!(got, Err(ClientError::Timeout(second)), "after {took:?}");
+    assert!(
+        took >= second && took < second + Duration::from_millis(500),
+        "its own deadline, not the big call's: {took:?}"
+    );
+    assert_eq!(
+        big.join().expect("the big caller"),
+        Err(ClientError::Timeout(Duration::from_secs(6)))
+    );
+    redis.resume();
+    assert!(c.request("hello", json!({})).is_ok(), "recovers");
+}
+
+/// `close()` while a big request blocks on the socket of a frozen Redis: the
+/// close returns at once and the big caller gets `Closed` at once, not when
+/// its write times out.
+#[test]
+fn closing_during_a_big_write_to_a_frozen_redis_ends_it_at_once() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let c = Arc::new(redis.client());
+    assert!(c.request("hello", json!({})).is_ok(), "warm: ids in hand");
+    redis.pause();
+    let big = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            let message = "x".repeat(32 << 20);
+            let opts = CallOptions::new().timeout(Duration::from_secs(8));
+            let got = c.request_with("echo", json!({ "message": message }), &opts);
+            (got, Instant::now())
+        })
+    };
+    wait_for("the big write blocks", Duration::from_secs(10), || {
+        (unsent_to(redis.port) > 1 << 20).then_some(())
+    });
+    let start = Instant::now();
+    c.close();
+    let close_took = start.elapsed();
+    let (got, at) = big.join().expect("the big caller");
+    redis.resume();
+    assert!(
+        close_took < Duration::from_millis(500),
+        "close took {close_took:?}"
+    );
+    assert_eq!(got, Err(ClientError::Closed));
+    assert!(
+        at.saturating_duration_since(start) < Duration::from_millis(500),
+        "the big caller ended {:?} after the close",
+        at.saturating_duration_since(start)
+    );
 }
