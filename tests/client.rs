@@ -1,7 +1,8 @@
 //! The Rust client (`src/client/`) against a real redis-server and a real cerbas
 //! server: one client shared by many threads, Redis restarted, killed
 //! connections, a frozen Redis (also behind a big write that blocks), close,
-//! replies published the moment a request is queued, and each kind of error. Not for: the server's own behaviour (server.rs).
+//! replies published the moment a request is queued, and each kind of error.
+//! Not for: the server's own behaviour (server.rs).
 
 mod common;
 
