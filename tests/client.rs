@@ -515,3 +515,67 @@ fn closing_during_a_big_write_to_a_frozen_redis_ends_it_at_once() {
         at.saturating_duration_since(start)
     );
 }
+
+/// Sixteen threads share one client, mixing one-way requests (which wait for
+/// Redis's acknowledgements) and requests waiting for their replies. Redis is
+/// then frozen with one call of each thread in flight, each with a deadline of
+/// its own: each gets `Timeout` at its own deadline, not before and not much
+/// later; after `SIGCONT` every thread's calls succeed again.
+#[test]
+fn sixteen_threads_mixing_one_way_and_replies_each_time_out_on_their_own_through_a_frozen_redis() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let c = Arc::new(redis.client());
+    let threads = 16;
+    let barrier = Arc::new(std::sync::Barrier::new(threads + 1));
+    let mixed = |c: &Client, t: usize, n: usize| {
+        if (t + n) % 2 == 0 {
+            assert!(c.send("hello", json!({})).is_ok(), "a one-way request");
+        } else {
+            let message = format!("{t}/{n}");
+            let reply = c.request("echo", json!({ "message": message }));
+            assert_eq!(reply, Ok(Reply::Ok(json!(message))));
+        }
+    };
+    let workers: Vec<JoinHandle<(Result<(), ClientError>, Duration, Duration)>> = (0..threads)
+        .map(|t| {
+            let (c, barrier) = (c.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                for n in 0..20 {
+                    mixed(&c, t, n);
+                }
+                barrier.wait(); // then Redis is frozen
+                barrier.wait();
+                let own = Duration::from_millis(600 + 50 * t as u64);
+                let opts = CallOptions::new().timeout(own);
+                let start = Instant::now();
+                let got = if t % 2 == 0 {
+                    c.send_with("hello", json!({}), &opts).map(|_| ())
+                } else {
+                    c.request_with("hello", json!({}), &opts).map(|_| ())
+                };
+                let took = start.elapsed();
+                barrier.wait(); // then Redis runs again
+                barrier.wait();
+                for n in 0..20 {
+                    mixed(&c, t, n);
+                }
+                (got, own, took)
+            })
+        })
+        .collect();
+    barrier.wait();
+    redis.pause();
+    barrier.wait();
+    barrier.wait();
+    redis.resume();
+    barrier.wait();
+    for w in workers {
+        let (got, own, took) = w.join().expect("a caller thread");
+        assert_eq!(got, Err(ClientError::Timeout(own)), "after {took:?}");
+        assert!(
+            took >= own && took < own + Duration::from_millis(500),
+            "{took:?} for a deadline of {own:?}"
+        );
+    }
+}

@@ -360,3 +360,51 @@ fn a_stop_with_the_only_worker_hung_answers_the_waiting_http_call_at_the_drain_d
         "the waiting caller was answered {after:?} after the stop"
     );
 }
+
+/// One worker, `timeout_ms` 500 (how long an HTTP call waits for a worker;
+/// `sleep` may run 1 s): an HTTP `sleep` of 490 to 640 ms holds the worker while an HTTP
+/// `hello` waits for it, so the worker frees just before, at or just after
+/// the hello's wait ends. Each hello gets 200 (it ran) or 503 "no worker free"
+/// (withdrawn: it never runs), never both, and the server's count of hellos
+/// run is exactly the 200s.
+#[test]
+fn http_calls_racing_a_worker_freeing_at_their_deadline_run_only_when_answered() {
+    let redis = Redis::start();
+    let (server, base) = http_server(
+        &redis,
+        "workers = 1\ntimeout_ms = 500\n[functions.sleep]\ntimeout_ms = 1000\n",
+        &[("RUST_LOG", "debug")],
+    );
+    let (mut served, mut refused) = (0, 0);
+    for (n, ms) in (490..=640).step_by(6).enumerate() {
+        let sleeper = {
+            let base = base.clone();
+            std::thread::spawn(move || get(&format!("{base}/api/sleep?ms={ms}")))
+        };
+        server.wait_log("sleep from", n + 1);
+        let (status, body) = get(&format!("{base}/api/hello"));
+        match status {
+            200 => served += 1,
+            503 => {
+                assert!(body.contains("no worker free within 500 ms"), "{body}");
+                refused += 1;
+            }
+            _ => panic!("{status} {body}"),
+        }
+        let (status, body) = sleeper.join().expect("the sleep");
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(
+        served > 0 && refused > 0,
+        "{served} served, {refused} refused"
+    );
+    // One more call through the same worker: whatever was withdrawn is not
+    // run after it either.
+    assert_eq!(get(&format!("{base}/api/sleep?ms=1")).0, 200);
+    // wait_ready's hello came from Redis.
+    assert_eq!(
+        requests_total(&base, "hello", "ok"),
+        f64::from(served + 1),
+        "{served} served, {refused} refused"
+    );
+}
