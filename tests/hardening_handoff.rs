@@ -408,3 +408,55 @@ fn http_calls_racing_a_worker_freeing_at_their_deadline_run_only_when_answered()
         "{served} served, {refused} refused"
     );
 }
+
+/// SIGTERM with Redis frozen (`SIGSTOP`), requests from Redis running on both
+/// workers and HTTP calls waiting in the due lane behind them: the HTTP calls
+/// (which need no Redis) are served or refused promptly, and the stop ends
+/// within the README's bound (`drain_timeout_ms` + 5 s) whatever Redis does.
+#[test]
+fn a_stop_with_redis_frozen_and_http_calls_waiting_ends_within_its_bound() {
+    let redis = Redis::start();
+    let (mut server, base) = http_server(
+        &redis,
+        "workers = 2\ndrain_timeout_ms = 1500\n",
+        &[("RUST_LOG", "debug")],
+    );
+    let body = json!({"func": "sleep", "args": {"ms": 800}, "user": "foo", "source": "web"});
+    submit_many(&mut redis.conn(), &vec![body.to_string(); 2]);
+    server.wait_log("sleep from", 2);
+    let hellos: Vec<_> = (0..3)
+        .map(|_| {
+            let base = base.clone();
+            std::thread::spawn(move || (get(&format!("{base}/api/hello")), Instant::now()))
+        })
+        .collect();
+    wait_for("the HTTP calls arrive", Duration::from_secs(10), || {
+        (http_requests_read(&base) >= 3).then_some(())
+    });
+    redis.pause();
+    let stop = Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(20));
+    let took = stop.elapsed();
+    redis.resume();
+    assert!(status.is_some(), "no exit within 20 s");
+    // Against a frozen Redis the server waits for its reader right up to the
+    // bound (its BLMOVE hangs), then exits: a few ms past it; 1 s of slack, as
+    // in hardening.rs.
+    assert!(
+        took < Duration::from_millis(1500 + 5000 + 1000),
+        "the stop took {took:?}"
+    );
+    for h in hellos {
+        let ((status, body), at) = h.join().expect("a hello");
+        let after = at.saturating_duration_since(stop);
+        assert!(
+            status == 200 || (status == 503 && body.contains("stopping")),
+            "{status} {body}"
+        );
+        assert!(
+            after < Duration::from_secs(2),
+            "answered {after:?} after the stop"
+        );
+    }
+}
