@@ -529,7 +529,7 @@ fn sixteen_threads_mixing_one_way_and_replies_each_time_out_on_their_own_through
     let threads = 16;
     let barrier = Arc::new(std::sync::Barrier::new(threads + 1));
     let mixed = |c: &Client, t: usize, n: usize| {
-        if (t + n) % 2 == 0 {
+        if (t + n).is_multiple_of(2) {
             assert!(c.send("hello", json!({})).is_ok(), "a one-way request");
         } else {
             let message = format!("{t}/{n}");
@@ -537,7 +537,7 @@ fn sixteen_threads_mixing_one_way_and_replies_each_time_out_on_their_own_through
             assert_eq!(reply, Ok(Reply::Ok(json!(message))));
         }
     };
-    let workers: Vec<JoinHandle<(Result<(), ClientError>, Duration, Duration)>> = (0..threads)
+    let workers: Vec<_> = (0..threads)
         .map(|t| {
             let (c, barrier) = (c.clone(), barrier.clone());
             std::thread::spawn(move || {
