@@ -6,7 +6,9 @@
 //! request's `SUBSCRIBE`, `SET` and `RPUSH`: the subscription is in place before
 //! the request is queued, at no extra round trip. Callers write under a lock (the
 //! answers to commands come back in write order, so each write appends its
-//! "slots" to a FIFO under the same lock); the reader thread reads every frame,
+//! "slots" to a FIFO under the same lock), which each waits for only until its
+//! own deadline (`Gate`: a write may block until its deadline on a frozen
+//! Redis); the reader thread reads every frame,
 //! hands each answer to the oldest slot and each published message to the caller
 //! waiting on its channel (an [`Inbox`] per call).
 //!
