@@ -419,21 +419,10 @@ fn a_unix_socket_url_works() {
 /// (from /proc/net/tcp): how much a writer has pushed that a frozen Redis has
 /// not read.
 fn unsent_to(port: u16) -> u64 {
-    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
-        return 0;
-    };
-    let peer = format!(":{port:04X}");
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let (rem, queues) = (f.get(2)?, f.get(4)?);
-            if !rem.ends_with(&peer) {
-                return None;
-            }
-            u64::from_str_radix(queues.split(':').next()?, 16).ok()
-        })
+    tcp_sockets()
+        .iter()
+        .filter(|s| s.remote_port == port)
+        .map(|s| s.tx_queue)
         .sum()
 }
 

@@ -63,33 +63,9 @@ fn http_requests_read(base: &str) -> usize {
         .rsplit_once(':')
         .and_then(|(_, p)| p.parse().ok())
         .expect("a port");
-    let local = format!(":{port:04X}");
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    table
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 4
-                && f[1].ends_with(&local)
-                && f[3] == "01"
-                && f[4]
-                    .split(':')
-                    .nth(1)
-                    .is_some_and(|rx| rx.trim_start_matches('0').is_empty())
-        })
-        .count()
-}
-
-/// Worker threads (`cerbas-worker-N`) of process `pid`.
-fn worker_threads(pid: i32) -> usize {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|t| t.ok())
-        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-        .filter(|name| name.starts_with("cerbas-worker"))
+    tcp_sockets()
+        .iter()
+        .filter(|s| s.local_port == port && s.state == 1 && s.rx_queue == 0)
         .count()
 }
 
