@@ -466,9 +466,18 @@ fn a_call_behind_a_big_write_to_a_frozen_redis_gets_its_own_timeout() {
     assert!(c.request("hello", json!({})).is_ok(), "recovers");
 }
 
-/// `close()` while a big request blocks on the socket of a frozen Redis: the
-/// close returns at once and the big caller gets `Closed` at once, not when
-/// its write times out.
+/// Whether thread `tid` of this process is blocked in `futex(2)` (waiting on a
+/// lock or a condition variable), from /proc/self/task/TID/syscall.
+fn in_futex(tid: i32) -> bool {
+    let futex = libc::SYS_futex.to_string();
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall"))
+        .is_ok_and(|s| s.split_whitespace().next() == Some(futex.as_str()))
+}
+
+/// `close()` while a big request blocks on the socket of a frozen Redis and
+/// three calls wait for their turn to write behind it: the close returns at
+/// once and every one of them gets `Closed` at once, not when the big write
+/// times out.
 #[test]
 fn closing_during_a_big_write_to_a_frozen_redis_ends_it_at_once() {
     let redis = Redis::start();
@@ -488,11 +497,42 @@ fn closing_during_a_big_write_to_a_frozen_redis_ends_it_at_once() {
     wait_for("the big write blocks", Duration::from_secs(10), || {
         (unsent_to(redis.port) > 1 << 20).then_some(())
     });
+    let behind: Vec<_> = (0..3)
+        .map(|_| {
+            let c = c.clone();
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let t = std::thread::spawn(move || {
+                // SAFETY: gettid has no memory effects.
+                let _ = tid_tx.send(unsafe { libc::gettid() });
+                let opts = CallOptions::new().timeout(Duration::from_secs(8));
+                (c.request_with("hello", json!({}), &opts), Instant::now())
+            });
+            let tid = tid_rx.recv().expect("its thread id");
+            wait_for(
+                "a call waiting for its turn",
+                Duration::from_secs(10),
+                || in_futex(tid).then_some(()),
+            );
+            t
+        })
+        .collect();
     let start = Instant::now();
     c.close();
     let close_took = start.elapsed();
     let (got, at) = big.join().expect("the big caller");
+    let behind: Vec<_> = behind
+        .into_iter()
+        .map(|t| t.join().expect("a caller behind"))
+        .collect();
     redis.resume();
+    for (got, at) in behind {
+        assert_eq!(got, Err(ClientError::Closed));
+        let after = at.saturating_duration_since(start);
+        assert!(
+            after < Duration::from_millis(500),
+            "ended {after:?} after the close"
+        );
+    }
     assert!(
         close_took < Duration::from_millis(500),
         "close took {close_took:?}"
