@@ -436,3 +436,48 @@ fn a_stop_with_redis_frozen_and_http_calls_waiting_ends_within_its_bound() {
         );
     }
 }
+
+/// Two workers kept busy by eight HTTP callers (`/api/sleep?ms=50` in a loop,
+/// so due jobs always wait), and a request from Redis: the reader takes it
+/// (the workers only ran due jobs, so it counts them idle) into its lane. It
+/// must be served within a few of the HTTP calls' turns, not starve until the
+/// HTTP load stops (a `select!` over two channels picked either at random; a
+/// worker that always takes due jobs first never gets to it).
+#[test]
+fn a_request_from_redis_is_not_starved_by_http_calls_keeping_the_due_lane_full() {
+    let redis = Redis::start();
+    let (_server, base) = http_server(&redis, "workers = 2\n", &[]);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let (base, stop) = (base.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut served = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let (status, body) = get(&format!("{base}/api/sleep?ms=50"));
+                    assert_eq!(status, 200, "{body}");
+                    served += 1;
+                }
+                served
+            })
+        })
+        .collect();
+    // The load is on once each HTTP caller has been served a few times.
+    wait_for("the HTTP load", Duration::from_secs(10), || {
+        (requests_total(&base, "sleep", "ok") >= 40.0).then_some(())
+    });
+    let c = redis.client();
+    let start = Instant::now();
+    let got = c.request_with(
+        "hello",
+        json!({}),
+        &CallOptions::new().timeout(Duration::from_secs(4)),
+    );
+    let took = start.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for l in load {
+        l.join().expect("an HTTP caller");
+    }
+    assert_eq!(got, Ok(Reply::Ok("hello world!".into())), "after {took:?}");
+    assert!(took < Duration::from_secs(1), "served after {took:?}");
+}
