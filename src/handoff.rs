@@ -11,7 +11,9 @@
 //! unregister (a futex wait and wake more, and on 2 cores a 70 µs stall was seen
 //! when the reader was preempted holding it), and a receive spins and yields the
 //! CPU before it sleeps. Here a sender pushes under the lock, releases it, and
-//! wakes one sleeping worker only if one sleeps.
+//! wakes one sleeping worker only if one sleeps. A due job goes first, but while
+//! both lanes hold jobs they take turns (the `select!` picked either at random):
+//! HTTP calls keeping the due lane full must not starve what the reader took.
 
 use crate::job::Job;
 use std::collections::VecDeque;
@@ -42,6 +44,10 @@ struct Lanes {
     asleep: usize,
     /// The reader asleep on `room`.
     reader_waits: bool,
+    /// The last job taken was a due one: the reader's lane goes first next, so
+    /// HTTP calls that keep the due lane full do not starve the requests the
+    /// reader took (a `select!` over two channels picked either at random).
+    reader_next: bool,
 }
 
 impl Shared {
@@ -64,6 +70,7 @@ pub(crate) fn handoff(width: usize) -> (ReaderLane, DueLane, Jobs) {
             receivers: 1,
             asleep: 0,
             reader_waits: false,
+            reader_next: false,
         }),
         arrived: Condvar::new(),
         room: Condvar::new(),
@@ -211,7 +218,8 @@ impl Drop for Jobs {
 }
 
 impl Jobs {
-    /// The next job and whether it came from the reader, waiting for one; `None`
+    /// The next job and whether it came from the reader (due jobs first, the
+    /// lanes taking turns while both hold jobs), waiting for one; `None`
     /// once nothing is waiting and a lane has closed (the reader has gone, or the
     /// timer and the plug have), as a `select!` over two channels ends at the
     /// first closed one.
@@ -228,12 +236,17 @@ impl Jobs {
     fn recv_until(&self, deadline: Option<Instant>) -> Option<(Job, bool)> {
         let mut lanes = self.0.lock();
         loop {
-            // Due jobs first: an HTTP caller waits for a worker with a deadline.
-            let next = match lanes.due.pop_front() {
-                Some(job) => Some((job, false)),
-                None => lanes.from_reader.pop_front().map(|job| (job, true)),
-            };
+            // Due jobs first (an HTTP caller waits for a worker with a
+            // deadline), but the two lanes take turns while both hold jobs.
+            let next = if lanes.reader_next {
+                lanes.from_reader.pop_front().map(|job| (job, true))
+            } else {
+                None
+            }
+            .or_else(|| lanes.due.pop_front().map(|job| (job, false)))
+            .or_else(|| lanes.from_reader.pop_front().map(|job| (job, true)));
             if let Some((job, from_reader)) = next {
+                lanes.reader_next = !from_reader;
                 let wake_reader = from_reader && lanes.reader_waits;
                 drop(lanes);
                 if wake_reader {
@@ -310,6 +323,21 @@ mod tests {
             .collect();
         assert_eq!(got, [("b".into(), false), ("a".into(), true)]);
         assert!(jobs.recv_timeout(Duration::from_millis(1)).is_none());
+    }
+
+    #[test]
+    fn while_both_lanes_hold_jobs_they_take_turns() {
+        let (reader, due, jobs) = handoff(4);
+        for name in ["r1", "r2"] {
+            reader.send_timeout(job(name), Duration::ZERO).unwrap();
+        }
+        for name in ["d1", "d2", "d3"] {
+            due.send(job(name)).unwrap();
+        }
+        let got: Vec<_> = (0..5)
+            .map(|_| func(&jobs.recv_timeout(Duration::ZERO).unwrap()).0)
+            .collect();
+        assert_eq!(got, ["d1", "r1", "d2", "r2", "d3"]);
     }
 
     #[test]

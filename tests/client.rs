@@ -1,7 +1,8 @@
 //! The Rust client (`src/client/`) against a real redis-server and a real cerbas
 //! server: one client shared by many threads, Redis restarted, killed
-//! connections, a frozen Redis, close, replies published the moment a request is
-//! queued, and each kind of error. Not for: the server's own behaviour (server.rs).
+//! connections, a frozen Redis (also behind a big write that blocks), close,
+//! replies published the moment a request is queued, and each kind of error.
+//! Not for: the server's own behaviour (server.rs).
 
 mod common;
 
@@ -412,4 +413,235 @@ fn a_unix_socket_url_works() {
         Ok(Reply::Ok(json!("unix")))
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Bytes waiting in the send queues of the TCP connections to Redis on `port`
+/// (from /proc/net/tcp): how much a writer has pushed that a frozen Redis has
+/// not read.
+fn unsent_to(port: u16) -> u64 {
+    tcp_sockets()
+        .iter()
+        .filter(|s| s.remote_port == port)
+        .map(|s| s.tx_queue)
+        .sum()
+}
+
+/// A call whose big request blocks on the socket of a frozen Redis holds the
+/// connection's writer until its own deadline: a later call on the same client
+/// with a shorter deadline must still get its own timeout at its deadline, not
+/// wait on the writer's lock until the big call gives up.
+#[test]
+fn a_call_behind_a_big_write_to_a_frozen_redis_gets_its_own_timeout() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let c = Arc::new(redis.client());
+    assert!(c.request("hello", json!({})).is_ok(), "warm: ids in hand");
+    redis.pause();
+    let big = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            // 32 MB: more than the loopback socket buffers hold.
+            let message = "x".repeat(32 << 20);
+            let opts = CallOptions::new().timeout(Duration::from_secs(6));
+            c.request_with("echo", json!({ "message": message }), &opts)
+        })
+    };
+    wait_for("the big write blocks", Duration::from_secs(10), || {
+        (unsent_to(redis.port) > 1 << 20).then_some(())
+    });
+    let second = Duration::from_secs(1);
+    let start = Instant::now();
+    let got = c.request_with("hello", json!({}), &CallOptions::new().timeout(second));
+    let took = start.elapsed();
+    assert_eq!(got, Err(ClientError::Timeout(second)), "after {took:?}");
+    assert!(
+        took >= second && took < second + Duration::from_millis(500),
+        "its own deadline, not the big call's: {took:?}"
+    );
+    assert_eq!(
+        big.join().expect("the big caller"),
+        Err(ClientError::Timeout(Duration::from_secs(6)))
+    );
+    redis.resume();
+    assert!(c.request("hello", json!({})).is_ok(), "recovers");
+}
+
+/// Whether thread `tid` of this process is blocked in `futex(2)` (waiting on a
+/// lock or a condition variable), from /proc/self/task/TID/syscall.
+fn in_futex(tid: i32) -> bool {
+    let futex = libc::SYS_futex.to_string();
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall"))
+        .is_ok_and(|s| s.split_whitespace().next() == Some(futex.as_str()))
+}
+
+/// `close()` while a big request blocks on the socket of a frozen Redis and
+/// three calls wait for their turn to write behind it: the close returns at
+/// once and every one of them gets `Closed` at once, not when the big write
+/// times out.
+#[test]
+fn closing_during_a_big_write_to_a_frozen_redis_ends_it_at_once() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let c = Arc::new(redis.client());
+    assert!(c.request("hello", json!({})).is_ok(), "warm: ids in hand");
+    redis.pause();
+    let big = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            let message = "x".repeat(32 << 20);
+            let opts = CallOptions::new().timeout(Duration::from_secs(8));
+            let got = c.request_with("echo", json!({ "message": message }), &opts);
+            (got, Instant::now())
+        })
+    };
+    wait_for("the big write blocks", Duration::from_secs(10), || {
+        (unsent_to(redis.port) > 1 << 20).then_some(())
+    });
+    let behind: Vec<_> = (0..3)
+        .map(|_| {
+            let c = c.clone();
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let t = std::thread::spawn(move || {
+                // SAFETY: gettid has no memory effects.
+                let _ = tid_tx.send(unsafe { libc::gettid() });
+                let opts = CallOptions::new().timeout(Duration::from_secs(8));
+                (c.request_with("hello", json!({}), &opts), Instant::now())
+            });
+            let tid = tid_rx.recv().expect("its thread id");
+            wait_for(
+                "a call waiting for its turn",
+                Duration::from_secs(10),
+                || in_futex(tid).then_some(()),
+            );
+            t
+        })
+        .collect();
+    let start = Instant::now();
+    c.close();
+    let close_took = start.elapsed();
+    let (got, at) = big.join().expect("the big caller");
+    let behind: Vec<_> = behind
+        .into_iter()
+        .map(|t| t.join().expect("a caller behind"))
+        .collect();
+    redis.resume();
+    for (got, at) in behind {
+        assert_eq!(got, Err(ClientError::Closed));
+        let after = at.saturating_duration_since(start);
+        assert!(
+            after < Duration::from_millis(500),
+            "ended {after:?} after the close"
+        );
+    }
+    assert!(
+        close_took < Duration::from_millis(500),
+        "close took {close_took:?}"
+    );
+    assert_eq!(got, Err(ClientError::Closed));
+    assert!(
+        at.saturating_duration_since(start) < Duration::from_millis(500),
+        "the big caller ended {:?} after the close",
+        at.saturating_duration_since(start)
+    );
+}
+
+/// Sixteen threads share one client, mixing one-way requests (which wait for
+/// Redis's acknowledgements) and requests waiting for their replies. Redis is
+/// then frozen with one call of each thread in flight, each with a deadline of
+/// its own: each gets `Timeout` at its own deadline, not before and not much
+/// later; after `SIGCONT` every thread's calls succeed again.
+#[test]
+fn sixteen_threads_mixing_one_way_and_replies_each_time_out_on_their_own_through_a_frozen_redis() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let c = Arc::new(redis.client());
+    let threads = 16;
+    let barrier = Arc::new(std::sync::Barrier::new(threads + 1));
+    let mixed = |c: &Client, t: usize, n: usize| {
+        if (t + n).is_multiple_of(2) {
+            assert!(c.send("hello", json!({})).is_ok(), "a one-way request");
+        } else {
+            let message = format!("{t}/{n}");
+            let reply = c.request("echo", json!({ "message": message }));
+            assert_eq!(reply, Ok(Reply::Ok(json!(message))));
+        }
+    };
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let (c, barrier) = (c.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                for n in 0..20 {
+                    mixed(&c, t, n);
+                }
+                barrier.wait(); // then Redis is frozen
+                barrier.wait();
+                let own = Duration::from_millis(600 + 50 * t as u64);
+                let opts = CallOptions::new().timeout(own);
+                let start = Instant::now();
+                let got = if t % 2 == 0 {
+                    c.send_with("hello", json!({}), &opts).map(|_| ())
+                } else {
+                    c.request_with("hello", json!({}), &opts).map(|_| ())
+                };
+                let took = start.elapsed();
+                barrier.wait(); // then Redis runs again
+                barrier.wait();
+                for n in 0..20 {
+                    mixed(&c, t, n);
+                }
+                (got, own, took)
+            })
+        })
+        .collect();
+    barrier.wait();
+    redis.pause();
+    barrier.wait();
+    barrier.wait();
+    redis.resume();
+    barrier.wait();
+    for w in workers {
+        let (got, own, took) = w.join().expect("a caller thread");
+        assert_eq!(got, Err(ClientError::Timeout(own)), "after {took:?}");
+        assert!(
+            took >= own && took < own + Duration::from_millis(500),
+            "{took:?} for a deadline of {own:?}"
+        );
+    }
+}
+
+/// A frozen Redis, a small call in flight (4 s deadline), then a big request
+/// whose write blocks and times out at its 1 s deadline: the client cuts the
+/// shared connection (part of the big command is written), and the small call,
+/// which Redis has not acknowledged (it is frozen), fails at once with
+/// `Connection`, about 3 s before its own deadline, though its request may
+/// still run when Redis wakes (its bytes are in Redis's socket buffer).
+#[test]
+#[ignore = "defect: a write timing out on a frozen Redis cuts the shared connection; every other call not yet acknowledged fails at once with Connection, not Timeout at its own deadline (documented as 'fails at once'; changing it means keeping unacknowledged routes across a reconnect to the same Redis)"]
+fn a_big_write_timing_out_on_a_frozen_redis_fails_the_other_calls_in_flight_early() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let c = Arc::new(redis.client());
+    assert!(c.request("hello", json!({})).is_ok(), "warm: ids in hand");
+    // Built before the deadline starts: 32 MB, more than the socket buffers.
+    let big = c.body("echo", json!({ "message": "x".repeat(32 << 20) }));
+    redis.pause();
+    let own = Duration::from_secs(4);
+    let small = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let got = c.request_with("hello", json!({}), &CallOptions::new().timeout(own));
+            (got, start.elapsed())
+        })
+    };
+    wait_for("the small call is written", Duration::from_secs(5), || {
+        (unsent_to(redis.port) > 0).then_some(())
+    });
+    let second = Duration::from_secs(1);
+    let got = c.call(&big, &CallOptions::new().timeout(second));
+    assert_eq!(got, Err(ClientError::Timeout(second)));
+    let (got, took) = small.join().expect("the small call");
+    redis.resume();
+    assert_eq!(got, Err(ClientError::Timeout(own)), "after {took:?}");
+    assert!(took >= own, "{took:?}");
 }

@@ -12,18 +12,6 @@ use common::*;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-/// Names of the worker threads of process `pid` (`cerbas-worker-N`).
-fn worker_threads(pid: i32) -> usize {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|t| t.ok())
-        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-        .filter(|name| name.starts_with("cerbas-worker"))
-        .count()
-}
-
 /// SIGTERM, then how long the server took to exit (it must exit 0).
 fn graceful_stop(server: &mut Server) -> Duration {
     let start = Instant::now();

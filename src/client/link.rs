@@ -6,7 +6,9 @@
 //! request's `SUBSCRIBE`, `SET` and `RPUSH`: the subscription is in place before
 //! the request is queued, at no extra round trip. Callers write under a lock (the
 //! answers to commands come back in write order, so each write appends its
-//! "slots" to a FIFO under the same lock); the reader thread reads every frame,
+//! "slots" to a FIFO under the same lock), which each waits for only until its
+//! own deadline (`Gate`: a write may block until its deadline on a frozen
+//! Redis); the reader thread reads every frame,
 //! hands each answer to the oldest slot and each published message to the caller
 //! waiting on its channel (an [`Inbox`] per call).
 //!
@@ -214,7 +216,62 @@ struct Shared {
     /// Signalled when `up`, the ids or `closed` change.
     changed: Condvar,
     writer: Mutex<Option<Writer>>,
+    /// Who may take `writer`: a caller waits for it only until its own
+    /// deadline, not as long as a write blocked on a frozen Redis lasts.
+    gate: Gate,
+    /// The current connection's socket, to shut down without `writer` (held
+    /// by a write that may block until its deadline).
+    socket: Mutex<Option<Stream>>,
     closed: AtomicBool,
+}
+
+/// The turn to write on the connection. A `Mutex` cannot be waited for with a
+/// deadline: a caller behind a big write to a frozen Redis would wait on it
+/// until that write's deadline, not its own.
+#[derive(Default)]
+struct Gate {
+    busy: Mutex<bool>,
+    freed: Condvar,
+}
+
+/// The turn to write, given back when dropped.
+struct Turn<'a>(&'a Gate);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.busy) = false;
+        self.0.freed.notify_one();
+    }
+}
+
+impl Gate {
+    /// The turn to write, waiting for it until `deadline`.
+    fn enter(&self, deadline: Instant) -> Option<Turn<'_>> {
+        let mut busy = lock(&self.busy);
+        while *busy {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            busy = self
+                .freed
+                .wait_timeout(busy, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *busy = true;
+        Some(Turn(self))
+    }
+
+    /// The turn to write if nobody has it now.
+    fn try_enter(&self) -> Option<Turn<'_>> {
+        let mut busy = lock(&self.busy);
+        if *busy {
+            return None;
+        }
+        *busy = true;
+        Some(Turn(self))
+    }
 }
 
 /// Locks, recovering from a panicked holder: the state stays consistent at every
@@ -258,6 +315,8 @@ impl Link {
             }),
             changed: Condvar::new(),
             writer: Mutex::new(None),
+            gate: Gate::default(),
+            socket: Mutex::new(None),
             closed: AtomicBool::new(false),
         });
         let (stop, stopped) = crossbeam_channel::bounded(1);
@@ -418,6 +477,9 @@ impl Link {
             if sh.closed.load(Ordering::SeqCst) {
                 return Err(ClientError::Closed);
             }
+            let Some(turn) = sh.gate.enter(deadline) else {
+                return Err(ClientError::Timeout(Duration::ZERO));
+            };
             let mut w = lock(&sh.writer);
             let ready = {
                 let st = lock(&sh.state);
@@ -425,6 +487,7 @@ impl Link {
             };
             if !ready {
                 drop(w);
+                drop(turn);
                 self.wait_up(deadline)?;
                 continue;
             }
@@ -516,6 +579,9 @@ impl Link {
     /// Writes the pending `UNSUBSCRIBE`s if the connection is free right now.
     fn flush_unsubscribes(&self) {
         let sh = &self.shared;
+        let Some(_turn) = sh.gate.try_enter() else {
+            return;
+        };
         let Ok(mut w) = sh.writer.try_lock() else {
             return;
         };
@@ -558,6 +624,11 @@ impl Link {
             }
             st.up = false;
             sh.changed.notify_all();
+        }
+        // First without the writer: a write blocked on a frozen Redis holds it
+        // until its deadline; shut, its socket fails that write at once.
+        if let Some(s) = lock(&sh.socket).take() {
+            s.shutdown();
         }
         if let Some(w) = lock(&sh.writer).take() {
             w.stream.shutdown();
@@ -830,6 +901,7 @@ fn install(sh: &Shared, conn: &mut Conn) -> u64 {
             return generation;
         }
     }
+    *lock(&sh.socket) = stream.try_clone().ok();
     *w = Some(Writer {
         stream,
         generation,

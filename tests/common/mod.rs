@@ -623,3 +623,49 @@ pub fn vm_hwm_kib(pid: i32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// Worker threads (`cerbas-worker-N`) of process `pid` (its /proc/PID/task).
+pub fn worker_threads(pid: i32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|name| name.starts_with("cerbas-worker"))
+        .count()
+}
+
+/// One IPv4 TCP socket of this machine, from /proc/net/tcp.
+pub struct TcpSocket {
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// `01` established, `0A` listening, …
+    pub state: u8,
+    /// Bytes sent but not yet read by the peer.
+    pub tx_queue: u64,
+    /// Bytes received but not yet read by the owner.
+    pub rx_queue: u64,
+}
+
+/// Every IPv4 TCP socket of this machine (how tests see what a frozen peer has
+/// not read, or that a server has read a request).
+pub fn tcp_sockets() -> Vec<TcpSocket> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit_once(':')?.1, 16).ok();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (tx, rx) = f.get(4)?.split_once(':')?;
+            Some(TcpSocket {
+                local_port: port(f.get(1)?)?,
+                remote_port: port(f.get(2)?)?,
+                state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+                tx_queue: u64::from_str_radix(tx, 16).ok()?,
+                rx_queue: u64::from_str_radix(rx, 16).ok()?,
+            })
+        })
+        .collect()
+}
