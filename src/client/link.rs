@@ -230,7 +230,9 @@ struct Shared {
 /// until that write's deadline, not its own.
 #[derive(Default)]
 struct Gate {
-    busy: Mutex<bool>,
+    /// Whether someone writes, and how many wait for their turn (a wake, a
+    /// system call, is sent only when someone waits).
+    busy: Mutex<(bool, usize)>,
     freed: Condvar,
 }
 
@@ -239,8 +241,11 @@ struct Turn<'a>(&'a Gate);
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        *lock(&self.0.busy) = false;
-        self.0.freed.notify_one();
+        let mut busy = lock(&self.0.busy);
+        busy.0 = false;
+        if busy.1 > 0 {
+            self.0.freed.notify_one();
+        }
     }
 }
 
@@ -248,28 +253,30 @@ impl Gate {
     /// The turn to write, waiting for it until `deadline`.
     fn enter(&self, deadline: Instant) -> Option<Turn<'_>> {
         let mut busy = lock(&self.busy);
-        while *busy {
+        while busy.0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return None;
             }
+            busy.1 += 1;
             busy = self
                 .freed
                 .wait_timeout(busy, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
+            busy.1 -= 1;
         }
-        *busy = true;
+        busy.0 = true;
         Some(Turn(self))
     }
 
     /// The turn to write if nobody has it now.
     fn try_enter(&self) -> Option<Turn<'_>> {
         let mut busy = lock(&self.busy);
-        if *busy {
+        if busy.0 {
             return None;
         }
-        *busy = true;
+        busy.0 = true;
         Some(Turn(self))
     }
 }
