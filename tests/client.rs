@@ -426,6 +426,29 @@ fn unsent_to(port: u16) -> u64 {
         .sum()
 }
 
+/// With the test's Redis frozen, a 32 MB `echo` (more than the loopback socket
+/// buffers hold) on `c` with `timeout`: returns once its write blocks, with the
+/// call's thread (its result and when it ended).
+fn a_big_write_blocked_on(
+    redis: &Redis,
+    c: &Arc<Client>,
+    timeout: Duration,
+) -> JoinHandle<(Result<Reply, ClientError>, Instant)> {
+    let big = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            let message = "x".repeat(32 << 20);
+            let opts = CallOptions::new().timeout(timeout);
+            let got = c.request_with("echo", json!({ "message": message }), &opts);
+            (got, Instant::now())
+        })
+    };
+    wait_for("the big write blocks", Duration::from_secs(10), || {
+        (unsent_to(redis.port) > 1 << 20).then_some(())
+    });
+    big
+}
+
 /// A call whose big request blocks on the socket of a frozen Redis holds the
 /// connection's writer until its own deadline: a later call on the same client
 /// with a shorter deadline must still get its own timeout at its deadline, not
@@ -437,18 +460,7 @@ fn a_call_behind_a_big_write_to_a_frozen_redis_gets_its_own_timeout() {
     let c = Arc::new(redis.client());
     assert!(c.request("hello", json!({})).is_ok(), "warm: ids in hand");
     redis.pause();
-    let big = {
-        let c = c.clone();
-        std::thread::spawn(move || {
-            // 32 MB: more than the loopback socket buffers hold.
-            let message = "x".repeat(32 << 20);
-            let opts = CallOptions::new().timeout(Duration::from_secs(6));
-            c.request_with("echo", json!({ "message": message }), &opts)
-        })
-    };
-    wait_for("the big write blocks", Duration::from_secs(10), || {
-        (unsent_to(redis.port) > 1 << 20).then_some(())
-    });
+    let big = a_big_write_blocked_on(&redis, &c, Duration::from_secs(6));
     let second = Duration::from_secs(1);
     let start = Instant::now();
     let got = c.request_with("hello", json!({}), &CallOptions::new().timeout(second));
@@ -459,7 +471,7 @@ fn a_call_behind_a_big_write_to_a_frozen_redis_gets_its_own_timeout() {
         "its own deadline, not the big call's: {took:?}"
     );
     assert_eq!(
-        big.join().expect("the big caller"),
+        big.join().expect("the big caller").0,
         Err(ClientError::Timeout(Duration::from_secs(6)))
     );
     redis.resume();
@@ -485,18 +497,7 @@ fn closing_during_a_big_write_to_a_frozen_redis_ends_it_at_once() {
     let c = Arc::new(redis.client());
     assert!(c.request("hello", json!({})).is_ok(), "warm: ids in hand");
     redis.pause();
-    let big = {
-        let c = c.clone();
-        std::thread::spawn(move || {
-            let message = "x".repeat(32 << 20);
-            let opts = CallOptions::new().timeout(Duration::from_secs(8));
-            let got = c.request_with("echo", json!({ "message": message }), &opts);
-            (got, Instant::now())
-        })
-    };
-    wait_for("the big write blocks", Duration::from_secs(10), || {
-        (unsent_to(redis.port) > 1 << 20).then_some(())
-    });
+    let big = a_big_write_blocked_on(&redis, &c, Duration::from_secs(8));
     let behind: Vec<_> = (0..3)
         .map(|_| {
             let c = c.clone();
