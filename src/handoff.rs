@@ -235,6 +235,7 @@ impl Jobs {
 
     fn recv_until(&self, deadline: Option<Instant>) -> Option<(Job, bool)> {
         let mut lanes = self.0.lock();
+        let mut expired = false;
         loop {
             // Due jobs first (an HTTP caller waits for a worker with a
             // deadline), but the two lanes take turns while both hold jobs.
@@ -254,7 +255,7 @@ impl Jobs {
                 }
                 return Some((job, from_reader));
             }
-            if lanes.reader_closed || lanes.due_senders == 0 {
+            if expired || lanes.reader_closed || lanes.due_senders == 0 {
                 return None;
             }
             lanes.asleep += 1;
@@ -271,11 +272,9 @@ impl Jobs {
                         .arrived
                         .wait_timeout(lanes, left)
                         .unwrap_or_else(PoisonError::into_inner);
-                    if waited.timed_out() {
-                        let mut l = l;
-                        l.asleep -= 1;
-                        return None;
-                    }
+                    // Timed out: one more look at the lanes (a job may have
+                    // come as the wait ended), then give up.
+                    expired = waited.timed_out();
                     l
                 }
             };
