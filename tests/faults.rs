@@ -62,6 +62,23 @@ fn kill_9_with_5000_requests_in_flight_loses_none() {
     });
     server.kill();
     let killed = Instant::now();
+    // What the killed instance held: taken and not yet acknowledged (running,
+    // waiting for a worker, or run with its ack not yet in Redis).
+    let held: i64 = {
+        let lists: Vec<String> = redis::cmd("KEYS")
+            .arg("CERBAS-PROCESSING-*")
+            .query(&mut conn)
+            .expect("KEYS");
+        lists
+            .iter()
+            .map(|l| {
+                redis::cmd("LLEN")
+                    .arg(l)
+                    .query::<i64>(&mut conn)
+                    .expect("LLEN")
+            })
+            .sum()
+    };
     let served_at_kill = tallies(&mut conn, &names)
         .iter()
         .filter(|v| **v > 0)
@@ -74,13 +91,18 @@ fn kill_9_with_5000_requests_in_flight_loses_none() {
     });
     let duplicates: i64 = t.iter().map(|v| v - 1).sum();
     eprintln!(
-        "kill -9: {n} requests ({} delayed), {served_at_kill} served before the kill; \
+        "kill -9: {n} requests ({} delayed), {served_at_kill} served before the kill, {held} held; \
          after restart served {n}, lost 0, duplicates {duplicates}, all served {:.1}s after the kill",
         n / 10,
         recovered.as_secs_f64()
     );
-    // At least once: a duplicate is at most what one instance held at the kill.
-    assert!(duplicates <= 400, "{duplicates} duplicates");
+    // At least once: only a request the killed instance held can run twice. (A
+    // fixed bound, 400, failed once at 407 with tests running in parallel: the
+    // number held grows with the publisher's backlog of acks on a busy machine.)
+    assert!(
+        duplicates <= held,
+        "{duplicates} duplicates, more than the {held} requests the killed instance held"
+    );
 }
 
 #[test]
