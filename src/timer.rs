@@ -351,6 +351,11 @@ mod tests {
             timer.shared.lock().sleeping_until.is_some(),
             "the timer slept"
         );
+        a_shutdown_in_20_ms_fires(timer, thread, &shutdown);
+    }
+
+    /// Schedules a shutdown 20 ms ahead, asserts it fires, and stops the timer.
+    fn a_shutdown_in_20_ms_fires(timer: TimerHandle, thread: JoinHandle<()>, shutdown: &Shutdown) {
         timer.schedule(
             Instant::now() + Duration::from_millis(20),
             TimerEvent::Shutdown,
@@ -365,12 +370,6 @@ mod tests {
         let (_reader, due_tx, _jobs) = crate::handoff::handoff(1);
         let shutdown = Shutdown::new();
         let (timer, thread) = start(due_tx, shutdown.clone()).unwrap();
-        timer.schedule(
-            Instant::now() + Duration::from_millis(20),
-            TimerEvent::Shutdown,
-        );
-        assert!(shutdown.wait_timeout(Duration::from_secs(10)));
-        timer.stop();
-        thread.join().unwrap();
+        a_shutdown_in_20_ms_fires(timer, thread, &shutdown);
     }
 }

@@ -11,7 +11,9 @@ mod common;
 use cerbas::{CallOptions, Reply};
 use common::*;
 use serde_json::json;
+use std::process::ExitStatus;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// A server on `redis` with the shipped configuration plus `extra`, serving
@@ -67,6 +69,25 @@ fn http_requests_read(base: &str) -> usize {
         .iter()
         .filter(|s| s.local_port == port && s.state == 1 && s.rx_queue == 0)
         .count()
+}
+
+/// `n` threads each calling `GET {base}/api/hello`, with when its answer came.
+fn hellos(base: &str, n: usize) -> Vec<JoinHandle<((u16, String), Instant)>> {
+    (0..n)
+        .map(|_| {
+            let url = format!("{base}/api/hello");
+            std::thread::spawn(move || (get(&url), Instant::now()))
+        })
+        .collect()
+}
+
+/// Sends SIGTERM and waits up to `within` for the exit: the exit status (none
+/// if it did not exit), when the signal went, and how long the stop took.
+fn sigterm(server: &mut Server, within: Duration) -> (Option<ExitStatus>, Instant, Duration) {
+    let stop = Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(within);
+    (status, stop, stop.elapsed())
 }
 
 /// 50 workers; client threads send bursts of short `sleep`s (some delayed, so
@@ -213,10 +234,8 @@ fn two_hundred_hung_calls_on_two_workers_leave_the_pool_its_width() {
             Ok(Reply::Ok("hello world!".into()))
         );
     }
-    server.signal(libc::SIGTERM);
-    let status = server
-        .wait_exit(Duration::from_secs(20))
-        .expect("the server exits");
+    let (status, _, _) = sigterm(&mut server, Duration::from_secs(20));
+    let status = status.expect("the server exits");
     assert!(status.success(), "{status:?}");
     let log = server.log_text();
     assert!(log.contains(", 0 hung workers"), "{log}");
@@ -240,27 +259,15 @@ fn a_stop_serves_http_calls_waiting_behind_a_busy_worker() {
         std::thread::spawn(move || get(&format!("{base}/api/sleep?ms=1500")))
     };
     server.wait_log("sleep from", 1);
-    let hellos: Vec<_> = (0..3)
-        .map(|_| {
-            let base = base.clone();
-            std::thread::spawn(move || {
-                let got = get(&format!("{base}/api/hello"));
-                (got, Instant::now())
-            })
-        })
-        .collect();
+    let hellos = hellos(&base, 3);
     let body = json!({"func": "hello", "args": {}, "user": "foo", "source": "web"});
     let ids = submit_many(&mut redis.conn(), &vec![body.to_string(); 3]);
     // The three HTTP calls are read (the sleep's connection is the fourth).
     wait_for("the HTTP calls arrive", Duration::from_secs(10), || {
         (http_requests_read(&base) >= 4).then_some(())
     });
-    let stop = Instant::now();
-    server.signal(libc::SIGTERM);
-    let status = server
-        .wait_exit(Duration::from_secs(15))
-        .expect("the server exits");
-    let took = stop.elapsed();
+    let (status, stop, took) = sigterm(&mut server, Duration::from_secs(15));
+    let status = status.expect("the server exits");
     assert!(status.success(), "{status:?}");
     assert!(took < Duration::from_secs(10), "the stop took {took:?}");
     assert_eq!(sleeper.join().expect("sleep").0, 200);
@@ -310,19 +317,12 @@ fn a_stop_with_the_only_worker_hung_answers_the_waiting_http_call_at_the_drain_d
     // `slow` sleeps 6 s: past its 300 ms deadline it holds the only worker.
     let (status, body) = get(&format!("{base}/api/slow"));
     assert_ne!(status, 200, "slow ran past its deadline: {body}");
-    let waiting = {
-        let base = base.clone();
-        std::thread::spawn(move || (get(&format!("{base}/api/hello")), Instant::now()))
-    };
+    let waiting = hellos(&base, 1).remove(0);
     wait_for("the HTTP call arrives", Duration::from_secs(10), || {
         (http_requests_read(&base) >= 1).then_some(())
     });
-    let stop = Instant::now();
-    server.signal(libc::SIGTERM);
-    let status = server
-        .wait_exit(Duration::from_secs(15))
-        .expect("the server exits");
-    let took = stop.elapsed();
+    let (status, stop, took) = sigterm(&mut server, Duration::from_secs(15));
+    let status = status.expect("the server exits");
     assert!(status.success(), "{status:?}");
     assert!(
         took < Duration::from_millis(1500) + Duration::from_secs(5),
@@ -400,20 +400,12 @@ fn a_stop_with_redis_frozen_and_http_calls_waiting_ends_within_its_bound() {
     let body = json!({"func": "sleep", "args": {"ms": 800}, "user": "foo", "source": "web"});
     submit_many(&mut redis.conn(), &vec![body.to_string(); 2]);
     server.wait_log("sleep from", 2);
-    let hellos: Vec<_> = (0..3)
-        .map(|_| {
-            let base = base.clone();
-            std::thread::spawn(move || (get(&format!("{base}/api/hello")), Instant::now()))
-        })
-        .collect();
+    let hellos = hellos(&base, 3);
     wait_for("the HTTP calls arrive", Duration::from_secs(10), || {
         (http_requests_read(&base) >= 3).then_some(())
     });
     redis.pause();
-    let stop = Instant::now();
-    server.signal(libc::SIGTERM);
-    let status = server.wait_exit(Duration::from_secs(20));
-    let took = stop.elapsed();
+    let (status, stop, took) = sigterm(&mut server, Duration::from_secs(20));
     redis.resume();
     assert!(status.is_some(), "no exit within 20 s");
     // Against a frozen Redis the server waits for its reader right up to the
