@@ -105,6 +105,48 @@ impl Keys {
         format!("MSGPACK:{}", self.reply_channel(id))
     }
 
+    /// A `PUBSUB CHANNELS` glob matching both reply channels of every id (and
+    /// maybe more: [`Keys::reply_channel_id`] sorts the answer), with the prefix's
+    /// glob characters escaped.
+    ///
+    /// ```
+    /// let keys = cerbas::Keys::new("A*B", 0);
+    /// assert_eq!(keys.reply_channel_pattern(), r"*A\*B-RESPONSE-0-*");
+    /// ```
+    pub fn reply_channel_pattern(&self) -> String {
+        let mut p = String::from("*");
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                p.push('\\');
+            }
+            p.push(c);
+        }
+        p.push_str(&format!("-RESPONSE-{}-*", self.db));
+        p
+    }
+
+    /// The id whose reply `channel` is (JSON or msgpack), or `None` for any other
+    /// channel.
+    ///
+    /// ```
+    /// let keys = cerbas::Keys::new("CERBAS", 1);
+    /// assert_eq!(keys.reply_channel_id(b"MSGPACK:CERBAS-RESPONSE-1-0000000007"), Some(7));
+    /// assert_eq!(keys.reply_channel_id(b"CERBAS-RESPONSE-2-0000000007"), None);
+    /// ```
+    pub fn reply_channel_id(&self, channel: &[u8]) -> Option<u64> {
+        let rest = channel.strip_prefix(b"MSGPACK:").unwrap_or(channel);
+        let rest = rest.strip_prefix(self.prefix.as_bytes())?;
+        let rest = rest.strip_prefix(format!("-RESPONSE-{}-", self.db).as_bytes())?;
+        // `{id:010}`: at least ten digits, more only without a leading zero.
+        let well_formed = rest.len() >= 10
+            && rest.iter().all(u8::is_ascii_digit)
+            && (rest.len() == 10 || rest[0] != b'0');
+        if !well_formed {
+            return None;
+        }
+        std::str::from_utf8(rest).ok()?.parse().ok()
+    }
+
     /// `P-PROCESSING-{instance}`: the ids one server instance has taken from the
     /// queue and not yet answered (the reliable-queue pattern of DESIGN §4).
     pub fn processing(&self, instance: &str) -> String {
@@ -583,6 +625,43 @@ mod tests {
         assert_eq!(k.request_prefix() + "0000000001", k.request(1));
         assert_eq!(k.cron_claim("00ff", 60), "CERBAS-CRON-TICK-00ff-60");
         assert_eq!(k.cron_last("00ff"), "CERBAS-CRON-LAST-00ff");
+    }
+
+    #[test]
+    fn a_reply_channel_gives_back_its_id_and_no_other_channel_does() {
+        let k = Keys::new("CERBAS", 8);
+        for id in [0, 7, 12345, 9_999_999_999, 12_345_678_901, u64::MAX] {
+            assert_eq!(k.reply_channel_id(k.reply_channel(id).as_bytes()), Some(id));
+            assert_eq!(
+                k.reply_channel_id(k.msgpack_channel(id).as_bytes()),
+                Some(id)
+            );
+        }
+        for other in [
+            "CERBAS-RESPONSE-9-0000000007",           // another db
+            "OTHER-RESPONSE-8-0000000007",            // another prefix
+            "CERBAS-RESPONSE-8-000000007",            // nine digits
+            "CERBAS-RESPONSE-8-00000000007",          // a padded eleven
+            "CERBAS-RESPONSE-8-000000000x",           // not digits
+            "CERBAS-RESPONSE-8-99999999999999999999", // past u64
+            "MSGPACK:MSGPACK:CERBAS-RESPONSE-8-0000000007",
+            "xCERBAS-RESPONSE-8-0000000007",
+            "CERBAS-RESPONSE-8-",
+        ] {
+            assert_eq!(k.reply_channel_id(other.as_bytes()), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn the_reply_channel_pattern_matches_both_forms_with_the_prefix_escaped() {
+        assert_eq!(
+            Keys::new("CERBAS", 0).reply_channel_pattern(),
+            "*CERBAS-RESPONSE-0-*"
+        );
+        assert_eq!(
+            Keys::new(r"a?[b]\", 3).reply_channel_pattern(),
+            r"*a\?\[b\]\\-RESPONSE-3-*"
+        );
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! ack Redis refuses (`MISCONF`, `LOADING`) is retried with back-off until it is
 //! accepted, so the reader never serves it again meanwhile. A reply nobody was
 //! subscribed to (the seed's client subscribes after its `RPUSH`) is held: its
-//! channels are looked for a subscriber (`PUBSUB NUMSUB`) with back-off until
+//! channels are looked for a subscriber (one `PUBSUB CHANNELS` per look where
+//! Redis has few channels, else `PUBSUB NUMSUB` by name) with back-off until
 //! `reply_grace_ms` has passed, the last time at its end, and it is published
 //! again once one is there (blind, if Redis refuses the look); at most `republish_max_bytes` of such replies are held, the oldest dropped
 //! first. What waits for it is counted ([`Backlog`]): the reader takes no more
@@ -24,7 +25,7 @@ use crate::shutdown::Shutdown;
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use redis::{Connection, RedisError, RedisResult, Script, Value};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -138,6 +139,29 @@ enum Republished {
 /// held reply.
 type Sent = (Vec<Acked>, Vec<(Retry, Republished)>);
 
+/// How one pipeline looks whether the channels of held replies have a subscriber
+/// now (neither sees pattern subscribers).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Look {
+    /// `PUBSUB NUMSUB` naming both channels of each reply looked at: Redis's cost
+    /// is small, ours (naming, then reading back every name) grows with them.
+    Named,
+    /// One `PUBSUB CHANNELS` answering every reply channel that has a subscriber:
+    /// Redis's cost grows with every channel it has, anybody's; ours is the
+    /// answer's few names. Chosen when Redis has few channels (see [`look_for`]):
+    /// a drain of requests nobody listens to then costs one small command per
+    /// round, not two names and two answers per reply at each step of its
+    /// schedule.
+    All,
+}
+
+/// A `PUBSUB CHANNELS` costs Redis about as much per channel it has as a
+/// `PUBSUB NUMSUB` costs both sides per reply named, over this many.
+const CHANNELS_PER_REPLY: u64 = 4;
+/// How often Redis's channel count is read again (`INFO stats`) while replies are
+/// held.
+const COUNT_CHANNELS_EVERY: Duration = Duration::from_secs(1);
+
 /// Most requests in one pipeline, and most bytes of replies and bodies: a batch of
 /// large replies is sent in several pipelines rather than buffered whole.
 const MAX_BATCH: usize = 512;
@@ -166,7 +190,7 @@ struct Retry {
     json_len: usize,
     /// Order of arrival: the smallest is the oldest.
     seq: u64,
-    /// The last look (`PUBSUB NUMSUB`) found a subscriber: publish at once.
+    /// The last look found a subscriber: publish at once.
     heard: bool,
 }
 
@@ -413,6 +437,12 @@ struct Publishing {
     /// Held replies dropped because Redis restarted, not yet dropped from
     /// [`Held`] by [`Publishing::run`].
     restarted: bool,
+    /// How many channels Redis had (`pubsub_channels` of `INFO stats`) and when
+    /// that was read; `None` before, or if Redis would not say.
+    channels: Option<u64>,
+    counted_at: Option<Instant>,
+    /// Redis refused `PUBSUB CHANNELS` (an ACL allowing only `NUMSUB`).
+    channels_refused: bool,
 }
 
 impl Publishing {
@@ -424,6 +454,9 @@ impl Publishing {
             loaded: false,
             redis_run: None,
             restarted: false,
+            channels: None,
+            counted_at: None,
+            channels_refused: false,
         }
     }
 
@@ -641,13 +674,20 @@ impl Publishing {
                 }
             }
             let c = conn.as_mut()?;
-            let result = self
-                .load(c)
-                .and_then(|()| crate::connection::query_each(c, &self.pipeline(acks, &again)));
+            let unheard = again.iter().filter(|r| !r.heard).count();
+            let look = look_for(unheard, self.channels.filter(|_| !self.channels_refused));
+            let count = unheard > 0
+                && !self.channels_refused
+                && self
+                    .counted_at
+                    .is_none_or(|at| at.elapsed() >= COUNT_CHANNELS_EVERY);
+            let result = self.load(c).and_then(|()| {
+                crate::connection::query_each(c, &self.pipeline(acks, &again, look, count))
+            });
             match result {
                 Ok(results) => {
                     self.p.connector.recovered();
-                    let (acked, republished) = self.read(acks, again, results);
+                    let (acked, republished) = self.read(acks, again, look, count, results);
                     lost.extend(republished);
                     return Some((acked, lost));
                 }
@@ -704,6 +744,10 @@ impl Publishing {
             self.restarted = true;
         }
         self.redis_run = Some(run);
+        if another {
+            self.channels = None;
+            self.counted_at = None;
+        }
         another
     }
 
@@ -719,11 +763,12 @@ impl Publishing {
 
     /// One `REPLY` call for every reply of the batch, then one `SCHEDULE` call per
     /// delayed request, then the two `PUBLISH` of each held reply whose channel was
-    /// heard, then one `PUBSUB NUMSUB` for the channels of the others;
-    /// [`Publishing::read`] reads them in that order. Looking costs Redis far less
-    /// than publishing to nobody, which a reply nobody waits for (a fire-and-forget
-    /// caller) would otherwise cost at every step of its schedule.
-    fn pipeline(&self, acks: &[Ack], again: &[Retry]) -> redis::Pipeline {
+    /// heard, then one look (`look`) for the others, then, if `count`, `INFO stats`
+    /// for Redis's channel count; [`Publishing::read`] reads them in that order.
+    /// Looking costs Redis far less than publishing to nobody, which a reply nobody
+    /// waits for (a fire-and-forget caller) would otherwise cost at every step of
+    /// its schedule.
+    fn pipeline(&self, acks: &[Ack], again: &[Retry], look: Look, count: bool) -> redis::Pipeline {
         let keys = &self.p.keys;
         let mut pipe = redis::pipe();
         let replies: Vec<(u64, &Option<Encoded>)> = acks
@@ -778,11 +823,23 @@ impl Publishing {
                 .arg(r.msgpack());
         }
         if again.iter().any(|r| !r.heard) {
-            pipe.cmd("PUBSUB").arg("NUMSUB");
-            for r in again.iter().filter(|r| !r.heard) {
-                pipe.arg(keys.reply_channel(r.id))
-                    .arg(keys.msgpack_channel(r.id));
+            match look {
+                Look::Named => {
+                    pipe.cmd("PUBSUB").arg("NUMSUB");
+                    for r in again.iter().filter(|r| !r.heard) {
+                        pipe.arg(keys.reply_channel(r.id))
+                            .arg(keys.msgpack_channel(r.id));
+                    }
+                }
+                Look::All => {
+                    pipe.cmd("PUBSUB")
+                        .arg("CHANNELS")
+                        .arg(keys.reply_channel_pattern());
+                }
             }
+        }
+        if count {
+            pipe.cmd("INFO").arg("stats");
         }
         pipe
     }
@@ -796,8 +853,15 @@ impl Publishing {
     }
 
     /// Reads a pipeline's results: one per ack, two per publish of a held reply,
-    /// then the subscriber counts of the others.
-    fn read(&mut self, acks: &[Ack], again: Vec<Retry>, results: Vec<RedisResult<Value>>) -> Sent {
+    /// then the look for the others, then Redis's channel count if `count`.
+    fn read(
+        &mut self,
+        acks: &[Ack],
+        again: Vec<Retry>,
+        look: Look,
+        count: bool,
+        results: Vec<RedisResult<Value>>,
+    ) -> Sent {
         let mut results = results.into_iter();
         let mut next = || {
             results
@@ -857,7 +921,20 @@ impl Publishing {
             };
             acked.push(outcome);
         }
-        (acked, republished(again, &mut results))
+        let (republished, refused) = republished(again, &mut results, look, &self.p.keys);
+        if refused {
+            self.channels_refused = true;
+        }
+        if count {
+            // A refused or odd answer: looked at by name until the next count.
+            self.channels = results
+                .next()
+                .and_then(|r| r.ok())
+                .and_then(|v| redis::from_redis_value::<String>(v).ok())
+                .and_then(|info| pubsub_channels(&info));
+            self.counted_at = Some(Instant::now());
+        }
+        (acked, republished)
     }
 
     /// Moves every id still in this instance's processing list back to the head of
@@ -906,18 +983,38 @@ impl Publishing {
     }
 }
 
-/// Whether Redis has refused a `PUBSUB NUMSUB` (logged once per process).
+/// Whether Redis has refused a look by name (logged once per process).
 static LOOK_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// How to look at `unheard` replies, Redis having `channels` channels (`None`:
+/// unknown).
+fn look_for(unheard: usize, channels: Option<u64>) -> Look {
+    match channels {
+        Some(c) if c <= CHANNELS_PER_REPLY.saturating_mul(unheard as u64) => Look::All,
+        _ => Look::Named,
+    }
+}
+
+/// `pubsub_channels` of an `INFO stats` answer.
+fn pubsub_channels(info: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("pubsub_channels:"))
+        .and_then(|n| n.trim().parse().ok())
+}
 
 /// What became of each held reply, from its part of a pipeline's results (see
 /// [`Publishing::pipeline`]): two `PUBLISH` counts for each reply that was heard,
-/// then one `PUBSUB NUMSUB` answer for the others. A missing or unreadable answer
-/// counts as nobody, so the reply goes back to its schedule; a look Redis
-/// refused counts as heard, so the reply is published (blind) at once.
+/// then one look (`look`) for the others. A missing or unreadable answer
+/// counts as nobody, so the reply goes back to its schedule. A look by name Redis
+/// refused counts as heard, so the reply is published (blind) at once; a
+/// `PUBSUB CHANNELS` Redis refused counts as nobody, and the second value is true:
+/// look by name from then on.
 fn republished(
     again: Vec<Retry>,
     results: &mut impl Iterator<Item = RedisResult<Value>>,
-) -> Vec<(Retry, Republished)> {
+    look: Look,
+    keys: &Keys,
+) -> (Vec<(Retry, Republished)>, bool) {
     let (heard, unheard): (Vec<Retry>, Vec<Retry>) = again.into_iter().partition(|r| r.heard);
     let mut out: Vec<(Retry, Republished)> = heard
         .into_iter()
@@ -936,46 +1033,65 @@ fn republished(
             (r, what)
         })
         .collect();
-    if !unheard.is_empty() {
-        let answer = results.next();
-        if let Some(Err(e)) = &answer {
-            if !crate::connection::is_lost(e) {
-                // Redis refuses the look (an ACL without `PUBSUB`, a renamed
-                // command): publish on the schedule instead, as before looks,
-                // or a late subscriber would never get its reply.
-                if !LOOK_REFUSED.swap(true, Ordering::Relaxed) {
-                    log::warn!(
-                        "redis refuses PUBSUB NUMSUB ({e}): replies held for late subscribers are published again blind"
-                    );
-                }
-                out.extend(unheard.into_iter().map(|r| (r, Republished::Heard)));
-                return out;
-            }
+    if unheard.is_empty() {
+        return (out, false);
+    }
+    let answer = match results.next() {
+        Some(Ok(v)) => redis::from_redis_value::<Vec<Value>>(v).unwrap_or_default(),
+        Some(Err(e)) if !crate::connection::is_lost(&e) && look == Look::All => {
+            log::warn!("redis refuses PUBSUB CHANNELS ({e}): looking for late subscribers by name");
+            out.extend(unheard.into_iter().map(|r| (r, Republished::Nobody)));
+            return (out, true);
         }
+        Some(Err(e)) if !crate::connection::is_lost(&e) => {
+            // Redis refuses the look (an ACL without `PUBSUB`, a renamed
+            // command): publish on the schedule instead, as before looks,
+            // or a late subscriber would never get its reply.
+            if !LOOK_REFUSED.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "redis refuses PUBSUB NUMSUB ({e}): replies held for late subscribers are published again blind"
+                );
+            }
+            out.extend(unheard.into_iter().map(|r| (r, Republished::Heard)));
+            return (out, false);
+        }
+        _ => Vec::new(),
+    };
+    let subscribed: Vec<bool> = match look {
         // `[channel, count, channel, count, ...]`, two channels per reply; an
         // answer that is not that counts as nobody.
-        let counts: Vec<i64> = answer
-            .and_then(|v| v.ok())
-            .and_then(|v| redis::from_redis_value::<Vec<Value>>(v).ok())
-            .map(|flat| {
-                flat.into_iter()
-                    .skip(1)
-                    .step_by(2)
-                    .map(|n| redis::from_redis_value::<i64>(n).unwrap_or(0))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.extend(unheard.into_iter().enumerate().map(|(i, r)| {
-            let subscribers = counts.get(2 * i).unwrap_or(&0) + counts.get(2 * i + 1).unwrap_or(&0);
-            let what = if subscribers > 0 {
-                Republished::Heard
-            } else {
-                Republished::Nobody
-            };
-            (r, what)
-        }));
-    }
-    out
+        Look::Named => {
+            let counts: Vec<i64> = answer
+                .into_iter()
+                .skip(1)
+                .step_by(2)
+                .map(|n| redis::from_redis_value::<i64>(n).unwrap_or(0))
+                .collect();
+            (0..unheard.len())
+                .map(|i| counts.get(2 * i).unwrap_or(&0) + counts.get(2 * i + 1).unwrap_or(&0) > 0)
+                .collect()
+        }
+        // The channels that have a subscriber; names not ours are skipped.
+        Look::All => {
+            let ids: HashSet<u64> = answer
+                .into_iter()
+                .filter_map(|v| match v {
+                    Value::BulkString(name) => keys.reply_channel_id(&name),
+                    _ => None,
+                })
+                .collect();
+            unheard.iter().map(|r| ids.contains(&r.id)).collect()
+        }
+    };
+    out.extend(unheard.into_iter().zip(subscribed).map(|(r, yes)| {
+        let what = if yes {
+            Republished::Heard
+        } else {
+            Republished::Nobody
+        };
+        (r, what)
+    }));
+    (out, false)
 }
 
 /// Takes what the workers sent into `acks`: waits for the first until `wake`, then
@@ -1079,10 +1195,16 @@ mod tests {
     }
 
     fn outcomes(again: Vec<Retry>, results: Vec<RedisResult<Value>>) -> Vec<(u64, Republished)> {
-        republished(again, &mut results.into_iter())
-            .into_iter()
-            .map(|(r, what)| (r.id, what))
-            .collect()
+        republished(
+            again,
+            &mut results.into_iter(),
+            Look::Named,
+            &Keys::new("P", 0),
+        )
+        .0
+        .into_iter()
+        .map(|(r, what)| (r.id, what))
+        .collect()
     }
 
     #[test]
@@ -1156,6 +1278,85 @@ mod tests {
             vec![noperm()],
         );
         assert_eq!(got, vec![(1, Republished::Heard), (2, Republished::Heard)]);
+    }
+
+    #[test]
+    fn one_channels_look_is_chosen_only_where_redis_has_few_channels() {
+        // Unknown: by name, whatever the number of replies.
+        assert_eq!(look_for(1000, None), Look::Named);
+        assert_eq!(look_for(1, Some(0)), Look::All);
+        assert_eq!(look_for(10, Some(40)), Look::All);
+        assert_eq!(look_for(10, Some(41)), Look::Named);
+        assert_eq!(look_for(1, Some(u64::MAX)), Look::Named);
+        assert_eq!(look_for(usize::MAX, Some(u64::MAX)), Look::All);
+    }
+
+    #[test]
+    fn redis_channel_count_is_read_from_info_stats() {
+        let info = "# Stats\r\ntotal_connections_received:4\r\npubsub_channels:17\r\npubsub_patterns:0\r\n";
+        assert_eq!(pubsub_channels(info), Some(17));
+        assert_eq!(pubsub_channels("# Stats\r\npubsub_patterns:0\r\n"), None);
+        assert_eq!(pubsub_channels("pubsub_channels:many\r\n"), None);
+    }
+
+    fn all_look(again: Vec<Retry>, answer: RedisResult<Value>) -> (Vec<(u64, Republished)>, bool) {
+        let keys = Keys::new("P", 0);
+        let (out, refused) = republished(again, &mut vec![answer].into_iter(), Look::All, &keys);
+        (
+            out.into_iter().map(|(r, what)| (r.id, what)).collect(),
+            refused,
+        )
+    }
+
+    #[test]
+    fn a_channels_look_finds_replies_by_either_channel_and_skips_other_names() {
+        let keys = Keys::new("P", 0);
+        let name = |s: String| Value::BulkString(s.into_bytes());
+        let got = all_look(
+            vec![
+                held_reply(1, false),
+                held_reply(2, false),
+                held_reply(3, false),
+            ],
+            Ok(Value::Array(vec![
+                name(keys.reply_channel(2)),
+                name(keys.msgpack_channel(3)),
+                name(Keys::new("P", 1).reply_channel(1)),
+                name("actioncable:room:1".into()),
+                Value::Int(1),
+            ])),
+        );
+        assert_eq!(
+            got,
+            (
+                vec![
+                    (1, Republished::Nobody),
+                    (2, Republished::Heard),
+                    (3, Republished::Heard),
+                ],
+                false
+            )
+        );
+    }
+
+    /// An ACL allowing `PUBSUB NUMSUB` but not `PUBSUB CHANNELS`: nothing is
+    /// published blind; the next looks are by name.
+    #[test]
+    fn a_refused_channels_look_falls_back_to_looking_by_name() {
+        let noperm = Err(RedisError::from((
+            redis::ErrorKind::Extension,
+            "NOPERM",
+            "no permissions to run the 'pubsub|channels' command".to_string(),
+        )));
+        assert_eq!(
+            all_look(vec![held_reply(1, false)], noperm),
+            (vec![(1, Republished::Nobody)], true)
+        );
+        let lost = Err(RedisError::from(std::io::Error::other("gone")));
+        assert_eq!(
+            all_look(vec![held_reply(1, false)], lost),
+            (vec![(1, Republished::Nobody)], false)
+        );
     }
 
     #[test]

@@ -408,34 +408,85 @@ fn calls_of(conn: &mut redis::Connection, command: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Looks for a late subscriber: `PUBSUB NUMSUB` by name, or one `PUBSUB
+/// CHANNELS` for all.
+fn looks(conn: &mut redis::Connection) -> (u64, u64) {
+    (
+        calls_of(conn, "pubsub|numsub"),
+        calls_of(conn, "pubsub|channels"),
+    )
+}
+
+/// Starts a server holding replies 600 ms, sends one request nobody subscribes
+/// to, and waits for its six looks (about 2, 8, 26, 80, 242 and 600 ms after
+/// its first publish). Returns the looks made, by name and by `CHANNELS`, and how
+/// often it was published.
+fn looks_for_one_unheard_reply(redis: &Redis) -> ((u64, u64), u64) {
+    let config = config_with("reply_grace_ms = 600");
+    let config = config.to_str().expect("utf-8 path");
+    let server = Server::spawn(redis, &["--config", config], &[]);
+    server.wait_ready(redis);
+    let mut conn = redis.conn();
+    let (published, before) = (calls_of(&mut conn, "publish"), looks(&mut conn));
+    submit_many(&mut conn, &[body("hello", json!({}))]);
+    let made = wait_for(
+        "the server to look for late subscribers",
+        Duration::from_secs(10),
+        || {
+            let now = looks(&mut conn);
+            let made = (now.0 - before.0, now.1 - before.1);
+            (made.0 + made.1 >= 6).then_some(made)
+        },
+    );
+    (made, calls_of(&mut conn, "publish") - published)
+}
+
 /// A reply nobody subscribes to (an old one-way client) is not published again
 /// and again for the grace: the server looks for a subscriber instead, which
-/// costs Redis far less.
+/// costs Redis far less. With few channels in Redis, by one `PUBSUB CHANNELS`
+/// per look once it has counted them (the first look is by name).
 #[test]
 fn a_reply_nobody_hears_is_looked_for_not_published_again() {
     let redis = Redis::start();
-    let config = config_with("reply_grace_ms = 600");
-    let config = config.to_str().expect("utf-8 path");
-    let server = Server::spawn(&redis, &["--config", config], &[]);
-    server.wait_ready(&redis);
-    let mut conn = redis.conn();
-    let (published, looked) = (
-        calls_of(&mut conn, "publish"),
-        calls_of(&mut conn, "pubsub|numsub"),
-    );
-    let ids = submit_many(&mut conn, &[body("hello", json!({}))]);
-    // Looks at about 2, 8, 26, 80, 242 and 600 ms after the first publish.
-    wait_for(
-        "the server to look for late subscribers",
-        Duration::from_secs(10),
-        || (calls_of(&mut conn, "pubsub|numsub") >= looked + 6).then_some(()),
-    );
+    let ((by_name, by_channels), published) = looks_for_one_unheard_reply(&redis);
     assert_eq!(
-        calls_of(&mut conn, "publish") - published,
-        2,
-        "request {} was published once on each channel, and never again",
-        ids[0]
+        published, 2,
+        "published once on each channel, and never again"
     );
+    assert!(
+        by_channels >= 4 && by_name <= 2,
+        "{by_name} looks by name, {by_channels} by PUBSUB CHANNELS"
+    );
+}
+
+/// Redis with many channels of other apps (an ActionCable neighbour): one
+/// `PUBSUB CHANNELS` would cost it a walk over all of them at every look, so the
+/// server looks by name.
+#[test]
+fn held_replies_are_looked_for_by_name_where_redis_has_many_channels() {
+    let redis = Redis::start();
+    let mut neighbour =
+        std::net::TcpStream::connect(("127.0.0.1", redis.port)).expect("neighbour connection");
+    let names: Vec<String> = (0..2000).map(|i| format!("actioncable:room:{i}")).collect();
+    std::io::Write::write_all(
+        &mut neighbour,
+        format!("SUBSCRIBE {}\r\n", names.join(" ")).as_bytes(),
+    )
+    .expect("SUBSCRIBE");
+    let mut conn = redis.conn();
+    wait_for(
+        "the neighbour's 2,000 channels",
+        Duration::from_secs(10),
+        || (info_field(&mut conn, "stats", "pubsub_channels") == "2000").then_some(()),
+    );
+    let ((by_name, by_channels), published) = looks_for_one_unheard_reply(&redis);
+    assert_eq!(published, 2);
+    assert_eq!(
+        (by_name, by_channels),
+        (6, 0),
+        "every look by name, none by PUBSUB CHANNELS"
+    );
+    drop(neighbour);
 }
 
 /// A late subscriber to the msgpack channel alone is found, and gets the
@@ -547,21 +598,53 @@ fn replies_held_across_a_redis_restart_never_reach_new_requests_with_their_ids()
 /// still gets its reply.
 #[test]
 fn a_late_subscriber_gets_its_reply_when_the_acl_denies_pubsub() {
+    late_reply_as_a_user_denied("-pubsub", |_| ());
+}
+
+/// A Redis user allowed `PUBSUB NUMSUB` but not `PUBSUB CHANNELS`: the server
+/// looks by name instead, and a late subscriber gets its reply.
+#[test]
+fn a_late_subscriber_gets_its_reply_when_the_acl_denies_pubsub_channels() {
+    let (server, published) = late_reply_as_a_user_denied("-pubsub|channels", |conn| {
+        // Past the refused CHANNELS look (at about 8 ms) and the next by name.
+        wait_for(
+            "a look by name after the refusal",
+            Duration::from_secs(10),
+            || (calls_of(conn, "pubsub|numsub") >= 2).then_some(()),
+        );
+    });
+    server.wait_log("refuses PUBSUB CHANNELS", 1);
+    assert_eq!(
+        published, 4,
+        "never published blind: twice to nobody, then twice once a subscriber came"
+    );
+}
+
+/// Runs a server as a Redis user denied `denied` (an ACL), sends one `hello`
+/// nobody subscribes to, calls `meanwhile` once it is acknowledged, then
+/// subscribes late and checks that the reply arrives. Returns the server (for
+/// its log) and how many `PUBLISH` Redis ran from the request on.
+fn late_reply_as_a_user_denied(
+    denied: &str,
+    meanwhile: impl FnOnce(&mut redis::Connection),
+) -> (Server, u64) {
     let redis = Redis::start();
     let mut conn = redis.conn();
     let _: () = redis::cmd("ACL")
         .arg(&[
-            "SETUSER", "cerbas", "on", ">secret", "~*", "&*", "+@all", "-pubsub",
+            "SETUSER", "cerbas", "on", ">secret", "~*", "&*", "+@all", denied,
         ])
         .query(&mut conn)
         .expect("ACL SETUSER");
     let url = format!("redis://cerbas:secret@127.0.0.1:{}", redis.port);
     let server = Server::spawn(&redis, &["--redis", &url], &[]);
     server.wait_ready(&redis);
+    let published = calls_of(&mut conn, "publish");
     let ids = submit_many(&mut conn, &[body("hello", json!({}))]);
     wait_for("the request acknowledged", Duration::from_secs(10), || {
         leftover_keys(&mut conn).is_empty().then_some(())
     });
+    meanwhile(&mut conn);
     let channel = format!("CERBAS-RESPONSE-1-{:010}", ids[0]);
     let got = redis
         .first_message(&channel, Duration::from_secs(8))
@@ -575,6 +658,7 @@ fn a_late_subscriber_gets_its_reply_when_the_acl_denies_pubsub() {
         got.get_payload_bytes(),
         br#"{"status":"ok","data":"hello world!"}"#
     );
+    (server, calls_of(&mut conn, "publish") - published)
 }
 
 /// A request still running when Redis restarts empty (its counter set back):
