@@ -18,7 +18,10 @@
 //! restarted, every call in flight fails at once (its id may be reused by
 //! another request: a caller must never get another request's reply) and the
 //! id block is dropped. A call whose request Redis had not yet acknowledged fails
-//! at once with a connection error.
+//! at once with a connection error, unless the connection was cut by this client
+//! because a write timed out (a frozen Redis): what was written before that write
+//! is whole in Redis's socket and runs when Redis reads it, so those calls wait
+//! for the reconnect as acknowledged ones do, until their own deadlines.
 //!
 //! Not for: building request bodies or decoding replies (`mod.rs`), frame parsing
 //! rules (`wire.rs`).
@@ -170,6 +173,8 @@ struct State {
     run_id: Option<String>,
     connected_once: bool,
     next_token: u64,
+    /// The generation whose connection a write cut when it timed out.
+    cut: Option<u64>,
 }
 
 /// The write half of the current connection.
@@ -319,6 +324,7 @@ impl Link {
                 run_id: None,
                 connected_once: false,
                 next_token: 0,
+                cut: None,
             }),
             changed: Condvar::new(),
             writer: Mutex::new(None),
@@ -526,6 +532,9 @@ impl Link {
                     if st.generation == generation {
                         st.up = false;
                         st.last_error = e.to_string();
+                        if is_timeout(&e) {
+                            st.cut = Some(generation);
+                        }
                     }
                     if is_timeout(&e) {
                         Err(ClientError::Timeout(Duration::ZERO))
@@ -1022,15 +1031,21 @@ fn serve(sh: &Shared, conn: &mut Conn) -> String {
 }
 
 /// After the connection of `generation` broke: calls whose request Redis had not
-/// acknowledged fail now; acknowledged ones wait for the reconnect.
+/// acknowledged fail now; acknowledged ones wait for the reconnect. After a cut
+/// (see [`State::cut`]) every call waits: its request was written whole before
+/// the write that timed out, and runs once Redis reads it; its answers are lost
+/// with the connection, and a one-way call that waits for them times out.
 fn lost(sh: &Shared, generation: u64, why: String) {
     {
         let mut st = lock(&sh.state);
         if st.generation == generation {
             st.up = false;
-            st.last_error = why.clone();
+            let cut = st.cut == Some(generation);
+            if !cut {
+                st.last_error = why.clone();
+            }
             for slot in st.fifo.drain(..) {
-                if let Slot::Call { tx, .. } = slot {
+                if let (Slot::Call { tx, .. }, false) = (slot, cut) {
                     tx.send(Event::Failed(ClientError::Connection(format!(
                         "connection lost before Redis acknowledged the request: {why}"
                     ))));
@@ -1039,6 +1054,8 @@ fn lost(sh: &Shared, generation: u64, why: String) {
             st.unsubscribe.clear();
             st.fetching = false;
             st.routes.retain(|_, r| {
+                // After a cut the request is in Redis's socket: as good as queued.
+                r.queued |= cut;
                 if !r.queued {
                     r.tx.send(Event::Failed(ClientError::Connection(format!(
                         "connection lost before Redis acknowledged the request: {why}"
