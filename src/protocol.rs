@@ -134,8 +134,14 @@ impl Keys {
     /// assert_eq!(keys.reply_channel_id(b"CERBAS-RESPONSE-2-0000000007"), None);
     /// ```
     pub fn reply_channel_id(&self, channel: &[u8]) -> Option<u64> {
-        let rest = channel.strip_prefix(b"MSGPACK:").unwrap_or(channel);
-        let rest = rest.strip_prefix(self.prefix.as_bytes())?;
+        // The JSON channel first: a prefix may itself start with `MSGPACK:`.
+        let json = self.reply_id(channel);
+        json.or_else(|| self.reply_id(channel.strip_prefix(b"MSGPACK:")?))
+    }
+
+    /// The id whose JSON reply channel is `channel`.
+    fn reply_id(&self, channel: &[u8]) -> Option<u64> {
+        let rest = channel.strip_prefix(self.prefix.as_bytes())?;
         let rest = rest.strip_prefix(format!("-RESPONSE-{}-", self.db).as_bytes())?;
         // `{id:010}`: at least ten digits, more only without a leading zero.
         let well_formed = rest.len() >= 10
@@ -650,6 +656,11 @@ mod tests {
         ] {
             assert_eq!(k.reply_channel_id(other.as_bytes()), None, "{other}");
         }
+        // A prefix that starts like the msgpack channels: both still found.
+        let m = Keys::new("MSGPACK:X", 0);
+        assert_eq!(m.reply_channel_id(m.reply_channel(7).as_bytes()), Some(7));
+        assert_eq!(m.reply_channel_id(m.msgpack_channel(7).as_bytes()), Some(7));
+        assert_eq!(m.reply_channel_id(b"X-RESPONSE-0-0000000007"), None);
     }
 
     #[test]

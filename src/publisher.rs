@@ -677,12 +677,19 @@ impl Publishing {
             }
             let c = conn.as_mut()?;
             let unheard = again.iter().filter(|r| !r.heard).count();
-            let look = look_for(unheard, self.channels.filter(|_| !self.channels_refused));
             let count = unheard > 0
                 && !self.channels_refused
                 && self
                     .counted_at
                     .is_none_or(|at| at.elapsed() >= COUNT_CHANNELS_EVERY);
+            // A count older than its period is no count: after a quiet spell a
+            // neighbour may have subscribed a million channels since, and one
+            // `PUBSUB CHANNELS` over them blocks Redis for most of a second. This
+            // pipeline looks by name and counts again.
+            let look = look_for(
+                unheard,
+                self.channels.filter(|_| !self.channels_refused && !count),
+            );
             let result = self.load(c).and_then(|()| {
                 crate::connection::query_each(c, &self.pipeline(acks, &again, look, count))
             });

@@ -465,6 +465,19 @@ fn a_reply_nobody_hears_is_looked_for_not_published_again() {
 #[test]
 fn held_replies_are_looked_for_by_name_where_redis_has_many_channels() {
     let redis = Redis::start();
+    let neighbour = neighbour_with_2000_channels(&redis);
+    let ((by_name, by_channels), published) = looks_for_one_unheard_reply(&redis);
+    assert_eq!(published, 2);
+    assert_eq!(
+        (by_name, by_channels),
+        (6, 0),
+        "every look by name, none by PUBSUB CHANNELS"
+    );
+    drop(neighbour);
+}
+
+/// Another app's connection subscribed to 2,000 channels (once Redis counts them).
+fn neighbour_with_2000_channels(redis: &Redis) -> std::net::TcpStream {
     let mut neighbour =
         std::net::TcpStream::connect(("127.0.0.1", redis.port)).expect("neighbour connection");
     let names: Vec<String> = (0..2000).map(|i| format!("actioncable:room:{i}")).collect();
@@ -479,14 +492,53 @@ fn held_replies_are_looked_for_by_name_where_redis_has_many_channels() {
         Duration::from_secs(10),
         || (info_field(&mut conn, "stats", "pubsub_channels") == "2000").then_some(()),
     );
-    let ((by_name, by_channels), published) = looks_for_one_unheard_reply(&redis);
-    assert_eq!(published, 2);
-    assert_eq!(
-        (by_name, by_channels),
-        (6, 0),
-        "every look by name, none by PUBSUB CHANNELS"
+    neighbour
+}
+
+/// Redis's channel count, read while the server looked for a reply nobody
+/// heard, is stale after a quiet spell: a neighbour subscribed many channels
+/// meanwhile (a million make one `PUBSUB CHANNELS` block Redis for about 0.4 s).
+/// The next unheard reply is looked for by name until the count is read again.
+#[test]
+fn a_stale_count_of_redis_channels_is_not_trusted() {
+    let redis = Redis::start();
+    let config = config_with("reply_grace_ms = 300");
+    let config = config.to_str().expect("utf-8 path");
+    let server = Server::spawn(&redis, &["--config", config], &[]);
+    server.wait_ready(&redis);
+    let mut conn = redis.conn();
+    submit_many(&mut conn, &[body("hello", json!({}))]);
+    // Counted (no channels) at its first look; then looked for by CHANNELS.
+    wait_for(
+        "a look by PUBSUB CHANNELS, the channels counted",
+        Duration::from_secs(10),
+        || (looks(&mut conn).1 >= 1).then_some(()),
     );
-    drop(neighbour);
+    let counted = Instant::now();
+    let neighbour = neighbour_with_2000_channels(&redis);
+    // The first reply's grace (300 ms) is over and the server's last count is
+    // older than its 100 ms period once this has passed (the behaviour under
+    // test is the count's age, so the wait is on time itself).
+    wait_for("the count stale", Duration::from_secs(10), || {
+        (counted.elapsed() > Duration::from_millis(1100)).then_some(())
+    });
+    let before = looks(&mut conn);
+    submit_many(&mut conn, &[body("hello", json!({}))]);
+    let made = wait_for(
+        "the server to look for late subscribers",
+        Duration::from_secs(10),
+        || {
+            let now = looks(&mut conn);
+            let made = (now.0 - before.0, now.1 - before.1);
+            (made.0 + made.1 >= 5).then_some(made)
+        },
+    );
+    assert_eq!(
+        made,
+        (5, 0),
+        "(by name, by PUBSUB CHANNELS): never a walk over the neighbour's channels"
+    );
+    drop((neighbour, server));
 }
 
 /// A late subscriber to the msgpack channel alone is found, and gets the
