@@ -524,18 +524,22 @@ impl Link {
                 Err(e) => {
                     // Part of it may be written: the connection is out of step.
                     // The reader thread sees it close and reconnects; until then
-                    // nobody writes on it.
-                    writer.stream.shutdown();
+                    // nobody writes on it. The cut is marked before the socket is
+                    // shut: the reader thread wakes on the shutdown, and `lost`
+                    // must see the cut.
                     let generation = writer.generation;
-                    *w = None;
-                    let mut st = lock(&sh.state);
-                    if st.generation == generation {
-                        st.up = false;
-                        st.last_error = e.to_string();
-                        if is_timeout(&e) {
-                            st.cut = Some(generation);
+                    {
+                        let mut st = lock(&sh.state);
+                        if st.generation == generation {
+                            st.up = false;
+                            st.last_error = e.to_string();
+                            if is_timeout(&e) {
+                                st.cut = Some(generation);
+                            }
                         }
                     }
+                    writer.stream.shutdown();
+                    *w = None;
                     if is_timeout(&e) {
                         Err(ClientError::Timeout(Duration::ZERO))
                     } else {
