@@ -676,3 +676,75 @@ fn a_call_in_flight_across_a_cut_gets_its_reply_once_redis_wakes() {
         "the client works after"
     );
 }
+
+/// A cut on a frozen Redis, then `close()`: the call in flight, which the cut
+/// left waiting for its deadline, fails at once with `Closed`, and so does a
+/// later call.
+#[test]
+fn closing_after_a_cut_fails_the_call_in_flight_at_once() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let c = Arc::new(redis.client());
+    let own = Duration::from_secs(15);
+    let small = a_small_call_behind_a_cut(&redis, &c, own);
+    c.close();
+    let (got, took) = small.join().expect("the small call");
+    redis.resume();
+    assert_eq!(got, Err(ClientError::Closed), "after {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(c.request("hello", json!({})), Err(ClientError::Closed));
+}
+
+/// A cut on a frozen Redis, then Redis killed and started again (empty): the
+/// call in flight does not wait for its own deadline; it fails once the client
+/// reconnects to the new Redis (its id may be given again there), and the
+/// client works after.
+#[test]
+fn a_redis_killed_while_frozen_after_a_cut_fails_the_call_in_flight_at_the_reconnect() {
+    let mut redis = Redis::start();
+    let _server = Server::start(&redis);
+    let c = Arc::new(redis.client());
+    let pid: i32 = info_field(&mut redis.conn(), "server", "process_id")
+        .parse()
+        .expect("process_id");
+    let own = Duration::from_secs(15);
+    let small = a_small_call_behind_a_cut(&redis, &c, own);
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    redis.restart(Duration::ZERO);
+    let (got, took) = small.join().expect("the small call");
+    assert!(
+        matches!(&got, Err(ClientError::Connection(e)) if e.contains("restarted")),
+        "{got:?} after {took:?}"
+    );
+    assert!(took < own, "{took:?}");
+    let works = wait_for("the client works", Duration::from_secs(10), || {
+        c.request("hello", json!({})).ok()
+    });
+    assert_eq!(works, Reply::Ok(json!("hello world!")));
+}
+
+/// Redis healthy, but the client's connection stalls on the way (a relay stops
+/// passing on what the client sends) so a big write times out and cuts it: a
+/// later call gets a new connection and its reply, within its own timeout.
+#[test]
+fn after_a_cut_of_a_stalled_connection_to_a_healthy_redis_later_calls_work() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let relay = Relay::start(redis.port);
+    let c = Client::open(&relay.url(), Env::Dev).expect("client through the relay");
+    assert!(c.request("hello", json!({})).is_ok(), "warm: ids in hand");
+    let held = relay.hold(b"stall-here");
+    let big = c.body("echo", json!({ "message": "stall-here".repeat(3 << 20) }));
+    let second = Duration::from_secs(1);
+    let got = c.call(&big, &CallOptions::new().timeout(second));
+    assert_eq!(got, Err(ClientError::Timeout(second)));
+    held.recv_timeout(Duration::from_secs(5))
+        .expect("the relay holds");
+    let later = Duration::from_secs(5);
+    let got = c.request_with("hello", json!({}), &CallOptions::new().timeout(later));
+    relay.release();
+    assert_eq!(got, Ok(Reply::Ok(json!("hello world!"))));
+}

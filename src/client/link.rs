@@ -19,9 +19,13 @@
 //! another request: a caller must never get another request's reply) and the
 //! id block is dropped. A call whose request Redis had not yet acknowledged fails
 //! at once with a connection error, unless the connection was cut by this client
-//! because a write timed out (a frozen Redis): what was written before that write
-//! is whole in Redis's socket and runs when Redis reads it, so those calls wait
-//! for the reconnect as acknowledged ones do, until their own deadlines.
+//! because a write timed out (a frozen Redis): then those calls wait for the
+//! reconnect as acknowledged ones do, until their own deadlines, their outcome
+//! unknown as with any timeout. What of their requests Redis's socket holds (about
+//! 128 KB on loopback) runs when Redis wakes, and its replies reach them through
+//! the reconnect; what was still in this client's send queue is lost with the
+//! socket. (Shutting only the sending half would let Redis drain it, but then a
+//! connection stalled on the way never ends by itself.)
 //!
 //! Not for: building request bodies or decoding replies (`mod.rs`), frame parsing
 //! rules (`wire.rs`).
@@ -1036,9 +1040,10 @@ fn serve(sh: &Shared, conn: &mut Conn) -> String {
 
 /// After the connection of `generation` broke: calls whose request Redis had not
 /// acknowledged fail now; acknowledged ones wait for the reconnect. After a cut
-/// (see [`State::cut`]) every call waits: its request was written whole before
-/// the write that timed out, and runs once Redis reads it; its answers are lost
-/// with the connection, and a one-way call that waits for them times out.
+/// (see [`State::cut`]) every call waits until its deadline: its request, written
+/// whole before the write that timed out, runs once Redis reads it if Redis's
+/// socket holds it (see the module's comment); its answers are lost with the
+/// connection, so a one-way call that waits for them times out.
 fn lost(sh: &Shared, generation: u64, why: String) {
     {
         let mut st = lock(&sh.state);
