@@ -304,6 +304,27 @@ def test_frozen_redis_each_caller_gets_its_own_timeout(own_server, make_client):
         assert t is not None and abs(t - timeout) <= 0.5, (timeouts, took)
 
 
+def test_callers_timing_out_leave_the_others_a_reader(cerbas_server, make_client):
+    """Callers that give up (their timeout) while others wait: a waiting caller may
+    be the one reading the replies of all (client.py), so its turn passes on and
+    the others get their replies when they come, not a reader-thread tick later."""
+    c = make_client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
+    c.request("hello")
+    for _ in range(3):
+        def caller(i):
+            if i < 4:  # first in: likely the reader when they give up
+                with pytest.raises(TimeoutError):
+                    c.request("sleep", {"ms": 2000}, timeout=0.15)
+                return None
+            time.sleep(0.05)
+            started = time.monotonic()
+            assert c.request("sleep", {"ms": 300}, timeout=5.0) == {"status": "ok", "data": 300}
+            return time.monotonic() - started
+        took = in_threads(5, caller)
+        assert took[:4] == [None] * 4, took
+        assert 0.3 <= took[4] < 0.75, took
+
+
 def test_close_with_calls_in_flight(cerbas_server, make_client):
     c = make_client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
     holder = {}

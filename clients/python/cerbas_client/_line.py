@@ -14,6 +14,7 @@ until their deadlines.
 
 import collections
 import socket
+import struct
 import threading
 import time
 from typing import Any, List, Optional
@@ -132,9 +133,8 @@ class CommandLine:
                 self.inflight.extend(batch)  # before the write: answers may come at once
                 conn = self.conn
             try:
-                sock = conn._sock
-                for chunk in conn.pack_commands([c for e in batch for c in e.commands]):
-                    sock.sendall(chunk)
+                conn._sock.sendall(_protocol.encode_commands(
+                    [c for e in batch for c in e.commands]))
             except Exception:
                 _shutdown(conn)  # the reader fails what was in flight, and reconnects
                 with self.lock:
@@ -176,6 +176,11 @@ class CommandLine:
             for entry in queued:
                 entry.finish(error)
             return False
+        # Blocking, with the kernel bounding each write to 1 s (SO_SNDTIMEO): one
+        # syscall per send and per read, where a Python socket timeout adds a
+        # poll() to each; a blocked read is woken by shutdown() (close, a break).
+        conn._sock.settimeout(None)
+        conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 1, 0))
         generation = c._seen_run_id(run_id)
         with self.lock:
             if self.closed:
@@ -192,14 +197,10 @@ class CommandLine:
     def _read(self, conn) -> None:
         """Hands out answers in order until ``conn`` breaks or the client closes."""
         sock = conn._sock
-        sock.settimeout(1.0)  # wakes to see close(); also bounds each write
         parser = _protocol.reply_reader()
         inflight = self.inflight
         while not self.closed:
-            try:
-                data = sock.recv(65536)
-            except socket.timeout:
-                continue
+            data = sock.recv(65536)  # close() and _broken() wake it (shutdown)
             if not data:
                 return
             parser.feed(data)

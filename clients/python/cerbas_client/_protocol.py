@@ -166,6 +166,21 @@ def resp_command(*parts: bytes) -> bytes:
     return b"".join(out)
 
 
+def encode_commands(commands) -> bytes:
+    """Commands (tuples of str, bytes and int) in RESP, as one packet: the command
+    connection's writes, without redis-py's per-command packing."""
+    out = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for part in command:
+            if type(part) is str:
+                part = part.encode("utf-8")
+            elif type(part) is int:
+                part = b"%d" % part
+            out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+    return b"".join(out)
+
+
 def subscribe_packet(channels: "list", unsubscribe: "list") -> bytes:
     """``UNSUBSCRIBE`` of the channels done with (if any), then ``SUBSCRIBE`` of
     ``channels``."""

@@ -5,12 +5,14 @@ How one call goes (docs/PROTOCOL.md, "The steps of one request"):
 
 1. an id from the client's block (one ``INCRBY CERBAS-COUNTER 100`` per 100 calls);
 2. ``SUBSCRIBE`` to its reply channel, written on the client's one subscriber
-   connection (shared by every caller; a reader thread routes each message to the
-   caller waiting on that channel);
+   connection (shared by every caller; one waiting caller at a time reads it and
+   routes each message to the caller waiting on that channel);
 3. ``SET`` the body and ``RPUSH`` the id, pipelined on the one command
    connection every thread shares (_line.py: calls made at the same moment go
    out in one write, a thread reads the answers; never a connection per call);
-4. wait for the reader thread to hand over the reply, at most until the deadline;
+4. wait for the reply, at most until the deadline: read the subscriber socket
+   itself when no other caller does (no thread hand-off for a lone caller), else
+   wait for the caller who reads to hand it over;
    the channel's ``UNSUBSCRIBE`` goes out with the next call's ``SUBSCRIBE`` (one
    write per call on the subscriber connection; a message on a channel nobody
    waits for is dropped).
@@ -24,14 +26,16 @@ the reply a few milliseconds later; the tests count how often that happens.
 
 Faults: every socket has a timeout, and each step is bounded by the call's own
 deadline, so a frozen Redis costs a caller its timeout and no more. A broken
-subscriber connection is reopened by the reader thread; if Redis is the same run
+subscriber connection is reopened by the reader thread (which reads only when
+no caller does); if Redis is the same run
 (``INFO server`` ``run_id``) the awaited channels are subscribed again, if Redis was
 restarted every waiting call fails at once with ``ConnectionError`` (its id may be
 handed out again by the restarted Redis, and a caller must never get another
 request's reply), and a new id block is reserved.
 """
 
-import socket
+import select
+import ssl
 import threading
 import time
 from typing import Any, Dict, List, Optional
@@ -50,8 +54,9 @@ __all__ = ["Client"]
 
 
 class _Waiter:
-    """One caller waiting for its reply: the reader thread fills it and releases
-    the lock the caller blocks on (cheaper than an Event)."""
+    """One caller waiting for its reply: whoever reads the subscriber socket fills
+    it and releases the lock the caller blocks on (cheaper than an Event); the
+    lock is also released to tell a waiting caller that it is its turn to read."""
 
     __slots__ = ("lock", "data", "error")
 
@@ -60,6 +65,9 @@ class _Waiter:
         self.lock.acquire()
         self.data: Optional[bytes] = None
         self.error: Optional[CerbasError] = None
+
+    def done(self) -> bool:
+        return self.data is not None or self.error is not None
 
     def deliver(self, data: bytes) -> None:
         if self.data is None and self.error is None:
@@ -109,6 +117,10 @@ class Client(ClientBase):
         self._waiters: Dict[bytes, _Waiter] = {}
         self._line = CommandLine(self)
         self._sub_conn: Any = None
+        self._sub_poll: Any = None  # select.poll() of the subscriber socket
+        self._sub_parser: Any = None  # its RESP parser (kept across reads)
+        self._sub_tls = False
+        self._reading = False  # a thread is reading the subscriber socket
         self._sub_up = False
         self._sub_error: Optional[ConnectionError] = None  # the last reconnect's, while down
         self._sub_failures = 0  # reconnects refused so far
@@ -170,8 +182,7 @@ class Client(ClientBase):
             # waits for, and a push that fails (refused, connection lost, Redis
             # restarted) fails the waiter instead (saves a thread hop per call).
             sent = self._push(id, body, generation, deadline, on_error=waiter.fail)
-            left = deadline - time.monotonic()
-            if not (left > 0 and waiter.lock.acquire(timeout=left)):
+            if not self._wait(waiter, deadline):
                 raise TimeoutError("no reply to %s (request %d) within %g s" % (func, id, timeout))
             if waiter.error is not None:
                 raise waiter.error
@@ -330,6 +341,8 @@ class Client(ClientBase):
         with self._lock:
             if self._waiters.get(channel) is waiter:
                 del self._waiters[channel]
+            if not self._reading:
+                self._pass_turn(waiter)  # however this call ended, another one reads
             if not self._sub_up:
                 return  # a reconnect subscribes only the channels still awaited
             self._unsubscribes.append(channel)
@@ -347,64 +360,122 @@ class Client(ClientBase):
             self._sub_broken()
 
     def _sub_broken(self) -> None:
-        """Called with _lock held after a failed write: the reader reconnects."""
+        """Called with _lock held after a failed read or write: the reader thread
+        reconnects."""
         self._sub_up = False
         if self._sub_conn is not None:
             _shutdown(self._sub_conn)
+        self._sub_ready.notify_all()
 
-    def _read_loop(self) -> None:
-        """The reader thread: keeps the subscriber connection up and routes each
-        message to its waiter, until close(). It reads the socket itself, every
-        message a read brings at once (it is the one thread all replies pass
-        through)."""
-        backoff = 0.05
-        while not self._closed:
-            conn = self._sub_conn
-            if conn is None or not self._sub_up:
-                if self._sub_reconnect():
-                    backoff = 0.05
-                else:
-                    with self._lock:  # Redis is down: retry, each time a bit later
-                        if not self._sub_poked:
-                            self._sub_ready.wait(backoff)
-                        self._sub_poked = False
-                    backoff = min(backoff * 2, 1.0)
-                continue
-            try:
-                self._read_messages(conn)
-            except Exception:
-                pass
+    # Who reads the subscriber socket: a caller waiting for its reply reads it
+    # itself (one at a time, _reading), handing every message to its waiter; when
+    # its own reply came it passes the turn to another waiting caller, if any. So a
+    # lone caller gets its reply without a thread hand-off, and many callers keep
+    # one reader, as with a reader thread. The reader thread only (re)connects and,
+    # once a second when nobody reads, sends the gathered unsubscribes and drains
+    # the socket (which also notices a connection closed while idle).
+
+    def _wait(self, waiter: _Waiter, deadline: float) -> bool:
+        """Waits for ``waiter``'s reply or failure, reading the subscriber socket
+        when it is this caller's turn; False at the deadline."""
+        while True:
             with self._lock:
-                if self._sub_conn is conn:
-                    self._sub_up = False
-            _disconnect(conn)
-        if self._sub_conn is not None:
-            _disconnect(self._sub_conn)
-
-    def _read_messages(self, conn) -> None:
-        """Reads ``conn`` until it breaks (or the client closes), handing each
-        message to its waiter."""
-        sock = conn._sock
-        sock.settimeout(1.0)  # wakes up to see close(), and to flush when idle
-        parser = _protocol.reply_reader()
-        waiters = self._waiters
-        while not self._closed:
-            try:
-                data = sock.recv(65536)
-            except socket.timeout:
-                with self._lock:  # idle: no SUBSCRIBE will carry them soon
-                    self._flush_unsubscribes()
+                if waiter.done():
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                read = not self._reading and self._sub_up and not self._closed
+                if read:
+                    self._reading = True
+                    conn, poller = self._sub_conn, self._sub_poll
+            if not read:
+                waiter.lock.acquire(timeout=left)  # a reply, a failure, or its turn
                 continue
+            try:
+                self._read_some(conn, poller, left)
+            finally:
+                with self._lock:
+                    self._reading = False
+
+    def _pass_turn(self, done: Optional[_Waiter]) -> None:
+        """With _lock held and nobody reading: wakes one waiting caller (not
+        ``done``) to read."""
+        if not self._sub_up:
+            return  # the reader thread wakes them when the connection is back
+        for w in self._waiters.values():
+            if w is not done and not w.done():
+                w._release()
+                return
+
+    def _read_some(self, conn, poller, timeout: Optional[float]) -> None:
+        """One read of the subscriber socket (waiting up to ``timeout`` seconds for
+        data; None: not at all), every message in it handed to its waiter; a
+        broken connection is handed to the reader thread. The caller holds the
+        turn to read (_reading)."""
+        sock = conn._sock
+        try:
+            # (TLS: poll() does not see bytes already decrypted, pending() does.)
+            if (timeout is not None and not (self._sub_tls and sock.pending())
+                    and not poller.poll(min(timeout, 1.0) * 1000.0)):
+                return
+            data = sock.recv(65536)
             if not data:
-                return  # closed by Redis (or by us)
+                raise OSError("subscriber connection closed")
+            parser = self._sub_parser
             parser.feed(data)
             message = parser.gets()
+            waiters = self._waiters
             while message is not False:
                 if type(message) is list and len(message) == 3 and message[0] == b"message":
                     waiter = waiters.get(message[1])
                     if waiter is not None:
                         waiter.deliver(message[2])
                 message = parser.gets()
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return  # nothing there (a drain when idle, or part of a TLS record)
+        except Exception:
+            with self._lock:
+                if self._sub_conn is conn and self._sub_up:
+                    self._sub_broken()
+
+    def _read_loop(self) -> None:
+        """The reader thread: keeps the subscriber connection up (until close()),
+        and when nobody reads it, drains it and sends the gathered unsubscribes
+        once a second."""
+        backoff = 0.05
+        while not self._closed:
+            with self._lock:
+                if self._sub_up:
+                    self._sub_ready.wait(1.0)
+                    if not (self._sub_up and not self._reading and not self._closed):
+                        continue
+                    self._flush_unsubscribes()
+                    self._reading = True
+                    conn, poller = self._sub_conn, self._sub_poll
+                    idle = True
+                elif self._closed:
+                    break
+                else:
+                    idle = False
+            if idle:
+                try:
+                    self._read_some(conn, poller, None)
+                finally:
+                    with self._lock:
+                        self._reading = False
+                        self._pass_turn(None)  # a caller waiting without a reader
+                continue
+            if self._sub_reconnect():
+                backoff = 0.05
+            else:
+                with self._lock:  # Redis is down: retry, each time a bit later
+                    if not self._sub_poked:
+                        self._sub_ready.wait(backoff)
+                    self._sub_poked = False
+                backoff = min(backoff * 2, 1.0)
+        if self._sub_conn is not None:
+            _disconnect(self._sub_conn)
 
     def _sub_reconnect(self) -> bool:
         """Opens the subscriber connection; on the same Redis run subscribes every
@@ -443,10 +514,19 @@ class Client(ClientBase):
             except (OSError, AttributeError):
                 _disconnect(conn)
                 return False
-            self._sub_conn = conn
+            # Non-blocking from now on: the reader polls, writers never wait (a
+            # full socket buffer means a frozen Redis: a reconnect).
+            conn._sock.settimeout(0)
+            poller = select.poll()
+            poller.register(conn._sock, select.POLLIN)
+            self._sub_conn, self._sub_poll = conn, poller
+            self._sub_parser = _protocol.reply_reader()
+            self._sub_tls = isinstance(conn._sock, ssl.SSLSocket)
             self._sub_up = True
             self._sub_error = None
             if old is not None:
                 self.stats["reconnects"] += 1
             self._sub_ready.notify_all()
+            if not self._reading:
+                self._pass_turn(None)  # the callers waiting need a reader again
         return True
