@@ -393,6 +393,26 @@ def test_counter_that_is_not_a_number_is_a_protocol_error(own_server, make_clien
         c.request("hello")
 
 
+def test_refused_push_fails_the_call_at_once(own_server, make_client):
+    """The push's answers are not waited for, but a refused one (here RPUSH on a
+    queue that is not a list) fails the call at once with ProtocolError, not at
+    its timeout; the client works again once the queue is a list."""
+    c = make_client(own_server.redis_url, env="dev", user="foo", source="cerbastest")
+    c.request("hello")
+    r = redis_connect(own_server)
+    try:
+        r.set("CERBAS-QUEUE", "not a list")
+        started = time.monotonic()
+        with pytest.raises(ProtocolError) as e:
+            c.request("hello", timeout=5.0)
+        assert "WRONGTYPE" in str(e.value), e.value
+        assert time.monotonic() - started < 1.0
+        r.delete("CERBAS-QUEUE")
+        wait_for(lambda: _answers(c), "the client to work again", timeout=20.0)
+    finally:
+        r.close()
+
+
 def test_error_reply_is_a_reply_error_from_call(cerbas_server, make_client):
     c = make_client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
     assert c.call("sum", {"a": 1, "b": 2}) == 3

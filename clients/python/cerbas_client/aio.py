@@ -5,9 +5,11 @@ one ``AsyncClient`` shared by every task of an event loop. Not for: threads (use
 The same design as the blocking client (client.py's module comment says why each
 step is as it is): ids from a block, ``SUBSCRIBE`` written on the one subscriber
 connection before ``SET`` + ``RPUSH`` go out on the one command connection (the
-subscribes, and the commands, of one turn of the event loop in one write each), a
-reader task routing each message to the future of the caller waiting on its
-channel, each step bounded by the call's deadline; after a broken subscriber
+subscribes, and the commands, of one turn of the event loop in one write each; a
+lone caller's at once, without waiting for the next turn), each read of either
+connection handled in the transport's callback (_Taken: no task woken per read),
+which resolves the future of the caller waiting on the message's channel; each
+step bounded by the call's deadline; after a broken subscriber
 connection the awaited channels are subscribed again if Redis is the same run,
 and their calls fail with ``RestartedError`` if it was restarted.
 
@@ -59,9 +61,10 @@ class AsyncClient(ClientBase):
         self._sub_poke: Optional[asyncio.Event] = None  # set: try a reconnect now
         self._unsubscribes: List[bytes] = []  # channels done with, not yet unsubscribed
         self._sub_queue: List[bytes] = []  # channels to subscribe in this turn of the loop
-        self._sub_flushed: "Optional[asyncio.Future[bool]]" = None  # their write, when made
+        self._sub_flush_due = False  # _flush_subscribes is scheduled
         self._flush_timer: Optional[asyncio.TimerHandle] = None
         self._reader: Optional["asyncio.Task[None]"] = None
+        self._sub_lost: "Optional[asyncio.Future[Any]]" = None  # done when it ends
         self._id_lock: Optional[asyncio.Lock] = None  # made on the client's loop
 
     # --- the API -----------------------------------------------------------------
@@ -275,14 +278,20 @@ class AsyncClient(ClientBase):
                 raise ClosedError("client is closed")
             if self._sub_up.is_set():
                 # Every call that subscribes in this turn of the loop shares one
-                # write, made before any of them goes on to push.
+                # write, made at the end of the turn and always before the
+                # commands' write (_Pipeline._flush makes it first): the call
+                # goes on to push without waiting for it. If the write fails, the
+                # reconnect subscribes every channel awaited (and the server
+                # republishes for late subscribers).
                 self._sub_queue.append(channel)
-                if self._sub_flushed is None:
-                    self._sub_flushed = asyncio.get_running_loop().create_future()
-                    asyncio.get_running_loop().call_soon(self._flush_subscribes)
-                if await self._sub_flushed:
-                    return
-                continue
+                if not self._sub_flush_due:
+                    self._sub_flush_due = True
+                    loop = asyncio.get_running_loop()
+                    if getattr(loop, "_ready", True):  # others run in this turn: share
+                        loop.call_soon(self._flush_subscribes)
+                    else:
+                        self._flush_subscribes()  # a lone caller: write now
+                return
             if self._sub_error is not None:
                 # As client.py: fail only on a reconnect refused since this call came.
                 if self._sub_failures > failures:
@@ -300,15 +309,22 @@ class AsyncClient(ClientBase):
                     task.cancel()
 
     def _flush_subscribes(self) -> None:
-        flushed, self._sub_flushed = self._sub_flushed, None
-        channels, self._sub_queue = self._sub_queue, []
+        """Writes the subscribes queued in this turn of the loop (with the
+        gathered unsubscribes), if not done yet."""
+        if not self._sub_flush_due:
+            return
+        self._sub_flush_due = False
+        # A call that ended in the meantime (failed at once) subscribes nothing.
+        channels = [c for c in self._sub_queue if c in self._waiters]
+        self._sub_queue = []
+        if not channels:
+            return
         ok = (not self._closed and self._sub_up.is_set() and _write(
             self._sub_conn, _protocol.subscribe_packet(channels, self._unsubscribes)))
         if ok:
             self._unsubscribes = []
         elif not self._closed:
             self._sub_broken()  # the reader reconnects and subscribes what is awaited
-        flushed.set_result(ok)
 
     def _unsubscribe(self, channel: bytes, future: "asyncio.Future[bytes]") -> None:
         if self._waiters.get(channel) is future:
@@ -318,10 +334,13 @@ class AsyncClient(ClientBase):
         elif not future.cancelled():
             future.exception()  # retrieved: no "never retrieved" warning
         if not self._closed and self._sub_up is not None and self._sub_up.is_set():
-            # As client.py: the UNSUBSCRIBE goes out with the next SUBSCRIBE.
+            # As client.py: the UNSUBSCRIBE goes out with the next SUBSCRIBE (or
+            # after 1 s, if no call comes).
             self._unsubscribes.append(channel)
             if len(self._unsubscribes) >= _protocol.UNSUBSCRIBE_BATCH:
                 self._flush_unsubscribes()
+            elif self._flush_timer is None:
+                self._schedule_flush()
 
     def _flush_unsubscribes(self) -> None:
         if self._unsubscribes and not self._closed and self._sub_up is not None and self._sub_up.is_set():
@@ -338,9 +357,9 @@ class AsyncClient(ClientBase):
             writer.close()  # the reader task sees the end and reconnects
 
     async def _read_loop(self) -> None:
-        """The reader task: keeps the subscriber connection up and resolves each
-        message's future, until close(). As client.py's, it reads the stream
-        itself, every message a read brings at once."""
+        """The reader task: keeps the subscriber connection up until close(). The
+        messages are read as they come, in the transport's callback (_Taken,
+        _on_messages), not by this task: it waits for the connection to end."""
         backoff = 0.05
         while not self._closed:
             conn = self._sub_conn
@@ -355,34 +374,22 @@ class AsyncClient(ClientBase):
                     self._sub_poke.clear()
                     backoff = min(backoff * 2, 1.0)
                 continue
-            try:
-                await self._read_messages(conn)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                pass
+            await self._sub_lost
             self._sub_up.clear()
             await _disconnect(conn)
 
-    async def _read_messages(self, conn) -> None:
-        stream = conn._reader
-        parser = _protocol.reply_reader()
+    def _on_messages(self, parser: Any, data: bytes) -> None:
+        """What the subscriber connection read: each message resolves the future
+        of the call waiting on its channel."""
+        parser.feed(data)
+        message = parser.gets()
         waiters = self._waiters
-        while not self._closed:
-            # Nothing else carries the gathered unsubscribes if no call comes:
-            # send them after 1 s.
-            self._schedule_flush()
-            data = await stream.read(65536)
-            if not data:
-                return  # closed by Redis (or by us)
-            parser.feed(data)
+        while message is not False:
+            if type(message) is list and len(message) == 3 and message[0] == b"message":
+                future = waiters.get(message[1])
+                if future is not None and not future.done():
+                    future.set_result(message[2])
             message = parser.gets()
-            while message is not False:
-                if type(message) is list and len(message) == 3 and message[0] == b"message":
-                    future = waiters.get(message[1])
-                    if future is not None and not future.done():
-                        future.set_result(message[2])
-                message = parser.gets()
 
     def _schedule_flush(self) -> None:
         if self._unsubscribes and self._flush_timer is None:
@@ -423,9 +430,15 @@ class AsyncClient(ClientBase):
             return True
         channels = list(self._waiters)
         self._unsubscribes = []  # a new connection has only what it subscribes now
+        self._sub_queue = []  # (subscribed here)
         if channels and not _write(conn, _protocol.resp_command(b"SUBSCRIBE", *channels)):
             await _disconnect(conn)
             return False
+        lost = asyncio.get_running_loop().create_future()
+        parser = _protocol.reply_reader()
+        _Taken(conn, lambda data: self._on_messages(parser, data),
+               lambda error: lost.done() or lost.set_result(error))
+        self._sub_lost = lost
         self._sub_conn = conn
         if old is not None:
             self.stats["reconnects"] += 1
@@ -436,8 +449,8 @@ class AsyncClient(ClientBase):
 
 class _Pipeline:
     """The AsyncClient's command connection, shared by every task: the commands
-    of one turn of the event loop go out in one write (auto-pipelining), a reader
-    task takes the answers in order and hands each call its own. A call that
+    of one turn of the event loop go out in one write (auto-pipelining), the
+    transport's callback takes the answers in order and hands each call its own. A call that
     times out leaves its place in the order (its answers, if they come, are
     dropped); a broken connection fails the calls waiting on it, and the next call
     opens a new one (checking Redis's run_id, as every new connection does)."""
@@ -450,49 +463,40 @@ class _Pipeline:
         self.queue: List[Any] = []  # [conn, packed parts, answers wanted, future]: to write
         self.inflight: "collections.deque" = collections.deque()  # [wanted, answers, future]
         self.flush_scheduled = False
-        self.reader: Optional["asyncio.Task[None]"] = None
 
     async def send(self, commands, deadline: float, generation: Optional[int],
-                   on_error: Any) -> "asyncio.Future[Any]":
+                   on_error: Any) -> "_Entry":
         """Queues ``commands`` without waiting for their answers (once connected);
-        a failure, or an error answer, is passed to ``on_error``."""
+        a failure, or an error answer, is passed to ``on_error`` (at once, from
+        the read: no future, no callback scheduled). Returns the queued entry
+        (``cancel()`` it when its answers no longer matter)."""
         conn, gen = await self._connected(deadline)
         if generation is not None and gen != generation:
             raise restarted(pushed=False)
-        future = self._enqueue(conn, commands)
-        client = self.client
+        entry = _Entry(conn, commands, None, on_error)
+        self._enqueue(entry)
+        return entry
 
-        def answered(f: "asyncio.Future[Any]") -> None:
-            if f.cancelled():
-                return
-            error = f.exception()
-            if error is None:
-                refused = [a for a in f.result() if isinstance(a, Exception)]
-                if refused:
-                    error = ProtocolError("Redis refused %s: %s" % (commands[0][0], refused[0]))
-            elif not isinstance(error, CerbasError):
-                error = ConnectionError("Redis at %s: %s" % (client.url, error))
-            if error is not None:
-                on_error(error)
-
-        future.add_done_callback(answered)
-        return future
-
-    def _enqueue(self, conn, commands) -> "asyncio.Future[Any]":
+    def _enqueue(self, entry: "_Entry") -> None:
+        self.queue.append(entry)
+        if self.flush_scheduled:
+            return
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.queue.append([conn, conn.pack_commands(commands), len(commands), future])
-        if not self.flush_scheduled:
+        if getattr(loop, "_ready", True):
+            # Other callbacks (other tasks) run before the loop waits again:
+            # their commands go out in the same write, at the end of the turn.
             self.flush_scheduled = True
             loop.call_soon(self._flush)
-        return future
+        else:
+            self._flush()  # nothing else runs before the loop waits: write now
 
     async def execute(self, commands, deadline: float, generation: Optional[int]):
         conn, gen = await self._connected(deadline)
         if generation is not None and gen != generation:
             raise restarted()
         loop = asyncio.get_running_loop()
-        future = self._enqueue(conn, commands)
+        future = loop.create_future()
+        self._enqueue(_Entry(conn, commands, future, None))
         timer = loop.call_later(max(0.0, deadline - time.monotonic()), _expire, future)
         try:
             return await future, gen
@@ -536,47 +540,46 @@ class _Pipeline:
                 raise ClosedError("client is closed")
             self.generation = c._seen_run_id(run_id)
             self.conn = conn
-            self.reader = asyncio.get_running_loop().create_task(self._read(conn))
+            parser = _protocol.reply_reader()
+            _Taken(conn, lambda data: self._answers(parser, data),
+                   lambda error: self._lost(conn, error))
             return conn, self.generation
 
     def _flush(self) -> None:
+        # The subscribes of this turn go first: a call's SUBSCRIBE is in Redis's
+        # socket before its push (see the module comment).
+        self.client._flush_subscribes()
         self.flush_scheduled = False
         queue, self.queue = self.queue, []
         parts: List[bytes] = []
-        for conn, packed, wanted, future in queue:
-            if future.done():
+        for entry in queue:
+            if entry.done():
                 continue  # timed out before it was sent: nothing to send or answer
-            if conn is not self.conn or not self._live():
-                future.set_exception(ConnectionError("connection to Redis lost"))
+            if entry.conn is not self.conn or not self._live():
+                entry.finish(None, ConnectionError("connection to Redis lost"))
                 continue
-            parts.extend(packed)
-            self.inflight.append([wanted, [], future])
+            parts.append(entry.packed)
+            self.inflight.append(entry)
         if parts:
-            self.conn._writer.writelines(parts)
+            self.conn._writer.write(b"".join(parts))
 
-    async def _read(self, conn) -> None:
-        parser = _protocol.reply_reader()
-        stream = conn._reader
-        try:
-            while True:
-                data = await stream.read(65536)
-                if not data:
-                    raise ConnectionError("connection closed by Redis")
-                parser.feed(data)
-                answer = parser.gets()
-                while answer is not False:
-                    entry = self.inflight[0]  # IndexError: an answer nobody asked for
-                    entry[1].append(answer)
-                    if len(entry[1]) == entry[0]:
-                        self.inflight.popleft()
-                        if not entry[2].done():
-                            entry[2].set_result(entry[1])
-                    answer = parser.gets()
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            self._broken(conn, e)
-            await _disconnect(conn)
+    def _answers(self, parser: Any, data: bytes) -> None:
+        """What the command connection read: each call's answers, in order, to
+        its future. An answer nobody asked for raises (IndexError): the
+        connection is closed (_Taken)."""
+        parser.feed(data)
+        answer = parser.gets()
+        while answer is not False:
+            entry = self.inflight[0]
+            entry.answers.append(answer)
+            if len(entry.answers) == entry.wanted:
+                self.inflight.popleft()
+                entry.finish(entry.answers, None)
+            answer = parser.gets()
+
+    def _lost(self, conn, error: Optional[BaseException]) -> None:
+        self._broken(conn, error or ConnectionError("connection closed by Redis"))
+        conn._close()  # (its transport is closed already)
 
     def _broken(self, conn, error: BaseException) -> None:
         """``conn`` is done for: the calls waiting on it fail."""
@@ -587,25 +590,17 @@ class _Pipeline:
             error = ClosedError("client closed while the call waited")
         elif not isinstance(error, CerbasError):
             error = ConnectionError("Redis at %s: %s" % (self.client.url, error))
-        waiting = [e[2] for e in self.inflight] + [e[3] for e in self.queue if e[0] is conn]
+        waiting = list(self.inflight) + [e for e in self.queue if e.conn is conn]
         self.inflight.clear()
-        self.queue = [e for e in self.queue if e[0] is not conn]
-        for future in waiting:
-            if not future.done():
-                future.set_exception(error)
+        self.queue = [e for e in self.queue if e.conn is not conn]
+        for entry in waiting:
+            entry.finish(None, error)
 
     async def close(self) -> None:
         conn = self.conn
         if conn is not None:
             self._broken(conn, ClosedError("client closed while the call waited"))
             await _disconnect(conn)
-        reader, self.reader = self.reader, None
-        if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
-            try:
-                await reader
-            except (asyncio.CancelledError, Exception):
-                pass
 
 
 if hasattr(asyncio, "timeout"):  # Python 3.11+: no task around the coroutine
@@ -615,6 +610,93 @@ if hasattr(asyncio, "timeout"):  # Python 3.11+: no task around the coroutine
 else:
     async def _bounded(coro: Any, seconds: float) -> Any:
         return await asyncio.wait_for(coro, seconds)
+
+
+class _Entry:
+    """The commands of one call on the command connection: its answers go to
+    ``future`` (a call that waits for them) or, if refused or lost, to
+    ``on_error`` (a call that does not)."""
+
+    __slots__ = ("conn", "commands", "packed", "wanted", "answers", "future", "on_error",
+                 "finished")
+
+    def __init__(self, conn, commands, future: Any, on_error: Any) -> None:
+        self.conn = conn
+        self.commands = commands
+        self.packed = _protocol.encode_commands(commands)
+        self.wanted = len(commands)
+        self.answers: List[Any] = []
+        self.future = future
+        self.on_error = on_error
+        self.finished = False
+
+    def done(self) -> bool:
+        return self.finished or (self.future is not None and self.future.done())
+
+    def cancel(self) -> None:
+        """Nothing more happens: not written if not yet, its answers dropped."""
+        self.finished = True
+
+    def finish(self, answers: Any, error: Optional[BaseException]) -> None:
+        if self.done():
+            return
+        self.finished = True
+        if self.future is not None:
+            if error is None:
+                self.future.set_result(answers)
+            else:
+                self.future.set_exception(error)
+            return
+        if error is None:
+            refused = [a for a in answers if isinstance(a, Exception)]
+            if not refused:
+                return
+            error = ProtocolError("Redis refused %s: %s" % (self.commands[0][0], refused[0]))
+        elif not isinstance(error, CerbasError):
+            error = ConnectionError("Redis: %s" % (error,))
+        self.on_error(error)
+
+
+class _Taken(asyncio.Protocol):
+    """A connection's reading taken over from its StreamReader: each read is
+    handed to ``on_data`` in the transport's callback, where a StreamReader wakes
+    a task per read (a turn of the loop and a task step each). ``on_lost(error)``
+    is told when the connection ends; the StreamReader's protocol is told too, so
+    redis-py's disconnect() still works. Writes still go through the writer."""
+
+    def __init__(self, conn, on_data: Any, on_lost: Any) -> None:
+        transport = conn._writer.transport
+        self.original = transport.get_protocol()
+        self.on_data, self.on_lost = on_data, on_lost
+        self.transport = transport
+        self.error: Optional[BaseException] = None
+        left = bytes(conn._reader._buffer)  # read but not taken (none expected)
+        conn._reader._buffer.clear()
+        transport.set_protocol(self)
+        if left:
+            self.data_received(left)
+
+    def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        try:
+            self.on_data(data)
+        except Exception as e:  # not RESP, or an answer nobody asked for
+            self.error = e
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.original.connection_lost(exc)
+        self.on_lost(exc or self.error)
+
+    def pause_writing(self) -> None:
+        self.original.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.original.resume_writing()
 
 
 class _Expired(Exception):

@@ -34,10 +34,12 @@ handed out again by the restarted Redis, and a caller must never get another
 request's reply), and a new id block is reserved.
 """
 
+import os
 import select
 import ssl
 import threading
 import time
+import weakref
 from typing import Any, Dict, List, Optional
 
 import redis
@@ -58,13 +60,17 @@ class _Waiter:
     it and releases the lock the caller blocks on (cheaper than an Event); the
     lock is also released to tell a waiting caller that it is its turn to read."""
 
-    __slots__ = ("lock", "data", "error")
+    __slots__ = ("lock", "data", "error", "reading", "waker")
 
-    def __init__(self) -> None:
+    def __init__(self, waker: int) -> None:
         self.lock = threading.Lock()
         self.lock.acquire()
         self.data: Optional[bytes] = None
         self.error: Optional[CerbasError] = None
+        # While its caller reads the subscriber socket (it waits in poll(), not on
+        # the lock), a failure from another thread is told through ``waker``.
+        self.reading = False
+        self.waker = waker
 
     def done(self) -> bool:
         return self.data is not None or self.error is not None
@@ -78,11 +84,24 @@ class _Waiter:
         if self.data is None and self.error is None:
             self.error = error
             self._release()
+            if self.reading:
+                try:
+                    os.write(self.waker, b"!")
+                except OSError:  # full: a wake-up is pending anyway
+                    pass
 
     def _release(self) -> None:
         try:
             self.lock.release()
         except RuntimeError:  # delivered and failed at once: the caller sees one
+            pass
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
             pass
 
 
@@ -121,6 +140,13 @@ class Client(ClientBase):
         self._sub_parser: Any = None  # its RESP parser (kept across reads)
         self._sub_tls = False
         self._reading = False  # a thread is reading the subscriber socket
+        # A pipe in that reader's poll(): a failure told to the reading caller's
+        # waiter by another thread wakes it (_Waiter.fail). Closed with the
+        # Client object, when no thread can be polling it any more.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
         self._sub_up = False
         self._sub_error: Optional[ConnectionError] = None  # the last reconnect's, while down
         self._sub_failures = 0  # reconnects refused so far
@@ -164,7 +190,7 @@ class Client(ClientBase):
         """One attempt of request(): the waiter holding the reply."""
         id, generation = self._next_id(deadline)
         channel = self.reply_channel(id, msgpack).encode()
-        waiter = _Waiter()
+        waiter = _Waiter(self._wake_w)
         with self._lock:
             if self._closed:
                 raise ClosedError("client is closed")
@@ -387,7 +413,7 @@ class Client(ClientBase):
                     return False
                 read = not self._reading and self._sub_up and not self._closed
                 if read:
-                    self._reading = True
+                    self._reading = waiter.reading = True
                     conn, poller = self._sub_conn, self._sub_poll
             if not read:
                 waiter.lock.acquire(timeout=left)  # a reply, a failure, or its turn
@@ -396,7 +422,7 @@ class Client(ClientBase):
                 self._read_some(conn, poller, left)
             finally:
                 with self._lock:
-                    self._reading = False
+                    self._reading = waiter.reading = False
 
     def _pass_turn(self, done: Optional[_Waiter]) -> None:
         """With _lock held and nobody reading: wakes one waiting caller (not
@@ -416,9 +442,17 @@ class Client(ClientBase):
         sock = conn._sock
         try:
             # (TLS: poll() does not see bytes already decrypted, pending() does.)
-            if (timeout is not None and not (self._sub_tls and sock.pending())
-                    and not poller.poll(min(timeout, 1.0) * 1000.0)):
-                return
+            if timeout is not None and not (self._sub_tls and sock.pending()):
+                events = poller.poll(min(timeout, 1.0) * 1000.0)
+                if not events:
+                    return
+                if events[0][0] == self._wake_r or events[-1][0] == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)  # a waiter failed: its caller looks
+                    except BlockingIOError:
+                        pass
+                    if len(events) == 1:
+                        return
             data = sock.recv(65536)
             if not data:
                 raise OSError("subscriber connection closed")
@@ -519,6 +553,7 @@ class Client(ClientBase):
             conn._sock.settimeout(0)
             poller = select.poll()
             poller.register(conn._sock, select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
             self._sub_conn, self._sub_poll = conn, poller
             self._sub_parser = _protocol.reply_reader()
             self._sub_tls = isinstance(conn._sock, ssl.SSLSocket)
