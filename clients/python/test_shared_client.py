@@ -232,6 +232,33 @@ def test_subscriber_connection_killed_calls_still_get_their_replies(cerbas_serve
     assert c.request("echo", {"message": "after"}) == {"status": "ok", "data": "after"}
 
 
+def test_command_connection_closed_while_idle_the_next_call_works(own_server, make_client):
+    """Redis closes the command connection (CLIENT KILL) between calls and the
+    next call comes at once (asyncio: in the same turn of the loop, before the
+    loop has seen the close): it goes out on a new connection and gets its
+    reply, rather than failing with ConnectionError."""
+    c = make_client(own_server.redis_url, env="dev", user="foo", source="cerbastest")
+    c.request("hello")
+    r = redis_connect(own_server)
+
+    def kill():
+        return r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+
+    try:
+        for i in range(5):
+            if isinstance(c, AsyncFacade):
+                async def kill_then_call():
+                    assert kill() >= 1  # blocks the loop: it sees the close only later
+                    return await c.client.request("echo", {"message": i}, timeout=10.0)
+                result = c._run(kill_then_call())
+            else:
+                assert kill() >= 1
+                result = c.request("echo", {"message": i}, timeout=10.0)
+            assert result == {"status": "ok", "data": i}, result
+    finally:
+        r.close()
+
+
 def test_redis_gone_fails_calls_at_once(own_server, make_client):
     """Redis stopped (and not back): the calls waiting fail with ConnectionError at
     once, not at their timeout, and so do new calls."""

@@ -13,6 +13,7 @@ until their deadlines.
 """
 
 import collections
+import select
 import socket
 import struct
 import threading
@@ -59,6 +60,7 @@ class CommandLine:
         self.wake = threading.Condition(self.lock)  # a call wants a connection now
         self.conn: Any = None
         self.up = False
+        self.hangup: Any = None  # poll() of conn for Redis's hang-up (POLLRDHUP)
         self.generation = 0
         self.writing = False  # a thread is writing: writes must not interleave
         self.queue: List[Queued] = []
@@ -101,6 +103,10 @@ class CommandLine:
                                                daemon=True)
                 self.thread.start()
             self.queue.append(entry)
+            if self.up and self.hangup.poll(0):
+                # Redis closed the connection and the reader has not seen it yet:
+                # the entry waits for the new one instead of going into the old.
+                self.up = False
             write = self.up and not self.writing
             if write:
                 self.writing = True
@@ -181,12 +187,15 @@ class CommandLine:
         # poll() to each; a blocked read is woken by shutdown() (close, a break).
         conn._sock.settimeout(None)
         conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 1, 0))
+        hangup = select.poll()
+        hangup.register(conn._sock, select.POLLRDHUP)
         generation = c._seen_run_id(run_id)
         with self.lock:
             if self.closed:
                 _disconnect(conn)
                 return True
             self.conn, self.generation, self.up = conn, generation, True
+            self.hangup = hangup
             write = bool(self.queue) and not self.writing
             if write:
                 self.writing = True

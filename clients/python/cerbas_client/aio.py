@@ -18,6 +18,7 @@ An ``AsyncClient`` belongs to the event loop it is first used on.
 
 import asyncio
 import collections
+import select
 import time
 from typing import Any, Dict, List, Optional
 
@@ -463,6 +464,7 @@ class _Pipeline:
         self.queue: List[Any] = []  # [conn, packed parts, answers wanted, future]: to write
         self.inflight: "collections.deque" = collections.deque()  # [wanted, answers, future]
         self.flush_scheduled = False
+        self.hangup: Any = None  # poll() of conn for Redis's hang-up (POLLRDHUP)
 
     async def send(self, commands, deadline: float, generation: Optional[int],
                    on_error: Any) -> "_Entry":
@@ -512,7 +514,12 @@ class _Pipeline:
 
     async def _connected(self, deadline: float):
         if self._live():
-            return self.conn, self.generation
+            if not self.hangup.poll(0):
+                return self.conn, self.generation
+            # Closed by Redis, and the loop has not had a turn to see it (a lone
+            # caller writes at once): a new connection now, not a push into a
+            # dead one.
+            self._lost(self.conn, ConnectionError("connection closed by Redis"))
         if self.connecting is None:
             self.connecting = asyncio.Lock()
         left = deadline - time.monotonic()
@@ -543,6 +550,9 @@ class _Pipeline:
             parser = _protocol.reply_reader()
             _Taken(conn, lambda data: self._answers(parser, data),
                    lambda error: self._lost(conn, error))
+            self.hangup = select.poll()
+            self.hangup.register(conn._writer.transport.get_extra_info("socket").fileno(),
+                                 select.POLLRDHUP)
             return conn, self.generation
 
     def _flush(self) -> None:
