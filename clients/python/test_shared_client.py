@@ -352,6 +352,31 @@ def test_callers_timing_out_leave_the_others_a_reader(cerbas_server, make_client
         assert 0.3 <= took[4] < 0.75, took
 
 
+def test_interrupted_write_leaves_the_client_working(cerbas_server, monkeypatch):
+    """A KeyboardInterrupt (or an exception from a signal handler) that escapes a
+    caller's write of the command connection: that call fails with it, and the
+    turn to write is given back (_line.py), so later calls are written, not left
+    queued until their timeout."""
+    from cerbas_client import _line
+    c = Client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
+    try:
+        c.request("hello")
+        encode, hits = _protocol.encode_commands, []
+
+        def interrupted(commands):
+            if not hits:
+                hits.append(1)
+                raise KeyboardInterrupt
+            return encode(commands)
+        monkeypatch.setattr(_line._protocol, "encode_commands", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            c.request("echo", {"message": "cut"}, timeout=2.0)
+        for i in range(3):
+            assert c.call("echo", {"message": "after %d" % i}, timeout=2.0) == "after %d" % i
+    finally:
+        c.close()
+
+
 def test_close_with_calls_in_flight(cerbas_server, make_client):
     c = make_client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
     holder = {}

@@ -116,6 +116,20 @@ class CommandLine:
             self._write()
 
     def _write(self) -> None:
+        """Writes the queued calls (see _write_batches); an exception that escapes
+        it (KeyboardInterrupt, one from a signal handler) may leave a batch half
+        written, so the connection is dropped, and the turn to write given back:
+        a turn never given back would leave every later call unwritten."""
+        try:
+            self._write_batches()
+        except BaseException:
+            with self.lock:
+                conn, self.writing = self.conn, False
+            if conn is not None:
+                _shutdown(conn)  # the reader fails what was in flight, and reconnects
+            raise
+
+    def _write_batches(self) -> None:
         """Writes the queued calls, one write per batch, until none are left (the
         caller has set self.writing)."""
         while True:

@@ -405,24 +405,29 @@ class Client(ClientBase):
         """Waits for ``waiter``'s reply or failure, reading the subscriber socket
         when it is this caller's turn; False at the deadline."""
         while True:
-            with self._lock:
-                if waiter.done():
-                    return True
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                read = not self._reading and self._sub_up and not self._closed
-                if read:
-                    self._reading = waiter.reading = True
-                    conn, poller = self._sub_conn, self._sub_poll
-            if not read:
-                waiter.lock.acquire(timeout=left)  # a reply, a failure, or its turn
-                continue
+            read = False
+            # The turn is given back however the read ends, also when an exception
+            # (KeyboardInterrupt, one from a signal handler) comes between taking
+            # it and reading: a turn never given back leaves nobody reading.
             try:
+                with self._lock:
+                    if waiter.done():
+                        return True
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    read = not self._reading and self._sub_up and not self._closed
+                    if read:
+                        self._reading = waiter.reading = True
+                        conn, poller = self._sub_conn, self._sub_poll
+                if not read:
+                    waiter.lock.acquire(timeout=left)  # a reply, a failure, or its turn
+                    continue
                 self._read_some(conn, poller, left)
             finally:
-                with self._lock:
-                    self._reading = waiter.reading = False
+                if read:
+                    with self._lock:
+                        self._reading = waiter.reading = False
 
     def _pass_turn(self, done: Optional[_Waiter]) -> None:
         """With _lock held and nobody reading: wakes one waiting caller (not
