@@ -589,7 +589,11 @@ class _Pipeline:
 
     def _lost(self, conn, error: Optional[BaseException]) -> None:
         self._broken(conn, error or ConnectionError("connection closed by Redis"))
-        conn._close()  # (its transport is closed already)
+        # (Its transport is closed already.) What redis-py's _close() does; it has
+        # none before 5.0.2, which pyproject.toml allows.
+        if conn._writer is not None:
+            conn._writer.close()
+            conn._writer = conn._reader = None
 
     def _broken(self, conn, error: BaseException) -> None:
         """``conn`` is done for: the calls waiting on it fail."""
