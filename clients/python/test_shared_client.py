@@ -8,6 +8,8 @@ error types, the API. Not for: the example functions' replies
 
 import asyncio
 import builtins
+import os
+import signal
 import threading
 import time
 import uuid
@@ -373,6 +375,55 @@ def test_interrupted_write_leaves_the_client_working(cerbas_server, monkeypatch)
             c.request("echo", {"message": "cut"}, timeout=2.0)
         for i in range(3):
             assert c.call("echo", {"message": "after %d" % i}, timeout=2.0) == "after %d" % i
+    finally:
+        c.close()
+
+
+def test_forked_child_uses_the_client_on_its_own(cerbas_server):
+    """A process forked after using a Client (gunicorn, Celery) uses it in the
+    child: the child gets its own replies (not the parent's: the inherited id
+    block and subscriber socket are the parent's), the parent's calls during and
+    after the child's get theirs, and the child's close() leaves the parent's
+    connections alone."""
+    c = Client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
+    try:
+        c.request("hello")  # connections up, an id block reserved
+        parent = {}
+        t = threading.Thread(target=lambda: parent.update(
+            slow=c.request("sleep", {"ms": 1500}, timeout=10.0)))
+        t.start()
+        wait_for(lambda: len(c._waiters) == 1, "the parent's call to be in flight")
+        pid = os.fork()
+        if pid == 0:  # the child: exit status 0 only if every reply is its own
+            code = 1
+            try:
+                replies = [c.call("echo", {"message": "child %d" % i}, timeout=5.0)
+                           for i in range(20)]
+                code = 0 if replies == ["child %d" % i for i in range(20)] else 2
+                c.close()
+            finally:
+                os._exit(code)
+        for i in range(20):
+            assert c.call("echo", {"message": "parent %d" % i}, timeout=5.0) == "parent %d" % i
+        child = {}
+
+        def exited():
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                child["status"] = status
+            return done != 0
+        try:
+            wait_for(exited, "the child to exit")
+        finally:
+            if "status" not in child:  # hung (e.g. on a lock the parent held)
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        status = child["status"]
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+        t.join(timeout=10.0)
+        assert parent["slow"] == {"status": "ok", "data": 1500}
+        assert c.stats["reconnects"] == 0  # the child's close() cut nothing here
+        assert c.call("echo", {"message": "after"}, timeout=5.0) == "after"
     finally:
         c.close()
 

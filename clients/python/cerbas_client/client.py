@@ -97,6 +97,19 @@ class _Waiter:
             pass
 
 
+#: Every Client of this process, for _after_fork.
+_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _close_fds(*fds: int) -> None:
     for fd in fds:
         try:
@@ -146,7 +159,8 @@ class Client(ClientBase):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
+        self._close_wake = weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
+        _clients.add(self)
         self._sub_up = False
         self._sub_error: Optional[ConnectionError] = None  # the last reconnect's, while down
         self._sub_failures = 0  # reconnects refused so far
@@ -154,6 +168,21 @@ class Client(ClientBase):
         self._unsubscribes: List[bytes] = []  # channels done with, not yet unsubscribed
         self._reader: Optional[threading.Thread] = None
         self._id_lock = threading.Lock()
+
+    def _after_fork(self) -> None:
+        """In a child process (os.fork(): gunicorn, Celery, multiprocessing): the
+        connections, threads and ids inherited are the parent's. Used as they
+        are, the child would read replies off the parent's subscriber socket and
+        take ids from the same block as the parent (both processes pushing the
+        same id: replies crossed), and its close() would cut the parent's
+        connections. So the child starts afresh; the inherited sockets are left
+        to be closed without a shutdown (redis-py's disconnect() does none in a
+        process other than the one that connected), which the parent's would see."""
+        self._close_wake()  # the child's copies of the wake-up pipe
+        closed = self._closed
+        self._init_connections()
+        self._closed = closed
+        self._ids = _protocol.IdBlock()
 
     # --- the API -----------------------------------------------------------------
 
