@@ -427,18 +427,25 @@ fn looks_for_one_unheard_reply(redis: &Redis) -> ((u64, u64), u64) {
     let server = Server::spawn(redis, &["--config", config], &[]);
     server.wait_ready(redis);
     let mut conn = redis.conn();
-    let (published, before) = (calls_of(&mut conn, "publish"), looks(&mut conn));
-    submit_many(&mut conn, &[body("hello", json!({}))]);
-    let made = wait_for(
+    let published = calls_of(&mut conn, "publish");
+    let made = looks_for_a_new_request(&mut conn, 6);
+    (made, calls_of(&mut conn, "publish") - published)
+}
+
+/// Sends one `hello` nobody subscribes to and waits for `n` looks for its late
+/// subscriber; returns them (by name, by `CHANNELS`).
+fn looks_for_a_new_request(conn: &mut redis::Connection, n: u64) -> (u64, u64) {
+    let before = looks(conn);
+    submit_many(conn, &[body("hello", json!({}))]);
+    wait_for(
         "the server to look for late subscribers",
         Duration::from_secs(10),
         || {
-            let now = looks(&mut conn);
+            let now = looks(conn);
             let made = (now.0 - before.0, now.1 - before.1);
-            (made.0 + made.1 >= 6).then_some(made)
+            (made.0 + made.1 >= n).then_some(made)
         },
-    );
-    (made, calls_of(&mut conn, "publish") - published)
+    )
 }
 
 /// A reply nobody subscribes to (an old one-way client) is not published again
@@ -524,19 +531,8 @@ fn a_stale_count_of_redis_channels_is_not_trusted() {
     wait_for("the count stale", Duration::from_secs(10), || {
         (counted.elapsed() > Duration::from_millis(1100)).then_some(())
     });
-    let before = looks(&mut conn);
-    submit_many(&mut conn, &[body("hello", json!({}))]);
-    let made = wait_for(
-        "the server to look for late subscribers",
-        Duration::from_secs(10),
-        || {
-            let now = looks(&mut conn);
-            let made = (now.0 - before.0, now.1 - before.1);
-            (made.0 + made.1 >= 5).then_some(made)
-        },
-    );
     assert_eq!(
-        made,
+        looks_for_a_new_request(&mut conn, 5),
         (5, 0),
         "(by name, by PUBSUB CHANNELS): never a walk over the neighbour's channels"
     );
