@@ -12,10 +12,9 @@ How one call goes (docs/PROTOCOL.md, "The steps of one request"):
    out in one write, a thread reads the answers; never a connection per call);
 4. wait for the reply, at most until the deadline: read the subscriber socket
    itself when no other caller does (no thread hand-off for a lone caller), else
-   wait for the caller who reads to hand it over;
-   the channel's ``UNSUBSCRIBE`` goes out with the next call's ``SUBSCRIBE`` (one
-   write per call on the subscriber connection; a message on a channel nobody
-   waits for is dropped).
+   wait for the caller who reads to hand it over; the channel's ``UNSUBSCRIBE``
+   goes out with the next call's ``SUBSCRIBE`` (one write per call on the
+   subscriber connection; a message on a channel nobody waits for is dropped).
 
 Step 2 does not wait for Redis to confirm the subscription: the ``SUBSCRIBE`` is in
 Redis's socket before step 3 is sent, so Redis reads it in the same event-loop turn
@@ -27,11 +26,12 @@ the reply a few milliseconds later; the tests count how often that happens.
 Faults: every socket has a timeout, and each step is bounded by the call's own
 deadline, so a frozen Redis costs a caller its timeout and no more. A broken
 subscriber connection is reopened by the reader thread (which reads only when
-no caller does); if Redis is the same run
-(``INFO server`` ``run_id``) the awaited channels are subscribed again, if Redis was
-restarted every waiting call fails at once with ``ConnectionError`` (its id may be
-handed out again by the restarted Redis, and a caller must never get another
-request's reply), and a new id block is reserved.
+no caller does); if Redis is the same run (``INFO server`` ``run_id``) the
+awaited channels are subscribed again, if Redis was restarted every waiting call
+fails at once with ``ConnectionError`` (its id may be handed out again by the
+restarted Redis, and a caller must never get another request's reply), and a new
+id block is reserved. A process forked after using a client starts afresh in the
+child (``Client._after_fork``).
 """
 
 import os
