@@ -670,6 +670,23 @@ fn a_late_subscriber_gets_its_reply_when_the_acl_denies_pubsub_channels() {
     );
 }
 
+/// A Redis user denied `INFO`: Redis's channel count cannot be read, so held
+/// replies are looked for by name, never by a `PUBSUB CHANNELS` whose cost is
+/// unknown, and a late subscriber gets its reply.
+#[test]
+fn held_replies_are_looked_for_by_name_when_the_acl_denies_info() {
+    let (_server, published) = late_reply_as_a_user_denied("-info", |conn| {
+        wait_for("three looks by name", Duration::from_secs(10), || {
+            (calls_of(conn, "pubsub|numsub") >= 3).then_some(())
+        });
+        assert_eq!(calls_of(conn, "pubsub|channels"), 0);
+    });
+    assert_eq!(
+        published, 4,
+        "never published blind: twice to nobody, then twice once a subscriber came"
+    );
+}
+
 /// Runs a server as a Redis user denied `denied` (an ACL), sends one `hello`
 /// nobody subscribes to, calls `meanwhile` once it is acknowledged, then
 /// subscribes late and checks that the reply arrives. Returns the server (for
