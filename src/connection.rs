@@ -44,13 +44,23 @@ pub(crate) fn is_lost(e: &RedisError) -> bool {
 /// that shows the connection lost. A pipeline's own `query` reads every answer
 /// even after a timeout, each with its own read timeout: a stalled Redis held a
 /// thread for one read timeout per command.
-pub(crate) fn query_each(
-    c: &mut Connection,
-    pipe: &redis::Pipeline,
-) -> Result<Vec<Result<redis::Value, RedisError>>, RedisError> {
+pub(crate) fn query_each(c: &mut Connection, pipe: &redis::Pipeline) -> Answers {
     c.send_packed_command(&pipe.get_packed_pipeline())?;
-    let mut answers = Vec::with_capacity(pipe.len());
-    while answers.len() < pipe.len() {
+    recv_each(c, pipe.len())
+}
+
+/// As [`query_each`], for commands packed by hand (`resp::Packed`).
+pub(crate) fn query_packed(c: &mut Connection, packed: &crate::resp::Packed) -> Answers {
+    c.send_packed_command(packed.bytes())?;
+    recv_each(c, packed.len())
+}
+
+/// Each command's answer, or the error that lost the connection.
+pub(crate) type Answers = Result<Vec<Result<redis::Value, RedisError>>, RedisError>;
+
+fn recv_each(c: &mut Connection, n: usize) -> Answers {
+    let mut answers = Vec::with_capacity(n);
+    while answers.len() < n {
         match c.recv_response().and_then(redis::Value::extract_error) {
             Err(e) if is_lost(&e) => return Err(e),
             // RESP3 out-of-band data is no answer.

@@ -53,6 +53,7 @@
 //! | `scheduler` | in Redis: delayed requests coming due, heartbeat, dead instances |
 //! | `publisher` | the publisher thread: replies, acks, late subscribers |
 //! | [`connection`] | connecting and reconnecting; the pool lent to functions |
+//! | `resp` | the reader's and the publisher's per-batch commands, packed by hand into a reused buffer |
 //! | [`shutdown`] | the signal every loop watches |
 //! | `server` | [`run`]: starts and stops the threads in order |
 //! | [`client`] | a blocking Rust client, shareable between threads (`src/client/`) |
@@ -97,6 +98,7 @@ pub mod protocol;
 mod publisher;
 mod reader;
 pub mod registry;
+mod resp;
 mod scheduler;
 mod server;
 pub mod shutdown;

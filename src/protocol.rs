@@ -30,6 +30,19 @@ pub const MAX_DEPTH: usize = 128;
 pub struct Keys {
     prefix: String,
     db: i64,
+    // What precedes an id in the names made once per request, made once here.
+    request: String,
+    fallback: String,
+    reply: String,
+}
+
+/// What precedes the padded id in a request's key, its fallback key and its
+/// JSON reply channel (the msgpack channel adds `MSGPACK:` before).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IdPrefixes<'a> {
+    pub(crate) request: &'a str,
+    pub(crate) fallback: &'a str,
+    pub(crate) reply: &'a str,
 }
 
 impl Keys {
@@ -38,6 +51,9 @@ impl Keys {
         Keys {
             prefix: prefix.to_string(),
             db,
+            request: format!("{prefix}-REQ-"),
+            fallback: format!("{prefix}-REQUEST-"),
+            reply: format!("{prefix}-RESPONSE-{db}-"),
         }
     }
 
@@ -63,19 +79,19 @@ impl Keys {
 
     /// `P-REQ-{id:010}`: where a client stores the request body.
     pub fn request(&self, id: u64) -> String {
-        format!("{}{id:010}", self.request_prefixes().0)
+        format!("{}{id:010}", self.request)
     }
 
     /// `P-REQ-`: what [`Keys::request`] puts before the padded id (cron's claim
     /// script writes request keys itself).
     pub fn request_prefix(&self) -> String {
-        format!("{}-REQ-", self.prefix)
+        self.request.clone()
     }
 
     /// `P-REQUEST-{id:010}`: the name later versions of the original's Python client
     /// use; read only when [`Keys::request`] is missing.
     pub fn request_fallback(&self, id: u64) -> String {
-        format!("{}{id:010}", self.request_prefixes().1)
+        format!("{}{id:010}", self.fallback)
     }
 
     /// What precedes the padded id in [`Keys::request`] and
@@ -89,15 +105,22 @@ impl Keys {
     /// assert_eq!(format!("{fallback}0000000042"), keys.request_fallback(42));
     /// ```
     pub fn request_prefixes(&self) -> (String, String) {
-        (
-            format!("{}-REQ-", self.prefix),
-            format!("{}-REQUEST-", self.prefix),
-        )
+        (self.request.clone(), self.fallback.clone())
     }
 
     /// `P-RESPONSE-{db}-{id:010}`: the channel the JSON reply is published on.
     pub fn reply_channel(&self, id: u64) -> String {
-        format!("{}-RESPONSE-{}-{id:010}", self.prefix, self.db)
+        format!("{}{id:010}", self.reply)
+    }
+
+    /// What precedes the padded id in [`Keys::request`], [`Keys::request_fallback`]
+    /// and [`Keys::reply_channel`], borrowed: for commands packed by hand.
+    pub(crate) fn id_prefixes(&self) -> IdPrefixes<'_> {
+        IdPrefixes {
+            request: &self.request,
+            fallback: &self.fallback,
+            reply: &self.reply,
+        }
     }
 
     /// `MSGPACK:P-RESPONSE-{db}-{id:010}`: the channel of the msgpack reply.
@@ -141,8 +164,7 @@ impl Keys {
 
     /// The id whose JSON reply channel is `channel`.
     fn reply_id(&self, channel: &[u8]) -> Option<u64> {
-        let rest = channel.strip_prefix(self.prefix.as_bytes())?;
-        let rest = rest.strip_prefix(format!("-RESPONSE-{}-", self.db).as_bytes())?;
+        let rest = channel.strip_prefix(self.reply.as_bytes())?;
         // `{id:010}`: at least ten digits, more only without a leading zero.
         let well_formed = rest.len() >= 10
             && rest.iter().all(u8::is_ascii_digit)

@@ -20,6 +20,7 @@
 use crate::connection::{Connector, Failure};
 use crate::job::{Backlog, Encoded, InHand, Outgoing, Stats};
 use crate::protocol::Keys;
+use crate::resp::Packed;
 use crate::scheduler::SCHEDULE;
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
@@ -445,6 +446,8 @@ struct Publishing {
     counted_at: Option<Instant>,
     /// Redis refused `PUBSUB CHANNELS` (an ACL allowing only `NUMSUB`).
     channels_refused: bool,
+    /// The last pipeline sent, its memory kept for the next.
+    packed: Packed,
 }
 
 impl Publishing {
@@ -459,6 +462,7 @@ impl Publishing {
             channels: None,
             counted_at: None,
             channels_refused: false,
+            packed: Packed::default(),
         }
     }
 
@@ -691,7 +695,8 @@ impl Publishing {
                 self.channels.filter(|_| !self.channels_refused && !count),
             );
             let result = self.load(c).and_then(|()| {
-                crate::connection::query_each(c, &self.pipeline(acks, &again, look, count))
+                let pipe = self.pipeline(acks, &again, look, count);
+                crate::connection::query_packed(c, pipe)
             });
             match result {
                 Ok(results) => {
@@ -777,33 +782,35 @@ impl Publishing {
     /// Looking costs Redis far less than publishing to nobody, which a reply nobody
     /// waits for (a fire-and-forget caller) would otherwise cost at every step of
     /// its schedule.
-    fn pipeline(&self, acks: &[Ack], again: &[Retry], look: Look, count: bool) -> redis::Pipeline {
+    fn pipeline(&mut self, acks: &[Ack], again: &[Retry], look: Look, count: bool) -> &Packed {
         let keys = &self.p.keys;
-        let mut pipe = redis::pipe();
-        let replies: Vec<(u64, &Option<Encoded>)> = acks
+        let ids = keys.id_prefixes();
+        let pipe = &mut self.packed;
+        pipe.clear();
+        let replies = acks
             .iter()
-            .filter_map(|a| match a {
-                Ack::Reply { id, encoded, .. } => Some((*id, encoded)),
-                Ack::Delay { .. } => None,
-            })
-            .collect();
-        if !replies.is_empty() {
-            pipe.cmd("EVALSHA")
+            .filter(|a| matches!(a, Ack::Reply { .. }))
+            .count();
+        if replies > 0 {
+            pipe.command(4 + 6 * replies)
+                .arg("EVALSHA")
                 .arg(self.reply.get_hash())
-                .arg(1 + 2 * replies.len())
+                .uint(1 + 2 * replies as u64)
                 .arg(&self.p.processing);
-            for (id, _) in &replies {
-                pipe.arg(keys.request(*id)).arg(keys.request_fallback(*id));
+            for a in acks {
+                if let Ack::Reply { id, .. } = a {
+                    pipe.id_key("", ids.request, *id)
+                        .id_key("", ids.fallback, *id);
+                }
             }
-            for (id, encoded) in &replies {
-                pipe.arg(id);
-                match encoded {
-                    Some(e) => pipe
-                        .arg(keys.reply_channel(*id))
-                        .arg(&e.json)
-                        .arg(&e.msgpack),
-                    None => pipe.arg("").arg("").arg(""),
-                };
+            for a in acks {
+                if let Ack::Reply { id, encoded, .. } = a {
+                    pipe.uint(*id);
+                    match encoded {
+                        Some(e) => pipe.id_key("", ids.reply, *id).arg(&e.json).arg(&e.msgpack),
+                        None => pipe.arg("").arg("").arg(""),
+                    };
+                }
             }
         }
         for ack in acks {
@@ -811,46 +818,51 @@ impl Publishing {
                 id, body, delay_ms, ..
             } = ack
             {
-                pipe.cmd("EVALSHA")
+                pipe.command(10)
+                    .arg("EVALSHA")
                     .arg(self.schedule.get_hash())
-                    .arg(4)
+                    .uint(4)
                     .arg(keys.delayed())
-                    .arg(keys.request(*id))
-                    .arg(keys.request_fallback(*id))
+                    .id_key("", ids.request, *id)
+                    .id_key("", ids.fallback, *id)
                     .arg(&self.p.processing)
-                    .arg(delay_ms)
-                    .arg(id)
+                    .uint(*delay_ms)
+                    .uint(*id)
                     .arg(body);
             }
         }
         for r in again.iter().filter(|r| r.heard) {
-            pipe.cmd("PUBLISH")
-                .arg(keys.reply_channel(r.id))
-                .arg(r.json())
-                .cmd("PUBLISH")
-                .arg(keys.msgpack_channel(r.id))
+            pipe.command(3)
+                .arg("PUBLISH")
+                .id_key("", ids.reply, r.id)
+                .arg(r.json());
+            pipe.command(3)
+                .arg("PUBLISH")
+                .id_key("MSGPACK:", ids.reply, r.id)
                 .arg(r.msgpack());
         }
-        if again.iter().any(|r| !r.heard) {
+        let unheard = again.iter().filter(|r| !r.heard).count();
+        if unheard > 0 {
             match look {
                 Look::Named => {
-                    pipe.cmd("PUBSUB").arg("NUMSUB");
+                    pipe.command(2 + 2 * unheard).arg("PUBSUB").arg("NUMSUB");
                     for r in again.iter().filter(|r| !r.heard) {
-                        pipe.arg(keys.reply_channel(r.id))
-                            .arg(keys.msgpack_channel(r.id));
+                        pipe.id_key("", ids.reply, r.id)
+                            .id_key("MSGPACK:", ids.reply, r.id);
                     }
                 }
                 Look::All => {
-                    pipe.cmd("PUBSUB")
+                    pipe.command(3)
+                        .arg("PUBSUB")
                         .arg("CHANNELS")
                         .arg(keys.reply_channel_pattern());
                 }
             }
         }
         if count {
-            pipe.cmd("INFO").arg("stats");
+            pipe.command(2).arg("INFO").arg("stats");
         }
-        pipe
+        &self.packed
     }
 
     /// After `NOSCRIPT` (someone flushed the scripts), loads them before the next

@@ -37,6 +37,7 @@ use crate::error::RequestError;
 use crate::handoff::NotHanded;
 use crate::job::{Backlog, InHand, Job, Paused, ReplyTo, Stats, Unanswered};
 use crate::protocol::{describe_entry, parse_queue_entry, parse_request, Keys};
+use crate::resp::{Mark, Packed};
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{select, Receiver};
 use redis::{Connection, RedisResult, Value};
@@ -420,12 +421,60 @@ struct Scripts {
     fetch: redis::Script,
 }
 
+/// The pipeline of every take, packed once but for its last arguments: the
+/// wait on the queue, then the take script with everything it is told but
+/// how many to take (see [`Reader::take`]).
+struct TakeCommand {
+    packed: Packed,
+    /// Where the arguments that follow the script's keys start.
+    head: Mark,
+}
+
+impl TakeCommand {
+    fn new(r: &Reader, scripts: &Scripts) -> Self {
+        let queue = r.keys.queue();
+        let mut packed = Packed::default();
+        packed
+            .command(6)
+            .arg("BLMOVE")
+            .arg(&queue)
+            .arg(&queue)
+            .arg("LEFT")
+            .arg("LEFT")
+            .float(BLOCK.as_secs_f64());
+        packed
+            .command(11)
+            .arg("EVALSHA")
+            .arg(scripts.take.get_hash())
+            .uint(4)
+            .arg(&queue)
+            .arg(&r.processing)
+            .arg(r.keys.heartbeat(&r.instance))
+            .arg(r.keys.paused(&r.instance));
+        let head = packed.mark();
+        TakeCommand { packed, head }
+    }
+
+    /// The pipeline of a take of at most `wanted` requests.
+    fn of(&mut self, wanted: i64, max_request_bytes: usize, keys: &Keys) -> &Packed {
+        let prefixes = keys.id_prefixes();
+        self.packed.back_to(self.head);
+        self.packed
+            .int(wanted)
+            .uint(max_request_bytes as u64)
+            .arg(prefixes.request)
+            .arg(prefixes.fallback);
+        &self.packed
+    }
+}
+
 impl Reader {
     fn run(mut self) {
         let scripts = Scripts {
             take: redis::Script::new(&format!("{READ_BODY}{TAKE}")),
             fetch: redis::Script::new(&format!("{READ_BODY}{FETCH}")),
         };
+        let mut take_command = TakeCommand::new(&self, &scripts);
         let mut conn: Option<Connection> = None;
         // Whether everything in the processing list is known to be in hand: false
         // after a reconnect, or after a failure between a take and its hand-over.
@@ -463,7 +512,7 @@ impl Reader {
             }
             let taking = synced;
             let step = if synced {
-                self.take(c, &scripts, &mut workers, &mut synced)
+                self.take(c, &scripts, &mut take_command, &mut workers, &mut synced)
             } else {
                 self.recover_lost(c, &scripts, &mut workers)
                     .inspect(|_| synced = true)
@@ -510,15 +559,13 @@ impl Reader {
         &self,
         c: &mut Connection,
         scripts: &Scripts,
+        command: &mut TakeCommand,
         workers: &mut Workers,
         synced: &mut bool,
     ) -> RedisResult<bool> {
         workers.freed(self.ready.try_iter().count());
         let wanted = workers.wanted();
         workers.turned_over = false;
-        let queue = self.keys.queue();
-        let (key, fallback) = self.keys.request_prefixes();
-        let paused = self.keys.paused(&self.instance);
         // The take waits behind a wait for the queue to fill, in one write: a
         // wait on a queue that has entries returns at once, and on an empty one
         // it blocks until the first arrives, then Redis runs the take at once.
@@ -530,31 +577,14 @@ impl Reader {
         // entry is downloaded by a wait at most once), where the last stays the
         // last for the whole queue, and a big bogus entry there (anyone can push
         // one) came down with every take.
-        let mut pipe = redis::pipe();
-        pipe.cmd("BLMOVE")
-            .arg(&queue)
-            .arg(&queue)
-            .arg("LEFT")
-            .arg("LEFT")
-            .arg(BLOCK.as_secs_f64())
-            .cmd("EVALSHA")
-            .arg(scripts.take.get_hash())
-            .arg(4)
-            .arg(&queue)
-            .arg(&self.processing)
-            .arg(self.keys.heartbeat(&self.instance))
-            .arg(&paused)
-            .arg(wanted)
-            .arg(self.max_request_bytes)
-            .arg(&key)
-            .arg(&fallback);
-        // Read one at a time (`query_each`): a stall costs one read timeout. A
+        // Read one at a time (`query_packed`): a stall costs one read timeout. A
         // lost connection ends the step at once (the take's answer is unknown:
         // the next step compares the processing list with `InHand`); a wait
         // Redis ended with an error (`CLIENT UNBLOCK … ERROR`, a failover, a
         // refused write) still has its take's answer read, since the take runs
         // all the same.
-        let answers = crate::connection::query_each(c, &pipe)?;
+        let pipe = command.of(wanted, self.max_request_bytes, &self.keys);
+        let answers = crate::connection::query_packed(c, pipe)?;
         let taken = match answers.into_iter().nth(1) {
             Some(Ok(v)) => TakeAnswer::from(v),
             // A new connection's Redis, or someone flushed the scripts: load it
