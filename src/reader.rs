@@ -16,11 +16,11 @@
 //! more, so nothing lands in a processing list nobody would recover. When the
 //! queue is empty the reader waits on it with a `BLMOVE` of the queue onto itself,
 //! which takes nothing, with the next take in the same write (Redis runs it as
-//! the wait ends). The take also learns each body's size (and reads the first
-//! body, so an idle server answers in one round trip of its own); the other
-//! bodies come with a pipeline of `GETRANGE`s, a few MiB a round trip, each no
-//! longer than the size the take saw (a body changed since is read again by
-//! [`FETCH`]). A body over `max_request_bytes` is refused from its size, never
+//! the wait ends). The take also reads the first body, so an idle server answers
+//! in one round trip of its own, and the next while all fit in [`TAKE_BYTES`];
+//! of the others it learns the sizes, and they come with a pipeline of
+//! `GETRANGE`s, a few MiB a round trip, each no longer than the size the take
+//! saw (a body changed since is read again by [`FETCH`]). A body over `max_request_bytes` is refused from its size, never
 //! downloaded. Ids found in the processing list after a reconnect are read with
 //! one more script ([`FETCH`]).
 //! It stops taking as soon as shutdown is triggered; what it took but did not hand
@@ -97,6 +97,11 @@ impl Pace {
     }
 }
 
+/// Most bytes of bodies a take reads, the first counted (which comes whole
+/// whatever its size, up to `max_request_bytes`); the others come with
+/// `GETRANGE`s.
+const TAKE_BYTES: usize = 64 << 10;
+
 /// Most bytes of bodies one [`FETCH`] brings back (a single body up to
 /// `max_request_bytes` always comes, even when it is larger).
 const FETCH_BYTES: usize = 4 << 20;
@@ -106,8 +111,8 @@ const FETCH_BYTES: usize = 4 << 20;
 /// Answers three values, `code, x, y`: `0` missing, `1, body`, `2, size` too
 /// large (not sent), `3, key, error` not a string, `4, fallback, size` there and
 /// not read (when `room` is nil; `fallback` 1 if the body is under the fallback
-/// key), or a nil code when the body would not fit in `room`; then the bytes it
-/// read. Values, not a table: the scripts answer flat lists, since a table per
+/// key), or, when the body would not fit in `room`, a nil code and `which, size`
+/// as code 4's; then the bytes it read. Values, not a table: the scripts answer flat lists, since a table per
 /// request in a script's answer cost Redis 3-4 µs more per request than the
 /// commands themselves (measured: a take of 25 ids, 7.2 µs per id nested, 1.3-2.7
 /// flat).
@@ -124,13 +129,14 @@ local function read_body(key, fallback, max, room)
   if type(n) == 'table' then return 3, key, n.err, 0 end
   if n > max then return 2, n, 0, 0 end
   if room == nil then return 4, which, n, 0 end
-  if n > room then return nil, 0, 0, 0 end
+  if n > room then return nil, which, n, 0 end
   return 1, redis.call('GET', key), 0, n
 end
 ";
 
 /// KEYS: queue, processing, heartbeat and pause key (of this instance). ARGV:
-/// most ids to take, largest body, request key prefix, fallback key prefix.
+/// most ids to take, largest body, request key prefix, fallback key prefix, bytes
+/// of bodies to read ([`TAKE_BYTES`]).
 /// Moves up to ARGV[1] ids from the queue to the processing list in one step,
 /// stopping at the first empty pop, but only while the heartbeat exists: `RECOVER`
 /// (scheduler.rs) empties a processing list only once its heartbeat is gone, so
@@ -139,27 +145,33 @@ end
 /// sent before the pause, waiting in Redis behind the wait, takes nothing).
 /// Each id comes back as four values in one flat list, `entry, code, x, y` (`code,
 /// x, y` as of `read_body`, code -1 for an entry that is no id): the first
-/// with its body, so an idle server answers a request in one round trip (the
-/// wait and this, in one write), the others with their sizes only, since a body that passes
-/// through Lua costs Redis more than the `GETRANGE`s the reader then sends. The key of
+/// with its body (up to the largest), so an idle server answers a request in one
+/// round trip (the wait and this, in one write), the next with theirs while all
+/// fit in ARGV[5] bytes, the rest with their sizes only: a body that passes
+/// through Lua costs Redis more than the `GETRANGE` the reader then sends, but
+/// that is a second round trip, which costs the reader far more (a few ids per
+/// take, as under steady load, come whole). The key of
 /// id `n` is the prefix and `n` padded with zeros to ten digits, as
 /// `Keys::request` names it (`protocol::parse_queue_entry` says what is an id).
 const TAKE: &str = r"
 if redis.call('EXISTS', KEYS[3]) == 0 then return false end
 if redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local max = tonumber(ARGV[2])
+local room = tonumber(ARGV[5])
 local out = {}
 for i = 1, tonumber(ARGV[1]) do
   local v = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
   if not v then break end
-  local code, x, y = -1, 0, 0
+  local code, x, y, n = -1, 0, 0, 0
   local entry = v
   if #v <= 20 and (v == '0' or string.find(v, '^[1-9]%d*$')) then
     if #v < 10 then v = string.rep('0', 10 - #v) .. v end
-    local room = nil
-    if i == 1 then room = max end
-    -- Never a nil code here: the first body always has room up to max.
-    code, x, y = read_body(ARGV[3] .. v, ARGV[4] .. v, max, room)
+    local fits = room
+    if i == 1 then fits = max elseif room <= 0 then fits = nil end
+    code, x, y, n = read_body(ARGV[3] .. v, ARGV[4] .. v, max, fits)
+    -- Too big for what is left: its size only (the first always fits).
+    if not code then code = 4 end
+    room = room - n
   end
   out[#out + 1] = entry
   out[#out + 1] = code
@@ -443,7 +455,7 @@ impl TakeCommand {
             .arg("LEFT")
             .float(BLOCK.as_secs_f64());
         packed
-            .command(11)
+            .command(12)
             .arg("EVALSHA")
             .arg(scripts.take.get_hash())
             .uint(4)
@@ -463,7 +475,8 @@ impl TakeCommand {
             .int(wanted)
             .uint(max_request_bytes as u64)
             .arg(prefixes.request)
-            .arg(prefixes.fallback);
+            .arg(prefixes.fallback)
+            .uint(TAKE_BYTES as u64);
         &self.packed
     }
 }

@@ -564,11 +564,17 @@ fn small() -> Vec<u8> {
     body("echo", json!({"message": "small"}))
 }
 
+/// A message as long as the bodies a take reads in all (`reader::TAKE_BYTES`): a first request echoing it leaves the take no room
+/// for the second body, which it then only sizes.
+fn filling() -> String {
+    "x".repeat(64 << 10)
+}
+
 /// Runs two requests the server takes at once (it reads the first body in the
-/// take and only sizes the second), runs `change` on the second's key exactly
-/// when the server is about to read it (a relay between the server and Redis
-/// holds that command), and returns the second's reply and how many bytes came
-/// from Redis after the change. Stops the server and checks that it served
+/// take, which fills what it reads, and only sizes the second), runs `change` on
+/// the second's key exactly when the server is about to read it (a relay
+/// between the server and Redis holds that command), and returns the second's
+/// reply and how many bytes came from Redis after the change. Stops the server and checks that it served
 /// three requests (its `hello` at the start and these two), each once.
 fn change_after_the_take(
     second_body: &[u8],
@@ -579,7 +585,7 @@ fn change_after_the_take(
     let url = relay.url();
     let mut server = Server::start_args(&redis, &["--redis", &url]);
     let mut conn = redis.conn();
-    let first = store(&mut conn, &body("hello", json!({})));
+    let first = store(&mut conn, &body("echo", json!({"message": filling()})));
     let second = store(&mut conn, second_body);
     let key = format!("CERBAS-REQ-{second:010}");
     // The first command naming the second body's key reads it after the take.
@@ -601,7 +607,7 @@ fn change_after_the_take(
     );
     let after = relay.from_redis.load(std::sync::atomic::Ordering::SeqCst) - downloaded;
     let (reply, _) = got.get(&first).expect("a reply to the first request");
-    assert_eq!(*reply, Reply::Ok("hello world!".into()));
+    assert_eq!(*reply, Reply::Ok(filling().into()));
     let (reply, _) = got
         .get(&second)
         .unwrap_or_else(|| panic!("a reply to the second request; log:\n{}", server.log_text()));
