@@ -171,14 +171,23 @@ impl Load {
 }
 
 impl Backlog {
-    fn add(&self, bytes: usize) {
-        if let Ok(mut load) = self.load.lock() {
-            load.count += 1;
-            load.bytes += bytes;
-            if std::mem::take(&mut load.waiting) {
-                self.more.notify_one();
+    /// Counts one more message; says whether the publisher sleeps, to be woken
+    /// ([`Backlog::wake`]) once the message is in the channel: woken before, it
+    /// found the channel empty and waited in crossbeam's receive, which spins
+    /// and yields the CPU; woken under this lock, it blocked on the lock at once.
+    fn add(&self, bytes: usize) -> bool {
+        match self.load.lock() {
+            Ok(mut load) => {
+                load.count += 1;
+                load.bytes += bytes;
+                std::mem::take(&mut load.waiting)
             }
+            Err(_) => false,
         }
+    }
+
+    fn wake(&self) {
+        self.more.notify_one();
     }
 
     pub(crate) fn taken(&self, count: usize, bytes: usize) {
@@ -186,6 +195,7 @@ impl Backlog {
             load.count = load.count.saturating_sub(count);
             load.bytes = load.bytes.saturating_sub(bytes);
             if load.short_of_room > 0 && !load.over() {
+                drop(load);
                 self.room.notify_all();
             }
         }
@@ -251,8 +261,14 @@ impl Outbox {
     }
 
     pub(crate) fn send(&self, msg: Outgoing) -> Result<(), SendError<Outgoing>> {
-        self.backlog.add(msg.bytes());
-        self.tx.send(msg)
+        // Counted first: the publisher takes what it receives off the count, and
+        // must never take off what was not counted yet.
+        let asleep = self.backlog.add(msg.bytes());
+        let sent = self.tx.send(msg);
+        if asleep {
+            self.backlog.wake();
+        }
+        sent
     }
 }
 
@@ -497,4 +513,39 @@ pub struct Stats {
     /// Error replies not yet written to Redis for the dashboard (at most 100; the
     /// scheduler writes them with the snapshot).
     pub(crate) recent_errors: crate::dashboard::errors::Recent,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The publisher, asleep on the count, is woken only once the message is in
+    /// the channel: what it then receives without waiting is there.
+    #[test]
+    fn a_sleeping_publisher_is_woken_with_the_message_already_in_the_channel() {
+        let backlog = Arc::new(Backlog::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let outbox = Outbox::new(tx, backlog.clone());
+        for round in 0..1000 {
+            let waiter = {
+                let backlog = backlog.clone();
+                let rx = rx.clone();
+                std::thread::spawn(move || {
+                    let woke = backlog.wait_more(Instant::now() + Duration::from_secs(10));
+                    let got = rx.try_recv().is_ok();
+                    backlog.taken(usize::from(got), 0);
+                    (woke, got)
+                })
+            };
+            // Sent while the waiter sleeps in most rounds, before it in some.
+            if round % 2 == 0 {
+                std::thread::yield_now();
+            }
+            outbox.send(Outgoing::Finish).expect("the channel is open");
+            let (woke, got) = waiter.join().expect("the waiter returns");
+            assert!(woke, "round {round}: woken by the send");
+            assert!(got, "round {round}: the message was there when it woke");
+        }
+        assert!(backlog.wait_room(Duration::ZERO), "all taken off the count");
+    }
 }
