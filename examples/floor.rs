@@ -714,31 +714,52 @@ pub fn serve_threaded(
     let bell = Arc::new(Bell::default());
     let (tx, rx) = crossbeam_channel::unbounded();
     let halt = AtomicBool::new(false);
+    // Named, so that `perf stat --per-thread` tells the kinds apart (the reader
+    // is the calling thread).
     std::thread::scope(|s| {
-        let publisher = s.spawn(|| {
-            let mut n = 0;
-            let r = publish_replies(&mut publisher, keys, &rx, &bell, &mut n);
-            if r.is_err() {
-                halt.store(true, Ordering::Relaxed);
+        let publisher = std::thread::Builder::new()
+            .name("floor-publisher".into())
+            .spawn_scoped(s, || {
+                let mut n = 0;
+                let r = publish_replies(&mut publisher, keys, &rx, &bell, &mut n);
+                if r.is_err() {
+                    halt.store(true, Ordering::Relaxed);
+                }
+                (n, r)
+            })?;
+        let mut pool_threads = Vec::with_capacity(workers);
+        let mut not_spawned = None;
+        for i in 0..workers {
+            let outbox = Outbox {
+                tx: tx.clone(),
+                bell: bell.clone(),
+            };
+            let (jobs, pool, halt) = (&jobs, &pool, &halt);
+            match std::thread::Builder::new()
+                .name(format!("floor-worker-{i}"))
+                .spawn_scoped(s, move || work(keys, jobs, pool, outbox, halt))
+            {
+                Ok(t) => pool_threads.push(t),
+                Err(e) => {
+                    not_spawned = Some(e);
+                    break;
+                }
             }
-            (n, r)
-        });
-        let pool_threads: Vec<_> = (0..workers)
-            .map(|_| {
-                let outbox = Outbox {
-                    tx: tx.clone(),
-                    bell: bell.clone(),
-                };
-                let (jobs, pool, halt) = (&jobs, &pool, &halt);
-                s.spawn(move || work(keys, jobs, pool, outbox, halt))
-            })
-            .collect();
+        }
         drop(tx);
-        ready();
-        let read = read(&mut reader, keys, args, &jobs, stop, &halt);
+        let read = match not_spawned {
+            Some(e) => Err(e.into()),
+            None => {
+                ready();
+                read(&mut reader, keys, args, &jobs, stop, &halt)
+            }
+        };
         // The workers finish what waits, then the publisher what they sent.
         jobs.close();
-        let panicked = pool_threads.into_iter().any(|t| t.join().is_err());
+        let panicked = pool_threads
+            .into_iter()
+            .map(|t| t.join().is_err())
+            .fold(false, |any, this| any || this);
         let (n, published) = publisher
             .join()
             .unwrap_or_else(|_| (0, Err(panicked_error("publisher"))));
