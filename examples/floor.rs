@@ -756,10 +756,10 @@ pub fn serve_threaded(
         };
         // The workers finish what waits, then the publisher what they sent.
         jobs.close();
-        let panicked = pool_threads
-            .into_iter()
-            .map(|t| t.join().is_err())
-            .fold(false, |any, this| any || this);
+        let mut panicked = false;
+        for t in pool_threads {
+            panicked |= t.join().is_err();
+        }
         let (n, published) = publisher
             .join()
             .unwrap_or_else(|_| (0, Err(panicked_error("publisher"))));
