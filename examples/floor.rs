@@ -41,6 +41,11 @@
 //! leaves out all of the list below, and of cerbas's threads also: the
 //! workers' "ready" announcements and the reader's pacing by them (the bounded
 //! queue is its only back-pressure), the timer, the scheduler, the due lane.
+//! `--chain-wake` is an experiment on that shape, not what cerbas does: a job
+//! wakes a sleeping worker only if no wake is already on its way, and a worker
+//! that takes a job and leaves more waiting wakes the next (cerbas, like the
+//! default here, sends a wake per job while any worker sleeps: with 100 mostly
+//! idle workers, about one worker context switch per request).
 //!
 //! What it leaves out, so never serve anything with it: the lossless guarantees
 //! (a request it has popped is lost if it dies: no processing list, no acks, no
@@ -95,6 +100,11 @@ pub struct Args {
     /// With `--threads`: how many worker threads (cerbas.toml's `workers`).
     #[arg(long, default_value_t = 100, requires = "threads")]
     workers: usize,
+    /// With `--threads`: a job wakes a sleeping worker only if no wake is on its
+    /// way; a worker that takes a job and leaves more waiting wakes the next
+    /// (cerbas's hand-off, as the default here, wakes one per job).
+    #[arg(long, requires = "threads")]
+    chain_wake: bool,
 }
 
 /// How long one `BLMOVE` waits before the loop looks at the stop flag again.
@@ -433,18 +443,31 @@ struct LaneState<T> {
     width: usize,
     closed: bool,
     asleep: usize,
+    /// Wakes sent and not yet taken up by a sleeper.
+    waking: usize,
+    /// Wake one worker at a time: a push wakes one only if none is on its way,
+    /// and a worker that takes an item and leaves more wakes the next.
+    chain: bool,
     pusher_waits: bool,
 }
 
 impl<T> Lane<T> {
     /// A lane holding at most `width` items.
     pub fn new(width: usize) -> Self {
+        Self::with_wakes(width, false)
+    }
+
+    /// A lane holding at most `width` items, waking one sleeper at a time if
+    /// `chain` (see `--chain-wake`).
+    pub fn with_wakes(width: usize, chain: bool) -> Self {
         Lane {
             state: Mutex::new(LaneState {
                 items: VecDeque::with_capacity(width),
                 width: width.max(1),
                 closed: false,
                 asleep: 0,
+                waking: 0,
+                chain,
                 pusher_waits: false,
             }),
             arrived: Condvar::new(),
@@ -470,7 +493,10 @@ impl<T> Lane<T> {
             return Err(item);
         }
         s.items.push_back(item);
-        let wake = s.asleep > 0;
+        let wake = s.asleep > 0 && !(s.chain && s.waking > 0);
+        if wake {
+            s.waking += 1;
+        }
         drop(s);
         if wake {
             self.arrived.notify_one();
@@ -484,9 +510,17 @@ impl<T> Lane<T> {
         loop {
             if let Some(item) = s.items.pop_front() {
                 let wake = s.pusher_waits;
+                // With `chain`: more waits and nobody else is on the way.
+                let next = s.chain && !s.items.is_empty() && s.asleep > 0 && s.waking == 0;
+                if next {
+                    s.waking += 1;
+                }
                 drop(s);
                 if wake {
                     self.room.notify_one();
+                }
+                if next {
+                    self.arrived.notify_one();
                 }
                 return Some(item);
             }
@@ -496,7 +530,13 @@ impl<T> Lane<T> {
             s.asleep += 1;
             s = self.arrived.wait(s).unwrap_or_else(PoisonError::into_inner);
             s.asleep -= 1;
+            s.waking = s.waking.saturating_sub(1);
         }
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.lock().items.is_empty()
     }
 
     /// Nothing more will be pushed: the sleepers wake, and what waits is still
@@ -710,7 +750,7 @@ pub fn serve_threaded(
     let mut publisher = cerbas::connection::open(client, READ_TIMEOUT)?;
     let pool = ConnectionPool::new(client.clone(), POOL_SIZE);
     let workers = args.workers.max(1);
-    let jobs = Lane::new(workers);
+    let jobs = Lane::with_wakes(workers, args.chain_wake);
     let bell = Arc::new(Bell::default());
     let (tx, rx) = crossbeam_channel::unbounded();
     let halt = AtomicBool::new(false);

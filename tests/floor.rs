@@ -358,3 +358,51 @@ fn the_lane_is_bounded_and_a_close_ends_it_after_what_waits() {
     assert_eq!(sleeper.join().unwrap(), (Some(2), Some(3), None));
     assert_eq!(lane.push(4), Err(4), "no push after the close");
 }
+
+#[test]
+fn a_chain_waking_lane_loses_no_item_to_sleeping_workers() {
+    let lane = Arc::new(Lane::with_wakes(8, true));
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let lane = lane.clone();
+            std::thread::spawn(move || std::iter::from_fn(|| lane.pop()).collect::<Vec<u64>>())
+        })
+        .collect();
+    for i in 0..200 {
+        lane.push(i).expect("open");
+    }
+    // Every item is taken before the close: nobody slept through one.
+    wait_for("the lane emptied", Duration::from_secs(10), || {
+        lane.is_empty().then_some(())
+    });
+    lane.close();
+    let mut all: Vec<u64> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..200).collect::<Vec<_>>());
+}
+
+#[test]
+fn threaded_with_chain_wakes_concurrent_callers_get_their_own_replies() {
+    let redis = Redis::start();
+    let floor = Running::start(&redis, &["--threads", "--workers", "4", "--chain-wake"]);
+    let client = Arc::new(redis.client());
+    let threads: Vec<_> = (0..6)
+        .map(|caller| {
+            let c = client.clone();
+            std::thread::spawn(move || {
+                for i in 0..30 {
+                    let message = json!([caller, i]);
+                    let got = c.request("echo", json!({ "message": message }));
+                    assert_eq!(got.expect("a reply"), Reply::Ok(message));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("every caller got its own replies");
+    }
+    assert_eq!(floor.stop(), 180);
+}
