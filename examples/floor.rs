@@ -28,24 +28,22 @@
 //! alone cost (futex wakes, context switches), which no change inside that
 //! shape removes: a reader thread takes as above on its own connection and
 //! hands each parsed request to N worker threads (a locked queue bounded by N
-//! and a condition variable, waking a worker only if one sleeps, as
-//! `src/handoff.rs`); a worker runs the function (`tally`'s `INCR` on a
-//! connection of a pool of 8, cerbas's own `ConnectionPool`, as cerbas lends
-//! one to a function) and sends the encoded reply to a publisher thread (a
-//! crossbeam channel plus a count the publisher sleeps on, as cerbas's
-//! `Outbox` and `Backlog`); the publisher takes whatever waits and sends its
-//! `PUBLISH` ×2 per reply and one `DEL` of the request keys in one write on its
-//! own connection, then reads the answers. So the threads and hand-offs are
-//! cerbas's while the Redis work per request stays the floor's (the take
-//! script, one write of replies and `DEL`s, no processing list, no acks). It
-//! leaves out all of the list below, and of cerbas's threads also: the
-//! workers' "ready" announcements and the reader's pacing by them (the bounded
-//! queue is its only back-pressure), the timer, the scheduler, the due lane.
-//! `--chain-wake` is an experiment on that shape, not what cerbas does: a job
-//! wakes a sleeping worker only if no wake is already on its way, and a worker
-//! that takes a job and leaves more waiting wakes the next (cerbas, like the
-//! default here, sends a wake per job while any worker sleeps: with 100 mostly
-//! idle workers, about one worker context switch per request).
+//! and a condition variable, one wake of a sleeping worker in flight at a time,
+//! passed on by the woken worker while jobs wait, as `src/handoff.rs`); a
+//! worker runs the function (`tally`'s `INCR` on a connection of a pool of 8,
+//! cerbas's own `ConnectionPool`, as cerbas lends one to a function) and sends
+//! the encoded reply to a publisher thread (a crossbeam channel plus a count
+//! the publisher sleeps on, as cerbas's `Outbox` and `Backlog`); the publisher
+//! takes whatever waits and sends its `PUBLISH` ×2 per reply and one `DEL` of
+//! the request keys in one write on its own connection, then reads the
+//! answers. So the threads and hand-offs are cerbas's while the Redis work per
+//! request stays the floor's (the take script, one write of replies and
+//! `DEL`s, no processing list, no acks). It leaves out all of the list below,
+//! and of cerbas's threads also: the workers' "ready" announcements and the
+//! reader's pacing by them (the bounded queue is its only back-pressure), the
+//! timer, the scheduler, the due lane. `--wake-per-job` wakes a sleeping worker
+//! for every job instead, as cerbas did before 51d1f96: with 100 mostly idle
+//! workers, about one worker context switch per request.
 //!
 //! What it leaves out, so never serve anything with it: the lossless guarantees
 //! (a request it has popped is lost if it dies: no processing list, no acks, no
@@ -100,11 +98,10 @@ pub struct Args {
     /// With `--threads`: how many worker threads (cerbas.toml's `workers`).
     #[arg(long, default_value_t = 100, requires = "threads")]
     workers: usize,
-    /// With `--threads`: a job wakes a sleeping worker only if no wake is on its
-    /// way; a worker that takes a job and leaves more waiting wakes the next
-    /// (cerbas's hand-off, as the default here, wakes one per job).
+    /// With `--threads`: every job wakes a sleeping worker (cerbas's hand-off
+    /// before 51d1f96), rather than one wake at a time passed on while jobs wait.
     #[arg(long, requires = "threads")]
-    chain_wake: bool,
+    wake_per_job: bool,
 }
 
 /// How long one `BLMOVE` waits before the loop looks at the stop flag again.
@@ -458,7 +455,7 @@ impl<T> Lane<T> {
     }
 
     /// A lane holding at most `width` items, waking one sleeper at a time if
-    /// `chain` (see `--chain-wake`).
+    /// `chain` (the default of `--threads`; see `--wake-per-job`).
     pub fn with_wakes(width: usize, chain: bool) -> Self {
         Lane {
             state: Mutex::new(LaneState {
@@ -750,7 +747,7 @@ pub fn serve_threaded(
     let mut publisher = cerbas::connection::open(client, READ_TIMEOUT)?;
     let pool = ConnectionPool::new(client.clone(), POOL_SIZE);
     let workers = args.workers.max(1);
-    let jobs = Lane::with_wakes(workers, args.chain_wake);
+    let jobs = Lane::with_wakes(workers, !args.wake_per_job);
     let bell = Arc::new(Bell::default());
     let (tx, rx) = crossbeam_channel::unbounded();
     let halt = AtomicBool::new(false);

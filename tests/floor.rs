@@ -385,9 +385,9 @@ fn a_chain_waking_lane_loses_no_item_to_sleeping_workers() {
 }
 
 #[test]
-fn threaded_with_chain_wakes_concurrent_callers_get_their_own_replies() {
+fn threaded_with_a_wake_per_job_concurrent_callers_get_their_own_replies() {
     let redis = Redis::start();
-    let floor = Running::start(&redis, &["--threads", "--workers", "4", "--chain-wake"]);
+    let floor = Running::start(&redis, &["--threads", "--workers", "4", "--wake-per-job"]);
     let client = Arc::new(redis.client());
     let threads: Vec<_> = (0..6)
         .map(|caller| {
