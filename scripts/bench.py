@@ -16,7 +16,9 @@ Starts a fresh redis-server and a release `cerbas` on free loopback ports, then:
   same Redis, measured the same ways: the Rust and Node clients' W1 and W2, a W3
   drain (with tally's INCR one round trip per request, as the function does, and
   pipelined, the protocol alone), and the bare round trip: `redis-benchmark -t
-  incr -c 1` with its own CPU per round trip.
+  incr -c 1` with its own CPU per round trip; then the same clients' W1 and W2
+  against `floor --threads` (the floor's work in cerbas's thread shape: what the
+  hand-offs alone cost).
 Prints a Markdown table on stdout (progress on stderr). Not for: asserting
 anything (tests do that) or comparing runs made at different times: only ratios
 within one run mean something on a shared machine.
@@ -259,11 +261,17 @@ def floor_section(port, logfile, names, opts):
         w3_piped = loadgen(url, floor.pid, port, "w3")
     finally:
         stop(floor)
+    # The floor in cerbas's thread shape: what the hand-offs alone cost.
+    floor = start_floor(url, logfile, ["--threads"])
+    try:
+        threaded = client_rows([n for n in FLOOR_CLIENTS if n in names], port, floor.pid, url, opts)
+    finally:
+        stop(floor)
     log("bare round trip: redis-benchmark -t incr -c 1")
     bare = bare_round_trip(port)
     redis_cli(port, "FLUSHDB", db=FLOOR_DB)
     redis_cli(port, "DEL", "counter:__rand_int__", db=0)
-    return rows, w3, w3_piped, bare
+    return rows, w3, w3_piped, bare, threaded
 
 
 def drain_note(label, w3, set_ops):
@@ -277,7 +285,7 @@ def drain_note(label, w3, set_ops):
 
 
 def print_floor(cerbas_rows, cerbas_w3, floor, set_ops):
-    rows, w3, w3_piped, bare = floor
+    rows, w3, w3_piped, bare, threaded = floor
     print()
     print("### The protocol floor (`examples/floor.rs`: one thread, no guarantees), same Redis, "
           f"db {FLOOR_DB}, cerbas stopped")
@@ -305,6 +313,18 @@ def print_floor(cerbas_rows, cerbas_w3, floor, set_ops):
     if cn and fn:
         line("W3 server CPU µs/request", cerbas_w3[2] * 1e6 / cn, w3[2] * 1e6 / fn, 1)
         line("W3 Redis CPU µs/request", cerbas_w3[1] * 1e6 / cn, w3[1] * 1e6 / fn, 1)
+    threaded_by_name = {r["client"]: r for r in threaded}
+    for row in rows:
+        name, c, t = row["client"], by_name.get(row["client"]), threaded_by_name.get(row["client"])
+        if not (c and t):
+            continue
+        cw1, cw2, tw1, tw2 = c["w1"] or {}, c["w2"] or {}, t["w1"] or {}, t["w2"] or {}
+        line(f"{name}: W1 p50 / PING, against the threaded floor", per_ping(cw1), per_ping(tw1), 1)
+        line(f"{name}: server CPU µs/rt (W2), against the threaded floor",
+             cw2.get("server_cpu_us_per_rt"), tw2.get("server_cpu_us_per_rt"), 1)
+    print()
+    print("The threaded floor is `floor --threads`: the floor's Redis work in cerbas's thread shape "
+          "(a reader, 100 workers, a publisher, the same hand-offs), with none of its guarantees.")
     print()
     print("- " + drain_note("floor W3, tally's INCR one round trip per request (as the function)", w3, set_ops))
     print("- " + drain_note("floor W3, tally's INCRs pipelined per batch (the protocol alone)", w3_piped, set_ops))
