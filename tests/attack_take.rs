@@ -570,3 +570,71 @@ fn a_stop_under_load_with_a_stalled_redis_publishes_every_reply_once() {
     let got = replies.stop();
     assert_each_once(&got, &ids, &want);
 }
+
+/// 11a97b6: writes refused (`MISCONF`) while a mixed load with delayed
+/// requests runs, so takes, `REPLY` and `SCHEDULE` calls are refused and
+/// retried; writes allowed again after 2 s. Each request gets its one right
+/// reply and nothing is left.
+#[test]
+fn misconf_amid_a_load_with_delays_loses_and_repeats_nothing() {
+    let redis = Redis::start();
+    let server = Server::start(&redis);
+    let mut conn = redis.conn();
+    let (bodies, want) = mixed_load(2000);
+    let replies = Replies::listen(&redis, "CERBAS");
+    let ids = submit_many(&mut conn, &bodies);
+    wait_for("some answered", Duration::from_secs(20), || {
+        (replies.answered(&ids) >= 200).then_some(())
+    });
+    start_misconf(&redis, &mut conn);
+    // (Replies are still published meanwhile: only their acks wait.)
+    assert!(replies.answered(&ids) < ids.len(), "writes refused amid the load");
+    std::thread::sleep(Duration::from_millis(2000));
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("stop-writes-on-bgsave-error")
+        .arg("no")
+        .query::<()>(&mut conn)
+        .expect("CONFIG SET");
+    replies.wait_all(&ids, Duration::from_secs(60), || server.log_text());
+    wait_nothing_left(&mut conn, "CERBAS");
+    stop(server);
+    let got = replies.stop();
+    assert_each_once(&got, &ids, &want);
+}
+
+/// 11a97b6: ids up to `u64::MAX` (twenty digits, pushed by hand: Redis's
+/// counter stops at `i64::MAX`), answered at once and after a `delay`.
+#[test]
+fn ids_up_to_u64_max_are_answered_once() {
+    let redis = Redis::start();
+    let server = Server::start(&redis);
+    let mut conn = redis.conn();
+    let ids = [u64::MAX, u64::MAX - 1, 1 << 63, 12_345_678_901];
+    let mut want = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let b = if i % 2 == 0 {
+            body("echo", json!({"message": i}))
+        } else {
+            json!({"func": "echo", "args": {"message": i}, "user": "foo",
+                   "source": "web", "delay": 300})
+            .to_string()
+        };
+        redis::cmd("SET")
+            .arg(format!("CERBAS-REQ-{id:010}"))
+            .arg(b)
+            .query::<()>(&mut conn)
+            .expect("SET");
+        want.push(Reply::Ok(json!(i)));
+    }
+    let replies = Replies::listen(&redis, "CERBAS");
+    redis::cmd("RPUSH")
+        .arg("CERBAS-QUEUE")
+        .arg(&ids)
+        .query::<()>(&mut conn)
+        .expect("RPUSH");
+    replies.wait_all(&ids, Duration::from_secs(20), || server.log_text());
+    wait_nothing_left(&mut conn, "CERBAS");
+    stop(server);
+    assert_each_once(&replies.stop(), &ids, &want);
+}
