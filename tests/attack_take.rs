@@ -47,6 +47,11 @@ impl Replies {
         let listening = Arc::new(AtomicBool::new(true));
         let (s, l) = (seen.clone(), listening.clone());
         let mut sub = redis.conn();
+        // A listener that falls behind a flood of big replies is not cut off.
+        redis::cmd("CONFIG")
+            .arg(&["SET", "client-output-buffer-limit", "pubsub 0 0 0"])
+            .query::<()>(&mut sub)
+            .expect("CONFIG SET client-output-buffer-limit");
         let pattern = format!("{}-RESPONSE-1-*", glob_escape(prefix));
         let (tx, subscribed) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -634,6 +639,87 @@ fn ids_up_to_u64_max_are_answered_once() {
         .query::<()>(&mut conn)
         .expect("RPUSH");
     replies.wait_all(&ids, Duration::from_secs(20), || server.log_text());
+    wait_nothing_left(&mut conn, "CERBAS");
+    stop(server);
+    assert_each_once(&replies.stop(), &ids, &want);
+}
+
+/// 96547fe: 600 requests pushed at once, bodies of sizes spread over 0-130 KiB
+/// (a deterministic sequence, with sizes at the take's edges), some under the
+/// fallback key: takes of every make-up. Each gets its one right reply.
+#[test]
+fn hundreds_of_bodies_of_spread_sizes_pushed_at_once_are_each_answered_once() {
+    let redis = Redis::start();
+    let server = Server::start(&redis);
+    let mut conn = redis.conn();
+    let n = 600u64;
+    let last: u64 = redis::cmd("INCRBY")
+        .arg("CERBAS-COUNTER")
+        .arg(n)
+        .query(&mut conn)
+        .expect("INCRBY");
+    let ids: Vec<u64> = (last + 1 - n..=last).collect();
+    let mut want = Vec::new();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for (i, id) in ids.iter().enumerate() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let size = match i % 7 {
+            0 => (64 << 10) - 100 + (seed % 200) as usize,
+            1 | 2 => (seed % 2000) as usize,
+            _ => (seed % (130 << 10)) as usize,
+        };
+        let (text, message) = echo_of_len(size);
+        let key = if i % 11 == 5 {
+            format!("CERBAS-REQUEST-{id:010}")
+        } else {
+            format!("CERBAS-REQ-{id:010}")
+        };
+        redis::cmd("SET")
+            .arg(key)
+            .arg(text)
+            .query::<()>(&mut conn)
+            .expect("SET");
+        want.push(Reply::Ok(json!(message)));
+    }
+    let replies = Replies::listen(&redis, "CERBAS");
+    redis::cmd("RPUSH")
+        .arg("CERBAS-QUEUE")
+        .arg(&ids)
+        .query::<()>(&mut conn)
+        .expect("RPUSH");
+    replies.wait_all(&ids, Duration::from_secs(30), || server.log_text());
+    wait_nothing_left(&mut conn, "CERBAS");
+    stop(server);
+    assert_each_once(&replies.stop(), &ids, &want);
+}
+
+/// 96547fe and 11a97b6: Redis stalled for 12 s (past the 10.5 s read timeout)
+/// while a load of big and small bodies runs (the take, `GETRANGE`s, `FETCH`
+/// and the publisher's pipelines are cut mid-answer), then every connection
+/// cut. Each request gets its one right reply and nothing is left.
+#[test]
+fn a_stall_past_the_read_timeout_amid_a_load_of_big_bodies_loses_and_repeats_nothing() {
+    let redis = Redis::start();
+    let server = Server::start(&redis);
+    let mut conn = redis.conn();
+    let (bodies, want) = mixed_load(3000);
+    let replies = Replies::listen(&redis, "CERBAS");
+    let ids = submit_many(&mut conn, &bodies);
+    wait_for("some answered", Duration::from_secs(20), || {
+        (replies.answered(&ids) >= 300).then_some(())
+    });
+    assert!(replies.answered(&ids) < ids.len(), "the stall comes amid the load");
+    redis.pause();
+    std::thread::sleep(Duration::from_secs(12));
+    redis.resume();
+    redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .query::<()>(&mut conn)
+        .expect("CLIENT KILL");
+    // (The listener, a pubsub client, was not cut.)
+    replies.wait_all(&ids, Duration::from_secs(60), || server.log_text());
     wait_nothing_left(&mut conn, "CERBAS");
     stop(server);
     assert_each_once(&replies.stop(), &ids, &want);
