@@ -271,9 +271,9 @@ fn odd_prefixes_and_long_ids_get_every_reply_once() {
             .expect("SUBSCRIBE");
         ps.set_read_timeout(Some(Duration::from_secs(8)))
             .expect("timeout");
-        let msg = ps
-            .get_message()
-            .unwrap_or_else(|e| panic!("{prefix}: no late reply ({e}); log:\n{}", server.log_text()));
+        let msg = ps.get_message().unwrap_or_else(|e| {
+            panic!("{prefix}: no late reply ({e}); log:\n{}", server.log_text())
+        });
         assert_eq!(
             Reply::from_json(msg.get_payload_bytes()).expect("JSON"),
             Reply::Ok(json!("late")),
@@ -288,7 +288,11 @@ fn odd_prefixes_and_long_ids_get_every_reply_once() {
             } else {
                 format!("later {}", i - 200)
             };
-            assert_eq!(only_reply(&got, *id), Reply::Ok(json!(want)), "{prefix} {id}");
+            assert_eq!(
+                only_reply(&got, *id),
+                Reply::Ok(json!(want)),
+                "{prefix} {id}"
+            );
         }
         assert!(ids.iter().all(|id| *id > counter), "{prefix}");
     }
@@ -330,16 +334,52 @@ fn batches_around_the_takes_64_kib_get_every_answer_once() {
     let mut conn = redis.conn();
     let k = 1024;
     let batches: Vec<Vec<Part>> = vec![
-        vec![Echo(k), Echo(63 * k), Echo(2 * k), Echo(600 * k), Empty, Echo(10)],
-        vec![Echo(63 * k), Echo(k), Echo(20), Huge, Echo(600 * k), Echo(30)],
+        vec![
+            Echo(k),
+            Echo(63 * k),
+            Echo(2 * k),
+            Echo(600 * k),
+            Empty,
+            Echo(10),
+        ],
+        vec![
+            Echo(63 * k),
+            Echo(k),
+            Echo(20),
+            Huge,
+            Echo(600 * k),
+            Echo(30),
+        ],
         // The second fills the room exactly; the third finds none.
         vec![Echo(k), Echo(63 * k), Echo(100), Echo(100)],
         vec![Echo(600 * k), Echo(100), Echo(63 * k), Echo(100)],
         vec![Empty, Echo(64 * k), Echo(100), Missing, List, Fallback(100)],
-        vec![Missing, Echo(65 * k), Fallback(70 * k), Fallback(10), Empty, Empty],
-        vec![List, Huge, Echo(64 * k - 1), Echo(2), Fallback(600 * k), Echo(1)],
+        vec![
+            Missing,
+            Echo(65 * k),
+            Fallback(70 * k),
+            Fallback(10),
+            Empty,
+            Empty,
+        ],
+        vec![
+            List,
+            Huge,
+            Echo(64 * k - 1),
+            Echo(2),
+            Fallback(600 * k),
+            Echo(1),
+        ],
         vec![Huge, Echo(1000 * k), Echo(64 * k), Echo(64 * k), Echo(5)],
-        vec![Fallback(64 * k), Echo(3), List, Echo(63 * k), Missing, Huge, Echo(7)],
+        vec![
+            Fallback(64 * k),
+            Echo(3),
+            List,
+            Echo(63 * k),
+            Missing,
+            Huge,
+            Echo(7),
+        ],
     ];
     for (b, batch) in batches.iter().enumerate() {
         let last: u64 = redis::cmd("INCRBY")
@@ -358,7 +398,11 @@ fn batches_around_the_takes_64_kib_get_every_answer_once() {
                 Echo(n) | Fallback(n) => {
                     let (text, message) = echo_of_len(*n);
                     body_len = text.len();
-                    let k = if matches!(part, Echo(_)) { &key } else { &fallback };
+                    let k = if matches!(part, Echo(_)) {
+                        &key
+                    } else {
+                        &fallback
+                    };
                     pipe.cmd("SET").arg(k).arg(text).ignore();
                     want.push(Some(Reply::Ok(json!(message))));
                 }
@@ -527,7 +571,10 @@ fn replies_of_several_mib_come_whole_and_once() {
     assert_each_once(&got, &ids, &want);
     // Held for a late subscriber: 4 MiB published to nobody, heard 1 s later.
     let message = "w".repeat(4 << 20);
-    let late = store(&mut conn, body("echo", json!({"message": message})).as_bytes());
+    let late = store(
+        &mut conn,
+        body("echo", json!({"message": message})).as_bytes(),
+    );
     redis::cmd("RPUSH")
         .arg("CERBAS-QUEUE")
         .arg(late)
@@ -535,7 +582,10 @@ fn replies_of_several_mib_come_whole_and_once() {
         .expect("RPUSH");
     std::thread::sleep(Duration::from_millis(1000));
     let msg = redis
-        .first_message(&format!("CERBAS-RESPONSE-1-{late:010}"), Duration::from_secs(8))
+        .first_message(
+            &format!("CERBAS-RESPONSE-1-{late:010}"),
+            Duration::from_secs(8),
+        )
         .unwrap_or_else(|e| panic!("no late reply ({e}); log:\n{}", server.log_text()));
     assert_eq!(
         Reply::from_json(msg.get_payload_bytes()).expect("JSON"),
@@ -593,7 +643,10 @@ fn misconf_amid_a_load_with_delays_loses_and_repeats_nothing() {
     });
     start_misconf(&redis, &mut conn);
     // (Replies are still published meanwhile: only their acks wait.)
-    assert!(replies.answered(&ids) < ids.len(), "writes refused amid the load");
+    assert!(
+        replies.answered(&ids) < ids.len(),
+        "writes refused amid the load"
+    );
     std::thread::sleep(Duration::from_millis(2000));
     redis::cmd("CONFIG")
         .arg("SET")
@@ -710,7 +763,10 @@ fn a_stall_past_the_read_timeout_amid_a_load_of_big_bodies_loses_and_repeats_not
     wait_for("some answered", Duration::from_secs(20), || {
         (replies.answered(&ids) >= 300).then_some(())
     });
-    assert!(replies.answered(&ids) < ids.len(), "the stall comes amid the load");
+    assert!(
+        replies.answered(&ids) < ids.len(),
+        "the stall comes amid the load"
+    );
     redis.pause();
     std::thread::sleep(Duration::from_secs(12));
     redis.resume();
@@ -723,4 +779,86 @@ fn a_stall_past_the_read_timeout_amid_a_load_of_big_bodies_loses_and_repeats_not
     wait_nothing_left(&mut conn, "CERBAS");
     stop(server);
     assert_each_once(&replies.stop(), &ids, &want);
+}
+
+/// 11a97b6: 16 replies published to nobody under prefix `MSGPACK:M` (its
+/// msgpack channels start `MSGPACK:MSGPACK:`) and `A*B?[x]`, each subscribed
+/// 1-4 s later on its JSON or its msgpack channel, with Redis holding few
+/// channels (one `PUBSUB CHANNELS` with the prefix escaped) and 2,000 (`PUBSUB
+/// NUMSUB` naming both channels): each subscriber gets its reply.
+#[test]
+fn late_subscribers_under_odd_prefixes_get_their_replies_by_either_look() {
+    let redis = Redis::start();
+    let mut conn = redis.conn();
+    for (prefix, many_channels) in [
+        ("MSGPACK:M", false),
+        ("MSGPACK:M", true),
+        ("A*B?[x]", false),
+        ("A*B?[x]", true),
+    ] {
+        let _neighbour = many_channels.then(|| neighbour_with_2000_channels(&redis));
+        let server = server_with(&redis, &prefixed_config(prefix), prefix, &[]);
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query::<()>(&mut conn)
+            .expect("CONFIG RESETSTAT");
+        let bodies: Vec<String> = (0..16)
+            .map(|i| body("echo", json!({"message": i})))
+            .collect();
+        let ids = push_under(&mut conn, prefix, &bodies);
+        let pushed = Instant::now();
+        let waiters: Vec<_> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let url = redis.url_db(1);
+                let msgpack = i % 2 == 1;
+                let channel = format!(
+                    "{}{prefix}-RESPONSE-1-{id:010}",
+                    if msgpack { "MSGPACK:" } else { "" }
+                );
+                let after = Duration::from_millis(1000 + 200 * i as u64);
+                std::thread::spawn(move || {
+                    let mut c = redis::Client::open(url.as_str())
+                        .and_then(|c| c.get_connection())
+                        .expect("subscriber connection");
+                    std::thread::sleep((pushed + after).saturating_duration_since(Instant::now()));
+                    let mut ps = c.as_pubsub();
+                    ps.subscribe(&channel).expect("SUBSCRIBE");
+                    ps.set_read_timeout(Some(Duration::from_secs(8)))
+                        .expect("timeout");
+                    let got = ps.get_message().ok().map(|m| {
+                        let b = m.get_payload_bytes();
+                        if msgpack {
+                            Reply::from_msgpack(b)
+                        } else {
+                            Reply::from_json(b)
+                        }
+                        .expect("a reply")
+                    });
+                    (i, got)
+                })
+            })
+            .collect();
+        for w in waiters {
+            let (i, got) = w.join().expect("subscriber");
+            assert_eq!(
+                got,
+                Some(Reply::Ok(json!(i))),
+                "{prefix}, {many_channels}: subscriber {i}; log:\n{}",
+                server.log_text()
+            );
+        }
+        // The scene was as meant: the looks were of the kind named.
+        let (by_name, all) = (
+            calls_of(&mut conn, "pubsub|numsub"),
+            calls_of(&mut conn, "pubsub|channels"),
+        );
+        assert!(
+            if many_channels { by_name > 0 } else { all > 0 },
+            "{prefix}, {many_channels}: {by_name} NUMSUB, {all} CHANNELS"
+        );
+        wait_nothing_left(&mut conn, prefix);
+        stop(server);
+    }
 }
