@@ -665,14 +665,21 @@ fn misconf_amid_a_load_with_delays_loses_and_repeats_nothing() {
     assert_each_once(&got, &ids, &want);
 }
 
-/// 11a97b6: ids up to `u64::MAX` (twenty digits, pushed by hand: Redis's
-/// counter stops at `i64::MAX`), answered at once and after a `delay`.
+/// 11a97b6: ids from 0 up to `u64::MAX` (twenty digits, pushed by hand:
+/// Redis's counter stops at `i64::MAX`), answered at once and after a `delay`.
 #[test]
 fn ids_up_to_u64_max_are_answered_once() {
     let redis = Redis::start();
     let server = Server::start(&redis);
     let mut conn = redis.conn();
-    let ids = [u64::MAX, u64::MAX - 1, 1 << 63, 12_345_678_901];
+    let ids = [
+        u64::MAX,
+        u64::MAX - 1,
+        1 << 63,
+        12_345_678_901,
+        0,
+        9_999_999_999,
+    ];
     let mut want = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let b = if i % 2 == 0 {
@@ -911,4 +918,49 @@ fn a_large_reply_leaves_no_large_buffer_behind() {
     println!("resident after a 40 MiB reply: {} MiB", rss >> 10);
     assert!(rss < 80 << 10, "{} MiB resident", rss >> 10);
     let _ = stop(server);
+}
+
+/// 4a7e602: 400 workers, most of them in short `sleep` calls when the stop
+/// (SIGTERM) comes, and Redis made slow meanwhile (stopped 100 ms of every
+/// 200 ms for 3 s): the drain publishes what it finished once, returns the
+/// rest, and a second server answers it. Every request exactly once, rightly.
+#[test]
+fn a_stop_of_400_busy_workers_on_a_slow_redis_loses_and_repeats_nothing() {
+    let redis = Redis::start();
+    let mut first = Server::start_args(&redis, &["--workers", "400"]);
+    let mut conn = redis.conn();
+    // Each request of the mixed load, then a `sleep`.
+    let (load, load_replies) = mixed_load(3000);
+    let mut bodies = Vec::new();
+    let mut want = Vec::new();
+    for (i, (b, w)) in load.into_iter().zip(load_replies).enumerate() {
+        bodies.push(b);
+        want.push(w);
+        bodies.push(body("sleep", json!({"ms": 20 + i % 40})));
+        want.push(Reply::Ok(json!(20 + i % 40)));
+    }
+    let replies = Replies::listen(&redis, "CERBAS");
+    let ids = submit_many(&mut conn, &bodies);
+    wait_for("some answered", Duration::from_secs(20), || {
+        (replies.answered(&ids) >= 1000).then_some(())
+    });
+    first.signal(libc::SIGTERM);
+    let slow_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < slow_until {
+        redis.pause();
+        std::thread::sleep(Duration::from_millis(100));
+        redis.resume();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = first.wait_exit(Duration::from_secs(30)).expect("exit");
+    assert_eq!(status.code(), Some(0), "log:\n{}", first.log_text());
+    assert!(
+        replies.answered(&ids) < ids.len(),
+        "the stop came amid the load"
+    );
+    let second = Server::start(&redis);
+    replies.wait_all(&ids, Duration::from_secs(60), || second.log_text());
+    wait_nothing_left(&mut conn, "CERBAS");
+    let _ = stop(second);
+    assert_each_once(&replies.stop(), &ids, &want);
 }
