@@ -698,6 +698,9 @@ impl Publishing {
                 let pipe = self.pipeline(acks, &again, look, count);
                 crate::connection::query_packed(c, pipe)
             });
+            // Sent: a buffer grown for a large reply is freed now, not at the
+            // next batch (which an idle server may not have for hours).
+            self.packed.clear();
             match result {
                 Ok(results) => {
                     self.p.connector.recovered();

@@ -4,7 +4,8 @@
 //! argument, and copies the whole pipeline once more to send it; with the key
 //! names formatted into fresh `String`s, that was about 15 % of the server's CPU
 //! at W2 (a `perf` profile, issue 12). Here a key is written straight from its
-//! prefix and id, and nothing is allocated once the buffer has grown.
+//! prefix and id, and nothing is allocated once the buffer has grown (up to a
+//! usual batch's size: one grown past it for a large reply is freed).
 //! Pure: bytes in a `Vec`, tested here. Not for: reading answers (redis-rs
 //! parses them, `connection::query_packed`) or commands off the hot path, where
 //! `redis::cmd` reads better.
@@ -23,9 +24,18 @@ pub(crate) struct Packed {
     left: usize,
 }
 
+/// Most memory a [`Packed`] keeps between pipelines: what a usual batch needs
+/// (the publisher's are about 1 MiB). A buffer grown past it for one large
+/// pipeline (a reply of tens of MiB) is freed, not kept for the life of the
+/// thread.
+const KEEP_BYTES: usize = 4 << 20;
+
 impl Packed {
-    /// Empties it for the next pipeline, keeping its memory.
+    /// Empties it for the next pipeline, keeping its memory up to [`KEEP_BYTES`].
     pub(crate) fn clear(&mut self) {
+        if self.bytes.capacity() > KEEP_BYTES {
+            self.bytes = Vec::new();
+        }
         self.bytes.clear();
         self.commands = 0;
         self.left = 0;
@@ -224,6 +234,22 @@ mod tests {
         p.command(2).arg("ECHO").arg("");
         assert_eq!(p.bytes(), b"*2\r\n$4\r\nECHO\r\n$0\r\n\r\n");
         assert_eq!(p.len(), 1);
+    }
+
+    /// The attack: one reply of 40 MiB left the publisher's buffer at 80 MiB
+    /// (its JSON and msgpack forms) for the life of the process.
+    #[test]
+    fn a_buffer_grown_for_one_large_pipeline_is_not_kept() {
+        let mut p = Packed::default();
+        p.command(2).arg("ECHO").arg(vec![b'x'; KEEP_BYTES + 1]);
+        p.clear();
+        assert!(p.bytes.capacity() <= KEEP_BYTES);
+        p.command(2).arg("ECHO").arg(vec![b'x'; 1000]);
+        let kept = p.bytes.capacity();
+        p.clear();
+        assert_eq!(p.bytes.capacity(), kept, "a usual buffer is kept");
+        p.command(1).arg("PING");
+        assert_eq!(p.bytes(), b"*1\r\n$4\r\nPING\r\n");
     }
 
     #[test]

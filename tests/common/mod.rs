@@ -669,3 +669,32 @@ pub fn tcp_sockets() -> Vec<TcpSocket> {
         })
         .collect()
 }
+
+/// Another app's connection subscribed to 2,000 channels (once Redis counts them).
+pub fn neighbour_with_2000_channels(redis: &Redis) -> std::net::TcpStream {
+    let mut neighbour =
+        std::net::TcpStream::connect(("127.0.0.1", redis.port)).expect("neighbour connection");
+    let names: Vec<String> = (0..2000).map(|i| format!("actioncable:room:{i}")).collect();
+    std::io::Write::write_all(
+        &mut neighbour,
+        format!("SUBSCRIBE {}\r\n", names.join(" ")).as_bytes(),
+    )
+    .expect("SUBSCRIBE");
+    let mut conn = redis.conn();
+    wait_for(
+        "the neighbour's 2,000 channels",
+        Duration::from_secs(10),
+        || (info_field(&mut conn, "stats", "pubsub_channels") == "2000").then_some(()),
+    );
+    neighbour
+}
+
+/// How many times Redis ran `command` (from `INFO commandstats`; 0 if never).
+pub fn calls_of(conn: &mut redis::Connection, command: &str) -> u64 {
+    let stats = info_field(conn, "commandstats", &format!("cmdstat_{command}"));
+    stats
+        .split(',')
+        .find_map(|kv| kv.strip_prefix("calls="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
