@@ -535,6 +535,108 @@ mod tests {
         assert_eq!(slots.lock().waiting, 0);
     }
 
+    fn slots(n: usize) -> Arc<Slots> {
+        Arc::new(Slots {
+            free: Mutex::new(Free {
+                slots: (0..n).map(|_| None).collect(),
+                waiting: 0,
+            }),
+            returned: Condvar::new(),
+        })
+    }
+
+    /// Lost wake-ups: every slot is held and as many callers sleep for one; the
+    /// holders return theirs at once, from their own threads, and no caller takes
+    /// more than one. Each sleeping caller must be woken by those returns alone
+    /// (no later return rescues a caller whose wake was lost).
+    #[test]
+    fn every_sleeping_caller_is_woken_when_all_slots_return_at_once() {
+        let n = 4;
+        for round in 0..200 {
+            let slots = slots(n);
+            let held: Vec<_> = (0..n)
+                .map(|_| slots.take(Instant::now()).expect("a free slot"))
+                .collect();
+            let waiters: Vec<_> = (0..n)
+                .map(|_| {
+                    let slots = slots.clone();
+                    std::thread::spawn(move || {
+                        let t0 = Instant::now();
+                        let got = slots.take(t0 + Duration::from_secs(5));
+                        (got.is_some(), t0.elapsed())
+                    })
+                })
+                .collect();
+            while slots.lock().waiting < n {
+                std::thread::yield_now();
+            }
+            let holders: Vec<_> = held
+                .into_iter()
+                .map(|slot| {
+                    let slots = slots.clone();
+                    std::thread::spawn(move || slots.put(slot))
+                })
+                .collect();
+            for h in holders {
+                h.join().expect("a holder returns");
+            }
+            for w in waiters {
+                let (got, took) = w.join().expect("a waiter returns");
+                assert!(got, "round {round}: a caller slept to its deadline");
+                assert!(
+                    took < Duration::from_secs(2),
+                    "round {round}: woken only after {took:?}"
+                );
+            }
+            let free = slots.lock();
+            assert_eq!((free.slots.len(), free.waiting), (0, 0), "round {round}");
+        }
+    }
+
+    /// A storm of callers, half of them giving up within microseconds (their
+    /// timeouts race the returns), half patient: no slot is lost or made up, no
+    /// patient caller gives up, and nobody is left counted as waiting.
+    #[test]
+    fn no_slot_is_lost_when_timeouts_race_returns() {
+        let n = 3;
+        let slots = slots(n);
+        let callers: Vec<_> = (0..16u64)
+            .map(|t| {
+                let slots = slots.clone();
+                std::thread::spawn(move || {
+                    let (mut got, mut missed) = (0, 0);
+                    for i in 0..3_000u64 {
+                        let wait = if t % 2 == 0 {
+                            Duration::from_micros(i % 40)
+                        } else {
+                            Duration::from_secs(10)
+                        };
+                        match slots.take(Instant::now() + wait) {
+                            Some(slot) => {
+                                got += 1;
+                                if i % 4 == 0 {
+                                    std::thread::yield_now();
+                                }
+                                slots.put(slot);
+                            }
+                            None if t % 2 == 0 => missed += 1,
+                            None => panic!("a patient caller gave up"),
+                        }
+                    }
+                    (got, missed)
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for c in callers {
+            let (got, missed) = c.join().expect("a caller returns");
+            total += got + missed;
+        }
+        assert_eq!(total, 16 * 3_000);
+        let free = slots.lock();
+        assert_eq!((free.slots.len(), free.waiting), (n, 0));
+    }
+
     #[test]
     fn the_run_id_comes_from_info_server() {
         let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:5d1c0e2f9a\r\ntcp_port:6379\r\n";
