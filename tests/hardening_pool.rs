@@ -267,6 +267,41 @@ fn a_stopped_redis_does_not_hold_callers_far_past_their_deadline() {
     );
 }
 
+/// A borrower may change its connection's socket state through `DerefMut`
+/// (here a 100 ms read timeout) and leave a command unanswered (a `BLPOP` that
+/// timed out): the connection goes back to the pool open, and the pool lends
+/// the last returned first, so the next borrower gets it at once, with the
+/// 100 ms timeout, behind a `BLPOP` Redis still runs: its `INCR` times out too.
+/// This passes at 71b306a (before 1198b0f): its FIFO channel lent the other,
+/// unopened slot next (in a warm pool the bad connection came back later, still
+/// with the 100 ms timeout). Not fixed: restoring the timeouts on every return costs two system calls per
+/// call on the pool's hot path, and the command Redis still runs would delay the
+/// next borrower anyway; the pool cannot see that a read timed out (redis-rs
+/// keeps that to itself), so it cannot close such a connection. Decision left
+/// to the lead.
+#[test]
+#[ignore = "fails: a borrower's read timeout and its timed-out BLPOP reach the next borrower"]
+fn a_borrowers_timed_out_command_does_not_reach_the_next_borrower() {
+    let redis = Redis::start();
+    let pool = pool(&redis, 2);
+    let mut c = pool
+        .get(Instant::now() + Duration::from_secs(3))
+        .expect("a connection");
+    c.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("a read timeout");
+    let blpop = redis::cmd("BLPOP")
+        .arg("nothing")
+        .arg(2)
+        .query::<redis::Value>(&mut *c);
+    assert!(blpop.is_err(), "the BLPOP times out: {blpop:?}");
+    drop(c);
+    let mut next = pool
+        .get(Instant::now() + Duration::from_secs(3))
+        .expect("a connection");
+    let n = incr(&mut next, "next");
+    assert_eq!(n.ok(), Some(1), "the next borrower's INCR failed");
+}
+
 /// Calls holding a pooled connection at once, for [`Hold`].
 #[derive(Default)]
 struct Holding {
