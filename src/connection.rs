@@ -442,8 +442,9 @@ impl ConnectionPool {
         }
     }
 
-    /// Borrows a connection, waiting for one until `deadline`. It returns to the pool
-    /// when dropped, unless it broke.
+    /// Borrows a connection, waiting for one (and for Redis, to check or open it)
+    /// until `deadline`. It returns to the pool when dropped, unless it broke or
+    /// its thread is panicking.
     pub fn get(&self, deadline: Instant) -> Result<PooledConnection, FnError> {
         let late = || FnError::from("no Redis connection free before the deadline");
         let slot = self.slots.take(deadline).ok_or_else(late)?;
