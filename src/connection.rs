@@ -20,12 +20,28 @@ use std::time::{Duration, Instant};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How many answers redis-rs reads, each with the connect timeout, while it sets
+/// up a connection: `SELECT` (a db other than 0) and two `CLIENT SETINFO` (a
+/// password adds an `AUTH`: a call may then be a third of its time left late).
+const SETUP_ANSWERS: u32 = 3;
 /// Read timeout of the connections lent to functions.
 const POOL_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens a connection whose reads give up after `read_timeout`.
 pub fn open(client: &Client, read_timeout: Duration) -> Result<Connection, RedisError> {
-    let conn = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    open_within(client, CONNECT_TIMEOUT, read_timeout)
+}
+
+/// As [`open`], giving up on connecting after `connect_timeout`, and on each of
+/// Redis's answers to the set-up commands after as long again (redis-rs reads
+/// every answer of its set-up pipeline, each with that timeout: see
+/// [`SETUP_ANSWERS`]).
+fn open_within(
+    client: &Client,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+) -> Result<Connection, RedisError> {
+    let conn = client.get_connection_with_timeout(connect_timeout)?;
     conn.set_read_timeout(Some(read_timeout))?;
     conn.set_write_timeout(Some(read_timeout))?;
     Ok(conn)
@@ -333,20 +349,18 @@ impl Idle {
         }
     }
 
-    /// The connection, unless it is found broken (then it is dropped). Checked
-    /// with a `PING` only when it may have broken while it waited: a loss was
-    /// seen since, or it waited long. A busy pool lends without the round trip.
-    fn lend(mut self) -> Option<Connection> {
-        let suspect =
-            self.losses != LOSSES.load(Ordering::Relaxed) || self.since.elapsed() >= CHECK_IDLE;
-        (!suspect || alive(&mut self.conn)).then_some(self.conn)
+    /// Whether it may have broken while it waited (a loss was seen since, or it
+    /// waited long): then it is checked with a `PING` before it is lent. A busy
+    /// pool lends without the round trip.
+    fn suspect(&self) -> bool {
+        self.losses != LOSSES.load(Ordering::Relaxed) || self.since.elapsed() >= CHECK_IDLE
     }
 }
 
 /// A small pool of connections for users' functions, opened on first use. A
 /// connection waiting in the pool can break without anyone noticing (a Redis
 /// restart closes it): one that may have broken while it waited (see
-/// `Idle::lend`) is checked with a `PING` before it is lent, and a broken one is
+/// `Idle::suspect`) is checked with a `PING` before it is lent, and a broken one is
 /// replaced, so a Redis restart does not fail one call per pooled connection. (One
 /// closed while it was in use less than [`CHECK_IDLE`] ago still fails a call.)
 ///
@@ -428,29 +442,65 @@ impl ConnectionPool {
         }
     }
 
-    /// Borrows a connection, waiting for one until `deadline`. It returns to the pool
-    /// when dropped, unless it broke.
+    /// Borrows a connection, waiting for one (and for Redis, to check or open it)
+    /// until `deadline`. It returns to the pool when dropped, unless it broke or
+    /// its thread is panicking.
     pub fn get(&self, deadline: Instant) -> Result<PooledConnection, FnError> {
-        let slot = self
-            .slots
-            .take(deadline)
-            .ok_or_else(|| FnError::from("no Redis connection free before the deadline"))?;
-        // Unopened, or broken (dropped here): open a fresh one.
-        let conn = match slot.and_then(Idle::lend) {
-            Some(c) => c,
-            None => match open(&self.client, POOL_READ_TIMEOUT) {
-                Ok(c) => c,
-                Err(e) => {
-                    self.slots.put(None);
-                    return Err(e.into());
+        let late = || FnError::from("no Redis connection free before the deadline");
+        let slot = self.slots.take(deadline).ok_or_else(late)?;
+        let checked = match slot {
+            Some(idle) if !idle.suspect() => Some(idle.conn),
+            // The check and the open below wait on Redis at most until the
+            // deadline: a stalled Redis (SIGSTOP) held callers for a whole read
+            // timeout past it.
+            slot => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    self.slots.put(slot);
+                    return Err(late());
                 }
-            },
+                slot.and_then(|idle| checked(idle.conn, left))
+            }
+        };
+        // Unopened, or broken (dropped here): open a fresh one.
+        let conn = match checked {
+            Some(c) => c,
+            None => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let opened = match left.is_zero() {
+                    true => Err(late()),
+                    false => {
+                        // Each of the set-up's answers may take its whole timeout.
+                        open_within(
+                            &self.client,
+                            CONNECT_TIMEOUT.min(left / SETUP_ANSWERS),
+                            POOL_READ_TIMEOUT,
+                        )
+                        .map_err(FnError::from)
+                    }
+                };
+                match opened {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.slots.put(None);
+                        return Err(e);
+                    }
+                }
+            }
         };
         Ok(PooledConnection {
             conn: Some(conn),
             home: self.slots.clone(),
         })
     }
+}
+
+/// `conn`, if it still reaches Redis within `within` (its read timeout is then
+/// set back to the pool's).
+fn checked(mut conn: Connection, within: Duration) -> Option<Connection> {
+    conn.set_read_timeout(Some(within)).ok()?;
+    let fit = alive(&mut conn) && conn.set_read_timeout(Some(POOL_READ_TIMEOUT)).is_ok();
+    fit.then_some(conn)
 }
 
 /// Whether `conn` still reaches Redis. A refusal (`LOADING`, say) counts as alive:
@@ -486,6 +536,11 @@ impl Drop for PooledConnection {
     fn drop(&mut self) {
         let conn = self.conn.take();
         let idle = match conn {
+            // A borrower that panicked may have left it in any state (inside
+            // `MULTI`, subscribed, another db selected): the next borrower's
+            // commands would be queued or run elsewhere. It is closed; the slot
+            // opens a fresh one.
+            Some(_) if std::thread::panicking() => None,
             Some(c) if redis::ConnectionLike::is_open(&c) => Some(Idle::new(c)),
             // It broke in a function's hands: the others may have too.
             Some(_) => {
@@ -533,6 +588,108 @@ mod tests {
             "woken by the return, long before its deadline"
         );
         assert_eq!(slots.lock().waiting, 0);
+    }
+
+    fn slots(n: usize) -> Arc<Slots> {
+        Arc::new(Slots {
+            free: Mutex::new(Free {
+                slots: (0..n).map(|_| None).collect(),
+                waiting: 0,
+            }),
+            returned: Condvar::new(),
+        })
+    }
+
+    /// Lost wake-ups: every slot is held and as many callers sleep for one; the
+    /// holders return theirs at once, from their own threads, and no caller takes
+    /// more than one. Each sleeping caller must be woken by those returns alone
+    /// (no later return rescues a caller whose wake was lost).
+    #[test]
+    fn every_sleeping_caller_is_woken_when_all_slots_return_at_once() {
+        let n = 4;
+        for round in 0..200 {
+            let slots = slots(n);
+            let held: Vec<_> = (0..n)
+                .map(|_| slots.take(Instant::now()).expect("a free slot"))
+                .collect();
+            let waiters: Vec<_> = (0..n)
+                .map(|_| {
+                    let slots = slots.clone();
+                    std::thread::spawn(move || {
+                        let t0 = Instant::now();
+                        let got = slots.take(t0 + Duration::from_secs(5));
+                        (got.is_some(), t0.elapsed())
+                    })
+                })
+                .collect();
+            while slots.lock().waiting < n {
+                std::thread::yield_now();
+            }
+            let holders: Vec<_> = held
+                .into_iter()
+                .map(|slot| {
+                    let slots = slots.clone();
+                    std::thread::spawn(move || slots.put(slot))
+                })
+                .collect();
+            for h in holders {
+                h.join().expect("a holder returns");
+            }
+            for w in waiters {
+                let (got, took) = w.join().expect("a waiter returns");
+                assert!(got, "round {round}: a caller slept to its deadline");
+                assert!(
+                    took < Duration::from_secs(2),
+                    "round {round}: woken only after {took:?}"
+                );
+            }
+            let free = slots.lock();
+            assert_eq!((free.slots.len(), free.waiting), (0, 0), "round {round}");
+        }
+    }
+
+    /// A storm of callers, half of them giving up within microseconds (their
+    /// timeouts race the returns), half patient: no slot is lost or made up, no
+    /// patient caller gives up, and nobody is left counted as waiting.
+    #[test]
+    fn no_slot_is_lost_when_timeouts_race_returns() {
+        let n = 3;
+        let slots = slots(n);
+        let callers: Vec<_> = (0..16u64)
+            .map(|t| {
+                let slots = slots.clone();
+                std::thread::spawn(move || {
+                    let (mut got, mut missed) = (0, 0);
+                    for i in 0..3_000u64 {
+                        let wait = if t % 2 == 0 {
+                            Duration::from_micros(i % 40)
+                        } else {
+                            Duration::from_secs(10)
+                        };
+                        match slots.take(Instant::now() + wait) {
+                            Some(slot) => {
+                                got += 1;
+                                if i % 4 == 0 {
+                                    std::thread::yield_now();
+                                }
+                                slots.put(slot);
+                            }
+                            None if t % 2 == 0 => missed += 1,
+                            None => panic!("a patient caller gave up"),
+                        }
+                    }
+                    (got, missed)
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for c in callers {
+            let (got, missed) = c.join().expect("a caller returns");
+            total += got + missed;
+        }
+        assert_eq!(total, 16 * 3_000);
+        let free = slots.lock();
+        assert_eq!((free.slots.len(), free.waiting), (n, 0));
     }
 
     #[test]

@@ -1,0 +1,586 @@
+//! Attacks on the connection pool lent to functions (`connection::ConnectionPool`,
+//! commit 1198b0f: slots under a mutex and a condition variable), against a real
+//! redis-server: connections broken in a borrower's hands, panics, Redis down,
+//! stopped or restarted while connections are held and waited for. After each
+//! storm the pool must still lend all its connections at once, and Redis must see
+//! no more of them than the pool's size.
+//! Not for: the slots' own logic without Redis (unit tests in src/connection.rs).
+
+mod common;
+
+use cerbas::connection::{ConnectionPool, PooledConnection};
+use cerbas::{Config, Context, FnError, Registry, Reply, Shutdown};
+use common::*;
+use serde::Deserialize;
+use serde_json::json;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+fn pool(redis: &Redis, size: usize) -> ConnectionPool {
+    let client = redis::Client::open(redis.url_db(1).as_str()).expect("a URL");
+    ConnectionPool::new(client, size)
+}
+
+fn incr(c: &mut PooledConnection, key: &str) -> redis::RedisResult<i64> {
+    redis::cmd("INCR").arg(key).query(&mut **c)
+}
+
+/// Clients connected to Redis besides `admin` (which asks).
+fn others(admin: &mut redis::Connection) -> usize {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(admin)
+        .expect("CLIENT LIST");
+    list.lines().count() - 1
+}
+
+/// Clients besides `admin`, once at most `at_most` or after 3 s: a client that
+/// closed its connection a moment ago may still be listed.
+fn settled_others(admin: &mut redis::Connection, at_most: usize) -> usize {
+    let until = Instant::now() + Duration::from_secs(3);
+    loop {
+        let n = others(admin);
+        if n <= at_most || Instant::now() > until {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The pool lends `size` connections at once, each of which works, and Redis
+/// sees at most `size` connections besides `admin`.
+fn assert_lends_all(pool: &ConnectionPool, size: usize, admin: &mut redis::Connection) {
+    let held: Vec<PooledConnection> = (0..size)
+        .map(|i| {
+            let mut c = pool
+                .get(Instant::now() + Duration::from_secs(3))
+                .unwrap_or_else(|e| panic!("connection {i} of {size} not lent: {e}"));
+            incr(&mut c, "after").expect("a lent connection works");
+            c
+        })
+        .collect();
+    let seen = others(admin);
+    assert!(
+        seen <= size,
+        "{seen} connections from a pool of {size} while it lends all of them"
+    );
+    drop(held);
+    assert!(others(admin) <= size);
+}
+
+/// A function that panics inside `MULTI` (its transaction open on a pooled
+/// connection) must not hand the open transaction to the next borrower: that
+/// borrower's commands would be queued (`QUEUED`), not run, and a later `EXEC`
+/// by anyone would run the dead function's half-done writes.
+#[test]
+fn a_panic_inside_a_transaction_is_not_handed_to_the_next_borrower() {
+    let redis = Redis::start();
+    let mut admin = redis.conn();
+    let pool = pool(&redis, 1);
+    let panicked = catch_unwind(AssertUnwindSafe(|| {
+        let mut c = pool
+            .get(Instant::now() + Duration::from_secs(3))
+            .expect("a connection");
+        redis::cmd("MULTI").query::<()>(&mut *c).expect("MULTI");
+        redis::cmd("SET")
+            .arg("half-done")
+            .arg(1)
+            .query::<()>(&mut *c)
+            .expect("SET queued");
+        panic!("the function panics with its transaction open");
+    }));
+    assert!(panicked.is_err());
+    let mut c = pool
+        .get(Instant::now() + Duration::from_secs(3))
+        .expect("a connection after the panic");
+    let n = incr(&mut c, "next");
+    assert_eq!(n.ok(), Some(1), "the next borrower's INCR did not run");
+    let _ = redis::cmd("EXEC").query::<redis::Value>(&mut *c);
+    drop(c);
+    let half: Option<i64> = redis::cmd("GET")
+        .arg("half-done")
+        .query(&mut admin)
+        .expect("GET");
+    assert_eq!(half, None, "the panicked function's write ran");
+    assert_lends_all(&pool, 1, &mut admin);
+}
+
+/// Every held connection is killed (`CLIENT KILL TYPE normal`) while waiters
+/// queue for them; each breaks in its borrower's hands. The pool then opens
+/// fresh ones: it lends all, and no more than its size.
+#[test]
+fn connections_killed_in_borrowers_hands_are_replaced_not_lost() {
+    let redis = Redis::start();
+    let mut admin = redis.conn();
+    let size = 4;
+    let pool = pool(&redis, size);
+    for round in 0..5 {
+        let held: Vec<PooledConnection> = (0..size)
+            .map(|_| {
+                let mut c = pool
+                    .get(Instant::now() + Duration::from_secs(3))
+                    .expect("a connection");
+                incr(&mut c, "warm").expect("INCR");
+                c
+            })
+            .collect();
+        // Waiters for the held connections, with deadlines well past the kill.
+        let waiters: Vec<_> = (0..2 * size)
+            .map(|_| {
+                let pool = pool.clone();
+                std::thread::spawn(move || {
+                    let mut c = pool.get(Instant::now() + Duration::from_secs(5))?;
+                    incr(&mut c, "waiter").map_err(cerbas::FnError::from)
+                })
+            })
+            .collect();
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .query::<()>(&mut admin)
+            .expect("CLIENT KILL");
+        for mut c in held {
+            assert!(incr(&mut c, "killed").is_err(), "round {round}: not killed");
+        }
+        let mut failed = 0;
+        for w in waiters {
+            if w.join().expect("a waiter returns").is_err() {
+                failed += 1;
+            }
+        }
+        // A connection returned by a borrower that saw it break is replaced; the
+        // others were checked (a loss was seen) before they were lent.
+        assert_eq!(failed, 0, "round {round}: waiters failed after the kill");
+        assert_lends_all(&pool, size, &mut admin);
+    }
+}
+
+/// Callers keep borrowing while Redis is down (a restart): every `open` fails,
+/// and each failure must give its slot back.
+#[test]
+fn failed_opens_while_redis_is_down_give_their_slots_back() {
+    let mut redis = Redis::start();
+    let size = 3;
+    let pool = pool(&redis, size);
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(Mutex::new(0usize));
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let (pool, stop, errors) = (pool.clone(), stop.clone(), errors.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let ok = pool
+                        .get(Instant::now() + Duration::from_millis(300))
+                        .map_err(|e| e.to_string())
+                        .and_then(|mut c| incr(&mut c, "storm").map_err(|e| e.to_string()));
+                    if ok.is_err() {
+                        *errors.lock().expect("errors") += 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_for("calls before the restart", Duration::from_secs(10), || {
+        let mut admin = redis.conn();
+        (get_int(&mut admin, "storm") > 100).then_some(())
+    });
+    redis.restart(Duration::from_millis(1_500));
+    let mut admin = redis.conn();
+    let before = get_int(&mut admin, "storm");
+    wait_for("calls after the restart", Duration::from_secs(10), || {
+        (get_int(&mut admin, "storm") > before + 100).then_some(())
+    });
+    stop.store(true, Ordering::SeqCst);
+    for c in callers {
+        c.join().expect("a caller returns");
+    }
+    let errors = *errors.lock().expect("errors");
+    println!("{errors} calls failed while Redis was down");
+    assert!(errors > 0, "no call saw Redis down");
+    assert_lends_all(&pool, size, &mut admin);
+}
+
+/// Redis stopped (`SIGSTOP`) while callers hold and wait for connections. A
+/// caller must not be held by the pool far past its deadline (the `PING` of a
+/// suspect connection and the `open` of a new one), and once Redis resumes the
+/// pool lends all its connections.
+#[test]
+fn a_stopped_redis_does_not_hold_callers_far_past_their_deadline() {
+    let redis = Redis::start();
+    let size = 2;
+    let pool = pool(&redis, size);
+    let stop = Arc::new(AtomicBool::new(false));
+    let go = Arc::new(AtomicBool::new(true));
+    let worst = Arc::new(Mutex::new(Duration::ZERO));
+    let callers: Vec<_> = (0..6)
+        .map(|_| {
+            let (pool, stop, go) = (pool.clone(), stop.clone(), go.clone());
+            let worst = worst.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    if !go.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    let deadline = Instant::now() + Duration::from_millis(300);
+                    let got = pool.get(deadline);
+                    let late = Instant::now().saturating_duration_since(deadline);
+                    let mut w = worst.lock().expect("worst");
+                    *w = (*w).max(late);
+                    drop(w);
+                    if let Ok(mut c) = got {
+                        let _ = incr(&mut c, "stalled");
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+        })
+        .collect();
+    wait_for("calls before the stop", Duration::from_secs(10), || {
+        let mut admin = redis.conn();
+        (get_int(&mut admin, "stalled") > 10).then_some(())
+    });
+    // Idle connections: past a second in the pool, each is checked (`PING`)
+    // before it is lent.
+    go.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1_200));
+    redis.pause();
+    go.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(4));
+    redis.resume();
+    stop.store(true, Ordering::SeqCst);
+    for c in callers {
+        c.join().expect("a caller returns");
+    }
+    let worst = *worst.lock().expect("worst");
+    println!("worst time a get() returned past its deadline: {worst:?}");
+    let mut admin = redis.conn();
+    assert_lends_all(&pool, size, &mut admin);
+    assert!(
+        worst < Duration::from_millis(500),
+        "a caller got its answer from the pool {worst:?} past its deadline"
+    );
+}
+
+/// A borrower may change its connection's socket state through `DerefMut`
+/// (here a 100 ms read timeout) and leave a command unanswered (a `BLPOP` that
+/// timed out): the connection goes back to the pool open, and the pool lends
+/// the last returned first, so the next borrower gets it at once, with the
+/// 100 ms timeout, behind a `BLPOP` Redis still runs: its `INCR` times out too.
+/// This passes at 71b306a (before 1198b0f): its FIFO channel lent the other,
+/// unopened slot next (in a warm pool the bad connection came back later, still
+/// with the 100 ms timeout). Not fixed: restoring the timeouts on every return costs two system calls per
+/// call on the pool's hot path, and the command Redis still runs would delay the
+/// next borrower anyway; the pool cannot see that a read timed out (redis-rs
+/// keeps that to itself), so it cannot close such a connection. Decision left
+/// to the lead.
+#[test]
+#[ignore = "fails: a borrower's read timeout and its timed-out BLPOP reach the next borrower"]
+fn a_borrowers_timed_out_command_does_not_reach_the_next_borrower() {
+    let redis = Redis::start();
+    let pool = pool(&redis, 2);
+    let mut c = pool
+        .get(Instant::now() + Duration::from_secs(3))
+        .expect("a connection");
+    c.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("a read timeout");
+    let blpop = redis::cmd("BLPOP")
+        .arg("nothing")
+        .arg(2)
+        .query::<redis::Value>(&mut *c);
+    assert!(blpop.is_err(), "the BLPOP times out: {blpop:?}");
+    drop(c);
+    let mut next = pool
+        .get(Instant::now() + Duration::from_secs(3))
+        .expect("a connection");
+    let n = incr(&mut next, "next");
+    assert_eq!(n.ok(), Some(1), "the next borrower's INCR failed");
+}
+
+/// Calls holding a pooled connection at once, for [`Hold`].
+#[derive(Default)]
+struct Holding {
+    now: AtomicUsize,
+    reached: AtomicBool,
+}
+
+#[derive(Deserialize)]
+struct Hold {
+    target: usize,
+}
+
+#[derive(Deserialize)]
+struct Count {
+    n: u64,
+}
+
+/// An in-process server whose functions use the pool: `hold` (borrows a
+/// connection, `INCR held`, and waits up to 3 s until `target` calls hold one at
+/// once: it answers whether they did), `boom` (panics inside `MULTI`) and
+/// `cached` (`INCR count`, cached for a minute: the dispatcher borrows from the
+/// pool to look it up and to store it).
+fn in_process(
+    redis: &Redis,
+    size: usize,
+    workers: usize,
+    holding: Arc<Holding>,
+) -> (Shutdown, JoinHandle<Result<(), cerbas::Error>>) {
+    let mut registry = Registry::new();
+    registry.register(
+        "hold",
+        move |a: Hold, ctx: &Context| -> Result<bool, FnError> {
+            let mut c = ctx.redis()?;
+            redis::cmd("INCR").arg("held").query::<i64>(&mut *c)?;
+            if holding.now.fetch_add(1, Ordering::SeqCst) + 1 >= a.target {
+                holding.reached.store(true, Ordering::SeqCst);
+            }
+            let until = Instant::now() + Duration::from_secs(3);
+            while !holding.reached.load(Ordering::SeqCst) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            holding.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(holding.reached.load(Ordering::SeqCst))
+        },
+    );
+    registry.register(
+        "boom",
+        |_: cerbas::NoArgs, ctx: &Context| -> Result<(), FnError> {
+            let mut c = ctx.redis()?;
+            redis::cmd("MULTI").query::<()>(&mut *c)?;
+            redis::cmd("INCR").arg("boomed").query::<()>(&mut *c)?;
+            panic!("boom inside MULTI");
+        },
+    );
+    registry
+        .register(
+            "cached",
+            |a: Count, ctx: &Context| -> Result<u64, FnError> {
+                let mut c = ctx.redis()?;
+                redis::cmd("INCR").arg("count").query::<i64>(&mut *c)?;
+                Ok(a.n)
+            },
+        )
+        .cache_secs(60);
+    let mut config = Config {
+        redis_url: redis.url(),
+        workers,
+        redis_pool_size: size,
+        crontab: "/dev/null".into(),
+        ..Config::default()
+    };
+    config.access.users = vec!["foo".into()];
+    config.access.sources = vec!["cerbastest".into()];
+    let shutdown = Shutdown::new();
+    let server = {
+        let shutdown = shutdown.clone();
+        std::thread::spawn(move || cerbas::run(config, registry, shutdown))
+    };
+    (shutdown, server)
+}
+
+/// Every call in `calls` made from `threads` threads at once; the replies in
+/// order.
+fn call_all(redis: &Redis, calls: Vec<(String, serde_json::Value)>, threads: usize) -> Vec<String> {
+    let calls = Arc::new(Mutex::new(
+        calls.into_iter().enumerate().collect::<Vec<_>>(),
+    ));
+    let out = Arc::new(Mutex::new(Vec::new()));
+    // Connected before the calls start (a stall may come once they do).
+    let clients: Vec<_> = (0..threads).map(|_| redis.client()).collect();
+    let handles: Vec<_> = clients
+        .into_iter()
+        .map(|client| {
+            let (calls, out) = (calls.clone(), out.clone());
+            std::thread::spawn(move || loop {
+                let Some((i, (func, args))) = calls.lock().expect("calls").pop() else {
+                    return;
+                };
+                let r = client.request(&func, args);
+                out.lock().expect("out").push((i, format!("{r:?}")));
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("a calling thread");
+    }
+    let mut out = std::mem::take(&mut *out.lock().expect("out"));
+    out.sort();
+    out.into_iter().map(|(_, r)| r).collect()
+}
+
+/// `size` calls of `hold` at once all get a connection (each waits until all
+/// hold one).
+fn assert_server_lends_all(redis: &Redis, size: usize, holding: &Holding) {
+    holding.reached.store(false, Ordering::SeqCst);
+    let calls = (0..size)
+        .map(|_| ("hold".to_string(), json!({ "target": size })))
+        .collect();
+    let replies = call_all(redis, calls, size);
+    let all = format!("{:?}", Reply::Ok(json!(true)));
+    assert!(
+        replies.iter().all(|r| *r == format!("Ok({all})")),
+        "{size} calls did not all hold a connection at once: {replies:?}"
+    );
+}
+
+/// Functions that panic inside `MULTI`, cached calls (the dispatcher borrows),
+/// and `CLIENT KILL TYPE normal` twice, all at once on a pool of 4 and 32
+/// workers: afterwards the server's pool lends all 4, the calls after a panic
+/// run their commands, and Redis sees no more connections than before plus 4.
+#[test]
+fn panics_kills_and_cached_calls_leave_the_servers_pool_whole() {
+    let redis = Redis::start();
+    let mut admin = redis.conn();
+    let size = 4;
+    let holding = Arc::new(Holding::default());
+    let (shutdown, server) = in_process(&redis, size, 32, holding.clone());
+    let c = redis.client();
+    wait_for("the server", Duration::from_secs(20), || {
+        c.request("cached", json!({"n": 0})).ok()
+    });
+    // The server's own connections, and the one connection the call above used.
+    let before = others(&mut admin);
+    let mut calls = Vec::new();
+    for i in 0..3_000u64 {
+        calls.push(match i % 3 {
+            0 => ("boom".to_string(), json!({})),
+            1 => ("cached".to_string(), json!({ "n": i % 20 })),
+            _ => ("hold".to_string(), json!({ "target": 0 })),
+        });
+    }
+    let killer = {
+        let mut admin = redis.conn();
+        std::thread::spawn(move || {
+            for _ in 0..2 {
+                std::thread::sleep(Duration::from_millis(200));
+                let _ = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("normal")
+                    .query::<()>(&mut admin);
+            }
+        })
+    };
+    let replies = call_all(&redis, calls, 32);
+    killer.join().expect("the killer");
+    // The kills closed this connection too.
+    let mut admin = redis.conn();
+    let panicked = replies.iter().filter(|r| r.contains("panicked")).count();
+    let ok = replies.iter().filter(|r| r.starts_with("Ok(Ok")).count();
+    println!(
+        "{panicked} of {} calls panicked, {ok} answered, the rest failed",
+        replies.len()
+    );
+    assert!(panicked > 0, "no call panicked: {:?}", &replies[..3]);
+    // More panics after the kills (which closed any connection left in MULTI);
+    // then every call must run its command (none is queued in a dead call's
+    // MULTI). Before the fix, one panic inside MULTI made most later calls fail
+    // with `QUEUED` (in one run of this storm 12 of 3,000 calls panicked, and all
+    // but 32 of the others failed).
+    let booms = call_all(
+        &redis,
+        (0..8).map(|_| ("boom".to_string(), json!({}))).collect(),
+        4,
+    );
+    assert!(booms.iter().all(|r| r.contains("panicked")), "{booms:?}");
+    let after = call_all(
+        &redis,
+        (0..20)
+            .map(|_| ("hold".to_string(), json!({"target": 0})))
+            .collect(),
+        4,
+    );
+    assert!(
+        after.iter().all(|r| r.contains("Ok(Bool(true))")),
+        "calls after the storm failed: {after:?}"
+    );
+    assert_server_lends_all(&redis, size, &holding);
+    let seen = settled_others(&mut admin, before + size);
+    assert!(
+        seen <= before + size,
+        "{seen} connections: the server had {before} with one pooled, the pool is {size}"
+    );
+    shutdown.trigger();
+    server.join().expect("run").expect("run ok");
+}
+
+/// One pooled connection, a hundred workers all wanting it, and Redis stopped
+/// (`SIGSTOP`) for 6 s in the middle, past the calls' 5 s deadline (the waiters
+/// give up while the one connection is held): every call after the stall
+/// succeeds, the one connection is lent again, and the pool holds no more than
+/// one.
+#[test]
+fn a_pool_of_one_serves_a_hundred_workers_through_a_stall() {
+    let redis = Redis::start();
+    let mut admin = redis.conn();
+    let holding = Arc::new(Holding::default());
+    let (shutdown, server) = in_process(&redis, 1, 100, holding.clone());
+    let c = redis.client();
+    wait_for("the server", Duration::from_secs(20), || {
+        c.request("hold", json!({"target": 0})).ok()
+    });
+    let before = others(&mut admin);
+    let storm = |n: usize| {
+        call_all(
+            &redis,
+            (0..n)
+                .map(|_| ("hold".to_string(), json!({"target": 0})))
+                .collect(),
+            100,
+        )
+    };
+    let first = storm(2_000);
+    let failed: Vec<_> = first.iter().filter(|r| !r.contains("true")).collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..1]
+    );
+    let stalled = {
+        let redis_pid = info_field(&mut admin, "server", "process_id");
+        let mut watch = redis.conn();
+        let base = get_int(&mut watch, "held");
+        std::thread::spawn(move || {
+            wait_for("the storm to start", Duration::from_secs(20), || {
+                (get_int(&mut watch, "held") > base + 300).then_some(())
+            });
+            let pid: i32 = redis_pid.parse().expect("a pid");
+            // SAFETY: kill(2) on our own redis-server's pid.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            std::thread::sleep(Duration::from_secs(6));
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        })
+    };
+    let t0 = Instant::now();
+    let during = storm(3_000);
+    let took = t0.elapsed();
+    stalled.join().expect("the stall");
+    let failed = during.iter().filter(|r| !r.contains("true")).count();
+    println!(
+        "{failed} of {} calls failed across the stall; the storm took {took:?}",
+        during.len()
+    );
+    assert!(took > Duration::from_secs(2), "the stall missed the storm");
+    let after = storm(1_000);
+    let failed: Vec<_> = after.iter().filter(|r| !r.contains("true")).collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed after the stall: {:?}",
+        failed.len(),
+        &failed[..1]
+    );
+    assert_server_lends_all(&redis, 1, &holding);
+    let seen = settled_others(&mut admin, before);
+    assert!(
+        seen <= before,
+        "{seen} connections, {before} before the storms"
+    );
+    shutdown.trigger();
+    server.join().expect("run").expect("run ok");
+}
