@@ -12,6 +12,7 @@ use crate::error::{Error, FnError};
 use crate::shutdown::Shutdown;
 
 use redis::{Client, Connection, ErrorKind, RedisError};
+use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -381,7 +382,7 @@ struct Slots {
 }
 
 struct Free {
-    slots: Vec<Option<Idle>>,
+    slots: VecDeque<Option<Idle>>,
     /// Callers asleep on `returned`: a wake, a system call, only for them.
     waiting: usize,
 }
@@ -395,7 +396,7 @@ impl Slots {
     /// Puts a slot back, waking one caller that waits for it.
     fn put(&self, slot: Option<Idle>) {
         let mut free = self.lock();
-        free.slots.push(slot);
+        free.slots.push_back(slot);
         let wake = free.waiting > 0;
         drop(free);
         if wake {
@@ -407,8 +408,10 @@ impl Slots {
     fn take(&self, deadline: Instant) -> Option<Option<Idle>> {
         let mut free = self.lock();
         loop {
-            // The last returned first: the connection most likely still open.
-            if let Some(slot) = free.slots.pop() {
+            // The longest idle first, as the channel it replaces did: a connection
+            // a function left with a command still running (its own short read
+            // timeout ran out) is lent last, when that command is most likely over.
+            if let Some(slot) = free.slots.pop_front() {
                 return Some(slot);
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -561,7 +564,7 @@ mod tests {
     fn a_caller_waits_for_a_returned_slot_and_gives_up_at_its_deadline() {
         let slots = Arc::new(Slots {
             free: Mutex::new(Free {
-                slots: vec![None],
+                slots: VecDeque::from([None]),
                 waiting: 0,
             }),
             returned: Condvar::new(),

@@ -269,18 +269,15 @@ fn a_stopped_redis_does_not_hold_callers_far_past_their_deadline() {
 
 /// A borrower may change its connection's socket state through `DerefMut`
 /// (here a 100 ms read timeout) and leave a command unanswered (a `BLPOP` that
-/// timed out): the connection goes back to the pool open, and the pool lends
-/// the last returned first, so the next borrower gets it at once, with the
-/// 100 ms timeout, behind a `BLPOP` Redis still runs: its `INCR` times out too.
-/// This passes at 71b306a (before 1198b0f): its FIFO channel lent the other,
-/// unopened slot next (in a warm pool the bad connection came back later, still
-/// with the 100 ms timeout). Not fixed: restoring the timeouts on every return costs two system calls per
-/// call on the pool's hot path, and the command Redis still runs would delay the
-/// next borrower anyway; the pool cannot see that a read timed out (redis-rs
-/// keeps that to itself), so it cannot close such a connection. Decision left
-/// to the lead.
+/// timed out): the connection goes back to the pool open. The pool lends the
+/// longest idle slot first, so the next borrower gets the other one, not this
+/// connection behind a `BLPOP` Redis still runs. (1198b0f lent the last returned
+/// first, and this failed; its FIFO channel before did as now.) Left as it
+/// was: in a warm pool such a connection is still lent later, with its 100 ms
+/// timeout; the pool cannot see that a read timed out (redis-rs keeps that to
+/// itself), and restoring the timeouts on every return costs two system calls
+/// per call. The README asks functions to leave their connection as they found it.
 #[test]
-#[ignore = "fails: a borrower's read timeout and its timed-out BLPOP reach the next borrower"]
 fn a_borrowers_timed_out_command_does_not_reach_the_next_borrower() {
     let redis = Redis::start();
     let pool = pool(&redis, 2);
