@@ -723,11 +723,18 @@ mod tests {
             // The last wake is taken up: it cannot stay counted and block the
             // next one.
             while jobs.0.lock().waking > 0 {
-                assert!(Instant::now() < deadline, "a wake never taken up: {}", state(&jobs));
+                assert!(
+                    Instant::now() < deadline,
+                    "a wake never taken up: {}",
+                    state(&jobs)
+                );
                 std::thread::sleep(Duration::from_millis(1));
             }
             done.store(true, SeqCst);
-            let looks = checker.join().unwrap().unwrap_or_else(|e| panic!("width {width}: {e}"));
+            let looks = checker
+                .join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("width {width}: {e}"));
             assert!(looks > 0);
             // A new job on either lane is taken at once by a sleeping worker.
             for on_due in [true, false] {
@@ -738,7 +745,11 @@ mod tests {
                     reader.send_timeout(job("p"), Duration::ZERO).unwrap();
                 }
                 while taken.load(SeqCst) == before {
-                    assert!(Instant::now() < deadline, "probe stranded: {}", state(&jobs));
+                    assert!(
+                        Instant::now() < deadline,
+                        "probe stranded: {}",
+                        state(&jobs)
+                    );
                     std::thread::sleep(Duration::from_micros(100));
                 }
             }
