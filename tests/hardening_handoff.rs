@@ -1,10 +1,13 @@
 //! Attacks on the hand-off between the reader, the timer, the HTTP plug and the
-//! worker pool (`src/handoff.rs`: two lanes under one lock, a sleeping worker
-//! woken only when one sleeps): lost wakes under mixed bursts on a wide pool,
-//! hung workers replaced hundreds of times on a narrow one, and stops with HTTP
-//! calls waiting in the due lane behind a busy or a hung worker. Real
-//! redis-server and cerbas processes. Not for: the reader's take itself
-//! (hardening_intake.rs) or the HTTP plug's routes (http.rs).
+//! worker pool (`src/handoff.rs`: two lanes under one lock, one wake of a
+//! sleeping worker in flight at a time, passed on by the woken worker while
+//! jobs wait): lost wakes under mixed bursts on a wide pool, hung workers
+//! replaced hundreds of times on a narrow one, stops with HTTP calls waiting in
+//! the due lane behind a busy or a hung worker, and fast calls that must not
+//! wait behind slow or hung ones while a worker sleeps (on 1, 2 and 4 workers,
+//! from Redis, HTTP and the timer). Real redis-server and cerbas processes.
+//! Not for: the reader's take itself (hardening_intake.rs) or the HTTP plug's
+//! routes (http.rs).
 
 mod common;
 
@@ -640,6 +643,7 @@ fn hung_workers_replaced_all_along_leave_no_fast_call_waiting() {
     let (web_worst, web_n) = worst_of(web);
     assert!(hung >= 20, "{hung} hung calls");
     assert!(fast_n > 100 && web_n > 10, "{fast_n} {web_n}");
+    eprintln!("{hung} hung: worst echo {fast_worst:?} of {fast_n}, hello {web_worst:?} of {web_n}");
     let bound = Duration::from_millis(250);
     assert!(fast_worst < bound, "an echo took {fast_worst:?}");
     assert!(web_worst < bound, "a hello took {web_worst:?}");
