@@ -769,3 +769,64 @@ fn a_fast_request_queued_right_behind_a_slow_one_starts_at_once() {
     }
     drop(server);
 }
+
+/// Bursts of 12 `echo`s queued in one `RPUSH` on 16 sleeping workers, first on
+/// an idle server, then with both cores kept busy by `primes` calls: the chain
+/// wakes one worker at a time, each waking the next only once it runs, so on
+/// busy cores every link waits for the scheduler. The whole burst must be
+/// answered soon either way (the median and the worst of 20 bursts).
+#[test]
+fn a_burst_on_sleeping_workers_is_served_promptly_with_the_cores_busy() {
+    let redis = Redis::start();
+    let (server, _base) = http_server(&redis, "workers = 16\n", &[]);
+    let c = Arc::new(redis.client());
+    let mut conn = redis.conn();
+    let mut bursts = |label: &str| {
+        let mut lasts = Vec::new();
+        for round in 0..20 {
+            let body = json!({"func": "echo", "args": {"message": round}, "user": "test", "source": "test"})
+                .to_string();
+            let ids: Vec<u64> = (0..12).map(|_| store(&mut conn, body.as_bytes())).collect();
+            let mut sub = redis.conn();
+            let mut ps = sub.as_pubsub();
+            ps.psubscribe("CERBAS-RESPONSE-1-*").expect("PSUBSCRIBE");
+            ps.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("a read timeout");
+            let mut push = redis::cmd("RPUSH");
+            push.arg("CERBAS-QUEUE");
+            for id in &ids {
+                push.arg(*id);
+            }
+            let start = Instant::now();
+            push.query::<()>(&mut conn).expect("RPUSH");
+            for _ in 0..ids.len() {
+                ps.get_message().expect("a reply within 10 s");
+            }
+            lasts.push(start.elapsed());
+        }
+        lasts.sort();
+        let (median, worst) = (lasts[lasts.len() / 2], lasts[lasts.len() - 1]);
+        eprintln!("{label}: whole burst answered after median {median:?}, worst {worst:?}");
+        (median, worst)
+    };
+    let idle = bursts("idle");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hogs = {
+        let c = c.clone();
+        timed_loop(2, &stop, move || {
+            match c.request("primes", json!({"below": 30_000_000})) {
+                Ok(Reply::Ok(_)) => Ok(()),
+                other => Err(format!("primes: {other:?}")),
+            }
+        })
+    };
+    // The hogs' calls start within a burst or two (rayon then spreads each
+    // over both cores); the 20 bursts last longer than the hogs' first call.
+    let busy = bursts("busy cores");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (_, hogged) = worst_of(hogs);
+    assert!(hogged > 0);
+    assert!(idle.1 < Duration::from_millis(150), "idle: {idle:?}");
+    assert!(busy.1 < Duration::from_millis(300), "busy cores: {busy:?}");
+    drop(server);
+}
