@@ -522,6 +522,334 @@ mod tests {
         assert_eq!(taken, 2_000 + 667);
     }
 
+    /// A small xorshift generator: storms that differ from run to run without
+    /// a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn seeded(salt: u64) -> Rng {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1);
+            Rng((t ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n.max(1)
+        }
+    }
+
+    /// What the lanes hold and the wake counters, for a failure message.
+    fn state(jobs: &Jobs) -> String {
+        let l = jobs.0.lock();
+        format!(
+            "reader lane {}, due lane {}, asleep {}, waking {}, receivers {}",
+            l.from_reader.len(),
+            l.due.len(),
+            l.asleep,
+            l.waking,
+            l.receivers
+        )
+    }
+
+    /// The rule the one wake in flight rests on, as any thread taking the lock
+    /// sees it: a job waits while a worker sleeps only if a wake is on its way,
+    /// and never more than one is.
+    fn check(jobs: &Jobs) -> Result<(), String> {
+        let l = jobs.0.lock();
+        let waiting = !(l.from_reader.is_empty() && l.due.is_empty());
+        if waiting && l.asleep > 0 && l.waking == 0 {
+            drop(l);
+            return Err(format!("stranded: {}", state(jobs)));
+        }
+        if l.waking > 1 {
+            drop(l);
+            return Err(format!("more than one wake: {}", state(jobs)));
+        }
+        Ok(())
+    }
+
+    /// A worker of the storm: takes jobs until its lanes close. A timed one
+    /// (`recv_timeout` of 0-300 µs, so timeouts expire while wakes are on their
+    /// way) and one that "retires" after a job (as a hung worker does) hands
+    /// its place to a new thread and drops its `Jobs`.
+    fn storm_worker(
+        mut jobs: Jobs,
+        timed: bool,
+        seed: u64,
+        taken: Arc<std::sync::atomic::AtomicUsize>,
+        spawned: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    ) -> std::thread::JoinHandle<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        std::thread::spawn(move || {
+            let mut rng = Rng::seeded(seed);
+            loop {
+                let got = if timed {
+                    jobs.recv_timeout(Duration::from_micros(rng.below(300)))
+                } else {
+                    jobs.recv()
+                };
+                let closed = {
+                    let l = jobs.0.lock();
+                    l.reader_closed || l.due_senders == 0
+                };
+                match got {
+                    Some(_) => {
+                        taken.fetch_add(1, SeqCst);
+                        if rng.below(4) == 0 {
+                            std::thread::yield_now();
+                        }
+                        // Now and then this one retires and a new one takes its place.
+                        if rng.below(40) == 0 && !closed {
+                            let next = storm_worker(
+                                jobs.clone(),
+                                timed,
+                                rng.below(u64::MAX),
+                                taken.clone(),
+                                spawned.clone(),
+                            );
+                            spawned.lock().unwrap().push(next);
+                            return;
+                        }
+                    }
+                    None if closed => {
+                        while jobs.try_recv_due().is_some() {
+                            taken.fetch_add(1, SeqCst);
+                        }
+                        return;
+                    }
+                    // Timed out: this end goes (as a worker's does when it
+                    // exits) and a new one takes its place, on this thread
+                    // (a thread for each would pile up when wakes are lost).
+                    None => jobs = jobs.clone(),
+                }
+            }
+        })
+    }
+
+    /// Storms: the reader (a lane of width 1, 2 or 16, so it often waits for
+    /// room, with short send timeouts it retries) and three due senders racing
+    /// workers that wait with and without timeouts and retire and are replaced
+    /// while wakes are on their way. A checker takes the lock all along and
+    /// asserts the rule of [`check`]; once the senders stop, every job must be
+    /// taken (none stranded until a later arrival), the last wake taken up,
+    /// and a new job on either lane taken at once; the lanes then close and
+    /// every worker ends.
+    #[test]
+    fn storms_of_senders_and_workers_never_leave_a_job_waiting_while_a_worker_sleeps_unwoken() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
+        for (round, width) in [1usize, 2, 16, 1, 2, 16].into_iter().enumerate() {
+            let (reader, due, jobs) = handoff(width);
+            let taken = Arc::new(AtomicUsize::new(0));
+            let spawned = Arc::new(Mutex::new(Vec::new()));
+            let first: Vec<_> = (0..8)
+                .map(|i| {
+                    storm_worker(
+                        jobs.clone(),
+                        i % 2 == 1,
+                        (round * 100 + i) as u64,
+                        taken.clone(),
+                        spawned.clone(),
+                    )
+                })
+                .collect();
+            spawned.lock().unwrap().extend(first);
+            let done = Arc::new(AtomicBool::new(false));
+            let checker = {
+                let (jobs, done) = (jobs.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let mut looks = 0u64;
+                    while !done.load(SeqCst) {
+                        check(&jobs)?;
+                        looks += 1;
+                        std::thread::yield_now();
+                    }
+                    Ok::<u64, String>(looks)
+                })
+            };
+            let (per_reader, per_due) = (3_000u64, 1_000u64);
+            let reader_thread = std::thread::spawn(move || {
+                let mut rng = Rng::seeded(round as u64 + 7);
+                for i in 0..per_reader {
+                    let mut j = job("r");
+                    loop {
+                        let wait = Duration::from_micros(rng.below(500));
+                        match reader.send_timeout(j, wait) {
+                            Ok(()) => break,
+                            Err(NotHanded::Full(back)) => j = *back,
+                            Err(NotHanded::Closed) => panic!("workers gone"),
+                        }
+                    }
+                    if i % 97 == 0 {
+                        // An idle moment: the workers fall asleep.
+                        std::thread::sleep(Duration::from_micros(rng.below(400)));
+                    }
+                }
+                reader
+            });
+            let due_threads: Vec<_> = (0..3)
+                .map(|k| {
+                    let due = due.clone();
+                    std::thread::spawn(move || {
+                        let mut rng = Rng::seeded(round as u64 * 10 + k);
+                        for i in 0..per_due {
+                            due.send(job("d")).expect("workers there");
+                            if i % 53 == 0 {
+                                std::thread::sleep(Duration::from_micros(rng.below(400)));
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let reader = reader_thread.join().unwrap();
+            for t in due_threads {
+                t.join().unwrap();
+            }
+            let total = (per_reader + 3 * per_due) as usize;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while taken.load(SeqCst) < total {
+                assert!(
+                    Instant::now() < deadline,
+                    "width {width}: {} of {total} taken, the rest stranded: {}",
+                    taken.load(SeqCst),
+                    state(&jobs)
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // The last wake is taken up: it cannot stay counted and block the
+            // next one.
+            while jobs.0.lock().waking > 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "a wake never taken up: {}",
+                    state(&jobs)
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            done.store(true, SeqCst);
+            let looks = checker
+                .join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("width {width}: {e}"));
+            assert!(looks > 0);
+            // A new job on either lane is taken at once by a sleeping worker.
+            for on_due in [true, false] {
+                let before = taken.load(SeqCst);
+                if on_due {
+                    due.send(job("p")).unwrap();
+                } else {
+                    reader.send_timeout(job("p"), Duration::ZERO).unwrap();
+                }
+                while taken.load(SeqCst) == before {
+                    assert!(
+                        Instant::now() < deadline,
+                        "probe stranded: {}",
+                        state(&jobs)
+                    );
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
+            drop((reader, due));
+            // Every worker ends; replacements may still be starting.
+            loop {
+                let next = spawned.lock().unwrap().pop();
+                match next {
+                    Some(w) => w.join().unwrap(),
+                    None => break,
+                }
+            }
+            assert_eq!(taken.load(SeqCst), total + 2, "each job taken once");
+        }
+    }
+
+    /// Slow calls: eight workers each holding what it takes until a release
+    /// lets one call (any) return, bursts of random size on random lanes, and
+    /// random releases, so some workers run calls while others sleep, and a
+    /// freed worker comes back to find jobs waiting. After every step, as many
+    /// calls must run as the pool can: a waiting job does not wait behind a
+    /// held call while a worker sleeps.
+    #[test]
+    fn held_calls_never_keep_a_waiting_job_from_a_sleeping_worker() {
+        let n = 8;
+        let (reader, due, jobs) = handoff(n);
+        // Calls running, releases not yet used, calls finished.
+        let state_ = Arc::new((Mutex::new((0usize, 0usize, 0usize)), Condvar::new()));
+        let workers: Vec<_> = (0..n)
+            .map(|_| {
+                let (jobs, state_) = (jobs.clone(), state_.clone());
+                std::thread::spawn(move || {
+                    let (lock, cv) = &*state_;
+                    while jobs.recv().is_some() {
+                        let mut s = lock.lock().unwrap();
+                        s.0 += 1;
+                        cv.notify_all();
+                        while s.1 == 0 {
+                            s = cv.wait(s).unwrap();
+                        }
+                        s.1 -= 1;
+                        s.0 -= 1;
+                        s.2 += 1;
+                        cv.notify_all();
+                    }
+                })
+            })
+            .collect();
+        let (lock, cv) = &*state_;
+        let mut rng = Rng::seeded(42);
+        let (mut outstanding, mut sent) = (0usize, 0usize);
+        for step in 0..400 {
+            let running = lock.lock().unwrap().0;
+            if running > 0 && rng.below(2) == 0 {
+                let k = 1 + rng.below(running as u64) as usize;
+                let mut s = lock.lock().unwrap();
+                let target = s.2 + k;
+                s.1 += k;
+                cv.notify_all();
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while s.2 < target {
+                    assert!(Instant::now() < deadline, "released calls do not finish");
+                    s = cv.wait_timeout(s, Duration::from_millis(5)).unwrap().0;
+                }
+                outstanding -= k;
+            }
+            let burst = rng.below(5) as usize;
+            for _ in 0..burst {
+                // Half on the due lane, and there too when the reader's is full.
+                if rng.below(2) == 0 || reader.send_timeout(job("r"), Duration::ZERO).is_err() {
+                    due.send(job("d")).unwrap();
+                }
+                outstanding += 1;
+                sent += 1;
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut s = lock.lock().unwrap();
+            while s.0 < outstanding.min(n) {
+                assert!(
+                    Instant::now() < deadline,
+                    "step {step}: {} running of {outstanding} sent, with workers asleep: {}",
+                    s.0,
+                    state(&jobs)
+                );
+                s = cv.wait_timeout(s, Duration::from_millis(5)).unwrap().0;
+            }
+            drop(s);
+            check(&jobs).unwrap_or_else(|e| panic!("step {step}: {e}"));
+        }
+        let mut s = lock.lock().unwrap();
+        s.1 = usize::MAX / 2;
+        cv.notify_all();
+        drop(s);
+        drop((reader, due));
+        for w in workers {
+            w.join().unwrap();
+        }
+        assert_eq!(lock.lock().unwrap().2, sent, "each job run once");
+    }
+
     #[test]
     fn workers_end_once_a_lane_closes_but_not_before_the_waiting_jobs() {
         let (reader, due, jobs) = handoff(2);

@@ -1,10 +1,13 @@
 //! Attacks on the hand-off between the reader, the timer, the HTTP plug and the
-//! worker pool (`src/handoff.rs`: two lanes under one lock, a sleeping worker
-//! woken only when one sleeps): lost wakes under mixed bursts on a wide pool,
-//! hung workers replaced hundreds of times on a narrow one, and stops with HTTP
-//! calls waiting in the due lane behind a busy or a hung worker. Real
-//! redis-server and cerbas processes. Not for: the reader's take itself
-//! (hardening_intake.rs) or the HTTP plug's routes (http.rs).
+//! worker pool (`src/handoff.rs`: two lanes under one lock, one wake of a
+//! sleeping worker in flight at a time, passed on by the woken worker while
+//! jobs wait): lost wakes under mixed bursts on a wide pool, hung workers
+//! replaced hundreds of times on a narrow one, stops with HTTP calls waiting in
+//! the due lane behind a busy or a hung worker, and fast calls that must not
+//! wait behind slow or hung ones while a worker sleeps (on 1, 2 and 4 workers,
+//! from Redis, HTTP and the timer). Real redis-server and cerbas processes.
+//! Not for: the reader's take itself (hardening_intake.rs) or the HTTP plug's
+//! routes (http.rs).
 
 mod common;
 
@@ -472,4 +475,358 @@ fn a_request_from_redis_is_not_starved_by_http_calls_keeping_the_due_lane_full()
     }
     assert_eq!(got, Ok(Reply::Ok("hello world!".into())), "after {took:?}");
     assert!(took < Duration::from_secs(1), "served after {took:?}");
+}
+
+/// The worst latency of the calls `call` makes in a loop on `threads` threads
+/// until `stop` is set, and how many it made; each must answer `ok`.
+fn timed_loop(
+    threads: usize,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+    call: impl Fn() -> Result<(), String> + Send + Sync + 'static,
+) -> Vec<JoinHandle<(Duration, usize)>> {
+    let call = Arc::new(call);
+    (0..threads)
+        .map(|_| {
+            let (stop, call) = (stop.clone(), call.clone());
+            std::thread::spawn(move || {
+                let (mut worst, mut n) = (Duration::ZERO, 0);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let start = Instant::now();
+                    call().unwrap_or_else(|e| panic!("{e}"));
+                    worst = worst.max(start.elapsed());
+                    n += 1;
+                }
+                (worst, n)
+            })
+        })
+        .collect()
+}
+
+/// The worst of the latencies of `loops`, and how many calls they made.
+fn worst_of(loops: Vec<JoinHandle<(Duration, usize)>>) -> (Duration, usize) {
+    loops.into_iter().fold((Duration::ZERO, 0), |(w, n), l| {
+        let (lw, ln) = l.join().expect("a caller");
+        (w.max(lw), n + ln)
+    })
+}
+
+/// The chain of wakes (one wake of a sleeping worker in flight, passed on by
+/// the woken worker while jobs wait): on 2 and on 4 workers, `workers - 1`
+/// callers keep `sleep 400` calls running while fast calls come from three
+/// Redis callers (`echo`), one HTTP caller (`/api/hello`, the due lane) and
+/// one delayed caller (`delay` 20 ms, the timer, also the due lane). A worker
+/// always sleeps: no fast call may wait behind a slow one (a job left waiting
+/// while a worker sleeps unwoken takes the next arrival or a slow call's end,
+/// up to 400 ms, to start).
+#[test]
+fn fast_calls_never_wait_behind_slow_ones_while_a_worker_sleeps() {
+    for workers in [2usize, 4] {
+        let redis = Redis::start();
+        let (server, base) = http_server(&redis, &format!("workers = {workers}\n"), &[]);
+        let c = Arc::new(redis.client());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let slow = {
+            let c = c.clone();
+            timed_loop(workers - 1, &stop, move || {
+                match c.request("sleep", json!({"ms": 400})) {
+                    Ok(Reply::Ok(_)) => Ok(()),
+                    other => Err(format!("sleep: {other:?}")),
+                }
+            })
+        };
+        let fast = {
+            let c = c.clone();
+            timed_loop(3, &stop, move || {
+                match c.request("echo", json!({"message": "x"})) {
+                    Ok(Reply::Ok(v)) if v == json!("x") => Ok(()),
+                    other => Err(format!("echo: {other:?}")),
+                }
+            })
+        };
+        let web = {
+            let url = format!("{base}/api/hello");
+            timed_loop(1, &stop, move || match get(&url) {
+                (200, _) => Ok(()),
+                other => Err(format!("/api/hello: {other:?}")),
+            })
+        };
+        let delayed = {
+            let c = c.clone();
+            let opts = CallOptions::new().delay(Duration::from_millis(20));
+            timed_loop(1, &stop, move || {
+                match c.request_with("echo", json!({"message": "d"}), &opts) {
+                    Ok(Reply::Ok(_)) => Ok(()),
+                    other => Err(format!("delayed echo: {other:?}")),
+                }
+            })
+        };
+        // Long enough for several slow calls per slow caller, and for the fast
+        // calls to fall at every point of them.
+        wait_for("slow calls served", Duration::from_secs(30), || {
+            (requests_total(&base, "sleep", "ok") >= (6 * (workers - 1)) as f64).then_some(())
+        });
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (slow_worst, slow_n) = worst_of(slow);
+        let (fast_worst, fast_n) = worst_of(fast);
+        let (web_worst, web_n) = worst_of(web);
+        let (delayed_worst, delayed_n) = worst_of(delayed);
+        assert!(slow_n >= 6 * (workers - 1), "{slow_n} slow calls");
+        assert!(slow_worst >= Duration::from_millis(400));
+        assert!(
+            fast_n > 100 && web_n > 10 && delayed_n > 10,
+            "{fast_n} {web_n} {delayed_n}"
+        );
+        // A fast call takes well under a millisecond of work; 250 ms leaves room
+        // for a loaded 2-core machine, and is far below a slow call.
+        let bound = Duration::from_millis(250);
+        assert!(
+            fast_worst < bound,
+            "{workers} workers: an echo took {fast_worst:?}"
+        );
+        assert!(
+            web_worst < bound,
+            "{workers} workers: a hello took {web_worst:?}"
+        );
+        assert!(
+            delayed_worst < bound + Duration::from_millis(20),
+            "{workers} workers: a delayed echo took {delayed_worst:?}"
+        );
+        drop(server);
+    }
+}
+
+/// Workers hung and replaced all along: on 2 workers one caller calls `slow`
+/// (6 s) with a 100 ms deadline again and again, so every 100 ms a worker
+/// hangs past its deadline and the pool starts a replacement, which goes to
+/// sleep on the hand-off (the chain must reach it); meanwhile Redis (`echo`)
+/// and HTTP (`/api/hello`) callers must be served at once, by the worker that
+/// is not hung or by a replacement.
+#[test]
+fn hung_workers_replaced_all_along_leave_no_fast_call_waiting() {
+    let redis = Redis::start();
+    let (server, base) = http_server(
+        &redis,
+        "workers = 2\n[functions.slow]\ntimeout_ms = 100\n",
+        &[],
+    );
+    let c = Arc::new(redis.client());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hangs = {
+        let c = c.clone();
+        timed_loop(1, &stop, move || match c.request("slow", json!({})) {
+            Ok(Reply::Error(m)) if m == "timeout" => Ok(()),
+            other => Err(format!("slow: {other:?}")),
+        })
+    };
+    let fast = {
+        let c = c.clone();
+        timed_loop(3, &stop, move || {
+            match c.request("echo", json!({"message": "x"})) {
+                Ok(Reply::Ok(v)) if v == json!("x") => Ok(()),
+                other => Err(format!("echo: {other:?}")),
+            }
+        })
+    };
+    let web = {
+        let url = format!("{base}/api/hello");
+        timed_loop(1, &stop, move || match get(&url) {
+            (200, _) => Ok(()),
+            other => Err(format!("/api/hello: {other:?}")),
+        })
+    };
+    wait_for("20 calls hung", Duration::from_secs(30), || {
+        (requests_total(&base, "slow", "timeout") >= 20.0).then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (_, hung) = worst_of(hangs);
+    let (fast_worst, fast_n) = worst_of(fast);
+    let (web_worst, web_n) = worst_of(web);
+    assert!(hung >= 20, "{hung} hung calls");
+    assert!(fast_n > 100 && web_n > 10, "{fast_n} {web_n}");
+    eprintln!("{hung} hung: worst echo {fast_worst:?} of {fast_n}, hello {web_worst:?} of {web_n}");
+    let bound = Duration::from_millis(250);
+    assert!(fast_worst < bound, "an echo took {fast_worst:?}");
+    assert!(web_worst < bound, "a hello took {web_worst:?}");
+    drop(server);
+}
+
+/// One and two workers, sequential round trips (Redis, HTTP, delayed) and
+/// small bursts from both, each after an idle moment in which the workers
+/// fall asleep: with nothing arriving after it, a job left waiting unwoken
+/// would wait for its deadline. Each must be answered at once.
+#[test]
+fn round_trips_after_idle_moments_are_answered_at_once_on_one_and_two_workers() {
+    for workers in [1usize, 2] {
+        let redis = Redis::start();
+        let (server, base) = http_server(&redis, &format!("workers = {workers}\n"), &[]);
+        let c = Arc::new(redis.client().timeout(Duration::from_secs(4)));
+        let mut worst = Duration::ZERO;
+        for n in 0..60u64 {
+            // An idle moment (the shape of the load, not a wait for an event).
+            std::thread::sleep(Duration::from_millis(n % 7));
+            let start = Instant::now();
+            match n % 4 {
+                0 => assert_eq!(
+                    c.request("hello", json!({})),
+                    Ok(Reply::Ok("hello world!".into()))
+                ),
+                1 => assert_eq!(get(&format!("{base}/api/hello")).0, 200),
+                2 => {
+                    let opts = CallOptions::new().delay(Duration::from_millis(5));
+                    let got = c.request_with("echo", json!({"message": n}), &opts);
+                    assert_eq!(got, Ok(Reply::Ok(json!(n))));
+                }
+                _ => {
+                    // A burst from both sides at once.
+                    let burst: Vec<_> = (0..6)
+                        .map(|k| {
+                            let (c, url) = (c.clone(), format!("{base}/api/hello"));
+                            std::thread::spawn(move || {
+                                if k % 2 == 0 {
+                                    c.request("echo", json!({"message": k}))
+                                        == Ok(Reply::Ok(json!(k)))
+                                } else {
+                                    get(&url).0 == 200
+                                }
+                            })
+                        })
+                        .collect();
+                    for b in burst {
+                        assert!(b.join().expect("a burst call"), "a burst call failed");
+                    }
+                }
+            }
+            worst = worst.max(start.elapsed());
+        }
+        assert!(
+            worst < Duration::from_millis(500),
+            "{workers} workers: a round trip took {worst:?}"
+        );
+        drop(server);
+    }
+}
+
+/// A slow request and a fast one queued in one `RPUSH`, so the reader (or,
+/// with the same `delay`, the timer) hands them over back to back while four
+/// workers sleep: the first push wakes one worker and the second finds that
+/// wake on its way, so only the worker taking the slow one can pass a wake on.
+/// The fast one must start on another worker at once, not after the slow
+/// one's 300 ms (nothing else arrives to wake a worker for it).
+#[test]
+fn a_fast_request_queued_right_behind_a_slow_one_starts_at_once() {
+    let redis = Redis::start();
+    let (server, _base) = http_server(&redis, "workers = 4\n", &[]);
+    let mut conn = redis.conn();
+    for delay in [None, Some(30u64)] {
+        for round in 0..8 {
+            let request = |func: &str, args: serde_json::Value| {
+                let mut body =
+                    json!({"func": func, "args": args, "user": "test", "source": "test"});
+                if let Some(ms) = delay {
+                    body["delay"] = json!(ms);
+                }
+                store(&mut redis.conn(), body.to_string().as_bytes())
+            };
+            let slow = request("sleep", json!({"ms": 300}));
+            let fast = request("echo", json!({"message": round}));
+            let mut sub = redis.conn();
+            let mut ps = sub.as_pubsub();
+            for id in [slow, fast] {
+                ps.subscribe(format!("CERBAS-RESPONSE-1-{id:010}"))
+                    .expect("SUBSCRIBE");
+            }
+            ps.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("a read timeout");
+            let start = Instant::now();
+            redis::cmd("RPUSH")
+                .arg("CERBAS-QUEUE")
+                .arg(slow)
+                .arg(fast)
+                .query::<()>(&mut conn)
+                .expect("RPUSH");
+            let mut took = Vec::new();
+            for _ in 0..2 {
+                let msg = ps.get_message().expect("a reply within 10 s");
+                took.push((msg.get_channel_name().to_string(), start.elapsed()));
+            }
+            let fast_took = took
+                .iter()
+                .find(|(c, _)| c.ends_with(&format!("{fast:010}")))
+                .map(|t| t.1)
+                .expect("the fast reply");
+            let slow_took = took
+                .iter()
+                .find(|(c, _)| c.ends_with(&format!("{slow:010}")))
+                .map(|t| t.1)
+                .expect("the slow reply");
+            let base = Duration::from_millis(delay.unwrap_or(0));
+            assert!(slow_took >= base + Duration::from_millis(300));
+            assert!(
+                fast_took < base + Duration::from_millis(150),
+                "delay {delay:?}, round {round}: the fast reply after {fast_took:?}, the slow one after {slow_took:?}"
+            );
+        }
+    }
+    drop(server);
+}
+
+/// Bursts of 12 `echo`s queued in one `RPUSH` on 16 sleeping workers, first on
+/// an idle server, then with both cores kept busy by `primes` calls: the chain
+/// wakes one worker at a time, each waking the next only once it runs, so on
+/// busy cores every link waits for the scheduler. The whole burst must be
+/// answered soon either way (the median and the worst of 20 bursts).
+#[test]
+fn a_burst_on_sleeping_workers_is_served_promptly_with_the_cores_busy() {
+    let redis = Redis::start();
+    let (server, _base) = http_server(&redis, "workers = 16\n", &[]);
+    let c = Arc::new(redis.client());
+    let mut conn = redis.conn();
+    let mut bursts = |label: &str| {
+        let mut lasts = Vec::new();
+        for round in 0..20 {
+            let body = json!({"func": "echo", "args": {"message": round}, "user": "test", "source": "test"})
+                .to_string();
+            let ids: Vec<u64> = (0..12).map(|_| store(&mut conn, body.as_bytes())).collect();
+            let mut sub = redis.conn();
+            let mut ps = sub.as_pubsub();
+            ps.psubscribe("CERBAS-RESPONSE-1-*").expect("PSUBSCRIBE");
+            ps.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("a read timeout");
+            let mut push = redis::cmd("RPUSH");
+            push.arg("CERBAS-QUEUE");
+            for id in &ids {
+                push.arg(*id);
+            }
+            let start = Instant::now();
+            push.query::<()>(&mut conn).expect("RPUSH");
+            for _ in 0..ids.len() {
+                ps.get_message().expect("a reply within 10 s");
+            }
+            lasts.push(start.elapsed());
+        }
+        lasts.sort();
+        let (median, worst) = (lasts[lasts.len() / 2], lasts[lasts.len() - 1]);
+        eprintln!("{label}: whole burst answered after median {median:?}, worst {worst:?}");
+        (median, worst)
+    };
+    let idle = bursts("idle");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hogs = {
+        let c = c.clone();
+        timed_loop(2, &stop, move || {
+            match c.request("primes", json!({"below": 30_000_000})) {
+                Ok(Reply::Ok(_)) => Ok(()),
+                other => Err(format!("primes: {other:?}")),
+            }
+        })
+    };
+    // The hogs' calls start within a burst or two (rayon then spreads each
+    // over both cores); the 20 bursts last longer than the hogs' first call.
+    let busy = bursts("busy cores");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (_, hogged) = worst_of(hogs);
+    assert!(hogged > 0);
+    assert!(idle.1 < Duration::from_millis(150), "idle: {idle:?}");
+    assert!(busy.1 < Duration::from_millis(300), "busy cores: {busy:?}");
+    drop(server);
 }
