@@ -426,6 +426,23 @@ fn unsent_to(port: u16) -> u64 {
         .sum()
 }
 
+/// Bytes this process's connections to Redis on `port` sent that Redis has not
+/// read yet (its ends' receive queues).
+fn unread_by_redis_from_here(port: u16) -> u64 {
+    let sockets = tcp_sockets();
+    let own = own_socket_inodes();
+    let mine: std::collections::HashSet<u16> = sockets
+        .iter()
+        .filter(|s| s.remote_port == port && own.contains(&s.inode))
+        .map(|s| s.local_port)
+        .collect();
+    sockets
+        .iter()
+        .filter(|s| s.local_port == port && mine.contains(&s.remote_port))
+        .map(|s| s.rx_queue)
+        .sum()
+}
+
 /// With the test's Redis frozen, a 32 MB `echo` (more than the loopback socket
 /// buffers hold) on `c` with `timeout`: returns once its write blocks, with the
 /// call's thread (its result and when it ended).
@@ -632,8 +649,11 @@ fn a_small_call_behind_a_cut(
             (got, start.elapsed())
         })
     };
+    // Written: its bytes wait, unread, in the frozen Redis's end of one of this
+    // process's connections (the client's). Not the client's unacknowledged
+    // bytes: loopback acknowledges at once, so those showed only by luck.
     wait_for("the small call is written", Duration::from_secs(5), || {
-        (unsent_to(redis.port) > 0).then_some(())
+        (unread_by_redis_from_here(redis.port) > 0).then_some(())
     });
     let second = Duration::from_secs(1);
     let got = c.call(&big, &CallOptions::new().timeout(second));

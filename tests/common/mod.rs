@@ -646,6 +646,8 @@ pub struct TcpSocket {
     pub tx_queue: u64,
     /// Bytes received but not yet read by the owner.
     pub rx_queue: u64,
+    /// The socket's inode (`socket:[inode]` in its owner's `/proc/PID/fd`).
+    pub inode: u64,
 }
 
 /// Every IPv4 TCP socket of this machine (how tests see what a frozen peer has
@@ -665,7 +667,21 @@ pub fn tcp_sockets() -> Vec<TcpSocket> {
                 state: u8::from_str_radix(f.get(3)?, 16).ok()?,
                 tx_queue: u64::from_str_radix(tx, 16).ok()?,
                 rx_queue: u64::from_str_radix(rx, 16).ok()?,
+                inode: f.get(9)?.parse().ok()?,
             })
+        })
+        .collect()
+}
+
+/// The inodes of the sockets this test process holds open.
+pub fn own_socket_inodes() -> std::collections::HashSet<u64> {
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return Default::default();
+    };
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_str()?;
+            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
         })
         .collect()
 }
