@@ -119,6 +119,27 @@ impl Replies {
     }
 }
 
+/// Pushes `ids` (their bodies stored under prefix `CERBAS`) in one `RPUSH` with
+/// a listener on, waits up to `within` for each reply, then for nothing to be
+/// left in Redis; the listener is still on (a reply sent twice later counts).
+fn push_and_wait(
+    redis: &Redis,
+    server: &Server,
+    conn: &mut redis::Connection,
+    ids: &[u64],
+    within: Duration,
+) -> Replies {
+    let replies = Replies::listen(redis, "CERBAS");
+    redis::cmd("RPUSH")
+        .arg("CERBAS-QUEUE")
+        .arg(ids)
+        .query::<()>(conn)
+        .expect("RPUSH");
+    replies.wait_all(ids, within, || server.log_text());
+    wait_nothing_left(conn, "CERBAS");
+    replies
+}
+
 /// The one reply of `id` in `got`, decoded; panics if there is none or several.
 fn only_reply(got: &HashMap<u64, Vec<Vec<u8>>>, id: u64) -> Reply {
     match got.get(&id).map(Vec::as_slice) {
@@ -435,15 +456,7 @@ fn batches_around_the_takes_64_kib_get_every_answer_once() {
             let _ = body_len;
         }
         pipe.query::<()>(&mut conn).expect("store");
-        let replies = Replies::listen(&redis, "CERBAS");
-        redis::cmd("RPUSH")
-            .arg("CERBAS-QUEUE")
-            .arg(&ids)
-            .query::<()>(&mut conn)
-            .expect("RPUSH");
-        replies.wait_all(&ids, Duration::from_secs(20), || server.log_text());
-        wait_nothing_left(&mut conn, "CERBAS");
-        let got = replies.stop();
+        let got = push_and_wait(&redis, &server, &mut conn, &ids, Duration::from_secs(20)).stop();
         for ((id, part), want) in ids.iter().zip(batch).zip(&want) {
             let reply = only_reply(&got, *id);
             match want {
@@ -696,14 +709,7 @@ fn ids_up_to_u64_max_are_answered_once() {
             .expect("SET");
         want.push(Reply::Ok(json!(i)));
     }
-    let replies = Replies::listen(&redis, "CERBAS");
-    redis::cmd("RPUSH")
-        .arg("CERBAS-QUEUE")
-        .arg(&ids)
-        .query::<()>(&mut conn)
-        .expect("RPUSH");
-    replies.wait_all(&ids, Duration::from_secs(20), || server.log_text());
-    wait_nothing_left(&mut conn, "CERBAS");
+    let replies = push_and_wait(&redis, &server, &mut conn, &ids, Duration::from_secs(20));
     stop(server);
     assert_each_once(&replies.stop(), &ids, &want);
 }
@@ -747,14 +753,7 @@ fn hundreds_of_bodies_of_spread_sizes_pushed_at_once_are_each_answered_once() {
             .expect("SET");
         want.push(Reply::Ok(json!(message)));
     }
-    let replies = Replies::listen(&redis, "CERBAS");
-    redis::cmd("RPUSH")
-        .arg("CERBAS-QUEUE")
-        .arg(&ids)
-        .query::<()>(&mut conn)
-        .expect("RPUSH");
-    replies.wait_all(&ids, Duration::from_secs(30), || server.log_text());
-    wait_nothing_left(&mut conn, "CERBAS");
+    let replies = push_and_wait(&redis, &server, &mut conn, &ids, Duration::from_secs(30));
     stop(server);
     assert_each_once(&replies.stop(), &ids, &want);
 }
