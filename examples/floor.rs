@@ -30,7 +30,7 @@
 //! hands each parsed request to N worker threads (a locked queue bounded by N
 //! and a condition variable, one wake of a sleeping worker in flight at a time,
 //! passed on by the woken worker while jobs wait, as `src/handoff.rs`); a
-//! worker runs the function (`tally`'s `INCR` on a connection of a pool of 8,
+//! worker runs the function (`tally`'s `INCR` on a connection of a pool of 100,
 //! cerbas's own `ConnectionPool`, as cerbas lends one to a function) and sends
 //! the encoded reply to a publisher thread (a crossbeam channel plus a count
 //! the publisher sleeps on, as cerbas's `Outbox` and `Backlog`); the publisher
@@ -109,7 +109,7 @@ const POLL_SECS: f64 = 0.1;
 /// Read timeout of the connection: longer than any `BLMOVE` wait.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// With `--threads`: the connections lent to `tally` (cerbas.toml's `redis_pool_size`).
-pub const POOL_SIZE: usize = 8;
+pub const POOL_SIZE: usize = 100;
 /// With `--threads`: how long a worker waits for a pooled connection (cerbas's
 /// default `timeout_ms`).
 const FUNCTION_TIMEOUT: Duration = Duration::from_secs(5);

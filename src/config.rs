@@ -119,7 +119,8 @@ pub struct Config {
     pub republish_max_bytes: usize,
     /// Longest `delay` a request may ask for, in milliseconds.
     pub max_delay_ms: u64,
-    /// Redis connections kept for functions (`Context::redis`).
+    /// Most Redis connections lent to functions at once (`Context::redis`); each
+    /// is opened when first needed, so only as many are open as calls used at once.
     pub redis_pool_size: usize,
     /// The cron file; empty turns cron off.
     pub crontab: PathBuf,
@@ -153,7 +154,7 @@ impl Default for Config {
             reply_grace_ms: 5_000,
             republish_max_bytes: 16 << 20,
             max_delay_ms: 30 * 24 * 3600 * 1000,
-            redis_pool_size: 8,
+            redis_pool_size: 100,
             crontab: PathBuf::from("CRONTAB"),
             cron_tz: "UTC".into(),
             cron_user: "cron".into(),

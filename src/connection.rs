@@ -358,7 +358,10 @@ impl Idle {
     }
 }
 
-/// A small pool of connections for users' functions, opened on first use. A
+/// A pool of connections for users' functions, each opened on first use; an open
+/// one is lent before a new one is opened, so as many are open as were used at
+/// once (the default size is the default worker count: a function never waits
+/// for another's connection). A
 /// connection waiting in the pool can break without anyone noticing (a Redis
 /// restart closes it): one that may have broken while it waited (see
 /// `Idle::suspect`) is checked with a `PING` before it is lent, and a broken one is
@@ -382,12 +385,34 @@ struct Slots {
 }
 
 struct Free {
-    slots: VecDeque<Option<Idle>>,
+    /// Open connections waiting, the longest idle first.
+    idle: VecDeque<Idle>,
+    /// Slots with no connection (never opened, or theirs broke or was closed).
+    unopened: usize,
     /// Callers asleep on `returned`: a wake, a system call, only for them.
     waiting: usize,
 }
 
+impl Free {
+    /// Slots free to lend.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.idle.len() + self.unopened
+    }
+}
+
 impl Slots {
+    fn new(size: usize) -> Self {
+        Slots {
+            free: Mutex::new(Free {
+                idle: VecDeque::new(),
+                unopened: size,
+                waiting: 0,
+            }),
+            returned: Condvar::new(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Free> {
         // Each change under the lock is one push, pop or count.
         self.free.lock().unwrap_or_else(PoisonError::into_inner)
@@ -396,7 +421,10 @@ impl Slots {
     /// Puts a slot back, waking one caller that waits for it.
     fn put(&self, slot: Option<Idle>) {
         let mut free = self.lock();
-        free.slots.push_back(slot);
+        match slot {
+            Some(idle) => free.idle.push_back(idle),
+            None => free.unopened += 1,
+        }
         let wake = free.waiting > 0;
         drop(free);
         if wake {
@@ -408,11 +436,17 @@ impl Slots {
     fn take(&self, deadline: Instant) -> Option<Option<Idle>> {
         let mut free = self.lock();
         loop {
-            // The longest idle first, as the channel it replaces did: a connection
-            // a function left with a command still running (its own short read
-            // timeout ran out) is lent last, when that command is most likely over.
-            if let Some(slot) = free.slots.pop_front() {
-                return Some(slot);
+            // An open connection before a new one, so a pool as wide as the
+            // workers opens only as many as are used at once. The longest idle
+            // first: one a function left with a command still running (a `BLPOP`
+            // its own short read timeout cut short) is lent last, when that
+            // command is most likely over.
+            if let Some(idle) = free.idle.pop_front() {
+                return Some(Some(idle));
+            }
+            if free.unopened > 0 {
+                free.unopened -= 1;
+                return Some(None);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -432,16 +466,9 @@ impl Slots {
 impl ConnectionPool {
     /// A pool of at most `size` connections to `client`.
     pub fn new(client: Client, size: usize) -> Self {
-        let slots = Slots {
-            free: Mutex::new(Free {
-                slots: (0..size).map(|_| None).collect(),
-                waiting: 0,
-            }),
-            returned: Condvar::new(),
-        };
         ConnectionPool {
             client,
-            slots: Arc::new(slots),
+            slots: Arc::new(Slots::new(size)),
         }
     }
 
@@ -506,6 +533,17 @@ fn checked(mut conn: Connection, within: Duration) -> Option<Connection> {
     fit.then_some(conn)
 }
 
+/// `conn` with the pool's timeouts again, whatever its borrower set (two system
+/// calls a loan): the next borrower's commands wait as long as anyone's, and a
+/// command a short timeout cut short is skipped by redis-rs (it reads and drops
+/// that late answer before the next) instead of failing the next borrower too.
+/// `None` if the socket refuses (it is then closed).
+fn reset(conn: Connection) -> Option<Connection> {
+    conn.set_read_timeout(Some(POOL_READ_TIMEOUT)).ok()?;
+    conn.set_write_timeout(Some(POOL_READ_TIMEOUT)).ok()?;
+    Some(conn)
+}
+
 /// Whether `conn` still reaches Redis. A refusal (`LOADING`, say) counts as alive:
 /// the connection is in step, and the function will get Redis's own answer.
 fn alive(conn: &mut Connection) -> bool {
@@ -544,7 +582,7 @@ impl Drop for PooledConnection {
             // commands would be queued or run elsewhere. It is closed; the slot
             // opens a fresh one.
             Some(_) if std::thread::panicking() => None,
-            Some(c) if redis::ConnectionLike::is_open(&c) => Some(Idle::new(c)),
+            Some(c) if redis::ConnectionLike::is_open(&c) => reset(c).map(Idle::new),
             // It broke in a function's hands: the others may have too.
             Some(_) => {
                 LOSSES.fetch_add(1, Ordering::Relaxed);
@@ -562,13 +600,7 @@ mod tests {
 
     #[test]
     fn a_caller_waits_for_a_returned_slot_and_gives_up_at_its_deadline() {
-        let slots = Arc::new(Slots {
-            free: Mutex::new(Free {
-                slots: VecDeque::from([None]),
-                waiting: 0,
-            }),
-            returned: Condvar::new(),
-        });
+        let slots = slots(1);
         let first = slots.take(Instant::now()).expect("a free slot");
         assert!(first.is_none(), "an unopened slot");
         let t0 = Instant::now();
@@ -594,13 +626,7 @@ mod tests {
     }
 
     fn slots(n: usize) -> Arc<Slots> {
-        Arc::new(Slots {
-            free: Mutex::new(Free {
-                slots: (0..n).map(|_| None).collect(),
-                waiting: 0,
-            }),
-            returned: Condvar::new(),
-        })
+        Arc::new(Slots::new(n))
     }
 
     /// Lost wake-ups: every slot is held and as many callers sleep for one; the
@@ -647,7 +673,7 @@ mod tests {
                 );
             }
             let free = slots.lock();
-            assert_eq!((free.slots.len(), free.waiting), (0, 0), "round {round}");
+            assert_eq!((free.len(), free.waiting), (0, 0), "round {round}");
         }
     }
 
@@ -692,7 +718,7 @@ mod tests {
         }
         assert_eq!(total, 16 * 3_000);
         let free = slots.lock();
-        assert_eq!((free.slots.len(), free.waiting), (n, 0));
+        assert_eq!((free.len(), free.waiting), (n, 0));
     }
 
     #[test]

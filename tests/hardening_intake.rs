@@ -172,8 +172,8 @@ fn a_saturated_instance_leaves_requests_to_idle_ones() {
 fn pooled_connections_are_replaced_after_a_redis_restart() {
     let mut redis = Redis::start();
     let server = Server::start(&redis);
-    // `redis_pool_size` is 8 in the shipped config: eight sequential calls open all
-    // eight (the pool lends its unopened slots first).
+    // Sequential calls reuse one pooled connection (an open one is lent before a
+    // new one is opened); each call after the restart must find it replaced.
     let pool = 8;
     let c = redis.client();
     for i in 0..pool {

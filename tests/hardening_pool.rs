@@ -269,14 +269,12 @@ fn a_stopped_redis_does_not_hold_callers_far_past_their_deadline() {
 
 /// A borrower may change its connection's socket state through `DerefMut`
 /// (here a 100 ms read timeout) and leave a command unanswered (a `BLPOP` that
-/// timed out): the connection goes back to the pool open. The pool lends the
-/// longest idle slot first, so the next borrower gets the other one, not this
-/// connection behind a `BLPOP` Redis still runs. (1198b0f lent the last returned
-/// first, and this failed; its FIFO channel before did as now.) Left as it
-/// was: in a warm pool such a connection is still lent later, with its 100 ms
-/// timeout; the pool cannot see that a read timed out (redis-rs keeps that to
-/// itself), and restoring the timeouts on every return costs two system calls
-/// per call. The README asks functions to leave their connection as they found it.
+/// timed out): the connection goes back to the pool open. The pool lends open
+/// connections first, so the next borrower gets this one: it must get the
+/// pool's timeouts back, and its `INCR` (which Redis serves after the `BLPOP`
+/// ends) the `INCR`'s answer, not the `BLPOP`'s: redis-rs reads and drops the
+/// answer of a command a timeout cut short. (With the borrower's 100 ms left in
+/// place, the next `INCR` timed out behind the `BLPOP` too.)
 #[test]
 fn a_borrowers_timed_out_command_does_not_reach_the_next_borrower() {
     let redis = Redis::start();
@@ -288,7 +286,7 @@ fn a_borrowers_timed_out_command_does_not_reach_the_next_borrower() {
         .expect("a read timeout");
     let blpop = redis::cmd("BLPOP")
         .arg("nothing")
-        .arg(2)
+        .arg(1)
         .query::<redis::Value>(&mut *c);
     assert!(blpop.is_err(), "the BLPOP times out: {blpop:?}");
     drop(c);
@@ -297,6 +295,72 @@ fn a_borrowers_timed_out_command_does_not_reach_the_next_borrower() {
         .expect("a connection");
     let n = incr(&mut next, "next");
     assert_eq!(n.ok(), Some(1), "the next borrower's INCR failed");
+}
+
+/// A borrower's own timeouts don't outlive its loan: after one set a 50 ms read
+/// timeout, the next borrower of the same connection waits as long as the pool's
+/// own (a `BLPOP` of 300 ms answers nil instead of failing at 50 ms).
+#[test]
+fn a_borrowers_timeouts_are_reset_when_its_connection_returns() {
+    let redis = Redis::start();
+    let pool = pool(&redis, 4);
+    let mut c = pool
+        .get(Instant::now() + Duration::from_secs(3))
+        .expect("a connection");
+    let id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query(&mut *c)
+        .expect("CLIENT ID");
+    c.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("a read timeout");
+    c.set_write_timeout(Some(Duration::from_millis(50)))
+        .expect("a write timeout");
+    drop(c);
+    let mut next = pool
+        .get(Instant::now() + Duration::from_secs(3))
+        .expect("a connection");
+    let again: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query(&mut *next)
+        .expect("CLIENT ID");
+    assert_eq!(again, id, "the open connection is lent before a new one");
+    let blpop = redis::cmd("BLPOP")
+        .arg("nothing")
+        .arg(0.3)
+        .query::<Option<(String, String)>>(&mut *next);
+    assert!(
+        matches!(blpop, Ok(None)),
+        "the borrower's 50 ms timeout was left in place: {blpop:?}"
+    );
+}
+
+/// The pool opens a connection only when no open one is free: sequential loans
+/// reuse one connection, and 5 held at once open 5 (of a pool of 100, as wide as
+/// the default workers), which later loans reuse.
+#[test]
+fn a_wide_pool_opens_only_as_many_connections_as_are_used_at_once() {
+    let redis = Redis::start();
+    let mut admin = redis.conn();
+    let before = others(&mut admin);
+    let pool = pool(&redis, 100);
+    let deadline = || Instant::now() + Duration::from_secs(3);
+    for i in 0..50 {
+        let mut c = pool.get(deadline()).expect("a connection");
+        incr(&mut c, "seq").unwrap_or_else(|e| panic!("INCR {i}: {e}"));
+    }
+    assert_eq!(others(&mut admin) - before, 1, "50 loans one at a time");
+    let held: Vec<PooledConnection> = (0..5)
+        .map(|_| pool.get(deadline()).expect("a connection"))
+        .collect();
+    assert_eq!(others(&mut admin) - before, 5, "5 held at once");
+    drop(held);
+    for _ in 0..3 {
+        let held: Vec<PooledConnection> = (0..5)
+            .map(|_| pool.get(deadline()).expect("a connection"))
+            .collect();
+        drop(held);
+    }
+    assert_eq!(others(&mut admin) - before, 5, "later loans reuse the 5");
 }
 
 /// Calls holding a pooled connection at once, for [`Hold`].
