@@ -41,6 +41,7 @@ use crate::resp::{Mark, Packed};
 use crate::shutdown::Shutdown;
 use crossbeam_channel::{select, Receiver};
 use redis::{Connection, RedisResult, Value};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -105,6 +106,13 @@ const TAKE_BYTES: usize = 64 << 10;
 /// Most bytes of bodies one [`FETCH`] brings back (a single body up to
 /// `max_request_bytes` always comes, even when it is larger).
 const FETCH_BYTES: usize = 4 << 20;
+
+/// A body larger than this replaces the reader's connection once its batch is
+/// handed over: redis-rs keeps a connection's read buffer at the size of the
+/// largest answer it read, so one 40 MiB body kept 40 MiB resident for the
+/// life of the process. A reconnect (and the usual check of the processing
+/// list after it) per such body costs nothing next to reading it.
+const KEEP_READ_BYTES: usize = 4 << 20;
 
 /// The Lua function both scripts use to learn about one request's body: its key,
 /// then the fallback key (`P-REQUEST-…`, read only where `P-REQ-…` is missing).
@@ -418,6 +426,8 @@ pub(crate) struct Reader {
     pub(crate) backlog: Arc<Backlog>,
     /// Set by the dashboard's pause: no taking while it is.
     pub(crate) paused: Paused,
+    /// A body over [`KEEP_READ_BYTES`] was read since the last step.
+    pub(crate) read_large: Cell<bool>,
 }
 
 /// Starts the reader thread.
@@ -536,7 +546,12 @@ impl Reader {
                 // processing list) goes through while the queue alone is refused
                 // (a client SET it to a string): ending the spell there logged
                 // it twice and reset its back-off on every try.
-                Ok(true) if taking => self.connector.recovered(),
+                Ok(true) if taking => {
+                    self.connector.recovered();
+                    if self.read_large.take() {
+                        conn = None;
+                    }
+                }
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => match self.connector.failed(&e) {
@@ -849,7 +864,12 @@ impl Reader {
         answer: Option<Fetched>,
     ) -> Result<crate::protocol::Request, RequestError> {
         match answer {
-            Some(Fetched::Body(b)) => parse_request(&b, self.max_request_bytes),
+            Some(Fetched::Body(b)) => {
+                if b.len() > KEEP_READ_BYTES {
+                    self.read_large.set(true);
+                }
+                parse_request(&b, self.max_request_bytes)
+            }
             Some(Fetched::Missing) => Err(RequestError::NotFound(self.keys.request(id))),
             Some(Fetched::TooLarge(size)) => Err(RequestError::TooLarge {
                 size,

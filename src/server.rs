@@ -214,6 +214,7 @@ pub fn run(config: Config, mut registry: Registry, shutdown: Shutdown) -> Result
         unanswered: unanswered.clone(),
         backlog,
         paused,
+        read_large: Default::default(),
     })?;
     log::info!("ready: taking requests from {queue}");
 
