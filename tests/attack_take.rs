@@ -927,6 +927,29 @@ fn a_large_reply_leaves_no_large_buffer_behind() {
 /// each reconnect takes nothing twice).
 #[test]
 fn large_bodies_among_small_ones_are_each_answered_once_across_reconnects() {
+    large_bodies_answered_once(|_| {});
+}
+
+/// As above, with Redis stopped (SIGSTOP) for 2 s, then every connection of
+/// the server cut (`CLIENT KILL TYPE normal`), while the large bodies are
+/// being served: the reconnects the large bodies ask for and those the faults
+/// force take nothing twice.
+#[test]
+fn large_bodies_are_each_answered_once_through_a_stall_and_cut_connections() {
+    large_bodies_answered_once(|redis| {
+        redis.pause();
+        std::thread::sleep(Duration::from_secs(2));
+        redis.resume();
+        let _: redis::Value = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal"])
+            .query(&mut redis.conn())
+            .expect("CLIENT KILL");
+    });
+}
+
+/// 60 requests, every tenth a 5 MiB echo, the rest `sum`s; `meanwhile` runs
+/// once a few are answered.
+fn large_bodies_answered_once(meanwhile: impl FnOnce(&Redis)) {
     let redis = Redis::start();
     let config = config_with("max_request_bytes = 16777216");
     let config = config.to_str().expect("utf-8 path");
@@ -951,6 +974,12 @@ fn large_bodies_among_small_ones_are_each_answered_once_across_reconnects() {
     };
     let before = connections(&mut conn);
     let ids = submit_many(&mut conn, &bodies);
+    wait_for("a few answered", Duration::from_secs(20), || {
+        (replies.answered(&ids) >= 5).then_some(())
+    });
+    meanwhile(&redis);
+    // `meanwhile` may have cut this connection too.
+    let mut conn = redis.conn();
     replies.wait_all(&ids, Duration::from_secs(30), || server.log_text());
     wait_nothing_left(&mut conn, "CERBAS");
     assert!(
