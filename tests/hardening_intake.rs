@@ -714,64 +714,6 @@ fn a_connection_cut_between_the_take_and_the_read_loses_and_repeats_nothing() {
     assert_eq!(reply, Reply::Ok("small".into()));
 }
 
-/// Every reply published on db 1's channels, counted per id, by a thread of its
-/// own (subscribed before `listen` returns) until [`Heard::stop`].
-struct Heard {
-    seen: std::sync::Arc<std::sync::Mutex<HashMap<u64, u32>>>,
-    listening: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Heard {
-    fn listen(redis: &Redis) -> Heard {
-        let seen: std::sync::Arc<std::sync::Mutex<HashMap<u64, u32>>> = Default::default();
-        let listening = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let (s, l) = (seen.clone(), listening.clone());
-        let mut sub = redis.conn();
-        let (tx, subscribed) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let mut ps = sub.as_pubsub();
-            ps.psubscribe("CERBAS-RESPONSE-1-*").expect("PSUBSCRIBE");
-            ps.set_read_timeout(Some(Duration::from_millis(200)))
-                .expect("timeout");
-            let _ = tx.send(());
-            while l.load(std::sync::atomic::Ordering::SeqCst) {
-                let Ok(msg) = ps.get_message() else { continue };
-                let id: u64 = msg
-                    .get_channel_name()
-                    .rsplit('-')
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .expect("an id");
-                *s.lock().expect("seen").entry(id).or_default() += 1;
-            }
-        });
-        subscribed
-            .recv_timeout(Duration::from_secs(5))
-            .expect("subscribed");
-        Heard {
-            seen,
-            listening,
-            thread,
-        }
-    }
-
-    /// How many of `ids` were answered.
-    fn answered(&self, ids: &[u64]) -> usize {
-        let seen = self.seen.lock().expect("seen");
-        ids.iter().filter(|id| seen.contains_key(id)).count()
-    }
-
-    /// Stops listening; the ids of `ids` answered more than once.
-    fn stop(self, ids: &[u64]) -> Vec<u64> {
-        self.listening
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-        self.thread.join().expect("listener");
-        let seen = self.seen.lock().expect("seen");
-        ids.iter().copied().filter(|id| seen[id] > 1).collect()
-    }
-}
-
 /// What a stopped server's last line says it served.
 fn served(s: &Server) -> usize {
     let log = s.log_text();
@@ -802,7 +744,7 @@ fn cut_connections_and_stalls_under_load_lose_and_repeat_nothing() {
     let mut servers = [Server::start(&redis), Server::start(&redis)];
     let mut conn = redis.conn();
     let n = 6000;
-    let heard = Heard::listen(&redis);
+    let heard = Replies::listen(&redis, "CERBAS");
     let kill = |conn: &mut redis::Connection| {
         redis::cmd("CLIENT")
             .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
@@ -833,7 +775,7 @@ fn cut_connections_and_stalls_under_load_lose_and_repeat_nothing() {
         s.signal(libc::SIGTERM);
         assert!(s.wait_exit(Duration::from_secs(20)).is_some(), "stopped");
     }
-    let twice = heard.stop(&ids);
+    let twice = repeated(&heard.stop(), &ids);
     assert!(twice.is_empty(), "answered twice: {twice:?}");
     // Each server counts what it served: with the two `hello`s of the start,
     // every request once.
@@ -850,7 +792,7 @@ fn a_stop_amid_a_flood_returns_or_serves_what_was_taken_ahead() {
     let mut first = Server::start_args(&redis, &["--workers", "4"]);
     let mut conn = redis.conn();
     let n = 20_000;
-    let heard = Heard::listen(&redis);
+    let heard = Replies::listen(&redis, "CERBAS");
     let ids = submit_many(&mut conn, &sums(n));
     wait_for("a few answered", Duration::from_secs(20), || {
         (heard.answered(&ids) >= 500).then_some(())
@@ -873,7 +815,7 @@ fn a_stop_amid_a_flood_returns_or_serves_what_was_taken_ahead() {
         second.wait_exit(Duration::from_secs(20)).is_some(),
         "stopped"
     );
-    let twice = heard.stop(&ids);
+    let twice = repeated(&heard.stop(), &ids);
     println!("the first served {by_first} of {n} before its stop");
     assert!(by_first < n, "the stop came amid the flood");
     assert!(twice.is_empty(), "answered twice: {twice:?}");
@@ -986,7 +928,7 @@ fn take_ahead_after_a_burst_does_not_hoard_behind_slow_calls() {
     // The idle instance is held still during the burst, so the busy one serves
     // all of it (and its pace is high).
     idle.signal(libc::SIGSTOP);
-    let heard = Heard::listen(&redis);
+    let heard = Replies::listen(&redis, "CERBAS");
     let burst = submit_many(&mut conn, &sums(3000));
     wait_for("the burst answered", Duration::from_secs(20), || {
         (heard.answered(&burst) == burst.len()).then_some(())
@@ -1007,7 +949,7 @@ fn take_ahead_after_a_burst_does_not_hoard_behind_slow_calls() {
         || (heard.answered(&fast) == fast.len()).then_some(()),
     );
     let took = pushed.elapsed();
-    heard.stop(&[]);
+    heard.stop();
     println!("the fast requests took {:.2}s", took.as_secs_f64());
     assert!(
         took < Duration::from_secs(2),

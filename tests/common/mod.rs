@@ -5,10 +5,12 @@
 
 use cerbas::{CallOptions, Client, Env, Reply};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A unique scratch directory under the system's temp dir.
@@ -713,4 +715,111 @@ pub fn calls_of(conn: &mut redis::Connection, command: &str) -> u64 {
         .find_map(|kv| kv.strip_prefix("calls="))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
+}
+
+/// `pattern` with Redis's glob characters escaped.
+pub fn glob_escape(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Every JSON reply published under `prefix` (db 1), each payload kept per id,
+/// heard on a thread of its own (subscribed before `listen` returns) until
+/// [`Replies::stop`].
+pub struct Replies {
+    seen: Arc<Mutex<HashMap<u64, Vec<Vec<u8>>>>>,
+    listening: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Replies {
+    pub fn listen(redis: &Redis, prefix: &str) -> Replies {
+        let seen: Arc<Mutex<HashMap<u64, Vec<Vec<u8>>>>> = Arc::default();
+        let listening = Arc::new(AtomicBool::new(true));
+        let (s, l) = (seen.clone(), listening.clone());
+        let mut sub = redis.conn();
+        // A listener that falls behind a flood of big replies is not cut off.
+        redis::cmd("CONFIG")
+            .arg(&["SET", "client-output-buffer-limit", "pubsub 0 0 0"])
+            .query::<()>(&mut sub)
+            .expect("CONFIG SET client-output-buffer-limit");
+        let pattern = format!("{}-RESPONSE-1-*", glob_escape(prefix));
+        let (tx, subscribed) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut ps = sub.as_pubsub();
+            ps.psubscribe(&pattern).expect("PSUBSCRIBE");
+            ps.set_read_timeout(Some(Duration::from_millis(200)))
+                .expect("timeout");
+            let _ = tx.send(());
+            while l.load(Ordering::SeqCst) {
+                let Ok(msg) = ps.get_message() else { continue };
+                let id: u64 = msg
+                    .get_channel_name()
+                    .rsplit('-')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("an id");
+                s.lock()
+                    .expect("seen")
+                    .entry(id)
+                    .or_default()
+                    .push(msg.get_payload_bytes().to_vec());
+            }
+        });
+        subscribed
+            .recv_timeout(Duration::from_secs(5))
+            .expect("subscribed");
+        Replies {
+            seen,
+            listening,
+            thread,
+        }
+    }
+
+    /// How many of `ids` were answered.
+    pub fn answered(&self, ids: &[u64]) -> usize {
+        let seen = self.seen.lock().expect("seen");
+        ids.iter().filter(|id| seen.contains_key(id)).count()
+    }
+
+    /// Waits until every one of `ids` was answered (panics with `log` after `within`).
+    pub fn wait_all(&self, ids: &[u64], within: Duration, log: impl Fn() -> String) {
+        let deadline = Instant::now() + within;
+        while self.answered(ids) < ids.len() {
+            if Instant::now() >= deadline {
+                let seen = self.seen.lock().expect("seen");
+                let missing: Vec<&u64> = ids.iter().filter(|id| !seen.contains_key(id)).collect();
+                panic!(
+                    "{} of {} unanswered, e.g. {:?}; log:\n{}",
+                    missing.len(),
+                    ids.len(),
+                    &missing[..missing.len().min(10)],
+                    log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops listening; each id's replies.
+    pub fn stop(self) -> HashMap<u64, Vec<Vec<u8>>> {
+        self.listening.store(false, Ordering::SeqCst);
+        self.thread.join().expect("listener");
+        let seen = self.seen.lock().expect("seen");
+        seen.clone()
+    }
+}
+
+/// The ids of `ids` answered more than once in `got` (from [`Replies::stop`]).
+pub fn repeated(got: &HashMap<u64, Vec<Vec<u8>>>, ids: &[u64]) -> Vec<u64> {
+    ids.iter()
+        .copied()
+        .filter(|id| got.get(id).is_some_and(|r| r.len() > 1))
+        .collect()
 }
