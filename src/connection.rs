@@ -12,7 +12,6 @@ use crate::error::{Error, FnError};
 use crate::shutdown::Shutdown;
 
 use redis::{Client, Connection, ErrorKind, RedisError};
-use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -385,8 +384,8 @@ struct Slots {
 }
 
 struct Free {
-    /// Open connections waiting, the longest idle first.
-    idle: VecDeque<Idle>,
+    /// Open connections waiting, the last returned at the back (lent first).
+    idle: Vec<Idle>,
     /// Slots with no connection (never opened, or theirs broke or was closed).
     unopened: usize,
     /// Callers asleep on `returned`: a wake, a system call, only for them.
@@ -405,7 +404,7 @@ impl Slots {
     fn new(size: usize) -> Self {
         Slots {
             free: Mutex::new(Free {
-                idle: VecDeque::new(),
+                idle: Vec::new(),
                 unopened: size,
                 waiting: 0,
             }),
@@ -422,7 +421,7 @@ impl Slots {
     fn put(&self, slot: Option<Idle>) {
         let mut free = self.lock();
         match slot {
-            Some(idle) => free.idle.push_back(idle),
+            Some(idle) => free.idle.push(idle),
             None => free.unopened += 1,
         }
         let wake = free.waiting > 0;
@@ -437,11 +436,12 @@ impl Slots {
         let mut free = self.lock();
         loop {
             // An open connection before a new one, so a pool as wide as the
-            // workers opens only as many as are used at once. The longest idle
-            // first: one a function left with a command still running (a `BLPOP`
-            // its own short read timeout cut short) is lent last, when that
-            // command is most likely over.
-            if let Some(idle) = free.idle.pop_front() {
+            // workers opens only as many as are used at once. The last returned
+            // first: a light load after a burst keeps reusing the few it needs,
+            // each idle less than `CHECK_IDLE`, and lends without a `PING`. (The
+            // longest idle first cycled through all the burst had opened, each
+            // idle past `CHECK_IDLE`: a `PING` before every call.)
+            if let Some(idle) = free.idle.pop() {
                 return Some(Some(idle));
             }
             if free.unopened > 0 {

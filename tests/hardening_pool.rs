@@ -363,6 +363,97 @@ fn a_wide_pool_opens_only_as_many_connections_as_are_used_at_once() {
     assert_eq!(others(&mut admin) - before, 5, "later loans reuse the 5");
 }
 
+/// `n` connections of `pool` held at once, each having run an `INCR`.
+fn hold_at_once(pool: &ConnectionPool, n: usize) -> Vec<PooledConnection> {
+    (0..n)
+        .map(|i| {
+            let mut c = pool
+                .get(Instant::now() + Duration::from_secs(3))
+                .unwrap_or_else(|e| panic!("connection {i} of {n}: {e}"));
+            incr(&mut c, "burst").expect("INCR");
+            c
+        })
+        .collect()
+}
+
+/// A burst opens 30 connections of a pool of 100; a light load follows (one
+/// call at a time). It must reuse the connection it just returned, not cycle
+/// through all 30: each of those has waited past `CHECK_IDLE` (1 s) and gets a
+/// `PING` before it is lent, a round trip more per call. (640b14a lent the
+/// longest idle first: 30 calls, 30 `PING`s.)
+#[test]
+fn a_light_load_after_a_burst_lends_without_a_ping_per_call() {
+    let redis = Redis::start();
+    let mut admin = redis.conn();
+    let pool = pool(&redis, 100);
+    drop(hold_at_once(&pool, 30));
+    assert_eq!(settled_others(&mut admin, 30), 30, "the burst opened 30");
+    // Time for the burst's connections to count as long idle (CHECK_IDLE).
+    std::thread::sleep(Duration::from_millis(1_100));
+    let before = calls_of(&mut admin, "ping");
+    for i in 0..30 {
+        let mut c = pool
+            .get(Instant::now() + Duration::from_secs(3))
+            .expect("a connection");
+        incr(&mut c, "light").unwrap_or_else(|e| panic!("INCR {i}: {e}"));
+    }
+    let pings = calls_of(&mut admin, "ping") - before;
+    assert!(
+        pings <= 1,
+        "{pings} PINGs for 30 sequential calls after a burst"
+    );
+    assert_eq!(others(&mut admin), 30, "the light load opened none");
+}
+
+/// What a borrower that returns normally leaves in its connection's Redis state
+/// (`SELECT`, an open `MULTI`) reaches the next borrower: the pool cannot see it
+/// without a round trip, and it lends the connection returned last first, so
+/// under a light load the very next call gets it (with 8 slots lent in turn,
+/// before 640b14a, every 8th did). Pinned here as the README documents it.
+#[test]
+fn a_borrowers_select_or_open_multi_reaches_the_next_borrower() {
+    let redis = Redis::start();
+    let mut admin = redis.conn();
+    let pool = pool(&redis, 100);
+    let deadline = || Instant::now() + Duration::from_secs(3);
+    let mut c = pool.get(deadline()).expect("a connection");
+    redis::cmd("SELECT")
+        .arg(2)
+        .query::<()>(&mut *c)
+        .expect("SELECT 2");
+    drop(c);
+    let mut next = pool.get(deadline()).expect("a connection");
+    incr(&mut next, "leaked").expect("INCR");
+    drop(next);
+    let in_db = |admin: &mut redis::Connection, db: i64| -> Option<i64> {
+        redis::cmd("SELECT")
+            .arg(db)
+            .query::<()>(admin)
+            .expect("SELECT");
+        redis::cmd("GET").arg("leaked").query(admin).expect("GET")
+    };
+    assert_eq!(
+        (in_db(&mut admin, 1), in_db(&mut admin, 2)),
+        (None, Some(1)),
+        "the next borrower's INCR ran in db 2, the one its predecessor selected"
+    );
+    // An open MULTI: the next borrower's command is queued, not run.
+    let mut c = pool.get(deadline()).expect("a connection");
+    redis::cmd("MULTI").query::<()>(&mut *c).expect("MULTI");
+    drop(c);
+    let mut next = pool.get(deadline()).expect("a connection");
+    let queued = redis::cmd("INCR")
+        .arg("queued")
+        .query::<redis::Value>(&mut *next);
+    assert!(
+        matches!(
+            &queued,
+            Ok(redis::Value::Okay) | Ok(redis::Value::SimpleString(_))
+        ),
+        "the next borrower's INCR was queued in the open MULTI: {queued:?}"
+    );
+}
+
 /// Calls holding a pooled connection at once, for [`Hold`].
 #[derive(Default)]
 struct Holding {
