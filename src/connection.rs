@@ -544,11 +544,15 @@ fn reset(conn: Connection) -> Option<Connection> {
     Some(conn)
 }
 
-/// Whether `conn` still reaches Redis. A refusal (`LOADING`, say) counts as alive:
-/// the connection is in step, and the function will get Redis's own answer.
+/// Whether `conn` still reaches Redis, in the state a borrower expects. A refusal
+/// (`LOADING`, say) counts as alive: the connection is in step, and the function
+/// will get Redis's own answer. Any answer but `PONG` means an earlier borrower
+/// left it changed (`QUEUED`: inside `MULTI`; an array: subscribed), and no
+/// answer in time may mean `CLIENT REPLY OFF`: each is closed, not lent on.
 fn alive(conn: &mut Connection) -> bool {
-    match redis::cmd("PING").query::<()>(conn) {
-        Ok(()) => true,
+    match redis::cmd("PING").query::<redis::Value>(conn) {
+        Ok(redis::Value::SimpleString(pong)) => pong == "PONG",
+        Ok(_) => false,
         Err(e) => !is_lost(&e),
     }
 }

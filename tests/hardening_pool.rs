@@ -454,6 +454,35 @@ fn a_borrowers_select_or_open_multi_reaches_the_next_borrower() {
     );
 }
 
+/// A connection left inside `MULTI` or subscribed (by a borrower that returned
+/// normally) answers the `PING` a connection idle past `CHECK_IDLE` (1 s) gets
+/// before a loan with `QUEUED` or an array, not `PONG`: it is closed and a fresh
+/// one lent, so the damage stops there. (Before, any answer passed the check, and
+/// every later borrower of that connection got `QUEUED` or an error.)
+#[test]
+fn a_connection_left_inside_multi_or_subscribed_is_replaced_after_it_idles() {
+    let redis = Redis::start();
+    let mut admin = redis.conn();
+    let pool = pool(&redis, 100);
+    let deadline = || Instant::now() + Duration::from_secs(3);
+    for (left, first) in [("MULTI", None), ("SUBSCRIBE", Some("news"))] {
+        let mut c = pool.get(deadline()).expect("a connection");
+        redis::cmd(left)
+            .arg(first)
+            .query::<redis::Value>(&mut *c)
+            .unwrap_or_else(|e| panic!("{left}: {e}"));
+        drop(c);
+        // Long enough for the check before the next loan (CHECK_IDLE).
+        std::thread::sleep(Duration::from_millis(1_100));
+        let mut next = pool.get(deadline()).expect("a connection");
+        let n = incr(&mut next, left);
+        assert_eq!(n.ok(), Some(1), "the borrower after one left in {left}");
+    }
+    assert_lends_all(&pool, 100, &mut admin);
+    let seen = settled_others(&mut admin, 100);
+    assert!(seen <= 100, "{seen} connections from a pool of 100");
+}
+
 /// Calls holding a pooled connection at once, for [`Hold`].
 #[derive(Default)]
 struct Holding {
