@@ -950,3 +950,65 @@ fn a_hundred_callers_past_maxclients_wait_for_the_open_connections() {
     );
     drop(server);
 }
+
+/// Redis stopped (`SIGSTOP`) for 3 s while a real cerbas (shipped configuration:
+/// 100 workers, a pool of 100, 5 s deadlines) serves 100 callers' `tally` calls
+/// at once: every call succeeds, the whole storm within the stall plus a
+/// deadline and a little; every `INCR` acknowledged is counted once; afterwards
+/// 100 calls at once succeed and Redis lists no more than before plus the
+/// pool's 100.
+#[test]
+fn a_hundred_tally_calls_at_once_ride_out_a_stopped_redis() {
+    let redis = Redis::start();
+    let server = Server::start(&redis);
+    let mut admin = redis.conn();
+    let before = others(&mut admin);
+    let tally = |n: usize| {
+        (0..n)
+            .map(|_| ("tally".to_string(), json!({"name": "stop"})))
+            .collect::<Vec<_>>()
+    };
+    let clients: Vec<_> = (0..100).map(|_| redis.client()).collect();
+    let t0 = Instant::now();
+    let storm = std::thread::spawn(move || {
+        let replies = call_from(clients, tally(3_000));
+        (replies, t0.elapsed())
+    });
+    wait_for("the storm to start", Duration::from_secs(20), || {
+        (get_int(&mut admin, "CERBAS-TALLY-stop") > 300).then_some(())
+    });
+    redis.pause();
+    std::thread::sleep(Duration::from_secs(3));
+    redis.resume();
+    let (replies, took) = storm.join().expect("the storm");
+    let ok = replies.iter().filter(|r| r.starts_with("Ok(Ok")).count();
+    let failed: Vec<_> = replies.iter().filter(|r| !r.starts_with("Ok(Ok")).collect();
+    println!(
+        "{ok} of {} ok in {took:?}; others: {:?}",
+        replies.len(),
+        failed.first()
+    );
+    assert!(took > Duration::from_secs(3), "the stall missed the storm");
+    assert!(took < Duration::from_secs(10), "the storm took {took:?}");
+    assert_eq!(
+        ok,
+        replies.len(),
+        "calls failed across a 3 s stall: {failed:?}"
+    );
+    assert_eq!(
+        get_int(&mut admin, "CERBAS-TALLY-stop") as usize,
+        ok,
+        "INCRs counted"
+    );
+    let held: Vec<_> = (0..100).map(|_| redis.client()).collect();
+    let all = call_from(
+        held,
+        (0..100)
+            .map(|_| ("tally".to_string(), json!({"name": "after"})))
+            .collect(),
+    );
+    assert!(all.iter().all(|r| r.starts_with("Ok(Ok")), "{all:?}");
+    let seen = settled_others(&mut admin, before + 100);
+    assert!(seen <= before + 100, "{seen} connections, {before} before");
+    drop(server);
+}
