@@ -338,22 +338,30 @@ struct Idle {
     since: Instant,
     /// [`LOSSES`] when it came back.
     losses: u64,
+    /// Its last loan lasted [`CHECK_IDLE`] or more.
+    long_loan: bool,
 }
 
 impl Idle {
-    fn new(conn: Connection) -> Self {
+    fn new(conn: Connection, loan: Duration) -> Self {
         Idle {
             conn,
             since: Instant::now(),
             losses: LOSSES.load(Ordering::Relaxed),
+            long_loan: loan >= CHECK_IDLE,
         }
     }
 
     /// Whether it may have broken while it waited (a loss was seen since, or it
-    /// waited long): then it is checked with a `PING` before it is lent. A busy
-    /// pool lends without the round trip.
+    /// waited long) or in a long loan: then it is checked with a `PING` before it
+    /// is lent. A busy pool of short calls lends without the round trip. A loan
+    /// that long may have ended in a read timeout: behind `CLIENT REPLY OFF`
+    /// left by an earlier borrower, every later borrower's command timed out in
+    /// turn, and only the check closes it (no `PONG` comes).
     fn suspect(&self) -> bool {
-        self.losses != LOSSES.load(Ordering::Relaxed) || self.since.elapsed() >= CHECK_IDLE
+        self.long_loan
+            || self.losses != LOSSES.load(Ordering::Relaxed)
+            || self.since.elapsed() >= CHECK_IDLE
     }
 }
 
@@ -594,6 +602,7 @@ impl ConnectionPool {
         PooledConnection {
             conn: Some(conn),
             home: self.slots.clone(),
+            lent: Instant::now(),
         }
     }
 }
@@ -634,6 +643,7 @@ fn alive(conn: &mut Connection) -> bool {
 pub struct PooledConnection {
     conn: Option<Connection>,
     home: Arc<Slots>,
+    lent: Instant,
 }
 
 impl Deref for PooledConnection {
@@ -659,7 +669,9 @@ impl Drop for PooledConnection {
             // commands would be queued or run elsewhere. It is closed; the slot
             // opens a fresh one.
             Some(_) if std::thread::panicking() => None,
-            Some(c) if redis::ConnectionLike::is_open(&c) => reset(c).map(Idle::new),
+            Some(c) if redis::ConnectionLike::is_open(&c) => {
+                reset(c).map(|c| Idle::new(c, self.lent.elapsed()))
+            }
             // It broke in a function's hands: the others may have too.
             Some(_) => {
                 LOSSES.fetch_add(1, Ordering::Relaxed);

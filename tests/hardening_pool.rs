@@ -1054,3 +1054,45 @@ fn a_kill_of_idle_connections_fails_at_most_one_call() {
     assert!(failed <= 1, "{failed} of 20 calls failed after the kill");
     assert_lends_all(&pool, 100, &mut admin);
 }
+
+/// A borrower that leaves `CLIENT REPLY OFF` behind and returns normally: Redis
+/// answers nothing more on that connection, so the next borrower's command times
+/// out (here at its own 1.1 s; at the pool's 10 s in a real call). A loan that
+/// long gets the connection checked before its next loan: no `PONG` comes, it is
+/// closed (that one caller fails at its deadline), and later calls succeed.
+/// (Before, it went on being lent unchecked under a steady load, and every call
+/// on it timed out.)
+#[test]
+fn a_connection_left_with_replies_off_is_closed_after_one_timed_out_loan() {
+    let redis = Redis::start();
+    let mut admin = redis.conn();
+    let pool = pool(&redis, 100);
+    let deadline = |ms| Instant::now() + Duration::from_millis(ms);
+    let mut c = pool.get(deadline(3_000)).expect("a connection");
+    redis::cmd("CLIENT")
+        .arg("REPLY")
+        .arg("OFF")
+        .set_no_response(true)
+        .exec(&mut *c)
+        .expect("CLIENT REPLY OFF");
+    drop(c);
+    let mut next = pool.get(deadline(3_000)).expect("a connection");
+    next.set_read_timeout(Some(Duration::from_millis(1_100)))
+        .expect("a read timeout");
+    let silent = incr(&mut next, "off");
+    assert!(silent.is_err(), "Redis answered: {silent:?}");
+    drop(next);
+    // The check waits for a PONG until this caller's deadline.
+    let _ = pool.get(deadline(500)).map(|mut c| incr(&mut c, "off"));
+    for i in 0..5 {
+        let t0 = Instant::now();
+        let mut c = pool.get(deadline(3_000)).expect("a connection");
+        let n = incr(&mut c, "off");
+        assert!(
+            n.is_ok(),
+            "call {i} after the timed-out loan: {n:?} after {:?}",
+            t0.elapsed()
+        );
+    }
+    assert_lends_all(&pool, 100, &mut admin);
+}
