@@ -662,22 +662,22 @@ impl DerefMut for PooledConnection {
 
 impl Drop for PooledConnection {
     fn drop(&mut self) {
-        let conn = self.conn.take();
-        let idle = match conn {
+        // Only here is it taken out: its slot counts as open until now.
+        let Some(c) = self.conn.take() else {
+            return;
+        };
+        let idle = if std::thread::panicking() {
             // A borrower that panicked may have left it in any state (inside
             // `MULTI`, subscribed, another db selected): the next borrower's
             // commands would be queued or run elsewhere. It is closed; the slot
             // opens a fresh one.
-            Some(_) if std::thread::panicking() => None,
-            Some(c) if redis::ConnectionLike::is_open(&c) => {
-                reset(c).map(|c| Idle::new(c, self.lent.elapsed()))
-            }
+            None
+        } else if redis::ConnectionLike::is_open(&c) {
+            reset(c).map(|c| Idle::new(c, self.lent.elapsed()))
+        } else {
             // It broke in a function's hands: the others may have too.
-            Some(_) => {
-                LOSSES.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-            None => None,
+            LOSSES.fetch_add(1, Ordering::Relaxed);
+            None
         };
         match idle {
             Some(idle) => self.home.put(Some(idle)),
