@@ -163,6 +163,17 @@ impl From<String> for FnError {
     }
 }
 
+impl FnError {
+    /// The pool could not open a connection for the function (Redis down, or at
+    /// its `maxclients`: Redis then closes the connection, and redis-rs often
+    /// reports only that, not Redis's reason).
+    pub(crate) fn no_connection(e: redis::RedisError) -> Self {
+        FnError(format!(
+            "could not open a Redis connection (Redis down, or at its maxclients?): {e}"
+        ))
+    }
+}
+
 impl From<redis::RedisError> for FnError {
     fn from(e: redis::RedisError) -> Self {
         FnError(format!("redis: {e}"))
