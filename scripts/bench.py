@@ -325,6 +325,8 @@ def print_floor(cerbas_rows, cerbas_w3, floor, set_ops):
         line(f"{name}: W1 p50 / PING, against the threaded floor", per_ping(cw1), per_ping(tw1), 1)
         line(f"{name}: server CPU µs/rt (W2), against the threaded floor",
              cw2.get("server_cpu_us_per_rt"), tw2.get("server_cpu_us_per_rt"), 1)
+        line(f"{name}: Redis CPU µs/rt (W2), against the threaded floor",
+             cw2.get("redis_cpu_us_per_rt"), tw2.get("redis_cpu_us_per_rt"), 1)
     print()
     print("The threaded floor is `floor --threads`: the floor's Redis work in cerbas's thread shape "
           "(a reader, 100 workers, a publisher, the same hand-offs), with none of its guarantees.")
