@@ -174,7 +174,8 @@ const RETRY_FACTOR: u32 = 3;
 /// Back-off of acks Redis refuses.
 const FIRST_PAUSE: Duration = Duration::from_millis(50);
 const MAX_PAUSE: Duration = Duration::from_secs(2);
-/// On shutdown, how long replies nobody has received yet are still retried.
+/// On shutdown, how long replies nobody has received yet are still looked for
+/// (once at once, then on their schedule, the last time at its end).
 const FINISH_GRACE: Duration = Duration::from_secs(1);
 /// What a held reply costs beyond its bytes (its record, its place in the maps and
 /// the allocator's headers), so that the cap bounds memory, not only payload.
@@ -444,6 +445,23 @@ impl Held {
         None
     }
 
+    /// The server stops at `by`: every held reply is looked for once more at
+    /// `now` (a client subscribed meanwhile may wait for the look at its grace's
+    /// end, seconds after the stop), then on its schedule, the last time at `by`
+    /// at the latest. Each group's replies are changed alike, so they stay one
+    /// group.
+    fn finish(&mut self, now: Instant, by: Instant) {
+        for g in self.groups.values_mut() {
+            g.due = now;
+            for r in &mut g.replies {
+                r.due = now;
+                r.give_up = r.give_up.min(by);
+            }
+        }
+        self.due = self.groups.keys().map(|k| Reverse((now, *k))).collect();
+        self.forming = None;
+    }
+
     /// Takes the replies due by `now`, about `max_bytes` of them at most (at least
     /// one; the rest stay due); ends a drop episode that has gone quiet.
     fn take_due(&mut self, now: Instant, max_bytes: usize) -> Vec<Retry> {
@@ -591,7 +609,10 @@ impl Publishing {
                         .backlog
                         .taken(acks.len() + usize::from(!going), bytes(&acks));
                     if !going {
-                        finish_by = Some(Instant::now() + FINISH_GRACE.min(self.p.grace));
+                        let now = Instant::now();
+                        let by = now + FINISH_GRACE.min(self.p.grace);
+                        held.finish(now, by);
+                        finish_by = Some(by);
                     }
                 }
                 Some(by) => std::thread::sleep(wake.min(by).saturating_duration_since(now)),
@@ -1647,6 +1668,45 @@ mod tests {
             .map(|r| r.id)
             .collect();
         assert_eq!(rest, [3, 4, 5]);
+        assert!(held.is_empty());
+    }
+
+    /// A stop looks for every held reply at once, whatever its back-off, then
+    /// keeps to its schedule, the last time at the stop's end, and holds none past
+    /// it.
+    #[test]
+    fn a_stop_looks_for_every_held_reply_at_once_and_last_at_its_end() {
+        let t0 = Instant::now();
+        let mut held = Held::new(1 << 20, Duration::from_secs(5), Arc::default());
+        for id in 1..=3 {
+            held.add(id, reply(10), t0);
+        }
+        // Republished to nobody until the look at 2,186 ms; the next is at 5 s.
+        let mut now = t0;
+        while let Some(due) = held
+            .next_due()
+            .filter(|d| *d <= t0 + Duration::from_millis(2_186))
+        {
+            now = due;
+            for r in held.take_due(due, usize::MAX) {
+                held.again(r, due);
+            }
+        }
+        assert_eq!(held.next_due(), Some(t0 + Duration::from_secs(5)));
+        let stop = now + Duration::from_millis(100);
+        let by = stop + FINISH_GRACE;
+        held.finish(stop, by);
+        assert_eq!(held.groups.len(), 1, "still one group");
+        let mut looks = Vec::new();
+        while let Some(due) = held.next_due() {
+            let taken = held.take_due(due, usize::MAX);
+            assert_eq!(taken.len(), 3);
+            looks.push(due);
+            for r in taken {
+                held.again(r, due);
+            }
+        }
+        assert_eq!(looks, [stop, by], "at once, then at the stop's end");
         assert!(held.is_empty());
     }
 

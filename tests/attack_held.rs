@@ -229,17 +229,12 @@ fn late_subscribers_under_mixed_load_get_their_own_reply_once_per_channel() {
     });
     let pushed = push(&mut conn, &ids);
     let until = pushed + grace + slack;
-    let early_waiting: Vec<_> = waiting.drain(..).collect();
     let mut late = Vec::new();
     for (i, (&id, listener)) in ids.iter().zip(&listeners).enumerate() {
-        let chans = channels_of(i, id);
-        match *listener {
-            Listener::Late(after) => late.push((
-                i,
-                chans.clone(),
-                subscriber(&redis, chans, pushed + after, until),
-            )),
-            _ => {}
+        if let Listener::Late(after) = *listener {
+            let chans = channels_of(i, id);
+            let h = subscriber(&redis, chans.clone(), pushed + after, until);
+            late.push((i, chans, h));
         }
     }
     // Every reply has been published once all are answered: the graces all end
@@ -260,7 +255,7 @@ fn late_subscribers_under_mixed_load_get_their_own_reply_once_per_channel() {
         }
     }
     let mut wrong = Vec::new();
-    for (i, chans, h) in early_waiting.into_iter().chain(late) {
+    for (i, chans, h) in waiting.into_iter().chain(late) {
         let heard = h.join().expect("subscriber thread");
         let want = Reply::Ok(Value::String(messages[i].clone()));
         let problem = if listeners[i] == Listener::TooLate {
@@ -658,4 +653,45 @@ fn a_stop_with_replies_held_answers_what_runs_and_requeues_nothing() {
     assert_eq!(leftover_keys(&mut conn), Vec::<String>::new());
     // The sleeps' 1.5 s, then at most a second of looks for late subscribers.
     assert!(took < Duration::from_secs(4), "stopped after {took:?}");
+}
+
+/// Clients subscribed when the server is told to stop, to replies held 2.4 s
+/// (their next look due at the grace's end, 5 s): the server looks for them
+/// during its last second, so they get their replies before it exits, once per
+/// channel.
+#[test]
+fn clients_subscribed_when_the_server_stops_get_their_held_replies() {
+    let redis = Redis::start();
+    let (mut server, _base) = server_with(&redis, "reply_grace_ms = 5000");
+    let mut conn = redis.conn();
+    let messages: Vec<String> = (0..3).map(|i| format!("held at the stop {i}")).collect();
+    let bodies: Vec<String> = messages.iter().map(|m| echo(m)).collect();
+    let ids = submit_many(&mut conn, &bodies);
+    wait_answered(&mut conn);
+    // The stimulus: past the look at 2,186 ms; the next is at 5,000 ms.
+    std::thread::sleep(Duration::from_millis(2_400));
+    let until = Instant::now() + Duration::from_secs(6);
+    let subs: Vec<_> = both_channels(&ids)
+        .into_iter()
+        .enumerate()
+        .map(|(i, chans)| {
+            (
+                i,
+                chans.clone(),
+                subscriber(&redis, chans, Instant::now(), until),
+            )
+        })
+        .collect();
+    wait_for("the late subscriptions", Duration::from_secs(10), || {
+        (info_field(&mut conn, "stats", "pubsub_channels") == "6").then_some(())
+    });
+    let stop = Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(10)).expect("stopped");
+    let took = stop.elapsed();
+    assert!(status.success(), "{status:?}");
+    let wrong = wrong_replies(subs, &messages);
+    assert!(wrong.is_empty(), "{wrong:#?}\nlog:\n{}", server.log_text());
+    assert!(took < Duration::from_secs(3), "stopped after {took:?}");
+    assert_eq!(leftover_keys(&mut conn), Vec::<String>::new());
 }
