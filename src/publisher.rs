@@ -1648,6 +1648,137 @@ mod tests {
         assert!(seq > 300, "enough replies went through: {seq}");
     }
 
+    /// One reply of any size as `Held` kept each before groups.
+    struct Sized {
+        due: Instant,
+        wait: Duration,
+        give_up: Instant,
+        heard: bool,
+        cost: usize,
+    }
+
+    /// The reference `Held` must match: replies by `seq`, with the cap applied
+    /// reply by reply.
+    #[derive(Default)]
+    struct Model {
+        replies: BTreeMap<u64, Sized>,
+        bytes: usize,
+        dropped: u64,
+    }
+
+    impl Model {
+        fn insert(&mut self, seq: u64, r: Sized, cap: usize) {
+            if r.cost > cap {
+                self.dropped += 1;
+                return;
+            }
+            self.bytes += r.cost;
+            self.replies.insert(seq, r);
+            while self.bytes > cap {
+                let (_, old) = self.replies.pop_first().expect("over the cap");
+                self.bytes -= old.cost;
+                self.dropped += 1;
+            }
+        }
+    }
+
+    /// Replies of any size (some larger than the cap) over 3 s of simulated
+    /// time, takes limited to a byte, a few hundred, a few thousand or nothing,
+    /// a tenth of each look heard and a tenth received, then a stop: after every
+    /// step `Held` holds exactly the replies, bytes and drops of a reply-by-reply
+    /// model, its next due is the model's earliest, and it takes none early.
+    #[test]
+    fn grouped_replies_of_any_size_match_reply_by_reply_through_drops_splits_and_a_stop() {
+        let t0 = Instant::now();
+        let cap = 20_000;
+        let grace = Duration::from_millis(400);
+        let stats = Arc::new(Stats::default());
+        let mut held = Held::new(cap, grace, stats.clone());
+        let mut model = Model::default();
+        let mut seq = 0u64;
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let stop = t0 + Duration::from_millis(2_500);
+        for ms in 0..3_000u64 {
+            let now = t0 + Duration::from_millis(ms);
+            if now == stop {
+                let by = now + Duration::from_millis(100);
+                held.finish(now, by);
+                for m in model.replies.values_mut() {
+                    m.due = now;
+                    m.give_up = m.give_up.min(by);
+                }
+            }
+            if ms < 2_000 && next(3) == 0 {
+                for _ in 0..next(8) {
+                    let n = if next(50) == 0 {
+                        12_000
+                    } else {
+                        1 + next(3_000) as usize
+                    };
+                    held.add(seq + 1000, reply(n), now);
+                    let single = Sized {
+                        due: now + FIRST_RETRY,
+                        wait: FIRST_RETRY,
+                        give_up: now + grace,
+                        heard: false,
+                        cost: 2 * n + ENTRY_OVERHEAD,
+                    };
+                    model.insert(seq, single, cap);
+                    seq += 1;
+                }
+            }
+            let limit = [usize::MAX, 1, 500, 5_000][next(4) as usize];
+            for r in held.take_due(now, limit) {
+                let mut m = model.replies.remove(&r.seq).expect("a held reply");
+                model.bytes -= m.cost;
+                assert_eq!(r.id, r.seq + 1000);
+                assert!(m.due <= now, "reply {} taken before it was due", r.id);
+                match next(10) {
+                    0 => {
+                        m.due = now;
+                        m.heard = true;
+                        model.insert(r.seq, m, cap);
+                        held.heard(r, now);
+                    }
+                    1 => {}
+                    _ if now >= m.give_up => {}
+                    _ => {
+                        m.wait *= RETRY_FACTOR;
+                        m.due = (now + m.wait).min(m.give_up);
+                        m.heard = false;
+                        model.insert(r.seq, m, cap);
+                        held.again(r, now);
+                    }
+                }
+            }
+            let ids: Vec<u64> = model.replies.keys().map(|s| s + 1000).collect();
+            let mut held_ids = held.ids();
+            held_ids.sort_unstable();
+            assert_eq!(held_ids, ids, "at {ms} ms");
+            assert_eq!(held.bytes, model.bytes, "at {ms} ms");
+            assert!(held.bytes <= cap);
+            assert_eq!(stats.replies_dropped.load(Ordering::Relaxed), model.dropped);
+            let earliest = model.replies.values().map(|m| m.due).min();
+            assert_eq!(held.next_due(), earliest, "at {ms} ms");
+            if limit == usize::MAX {
+                let late = model
+                    .replies
+                    .values()
+                    .any(|m| m.due < now || (m.due == now && !m.heard));
+                assert!(!late, "at {ms} ms, due and not taken");
+            }
+        }
+        assert!(held.is_empty(), "none held past the stop");
+        assert!(model.dropped > 50, "the cap dropped: {}", model.dropped);
+        assert!(seq > 300, "enough replies went through: {seq}");
+    }
+
     /// One pipeline's replies are one group: a take limited in bytes splits it,
     /// and the rest is taken next, at the same due.
     #[test]
