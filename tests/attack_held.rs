@@ -695,3 +695,61 @@ fn clients_subscribed_when_the_server_stops_get_their_held_replies() {
     assert!(took < Duration::from_secs(3), "stopped after {took:?}");
     assert_eq!(leftover_keys(&mut conn), Vec::<String>::new());
 }
+
+/// 40 replies of 1.8 MB (two forms of a 900 KB `echo`) nobody hears, under a
+/// 4 MiB cap: at most two are kept, the others counted dropped, a late client
+/// of a kept one still gets it, and the server's memory stays bounded (72 MB
+/// went through it).
+#[test]
+fn replies_near_a_mebibyte_past_a_small_cap_keep_memory_bounded() {
+    let redis = Redis::start();
+    let (server, base) = server_with(
+        &redis,
+        "workers = 4\nreply_grace_ms = 5000\nrepublish_max_bytes = 4194304",
+    );
+    let mut conn = redis.conn();
+    let n = 40usize;
+    let messages: Vec<String> = (0..n)
+        .map(|i| format!("{i:02}:{}", "z".repeat(900_000)))
+        .collect();
+    let bodies: Vec<String> = messages.iter().map(|m| echo(m)).collect();
+    let ids = submit_many(&mut conn, &bodies);
+    drop(bodies);
+    wait_answered(&mut conn);
+    let answered = Instant::now();
+    let chans: Vec<String> = ids.iter().map(|&id| channel(id)).collect();
+    let heard = subscriber(
+        &redis,
+        chans,
+        answered,
+        answered + Duration::from_millis(5_500),
+    )
+    .join()
+    .expect("subscriber thread");
+    let mut got: Vec<usize> = Vec::new();
+    for (c, payload) in &heard {
+        let i = ids
+            .iter()
+            .position(|&id| *c == channel(id))
+            .expect("one of ours");
+        assert_eq!(
+            decode(c, payload),
+            Reply::Ok(Value::String(messages[i].clone())),
+            "{c}"
+        );
+        got.push(i);
+    }
+    let kept = got.len();
+    got.sort_unstable();
+    got.dedup();
+    assert_eq!(got.len(), kept, "each kept reply heard once");
+    let drops = dropped(&base);
+    let peak = vm_hwm_kib(server.pid());
+    eprintln!(
+        "kept {kept} of {n}, {drops} dropped, peak RSS {} MiB",
+        peak / 1024
+    );
+    assert!((1..=2).contains(&kept), "{kept} kept under a 4 MiB cap");
+    assert_eq!(drops, (n - kept) as u64);
+    assert!(peak < 96 * 1024, "peak RSS {peak} KiB");
+}
