@@ -650,7 +650,10 @@ impl Publishing {
             }
             if let Some(by) = finish_by {
                 let flushed = held.is_empty() && refused.acks.is_empty();
-                if flushed || Instant::now() >= by {
+                // The last look, at `by`, covers every held reply, however many
+                // takes that is, and those it hears are published: each is
+                // dropped after that (its grace ends at `by`).
+                if flushed || (Instant::now() >= by && held.is_empty()) {
                     if !refused.acks.is_empty() {
                         log::warn!(
                             "{} acknowledgements still refused at shutdown: their requests may run again",

@@ -753,3 +753,48 @@ fn replies_near_a_mebibyte_past_a_small_cap_keep_memory_bounded() {
     assert_eq!(drops, (n - kept) as u64);
     assert!(peak < 96 * 1024, "peak RSS {peak} KiB");
 }
+
+/// Looks for late subscribers, by name or all at once (from `INFO commandstats`).
+fn looks(conn: &mut redis::Connection) -> u64 {
+    calls_of(conn, "pubsub|channels") + calls_of(conn, "pubsub|numsub")
+}
+
+/// 200 replies of 40 KB held 2.4 s when the server is told to stop (8 takes of
+/// 1 MiB each look at once, then each again at the stop's end): a client that
+/// subscribes after the looks at once, to the youngest reply (the last take),
+/// gets it from the last look, before the server exits.
+#[test]
+fn the_last_look_of_a_stop_covers_every_held_reply() {
+    let redis = Redis::start();
+    let (mut server, _base) = server_with(&redis, "reply_grace_ms = 5000");
+    let mut conn = redis.conn();
+    let messages: Vec<String> = (0..200)
+        .map(|i| format!("{i:03}:{}", "s".repeat(20_000)))
+        .collect();
+    let bodies: Vec<String> = messages.iter().map(|m| echo(m)).collect();
+    let ids = submit_many(&mut conn, &bodies);
+    drop(bodies);
+    wait_answered(&mut conn);
+    // The stimulus: past the look at 2,186 ms; the next is at 5,000 ms.
+    std::thread::sleep(Duration::from_millis(2_400));
+    let before = looks(&mut conn);
+    server.signal(libc::SIGTERM);
+    wait_for("the looks at the stop", Duration::from_secs(10), || {
+        (looks(&mut conn) >= before + 8).then_some(())
+    });
+    let sig = Instant::now();
+    eprintln!("looks {before} -> {}", looks(&mut conn));
+    let youngest = ids.len() - 1;
+    let chans = vec![channel(ids[youngest])];
+    let sub = subscriber(
+        &redis,
+        chans.clone(),
+        Instant::now(),
+        Instant::now() + Duration::from_secs(5),
+    );
+    let status = server.wait_exit(Duration::from_secs(10)).expect("stopped");
+    eprintln!("exit {:?} after; looks {}", sig.elapsed(), looks(&mut conn));
+    assert!(status.success(), "{status:?}");
+    let wrong = wrong_replies(vec![(youngest, chans, sub)], &messages);
+    assert!(wrong.is_empty(), "{wrong:#?}\nlog:\n{}", server.log_text());
+}
