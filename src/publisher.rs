@@ -235,6 +235,9 @@ struct Held {
     bytes: usize,
     cap: usize,
     grace: Duration,
+    /// The end of a stop under way: no reply is held past it, not even one
+    /// published to nobody after the stop began.
+    stop_by: Option<Instant>,
     next_seq: u64,
     /// Drops in the current episode and when the last happened.
     episode: Option<(u64, Instant)>,
@@ -270,6 +273,7 @@ impl Held {
             bytes: 0,
             cap,
             grace,
+            stop_by: None,
             next_seq: 0,
             episode: None,
             stats,
@@ -327,11 +331,12 @@ impl Held {
         both.extend_from_slice(&encoded.msgpack);
         let json_len = encoded.json.len();
         drop(encoded);
+        let give_up = now + self.grace;
         self.insert(
             Retry {
                 due: now + FIRST_RETRY,
                 wait: FIRST_RETRY,
-                give_up: now + self.grace,
+                give_up: self.stop_by.map_or(give_up, |by| give_up.min(by)),
                 id,
                 both: both.into_boxed_slice(),
                 json_len,
@@ -460,6 +465,7 @@ impl Held {
         }
         self.due = self.groups.keys().map(|k| Reverse((now, *k))).collect();
         self.forming = None;
+        self.stop_by = Some(by);
     }
 
     /// Takes the replies due by `now`, about `max_bytes` of them at most (at least
@@ -1842,6 +1848,20 @@ mod tests {
         }
         assert_eq!(looks, [stop, by], "at once, then at the stop's end");
         assert!(held.is_empty());
+        // One published to nobody after the stop began (the last batch, sent
+        // with the stop) is not held past it either.
+        let stop = by - Duration::from_millis(10);
+        let mut held = Held::new(1 << 20, Duration::from_secs(5), Arc::default());
+        held.finish(stop, by);
+        held.add(4, reply(10), stop);
+        let mut last = stop;
+        while let Some(due) = held.next_due() {
+            last = due;
+            for r in held.take_due(due, usize::MAX) {
+                held.again(r, due);
+            }
+        }
+        assert_eq!(last, by, "its last look at the stop's end");
     }
 
     #[test]
