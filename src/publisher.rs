@@ -1567,6 +1567,18 @@ mod tests {
         assert_eq!(stats.replies_dropped.load(Ordering::Relaxed), 4);
     }
 
+    /// A repeatable pseudo-random sequence (xorshift from `seed`): each call
+    /// answers a number below its argument.
+    fn below(seed: u64) -> impl FnMut(u64) -> u64 {
+        let mut rng = seed;
+        move |n| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        }
+    }
+
     /// One reply as `Held` kept each before groups: the reference the groups
     /// must match.
     struct Single {
@@ -1590,13 +1602,7 @@ mod tests {
         // By seq: the order of arrival, as `Held` counts it.
         let mut model: BTreeMap<u64, Single> = BTreeMap::new();
         let mut seq = 0u64;
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = below(0x2545_f491_4f6c_dd1d);
         for ms in 0..3_000u64 {
             let now = t0 + Duration::from_millis(ms);
             if ms < 2_000 && next(3) == 0 {
@@ -1705,13 +1711,7 @@ mod tests {
         let mut held = Held::new(cap, grace, stats.clone());
         let mut model = Model::default();
         let mut seq = 0u64;
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = below(0x9e37_79b9_7f4a_7c15);
         let stop = t0 + Duration::from_millis(2_500);
         for ms in 0..3_000u64 {
             let now = t0 + Duration::from_millis(ms);
