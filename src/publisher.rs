@@ -174,7 +174,8 @@ const RETRY_FACTOR: u32 = 3;
 /// Back-off of acks Redis refuses.
 const FIRST_PAUSE: Duration = Duration::from_millis(50);
 const MAX_PAUSE: Duration = Duration::from_secs(2);
-/// On shutdown, how long replies nobody has received yet are still retried.
+/// On shutdown, how long replies nobody has received yet are still looked for
+/// (once at once, then on their schedule, the last time at its end).
 const FINISH_GRACE: Duration = Duration::from_secs(1);
 /// What a held reply costs beyond its bytes (its record, its place in the maps and
 /// the allocator's headers), so that the cap bounds memory, not only payload.
@@ -234,6 +235,9 @@ struct Held {
     bytes: usize,
     cap: usize,
     grace: Duration,
+    /// The end of a stop under way: no reply is held past it, not even one
+    /// published to nobody after the stop began.
+    stop_by: Option<Instant>,
     next_seq: u64,
     /// Drops in the current episode and when the last happened.
     episode: Option<(u64, Instant)>,
@@ -269,6 +273,7 @@ impl Held {
             bytes: 0,
             cap,
             grace,
+            stop_by: None,
             next_seq: 0,
             episode: None,
             stats,
@@ -326,11 +331,12 @@ impl Held {
         both.extend_from_slice(&encoded.msgpack);
         let json_len = encoded.json.len();
         drop(encoded);
+        let give_up = now + self.grace;
         self.insert(
             Retry {
                 due: now + FIRST_RETRY,
                 wait: FIRST_RETRY,
-                give_up: now + self.grace,
+                give_up: self.stop_by.map_or(give_up, |by| give_up.min(by)),
                 id,
                 both: both.into_boxed_slice(),
                 json_len,
@@ -442,6 +448,24 @@ impl Held {
             self.due.pop();
         }
         None
+    }
+
+    /// The server stops at `by`: every held reply is looked for once more at
+    /// `now` (a client subscribed meanwhile may wait for the look at its grace's
+    /// end, seconds after the stop), then on its schedule, the last time at `by`
+    /// at the latest. Each group's replies are changed alike, so they stay one
+    /// group.
+    fn finish(&mut self, now: Instant, by: Instant) {
+        for g in self.groups.values_mut() {
+            g.due = now;
+            for r in &mut g.replies {
+                r.due = now;
+                r.give_up = r.give_up.min(by);
+            }
+        }
+        self.due = self.groups.keys().map(|k| Reverse((now, *k))).collect();
+        self.forming = None;
+        self.stop_by = Some(by);
     }
 
     /// Takes the replies due by `now`, about `max_bytes` of them at most (at least
@@ -591,7 +615,10 @@ impl Publishing {
                         .backlog
                         .taken(acks.len() + usize::from(!going), bytes(&acks));
                     if !going {
-                        finish_by = Some(Instant::now() + FINISH_GRACE.min(self.p.grace));
+                        let now = Instant::now();
+                        let by = now + FINISH_GRACE.min(self.p.grace);
+                        held.finish(now, by);
+                        finish_by = Some(by);
                     }
                 }
                 Some(by) => std::thread::sleep(wake.min(by).saturating_duration_since(now)),
@@ -629,7 +656,10 @@ impl Publishing {
             }
             if let Some(by) = finish_by {
                 let flushed = held.is_empty() && refused.acks.is_empty();
-                if flushed || Instant::now() >= by {
+                // The last look, at `by`, covers every held reply, however many
+                // takes that is, and those it hears are published: each is
+                // dropped after that (its grace ends at `by`).
+                if flushed || (Instant::now() >= by && held.is_empty()) {
                     if !refused.acks.is_empty() {
                         log::warn!(
                             "{} acknowledgements still refused at shutdown: their requests may run again",
@@ -1537,6 +1567,18 @@ mod tests {
         assert_eq!(stats.replies_dropped.load(Ordering::Relaxed), 4);
     }
 
+    /// A repeatable pseudo-random sequence (xorshift from `seed`): each call
+    /// answers a number below its argument.
+    fn below(seed: u64) -> impl FnMut(u64) -> u64 {
+        let mut rng = seed;
+        move |n| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        }
+    }
+
     /// One reply as `Held` kept each before groups: the reference the groups
     /// must match.
     struct Single {
@@ -1560,13 +1602,7 @@ mod tests {
         // By seq: the order of arrival, as `Held` counts it.
         let mut model: BTreeMap<u64, Single> = BTreeMap::new();
         let mut seq = 0u64;
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = below(0x2545_f491_4f6c_dd1d);
         for ms in 0..3_000u64 {
             let now = t0 + Duration::from_millis(ms);
             if ms < 2_000 && next(3) == 0 {
@@ -1627,6 +1663,131 @@ mod tests {
         assert!(seq > 300, "enough replies went through: {seq}");
     }
 
+    /// One reply of any size as `Held` kept each before groups.
+    struct Sized {
+        due: Instant,
+        wait: Duration,
+        give_up: Instant,
+        heard: bool,
+        cost: usize,
+    }
+
+    /// The reference `Held` must match: replies by `seq`, with the cap applied
+    /// reply by reply.
+    #[derive(Default)]
+    struct Model {
+        replies: BTreeMap<u64, Sized>,
+        bytes: usize,
+        dropped: u64,
+    }
+
+    impl Model {
+        fn insert(&mut self, seq: u64, r: Sized, cap: usize) {
+            if r.cost > cap {
+                self.dropped += 1;
+                return;
+            }
+            self.bytes += r.cost;
+            self.replies.insert(seq, r);
+            while self.bytes > cap {
+                let (_, old) = self.replies.pop_first().expect("over the cap");
+                self.bytes -= old.cost;
+                self.dropped += 1;
+            }
+        }
+    }
+
+    /// Replies of any size (some larger than the cap) over 3 s of simulated
+    /// time, takes limited to a byte, a few hundred, a few thousand or nothing,
+    /// a tenth of each look heard and a tenth received, then a stop: after every
+    /// step `Held` holds exactly the replies, bytes and drops of a reply-by-reply
+    /// model, its next due is the model's earliest, and it takes none early.
+    #[test]
+    fn grouped_replies_of_any_size_match_reply_by_reply_through_drops_splits_and_a_stop() {
+        let t0 = Instant::now();
+        let cap = 20_000;
+        let grace = Duration::from_millis(400);
+        let stats = Arc::new(Stats::default());
+        let mut held = Held::new(cap, grace, stats.clone());
+        let mut model = Model::default();
+        let mut seq = 0u64;
+        let mut next = below(0x9e37_79b9_7f4a_7c15);
+        let stop = t0 + Duration::from_millis(2_500);
+        for ms in 0..3_000u64 {
+            let now = t0 + Duration::from_millis(ms);
+            if now == stop {
+                let by = now + Duration::from_millis(100);
+                held.finish(now, by);
+                for m in model.replies.values_mut() {
+                    m.due = now;
+                    m.give_up = m.give_up.min(by);
+                }
+            }
+            if ms < 2_000 && next(3) == 0 {
+                for _ in 0..next(8) {
+                    let n = if next(50) == 0 {
+                        12_000
+                    } else {
+                        1 + next(3_000) as usize
+                    };
+                    held.add(seq + 1000, reply(n), now);
+                    let single = Sized {
+                        due: now + FIRST_RETRY,
+                        wait: FIRST_RETRY,
+                        give_up: now + grace,
+                        heard: false,
+                        cost: 2 * n + ENTRY_OVERHEAD,
+                    };
+                    model.insert(seq, single, cap);
+                    seq += 1;
+                }
+            }
+            let limit = [usize::MAX, 1, 500, 5_000][next(4) as usize];
+            for r in held.take_due(now, limit) {
+                let mut m = model.replies.remove(&r.seq).expect("a held reply");
+                model.bytes -= m.cost;
+                assert_eq!(r.id, r.seq + 1000);
+                assert!(m.due <= now, "reply {} taken before it was due", r.id);
+                match next(10) {
+                    0 => {
+                        m.due = now;
+                        m.heard = true;
+                        model.insert(r.seq, m, cap);
+                        held.heard(r, now);
+                    }
+                    1 => {}
+                    _ if now >= m.give_up => {}
+                    _ => {
+                        m.wait *= RETRY_FACTOR;
+                        m.due = (now + m.wait).min(m.give_up);
+                        m.heard = false;
+                        model.insert(r.seq, m, cap);
+                        held.again(r, now);
+                    }
+                }
+            }
+            let ids: Vec<u64> = model.replies.keys().map(|s| s + 1000).collect();
+            let mut held_ids = held.ids();
+            held_ids.sort_unstable();
+            assert_eq!(held_ids, ids, "at {ms} ms");
+            assert_eq!(held.bytes, model.bytes, "at {ms} ms");
+            assert!(held.bytes <= cap);
+            assert_eq!(stats.replies_dropped.load(Ordering::Relaxed), model.dropped);
+            let earliest = model.replies.values().map(|m| m.due).min();
+            assert_eq!(held.next_due(), earliest, "at {ms} ms");
+            if limit == usize::MAX {
+                let late = model
+                    .replies
+                    .values()
+                    .any(|m| m.due < now || (m.due == now && !m.heard));
+                assert!(!late, "at {ms} ms, due and not taken");
+            }
+        }
+        assert!(held.is_empty(), "none held past the stop");
+        assert!(model.dropped > 50, "the cap dropped: {}", model.dropped);
+        assert!(seq > 300, "enough replies went through: {seq}");
+    }
+
     /// One pipeline's replies are one group: a take limited in bytes splits it,
     /// and the rest is taken next, at the same due.
     #[test]
@@ -1648,6 +1809,59 @@ mod tests {
             .collect();
         assert_eq!(rest, [3, 4, 5]);
         assert!(held.is_empty());
+    }
+
+    /// A stop looks for every held reply at once, whatever its back-off, then
+    /// keeps to its schedule, the last time at the stop's end, and holds none past
+    /// it.
+    #[test]
+    fn a_stop_looks_for_every_held_reply_at_once_and_last_at_its_end() {
+        let t0 = Instant::now();
+        let mut held = Held::new(1 << 20, Duration::from_secs(5), Arc::default());
+        for id in 1..=3 {
+            held.add(id, reply(10), t0);
+        }
+        // Republished to nobody until the look at 2,186 ms; the next is at 5 s.
+        let mut now = t0;
+        while let Some(due) = held
+            .next_due()
+            .filter(|d| *d <= t0 + Duration::from_millis(2_186))
+        {
+            now = due;
+            for r in held.take_due(due, usize::MAX) {
+                held.again(r, due);
+            }
+        }
+        assert_eq!(held.next_due(), Some(t0 + Duration::from_secs(5)));
+        let stop = now + Duration::from_millis(100);
+        let by = stop + FINISH_GRACE;
+        held.finish(stop, by);
+        assert_eq!(held.groups.len(), 1, "still one group");
+        let mut looks = Vec::new();
+        while let Some(due) = held.next_due() {
+            let taken = held.take_due(due, usize::MAX);
+            assert_eq!(taken.len(), 3);
+            looks.push(due);
+            for r in taken {
+                held.again(r, due);
+            }
+        }
+        assert_eq!(looks, [stop, by], "at once, then at the stop's end");
+        assert!(held.is_empty());
+        // One published to nobody after the stop began (the last batch, sent
+        // with the stop) is not held past it either.
+        let stop = by - Duration::from_millis(10);
+        let mut held = Held::new(1 << 20, Duration::from_secs(5), Arc::default());
+        held.finish(stop, by);
+        held.add(4, reply(10), stop);
+        let mut last = stop;
+        while let Some(due) = held.next_due() {
+            last = due;
+            for r in held.take_due(due, usize::MAX) {
+                held.again(r, due);
+            }
+        }
+        assert_eq!(last, by, "its last look at the stop's end");
     }
 
     #[test]
