@@ -417,8 +417,11 @@ fn a_publisher_held_up_stops_the_reader_at_the_backlog_bound_and_it_resumes() {
 
 /// As above with big replies: 1000 `echo` calls of 64 KiB each behind a held
 /// publisher stop the reader at the backlog's byte bound (8 MiB: about 128
-/// replies, plus the publisher's first batch and what 100 workers hold), not
-/// after 64 MB of replies; released, every request is answered.
+/// replies, plus the publisher's first batch, a finished reply in each of the
+/// 100 workers, the jobs waiting in the hand-off lane (at most as many as
+/// workers) and the reader's last take), not after 64 MB of replies; released,
+/// every request is answered. (The bound counted the lane and the last take
+/// as 50: 457 were taken once with another `make test` alongside.)
 #[test]
 fn big_replies_behind_a_held_publisher_stop_the_reader_at_the_byte_bound() {
     let redis = Redis::start();
@@ -449,7 +452,7 @@ fn big_replies_behind_a_held_publisher_stop_the_reader_at_the_byte_bound() {
     let taken = n as i64 - queued(&mut conn);
     let hwm = vm_hwm_kib(server.pid());
     println!("publisher held: {taken} of {n} taken, server VmHWM {hwm} KiB");
-    assert!(taken <= 128 + 16 + 2 * 100 + 50, "{taken} taken");
+    assert!(taken <= 128 + 16 + 3 * 100 + 50, "{taken} taken");
     relay.release();
     wait_for("every request acked", Duration::from_secs(120), || {
         leftover_keys(&mut conn).is_empty().then_some(())
