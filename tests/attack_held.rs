@@ -619,7 +619,11 @@ fn a_late_client_gets_its_reply_while_redis_refuses_writes() {
 
 /// A stop (`SIGTERM`) while 200 replies are held and 5 `sleep` calls run: the
 /// calls are answered once each (their clients subscribed first), nothing goes
-/// back to the queue, and the stop takes about a second, not the grace.
+/// back to the queue, and the stop takes about a second, not the grace. The
+/// calls count as running once the instance's snapshot (written every second)
+/// says 5 workers are busy: an empty queue only says they were taken, and under
+/// `make test` a stop came before they started once (they went back to the
+/// queue, as they should, and the test failed).
 #[test]
 fn a_stop_with_replies_held_answers_what_runs_and_requeues_nothing() {
     let redis = Redis::start();
@@ -630,7 +634,7 @@ fn a_stop_with_replies_held_answers_what_runs_and_requeues_nothing() {
     wait_answered(&mut conn);
     let sleeps: Vec<String> = (0..5)
         .map(|_| {
-            json!({"func": "sleep", "args": {"ms": 1500}, "user": "foo", "source": "web"})
+            json!({"func": "sleep", "args": {"ms": 2500}, "user": "foo", "source": "web"})
                 .to_string()
         })
         .collect();
@@ -646,11 +650,7 @@ fn a_stop_with_replies_held_answers_what_runs_and_requeues_nothing() {
     });
     push(&mut conn, &ids);
     wait_for("the sleeps running", Duration::from_secs(10), || {
-        let queued: i64 = redis::cmd("LLEN")
-            .arg("CERBAS-QUEUE")
-            .query(&mut conn)
-            .expect("LLEN");
-        (queued == 0).then_some(())
+        (workers_busy(&mut conn) >= 5).then_some(())
     });
     let stop = Instant::now();
     server.signal(libc::SIGTERM);
@@ -660,15 +660,30 @@ fn a_stop_with_replies_held_answers_what_runs_and_requeues_nothing() {
     for (chans, h) in subs {
         let heard = h.join().expect("subscriber thread");
         assert_eq!(
-            once_each(&heard, &chans, &Reply::Ok(json!(1500))),
+            once_each(&heard, &chans, &Reply::Ok(json!(2500))),
             None,
             "log:\n{}",
             server.log_text()
         );
     }
     assert_eq!(leftover_keys(&mut conn), Vec::<String>::new());
-    // The sleeps' 1.5 s, then at most a second of looks for late subscribers.
-    assert!(took < Duration::from_secs(4), "stopped after {took:?}");
+    // What is left of the sleeps' 2.5 s, then at most a second of looks for
+    // late subscribers.
+    assert!(took < Duration::from_secs(5), "stopped after {took:?}");
+}
+
+/// Workers busy, as the (only) instance's latest snapshot says.
+fn workers_busy(conn: &mut redis::Connection) -> u64 {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("CERBAS-SNAPSHOT-*")
+        .query(conn)
+        .expect("KEYS");
+    let Some(key) = keys.first() else { return 0 };
+    let snapshot: Option<String> = redis::cmd("GET").arg(key).query(conn).expect("GET");
+    snapshot
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| v["workers_busy"].as_u64())
+        .unwrap_or(0)
 }
 
 /// Clients subscribed when the server is told to stop, to replies held 2.4 s
