@@ -477,13 +477,16 @@ fn a_request_from_redis_is_not_starved_by_http_calls_keeping_the_due_lane_full()
     assert!(took < Duration::from_secs(1), "served after {took:?}");
 }
 
+/// Threads that call in a loop, each answering its calls' latencies.
+type Callers = Vec<JoinHandle<Vec<Duration>>>;
+
 /// The latencies of the calls `call` makes in a loop on `threads` threads until
 /// `stop` is set; each must answer `ok`.
 fn timed_loop(
     threads: usize,
     stop: &Arc<std::sync::atomic::AtomicBool>,
     call: impl Fn() -> Result<(), String> + Send + Sync + 'static,
-) -> Vec<JoinHandle<Vec<Duration>>> {
+) -> Callers {
     let call = Arc::new(call);
     (0..threads)
         .map(|_| {
@@ -511,7 +514,47 @@ struct Timings {
     next_worst: Duration,
 }
 
-fn timings(loops: Vec<JoinHandle<Vec<Duration>>>) -> Timings {
+impl Timings {
+    /// Fails unless all calls of `what` but the worst one took under `bound`.
+    fn assert_under(&self, bound: Duration, what: &str) {
+        eprintln!(
+            "{what}: worst {:?}, next {:?}, of {}",
+            self.worst, self.next_worst, self.n
+        );
+        assert!(
+            self.next_worst < bound,
+            "{what}: two calls took {:?} and {:?}",
+            self.worst,
+            self.next_worst
+        );
+    }
+}
+
+/// Three callers of `echo` through `c` and one of `/api/hello` at `base`, until
+/// `stop`: the fast calls the hand-off tests time.
+fn fast_and_web_loops(
+    c: &Arc<cerbas::Client>,
+    base: &str,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> (Callers, Callers) {
+    let fast = {
+        let c = c.clone();
+        timed_loop(3, stop, move || {
+            match c.request("echo", json!({"message": "x"})) {
+                Ok(Reply::Ok(v)) if v == json!("x") => Ok(()),
+                other => Err(format!("echo: {other:?}")),
+            }
+        })
+    };
+    let url = format!("{base}/api/hello");
+    let web = timed_loop(1, stop, move || match get(&url) {
+        (200, _) => Ok(()),
+        other => Err(format!("/api/hello: {other:?}")),
+    });
+    (fast, web)
+}
+
+fn timings(loops: Callers) -> Timings {
     let mut all: Vec<Duration> = loops
         .into_iter()
         .flat_map(|l| l.join().expect("a caller"))
@@ -553,22 +596,7 @@ fn fast_calls_never_wait_behind_slow_ones_while_a_worker_sleeps() {
                 }
             })
         };
-        let fast = {
-            let c = c.clone();
-            timed_loop(3, &stop, move || {
-                match c.request("echo", json!({"message": "x"})) {
-                    Ok(Reply::Ok(v)) if v == json!("x") => Ok(()),
-                    other => Err(format!("echo: {other:?}")),
-                }
-            })
-        };
-        let web = {
-            let url = format!("{base}/api/hello");
-            timed_loop(1, &stop, move || match get(&url) {
-                (200, _) => Ok(()),
-                other => Err(format!("/api/hello: {other:?}")),
-            })
-        };
+        let (fast, web) = fast_and_web_loops(&c, &base, &stop);
         let delayed = {
             let c = c.clone();
             let opts = CallOptions::new().delay(Duration::from_millis(20));
@@ -599,28 +627,11 @@ fn fast_calls_never_wait_behind_slow_ones_while_a_worker_sleeps() {
         // A fast call takes well under a millisecond of work; 250 ms leaves room
         // for a loaded 2-core machine, and is far below a slow call.
         let bound = Duration::from_millis(250);
-        eprintln!(
-            "{workers} workers, worst (and next): echo {:?} ({:?}) of {}, hello {:?} ({:?}) of {}, delayed {:?} ({:?}) of {}",
-            fast.worst, fast.next_worst, fast.n, web.worst, web.next_worst, web.n,
-            delayed.worst, delayed.next_worst, delayed.n
-        );
-        assert!(
-            fast.next_worst < bound,
-            "{workers} workers: two echos took {:?} and {:?}",
-            fast.worst,
-            fast.next_worst
-        );
-        assert!(
-            web.next_worst < bound,
-            "{workers} workers: two hellos took {:?} and {:?}",
-            web.worst,
-            web.next_worst
-        );
-        assert!(
-            delayed.next_worst < bound + Duration::from_millis(20),
-            "{workers} workers: two delayed echos took {:?} and {:?}",
-            delayed.worst,
-            delayed.next_worst
+        fast.assert_under(bound, &format!("{workers} workers, echo"));
+        web.assert_under(bound, &format!("{workers} workers, hello"));
+        delayed.assert_under(
+            bound + Duration::from_millis(20),
+            &format!("{workers} workers, delayed echo"),
         );
         drop(server);
     }
@@ -649,22 +660,7 @@ fn hung_workers_replaced_all_along_leave_no_fast_call_waiting() {
             other => Err(format!("slow: {other:?}")),
         })
     };
-    let fast = {
-        let c = c.clone();
-        timed_loop(3, &stop, move || {
-            match c.request("echo", json!({"message": "x"})) {
-                Ok(Reply::Ok(v)) if v == json!("x") => Ok(()),
-                other => Err(format!("echo: {other:?}")),
-            }
-        })
-    };
-    let web = {
-        let url = format!("{base}/api/hello");
-        timed_loop(1, &stop, move || match get(&url) {
-            (200, _) => Ok(()),
-            other => Err(format!("/api/hello: {other:?}")),
-        })
-    };
+    let (fast, web) = fast_and_web_loops(&c, &base, &stop);
     wait_for("20 calls hung", Duration::from_secs(30), || {
         (requests_total(&base, "slow", "timeout") >= 20.0).then_some(())
     });
@@ -672,23 +668,9 @@ fn hung_workers_replaced_all_along_leave_no_fast_call_waiting() {
     let (hung, fast, web) = (timings(hangs).n, timings(fast), timings(web));
     assert!(hung >= 20, "{hung} hung calls");
     assert!(fast.n > 100 && web.n > 10, "{} {}", fast.n, web.n);
-    eprintln!(
-        "{hung} hung: worst (and next) echo {:?} ({:?}) of {}, hello {:?} ({:?}) of {}",
-        fast.worst, fast.next_worst, fast.n, web.worst, web.next_worst, web.n
-    );
     let bound = Duration::from_millis(250);
-    assert!(
-        fast.next_worst < bound,
-        "two echos took {:?} and {:?}",
-        fast.worst,
-        fast.next_worst
-    );
-    assert!(
-        web.next_worst < bound,
-        "two hellos took {:?} and {:?}",
-        web.worst,
-        web.next_worst
-    );
+    fast.assert_under(bound, &format!("{hung} hung, echo"));
+    web.assert_under(bound, &format!("{hung} hung, hello"));
     drop(server);
 }
 
