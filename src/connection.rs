@@ -213,10 +213,16 @@ impl Connector {
 }
 
 /// Which run of Redis `c` talks to (`run_id` of `INFO server`, new at each
-/// restart), or `None` if Redis does not say (an ACL without `INFO`).
-pub(crate) fn run_id(c: &mut Connection) -> Option<String> {
-    let info: String = redis::cmd("INFO").arg("server").query(c).ok()?;
-    parse_run_id(&info)
+/// restart), or `None` if Redis does not say (an ACL without `INFO`). An error
+/// when the connection is lost on the way ([`is_lost`]): that says nothing of
+/// which Redis it was, and taking it for "would not say" made a killed
+/// connection look like a restart.
+pub(crate) fn run_id(c: &mut Connection) -> Result<Option<String>, RedisError> {
+    match redis::cmd("INFO").arg("server").query::<String>(c) {
+        Ok(info) => Ok(parse_run_id(&info)),
+        Err(e) if is_lost(&e) => Err(e),
+        Err(_) => Ok(None),
+    }
 }
 
 fn parse_run_id(info: &str) -> Option<String> {

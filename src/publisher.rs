@@ -785,9 +785,17 @@ impl Publishing {
             if conn.is_none() {
                 match self.p.connector.connect_until(&signal, give_up) {
                     Some(mut c) => {
-                        if self.another_redis(&mut c) {
+                        match self.another_redis(&mut c) {
                             // Not for the new Redis: `run` drops them.
-                            lost.extend(again.drain(..).map(|r| (r, Republished::Nobody)));
+                            Ok(true) => {
+                                lost.extend(again.drain(..).map(|r| (r, Republished::Nobody)))
+                            }
+                            Ok(false) => {}
+                            // Lost before Redis said which run it is: ask a new one.
+                            Err(e) => {
+                                self.p.connector.failed(&e);
+                                continue;
+                            }
                         }
                         *conn = Some(c);
                         self.loaded = false;
@@ -867,9 +875,10 @@ impl Publishing {
     /// them. Requests in hand are not published there either once the reader
     /// found them gone from the processing list (`InHand::is_orphan`), even if
     /// this instance took a new request with the same id meanwhile; those
-    /// still listed (`appendonly yes`) are answered.
-    fn another_redis(&mut self, c: &mut Connection) -> bool {
-        let run = crate::connection::run_id(c);
+    /// still listed (`appendonly yes`) are answered. An error if `c` was lost
+    /// before Redis said: nothing is decided then.
+    fn another_redis(&mut self, c: &mut Connection) -> RedisResult<bool> {
+        let run = crate::connection::run_id(c)?;
         let another = match &self.redis_run {
             Some(before) => run.is_none() || *before != run,
             None => false,
@@ -885,7 +894,7 @@ impl Publishing {
             self.channels = None;
             self.counted_at = None;
         }
-        another
+        Ok(another)
     }
 
     /// Loads the scripts into a new connection's Redis (or after a `NOSCRIPT`).

@@ -477,6 +477,47 @@ fn a_look_whose_answer_is_lost_keeps_its_replies_held() {
     each_heard_once(subs, &messages, &server, &base);
 }
 
+/// The publisher reconnects and asks which run of Redis it reached (`INFO
+/// server`), and that connection is killed before the answer: nothing is
+/// decided, it is no restart, the replies stay held and late clients get them
+/// once. (It was taken for a Redis that would not say, hence another run, and
+/// every held reply was dropped: seen in CI when `CLIENT KILL`s came in a row.)
+#[test]
+fn a_reconnect_lost_before_redis_says_its_run_is_no_restart() {
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port);
+    let url = relay.url();
+    let (server, base) = server_args(&redis, "reply_grace_ms = 8000", &["--redis", &url]);
+    let mut conn = redis.conn();
+    let messages: Vec<String> = (0..20).map(|i| format!("run asked {i}")).collect();
+    let bodies: Vec<String> = messages.iter().map(|m| echo(m)).collect();
+    let ids = submit_many(&mut conn, &bodies);
+    let pushed = Instant::now();
+    wait_answered(&mut conn);
+    // `INFO server` is the publisher's question, and only its: `INFO stats` it
+    // pipelines does not match.
+    let held = relay.hold(b"$6\r\nserver");
+    assert!(
+        kill_normal_clients(&mut conn) >= 1,
+        "the server's connections killed"
+    );
+    submit_many(&mut conn, &[echo("after the kill")]);
+    held.recv_timeout(Duration::from_secs(10))
+        .expect("the publisher asking which run of Redis it reached");
+    assert!(
+        kill_normal_clients(&mut conn) >= 1,
+        "the asking connection killed"
+    );
+    relay.release();
+    wait_answered(&mut conn);
+    let subscribed = Instant::now();
+    let until = pushed + Duration::from_millis(8_000) + LATE;
+    let subs = late_clients(&redis, &ids, |_| subscribed, until);
+    each_heard_once(subs, &messages, &server, &base);
+    let log = server.log_text();
+    assert!(!log.contains("another run"), "log:\n{log}");
+}
+
 /// 3,000 replies nobody hears and 20 whose clients come late are held when Redis
 /// stalls (`SIGSTOP`) for 2 s, then every connection of the server is killed five
 /// times: the late clients, subscribing after that, each get their own reply once
