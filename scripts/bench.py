@@ -23,7 +23,7 @@ Prints a Markdown table on stdout (progress on stderr). Not for: asserting
 anything (tests do that) or comparing runs made at different times: only ratios
 within one run mean something on a shared machine.
 
-    python3 scripts/bench.py [--seconds 5] [--count 2000] [--only python-sync,rust] [--no-floor]
+    python3 scripts/bench.py [--seconds 5] [--count 2000] [--only python-sync,rust] [--no-floor] [--one-session]
 """
 
 import argparse
@@ -56,6 +56,15 @@ CLIENTS = [
 FLOOR_CLIENTS = ("rust", "node")
 # The floor's db: a fresh one, so nothing cerbas left behind is in its queue.
 FLOOR_DB = 2
+
+
+# Each process the bench starts (redis-server, the servers, each client and load
+# generator) runs in a session of its own, as services and apps do in a
+# deployment. With `kernel.sched_autogroup_enabled = 1` (Debian's default) the
+# scheduler shares the CPU between sessions first: children of this script in
+# one session would make redis-server compete with the server's and the client's
+# threads inside one group (`--one-session` measures that; see BENCH.md).
+SPAWN = {"start_new_session": True}
 
 
 def log(*a):
@@ -101,6 +110,15 @@ def proc_kib(pid, field):
     return 0
 
 
+def autogroup():
+    """The kernel's `sched_autogroup_enabled` ("?" where it has none)."""
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
 def wait(what, deadline_s, ok):
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
@@ -114,7 +132,7 @@ def measure(port, pid, cmd):
     """Runs one bench program; returns its JSON line with the server's and
     Redis's CPU per round trip added."""
     r0, s0 = redis_cpu(port), proc_cpu(pid)
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **SPAWN)
     r1, s1 = redis_cpu(port), proc_cpu(pid)
     if out.returncode != 0 or not out.stdout.strip():
         log(f"  failed ({out.returncode}): {out.stderr.strip()[-400:]}")
@@ -142,7 +160,7 @@ def loadgen(url, pid, port, workload):
     out = subprocess.run(
         [os.path.join(ROOT, "target/release/examples/loadgen"), "--redis", url,
          "--workload", workload, "--no-ref"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, **SPAWN,
     ).stdout
     r1, s1 = redis_cpu(port), proc_cpu(pid)
     line = next((l for l in out.splitlines() if l.startswith(workload.upper())),
@@ -167,7 +185,7 @@ def start_floor(url, logfile, extra=()):
     with open(out, "w") as stdout:
         proc = subprocess.Popen(
             [os.path.join(ROOT, "target/release/examples/floor"), "--redis", url, *extra],
-            cwd=ROOT, stdout=stdout, stderr=logfile,
+            cwd=ROOT, stdout=stdout, stderr=logfile, **SPAWN,
         )
 
     def ready():
@@ -196,7 +214,7 @@ def bare_round_trip(port):
     u0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
         ["redis-benchmark", "-p", str(port), "-t", "incr", "-c", "1", "-n", str(n), "-q"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, **SPAWN,
     ).stdout
     u1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     r1 = redis_cpu(port)
@@ -348,7 +366,11 @@ def main():
     ap.add_argument("--count", type=int, default=2000)
     ap.add_argument("--only", default="")
     ap.add_argument("--no-floor", action="store_true", help="skip the protocol floor's rows")
+    ap.add_argument("--one-session", action="store_true",
+                    help="start every process in this script's session (one scheduling group)")
     opts = ap.parse_args()
+    if opts.one_session:
+        SPAWN.clear()
     only = set(filter(None, opts.only.split(",")))
     names = [name for name, _ in CLIENTS if not only or name in only]
 
@@ -357,7 +379,7 @@ def main():
     redis = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", work],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **SPAWN,
     )
     server = None
     try:
@@ -368,6 +390,7 @@ def main():
             [os.path.join(ROOT, "target/release/cerbas"), "--config", "cerbas.toml",
              "--redis", url, "--http", "", "--crontab", "/dev/null"],
             cwd=ROOT, stdout=server_log, stderr=server_log, env={**os.environ, "RUST_LOG": "warn"},
+            **SPAWN,
         )
         wait("cerbas", 20, lambda: redis_cli(port, "EXISTS", "CERBAS-INSTANCES", db=1).strip() == "1")
         time.sleep(1)
@@ -376,7 +399,7 @@ def main():
         log("baseline: redis-benchmark -t set -c 50")
         out = subprocess.run(
             ["redis-benchmark", "-p", str(port), "-t", "set", "-c", "50", "-n", "200000", "-q"],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True, text=True, timeout=300, **SPAWN,
         ).stdout
         found = re.search(r"SET: ([\d.]+) requests per second", out)
         set_ops = float(found.group(1)) if found else None
@@ -396,6 +419,7 @@ def main():
             [os.path.join(ROOT, "target/release/cerbas"), "--config", "cerbas.toml",
              "--redis", url, "--http", "", "--crontab", "/dev/null"],
             cwd=ROOT, stdout=server_log, stderr=server_log, env={**os.environ, "RUST_LOG": "warn"},
+            **SPAWN,
         )
         try:
             wait("the second instance", 20,
@@ -417,6 +441,9 @@ def main():
 
         print(f"## cerbas bench, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
               f"{os.cpu_count()} cores, {subprocess.run(['redis-server', '--version'], capture_output=True, text=True).stdout.split()[2]}")
+        print()
+        print(f"Processes: {'each in a session of its own' if SPAWN else 'all in one session (--one-session)'}; "
+              f"kernel.sched_autogroup_enabled = {autogroup()}.")
         print()
         print(f"Baseline: `redis-benchmark -t set -c 50`: **{fmt(set_ops)} SET/s**.")
         print()
