@@ -647,6 +647,18 @@ class CerbasSharedClientTest < Minitest::Test
     assert_match(/no reply to sleep \(request \d+\) within 0.2 s/, caught.message)
   end
 
+  # The client's timeout error is CerbasClient::TimeoutError: no constant of the
+  # client's is named Timeout, so inside its namespace, and in code that
+  # includes it, Timeout is still Ruby's ::Timeout.
+  def test_the_standard_timeout_is_not_shadowed
+    namespaces = [CerbasClient] + CerbasClient.constants.map { |c| CerbasClient.const_get(c) }.grep(Module)
+    namespaces.each do |ns|
+      refute ns.const_defined?(:Timeout, false), "#{ns} defines its own Timeout"
+    end
+    assert_same ::Timeout, CerbasClient.module_eval("Timeout")
+    assert_same ::Timeout, Class.new { include CerbasClient }.class_eval("Timeout")
+  end
+
   def test_garbage_on_the_reply_channel_is_a_protocol_error
     id = @redis.with_redis { |r| r.incr("CERBAS-COUNTER") }
     waiter = Thread.new do
