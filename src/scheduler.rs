@@ -56,12 +56,15 @@ return n
 /// instance, only if it is still held here and not stored already: the publisher
 /// sends it again when an answer was lost, and by then the request may have come
 /// due and been taken again (its stored body is then the one without the delay).
-/// Returns 1 when stored, 0 when there was nothing to do.
+/// Returns 1 when stored, 0 when there was nothing to do. Its ms are rounded up,
+/// where `MOVE_DUE`'s are rounded down: rounded down here too, a request stored
+/// at 1000.9 ms with a delay of 5 was due at 1005, 0.9 ms before its delay had
+/// passed (`loadgen --workload delay` saw a reply 28 µs early).
 pub(crate) const SCHEDULE: &str = r"
 if redis.call('GET', KEYS[2]) == ARGV[3] then return 0 end
 if redis.call('LREM', KEYS[4], 1, ARGV[2]) == 0 then return 0 end
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000 + math.ceil(tonumber(t[2]) / 1000)
 redis.call('SET', KEYS[2], ARGV[3])
 redis.call('DEL', KEYS[3])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])

@@ -229,6 +229,46 @@ fn a_delayed_request_runs_no_earlier_than_its_delay() {
     assert!(start.elapsed() >= Duration::from_millis(400));
 }
 
+/// Redis's clock (`TIME`) in µs.
+fn redis_now_us(conn: &mut redis::Connection) -> u64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(conn).expect("TIME");
+    secs * 1_000_000 + micros
+}
+
+/// A delayed request is due (its score in `CERBAS-DELAYED`, whole ms) no earlier
+/// than its delay after Redis's clock read before it was queued, to the µs. The
+/// score was rounded down once, and the request could run up to 1 ms early; that
+/// shows within a few tries when storing takes less than a millisecond.
+#[test]
+fn a_delayed_request_is_due_no_earlier_than_its_delay_to_the_microsecond() {
+    let redis = Redis::start();
+    let _server = Server::start(&redis);
+    let mut conn = redis.conn();
+    let delay_ms = 60_000u64;
+    let body = json!({"func": "hello", "user": "foo", "source": "web", "delay": delay_ms});
+    for _ in 0..100 {
+        let before = redis_now_us(&mut conn);
+        let id = store(&mut conn, body.to_string().as_bytes());
+        redis::cmd("RPUSH")
+            .arg("CERBAS-QUEUE")
+            .arg(id)
+            .query::<()>(&mut conn)
+            .expect("RPUSH");
+        let due_ms: u64 = wait_for("the request scheduled", Duration::from_secs(10), || {
+            redis::cmd("ZSCORE")
+                .arg("CERBAS-DELAYED")
+                .arg(id)
+                .query::<Option<u64>>(&mut conn)
+                .expect("ZSCORE")
+        });
+        assert!(
+            due_ms * 1000 >= before + delay_ms * 1000,
+            "request {id} due at {due_ms} ms, {} µs before its delay had passed",
+            before + delay_ms * 1000 - due_ms * 1000
+        );
+    }
+}
+
 #[test]
 fn the_default_pool_runs_a_hundred_sleeping_calls_at_once() {
     let redis = Redis::start();
