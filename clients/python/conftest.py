@@ -1,7 +1,8 @@
 """Fixtures of the Python client's tests: a real redis-server on a free port and
 real cerbas processes (CERBAS_BIN, else target/debug/cerbas), started and stopped
-by the tests that need them; and a blocking facade over AsyncClient, so every
-scenario runs against both clients. Not for: tests (test_*.py).
+by the tests that need them; a TCP proxy that can hold a client's reconnect; and
+a blocking facade over AsyncClient, so every scenario runs against both clients.
+Not for: tests (test_*.py).
 
 Needs /usr/bin/redis-server (or REDIS_SERVER).
 """
@@ -218,6 +219,108 @@ def own_server(tmp_path):
             server.stop()
     finally:
         redis_srv.stop()
+
+
+class HoldingProxy:
+    """A TCP proxy on a free port to a Redis port. While ``hold`` is set it accepts
+    connections but joins them to Redis only on ``release()`` (a client connecting
+    then waits for its handshake's answer): a test keeps a client from reconnecting
+    while Redis moves on. Closing either side of a joined pair closes both."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.hold = False
+        self._lock = threading.Lock()
+        self._held = []
+        self._sockets = []
+        self._threads = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = "redis://127.0.0.1:%d" % self.port
+        self._start(self._accept)
+
+    def _start(self, target, *args):
+        t = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                self._sockets.append(client)
+                if self.hold:
+                    self._held.append(client)
+                    continue
+            self._join(client)
+
+    def _join(self, client):
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5.0)
+        except OSError:
+            _shut(client)
+            return
+        upstream.settimeout(None)
+        with self._lock:
+            self._sockets.append(upstream)
+        self._start(_pump, client, upstream)
+        self._start(_pump, upstream, client)
+
+    def held(self):
+        """How many connections wait for ``release()``."""
+        with self._lock:
+            return len(self._held)
+
+    def release(self):
+        """Joins the held connections to Redis, and every later one at once."""
+        with self._lock:
+            self.hold = False
+            held, self._held = self._held, []
+        for client in held:
+            self._join(client)
+
+    def close(self):
+        _shut(self._listener)  # wakes accept()
+        with self._lock:
+            sockets = list(self._sockets)
+        for s in sockets:
+            _shut(s)
+        for t in self._threads:
+            t.join(timeout=5.0)
+        for s in [self._listener] + sockets:
+            s.close()
+
+
+def _pump(src, dst):
+    """Copies ``src`` to ``dst`` until either ends, then ends both."""
+    try:
+        while True:
+            data = src.recv(65536)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    _shut(src)
+    _shut(dst)
+
+
+def _shut(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def redis_proxy(own_server):
+    """A HoldingProxy to own_server's Redis."""
+    proxy = HoldingProxy(own_server.redis.port)
+    yield proxy
+    proxy.close()
 
 
 

@@ -19,7 +19,7 @@ import redis
 
 from conftest import AsyncFacade, CerbasServer, RedisServer, free_port, wait_for
 from cerbas_client import (CerbasError, Client, ClosedError, ConnectionError, ProtocolError,
-                           ReplyError, TimeoutError)
+                           ReplyError, RestartedError, TimeoutError)
 from cerbas_client import _protocol
 from cerbas_client.aio import AsyncClient
 
@@ -207,6 +207,76 @@ def test_redis_restarted_with_calls_in_flight(own_server, make_client):
     for i in range(5):
         assert c.request("echo", {"message": i}, timeout=10.0) == {"status": "ok", "data": i}
     assert c.stats["restarts"] == 1
+
+
+def test_redis_restarted_counter_set_back_before_the_client_reconnects(
+        own_server, redis_proxy, make_client):
+    """Client A (through a proxy that holds its reconnect) has calls in flight;
+    Redis restarts empty, its counter set back, so client B's requests get A's
+    ids: some are answered while A is still cut off, some (delayed) after A is
+    let through. A's calls fail with RestartedError at its reconnect (Redis's
+    run_id changed), never with B's replies (a client that subscribed its
+    channels again on the new Redis would get them); A then works again."""
+    block, n = 10, 4
+    a = make_client(redis_proxy.url, env="dev", user="foo", source="cerbastest", id_block=block)
+    a.request("hello")  # the first id of A's block
+    r = own_server.redis.connect()
+    try:
+        end = int(r.get("CERBAS-COUNTER"))  # A's block: end-9 .. end (block = 10)
+    finally:
+        r.close()
+    holder = {}
+    # (Their timeout ends them if A never notices the restart: the test then
+    # shows what they got instead.)
+    t = threading.Thread(target=lambda: holder.update(results=in_threads(
+        n, lambda i: a.request("sleep", {"ms": 4000}, timeout=15.0))))
+    t.start()
+    wait_for(lambda: a.waiting() == n, "A's calls to be in flight")  # ids end-8 .. end-5
+
+    redis_proxy.hold = True
+    own_server.redis.restart()
+    r = own_server.redis.connect()
+    try:
+        r.set("CERBAS-COUNTER", end - block)  # as before A took its block
+        b = make_client(own_server.redis_url, env="dev", user="foo", source="cerbastest",
+                        timeout=20.0, id_block=1)
+        # Ids end-9 (A's hello), end-8 and end-7 (in flight in A): answered now.
+        for i in range(3):
+            assert b.request("echo", {"message": "B-%d" % i}) == {"status": "ok",
+                                                                 "data": "B-%d" % i}
+        # Ids end-6 and end-5 (in flight in A), taken in that order, answered
+        # after A is let through.
+        late = {}
+
+        def delayed(i):
+            try:
+                late[i] = b.request("echo", {"message": "B-%d" % i}, delay=3.0)
+            except CerbasError as e:
+                late[i] = e
+        for i in (3, 4):
+            threading.Thread(target=delayed, args=(i,)).start()
+            wait_for(lambda: b.waiting() == i - 2, "B's delayed request %d to be sent" % i)
+        assert int(r.get("CERBAS-COUNTER")) == end - block + 5  # B took A's ids
+    finally:
+        r.close()
+    assert redis_proxy.held() > 0, "A did not try to reconnect"
+    assert a.waiting() == n, "A's calls ended while A was cut off"
+
+    released_at = time.monotonic()
+    redis_proxy.release()
+    t.join(timeout=25.0)
+    assert not t.is_alive()
+    failed_after = time.monotonic() - released_at
+    adopted = [r for r in holder["results"] if not isinstance(r, BaseException)]
+    assert not adopted, "A's calls got other requests' replies: %r" % adopted
+    for result in holder["results"]:
+        assert isinstance(result, RestartedError), result
+    assert failed_after < 2.0, failed_after
+    wait_for(lambda: len(late) == 2, "B's delayed replies")
+    assert late == {i: {"status": "ok", "data": "B-%d" % i} for i in (3, 4)}
+    assert a.stats["restarts"] == 1
+    for i in range(5):  # A goes on, with ids of a new block
+        assert a.request("echo", {"message": "A-%d" % i}) == {"status": "ok", "data": "A-%d" % i}
 
 
 def test_subscriber_connection_killed_calls_still_get_their_replies(cerbas_server, make_client):
