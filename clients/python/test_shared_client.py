@@ -8,15 +8,18 @@ error types, the API. Not for: the example functions' replies
 
 import asyncio
 import builtins
+import inspect
 import os
 import signal
 import threading
 import time
+import typing
 import uuid
 
 import pytest
 import redis
 
+import cerbas_client
 from conftest import AsyncFacade, CerbasServer, RedisServer, free_port, wait_for
 from cerbas_client import (CerbasError, Client, ClosedError, ConnectionError, ProtocolError,
                            ReplyError, RestartedError, TimeoutError)
@@ -603,10 +606,66 @@ def test_client_timeout_is_a_builtin_timeout_too(cerbas_server, make_client):
     assert abs(time.monotonic() - started - 0.5) < 0.5
 
 
+def public_api():
+    """(name, function) of each public method of both clients (with ``__init__`` and
+    the context manager's) and of each public function of the package."""
+    entry = ("__init__", "__enter__", "__exit__", "__aenter__", "__aexit__")
+    for cls in (Client, AsyncClient):
+        for name, f in inspect.getmembers(cls, inspect.isfunction):
+            if not name.startswith("_") or name in entry:
+                yield "%s.%s" % (cls.__name__, name), f
+    for name in cerbas_client.__all__:
+        f = getattr(cerbas_client, name)
+        if inspect.isfunction(f):
+            yield name, f
+
+
 def test_options_are_keyword_only(cerbas_server, make_client):
+    """An option passed positionally (``request(func, args, "foo")``: once the
+    user) is refused by every call that sends a request."""
     c = make_client(cerbas_server.redis_url, env="dev", user="foo", source="cerbastest")
-    with pytest.raises(TypeError):
-        c.request("hello", None, "foo")
+    calls = [c.request, c.call, c.request_without_response,
+             cerbas_client.request, cerbas_client.request_without_response]
+    for call in calls:
+        with pytest.raises(TypeError):
+            call("hello", None, "foo")
+
+
+def test_options_are_keyword_only_in_every_signature():
+    """Only what a call is about (the function and its arguments, the URL and env
+    of a client, a request id) may be passed positionally; every option is
+    keyword-only."""
+    subjects = {"self", "func", "args", "url", "env", "id"}
+    for name, f in public_api():
+        for p in inspect.signature(f).parameters.values():
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                assert p.name in subjects, "%s takes option %s positionally" % (name, p.name)
+
+
+def test_public_api_has_type_hints():
+    """Every parameter and every return of the public API is annotated, and each
+    annotation resolves (get_type_hints raises on a broken one)."""
+    checked = set()
+    for name, f in public_api():
+        hints = typing.get_type_hints(f)
+        missing = [p.name for p in inspect.signature(f).parameters.values()
+                   if p.name != "self" and p.name not in hints]
+        assert not missing, "%s: no type hint for %s" % (name, ", ".join(missing))
+        assert "return" in hints, "%s: no return type hint" % name
+        checked.add(name)
+    assert {"Client.request", "AsyncClient.call", "Client.__init__",
+            "request_without_response"} <= checked, checked
+
+
+def test_package_is_marked_typed():
+    """``py.typed`` (PEP 561) is in the package and pyproject.toml ships it, so a
+    type checker reads the hints of an installed cerbas_client."""
+    tomllib = pytest.importorskip("tomllib")
+    package = os.path.dirname(cerbas_client.__file__)
+    assert os.path.isfile(os.path.join(package, "py.typed"))
+    with open(os.path.join(os.path.dirname(package), "pyproject.toml"), "rb") as f:
+        setuptools = tomllib.load(f)["tool"]["setuptools"]
+    assert "py.typed" in setuptools["package-data"]["cerbas_client"]
 
 
 def test_delay(cerbas_server, make_client):

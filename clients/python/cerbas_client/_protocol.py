@@ -211,7 +211,7 @@ class ClientBase:
     def __init__(self, url: Optional[str] = None, env: Optional[str] = None, *,
                  prefix: str = DEFAULT_PREFIX, user: str = "test", source: str = "test",
                  timeout: float = 10.0, socket_timeout: float = 5.0,
-                 id_block: int = DEFAULT_ID_BLOCK):
+                 id_block: int = DEFAULT_ID_BLOCK) -> None:
         self.url, self.env, self.db = resolve(url, env)
         self.prefix = prefix
         self.user = user
@@ -256,11 +256,11 @@ class ClientBase:
     def request_key(self, id: int) -> str:
         return self._names.request_key(id)
 
-    def reply_channel(self, id: int, msgpack: bool = False) -> str:
+    def reply_channel(self, id: int, *, msgpack: bool = False) -> str:
         return self._names.reply_channel(id, msgpack)
 
-    def body(self, func: str, args: Optional[Dict[str, Any]] = None, user: Optional[str] = None,
-             source: Optional[str] = None, reply: bool = True,
+    def body(self, func: str, args: Optional[Dict[str, Any]] = None, *,
+             user: Optional[str] = None, source: Optional[str] = None, reply: bool = True,
              delay: Optional[float] = None) -> bytes:
         """The JSON request body, as bytes. ``reply=False`` tells the server to
         publish no reply (a one-way call); ``delay`` is in seconds."""

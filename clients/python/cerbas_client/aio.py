@@ -78,7 +78,7 @@ class AsyncClient(ClientBase):
         ``TimeoutError``, ``ConnectionError``, ``ClosedError``, ``ProtocolError``."""
         timeout = self._timeout_for(timeout, delay)
         deadline = time.monotonic() + timeout
-        body = self.body(func, args, user, source, delay=delay)
+        body = self.body(func, args, user=user, source=source, delay=delay)
         self._check_open()
         try:
             data = await self._call(func, body, msgpack, deadline, timeout)
@@ -93,7 +93,7 @@ class AsyncClient(ClientBase):
                     timeout: float) -> bytes:
         """One attempt of request(): the reply's bytes."""
         id, generation = await self._next_id(deadline)
-        channel = self.reply_channel(id, msgpack).encode()
+        channel = self.reply_channel(id, msgpack=msgpack).encode()
         if self._closed:
             raise ClosedError("client is closed")
         if generation != self._generation:
@@ -141,7 +141,7 @@ class AsyncClient(ClientBase):
                                        delay: Optional[float] = None) -> int:
         """As ``Client.request_without_response``: queues a one-way call, returns its id."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        body = self.body(func, args, user, source, reply=False, delay=delay)
+        body = self.body(func, args, user=user, source=source, reply=False, delay=delay)
         self._check_open()
         for attempt in (1, 2):
             id, generation = await self._next_id(deadline)

@@ -202,7 +202,7 @@ class Client(ClientBase):
         """
         timeout = self._timeout_for(timeout, delay)
         deadline = time.monotonic() + timeout
-        body = self.body(func, args, user, source, delay=delay)
+        body = self.body(func, args, user=user, source=source, delay=delay)
         self._check_open()
         try:
             waiter = self._call(func, body, msgpack, deadline, timeout)
@@ -218,7 +218,7 @@ class Client(ClientBase):
               timeout: float) -> "_Waiter":
         """One attempt of request(): the waiter holding the reply."""
         id, generation = self._next_id(deadline)
-        channel = self.reply_channel(id, msgpack).encode()
+        channel = self.reply_channel(id, msgpack=msgpack).encode()
         waiter = _Waiter(self._wake_w)
         with self._lock:
             if self._closed:
@@ -262,7 +262,7 @@ class Client(ClientBase):
         """Queues a one-way call (nobody waits for its reply, and the server
         publishes none); returns its id. ``timeout`` bounds the queueing."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        body = self.body(func, args, user, source, reply=False, delay=delay)
+        body = self.body(func, args, user=user, source=source, reply=False, delay=delay)
         self._check_open()
         for attempt in (1, 2):
             id, generation = self._next_id(deadline)
