@@ -1,5 +1,5 @@
-// The TypeScript declarations (index.d.ts) against index.js: the same names, and,
-// when `tsc` and @types/node are installed, a program using them type-checks
+// The TypeScript declarations (index.d.ts) against index.js: the same names, the
+// same error hierarchy, and a program using them type-checks with tsc
 // (test/types-usage.ts). Not for behaviour: the other test files.
 
 'use strict';
@@ -20,9 +20,41 @@ test('package.json points at index.d.ts, which declares what index.js exports', 
   assert.deepEqual(declared, Object.keys(require('..')).sort());
 });
 
-// tsc: $TSC, else node_modules/.bin/tsc, else on the PATH. Not a dependency of the
-// package: `npm install --prefix /tmp/ts typescript @types/node` and
-// TSC=/tmp/ts/node_modules/.bin/tsc run this test.
+// The error classes index.d.ts declares (those that extend Error, directly or
+// not), each with the class it extends.
+function declaredErrors(dts) {
+  const parents = Object.fromEntries(
+    [...dts.matchAll(/^export class (\w+) extends (\w+)/gm)].map((m) => [m[1], m[2]]),
+  );
+  const errors = {};
+  for (let grew = true; grew;) {
+    grew = false;
+    for (const [name, parent] of Object.entries(parents)) {
+      if (!(name in errors) && (parent === 'Error' || parent in errors)) {
+        errors[name] = parent;
+        grew = true;
+      }
+    }
+  }
+  return errors;
+}
+
+test('index.d.ts declares the error hierarchy of index.js', () => {
+  const exported = require('..');
+  const errors = Object.entries(exported).filter(([, v]) => typeof v === 'function' && v.prototype instanceof Error);
+  const actual = Object.fromEntries(errors.map(([name, cls]) => [name, Object.getPrototypeOf(cls).name]));
+  assert.equal(actual.CerbasError, 'Error');
+  for (const name of ['CerbasTimeout', 'CerbasConnectionError', 'CerbasProtocolError', 'CerbasAbortError']) {
+    assert.equal(actual[name], 'CerbasError', `${name} extends ${actual[name]}`);
+  }
+  assert.equal(actual.CerbasClosedError, 'CerbasConnectionError');
+  const dts = fs.readFileSync(path.join(ROOT, 'index.d.ts'), 'utf8');
+  assert.deepEqual(declaredErrors(dts), actual);
+});
+
+// tsc: $TSC, else node_modules/.bin/tsc (a devDependency: `npm ci` installs it, as
+// scripts/setup.sh does for `make test`), else on the PATH. Skipped only where none
+// is installed (`npm ci --omit=dev`).
 function findTsc() {
   if (process.env.TSC) return process.env.TSC;
   const local = path.join(ROOT, 'node_modules', '.bin', 'tsc');
