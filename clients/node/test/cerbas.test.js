@@ -19,7 +19,8 @@ const {
   CerbasProtocolError, CerbasAbortError,
 } = require('..');
 const {
-  dropLogs, later, now, logTail, ok, running, settled, startCerbas, startRedis, stop, waitFor,
+  assertCerbasError, dropLogs, later, now, logTail, ok, running, settled, startCerbas, startRedis, stop,
+  waitFor,
 } = require('./helpers');
 
 // --- one Redis and one cerbas for the whole file ---------------------------------
@@ -170,7 +171,7 @@ test('client timeout rejects with CerbasTimeout', async () => {
   const started = now();
   await assert.rejects(
     client.request('sleep', { ms: 3000 }, { timeoutMs: 500 }),
-    (err) => err instanceof CerbasTimeout && /sleep/.test(err.message),
+    (err) => assertCerbasError(err, CerbasTimeout) && /sleep/.test(err.message),
   );
   const took = now() - started;
   assert.ok(took >= 450 && took < 2500, `took ${took} ms`);
@@ -260,9 +261,9 @@ test('close() rejects calls in flight at once, and every call after it', async (
   }
   const started = now();
   await c.close();
-  for (const p of [...calls, first]) await assert.rejects(p, CerbasClosedError);
+  for (const p of [...calls, first]) await assert.rejects(p, (e) => assertCerbasError(e, CerbasClosedError));
   assert.ok(now() - started < 500, `took ${now() - started} ms`);
-  await assert.rejects(c.request('hello'), (e) => e instanceof CerbasClosedError && e instanceof CerbasConnectionError);
+  await assert.rejects(c.request('hello'), (e) => assertCerbasError(e, CerbasClosedError) && e instanceof CerbasConnectionError);
   await assert.rejects(c.send('tally', { name: 'x' }), CerbasClosedError);
   assert.equal(c.redis, null);
   assert.ok(c.closed);
@@ -315,7 +316,7 @@ test('two waiters on one channel: one leaving does not drop the other', async ()
     c._block.next = id;
     const second = c.request('b');
     await queued(2);
-    await assert.rejects(first, CerbasTimeout); // leaves; the channel must stay
+    await assert.rejects(first, (e) => assertCerbasError(e, CerbasTimeout)); // leaves; the channel must stay
     const channel = c.replyChannel(id);
     assert.deepEqual(await r.pubSubNumSub(channel), { [channel]: 1 });
     assert.equal(await r.publish(channel, '{"status":"ok","data":"second"}'), 1);
@@ -332,7 +333,8 @@ test('delay: the default timeout grows by it', async () => {
     const id = (await queued(1))[0];
     assert.equal(JSON.parse(await r.get(c.requestKey(id))).delay, 300);
     const { reason } = await delayed;
-    assert.ok(reason instanceof CerbasTimeout && /within 500 ms/.test(reason.message), String(reason));
+    assertCerbasError(reason, CerbasTimeout);
+    assert.match(reason.message, /within 500 ms/);
     assert.ok(now() - started >= 450, `took ${now() - started} ms`);
     await assert.rejects(c.request('a', null, { delay: 300, timeoutMs: 100 }), /within 100 ms/);
   });
@@ -351,8 +353,10 @@ test('a reply repeated (a republish) resolves once; a reply not JSON is a Cerbas
     await r.publish(m, Buffer.from([0xc1]));
     const [ra, rb, rm] = await Promise.allSettled(calls);
     assert.deepEqual(ra.value, ok(1), String(ra.reason));
-    assert.ok(rb.reason instanceof CerbasProtocolError && /not JSON/.test(rb.reason.message), String(rb.reason));
-    assert.ok(rm.reason instanceof CerbasProtocolError && /not msgpack/.test(rm.reason.message), String(rm.reason));
+    assertCerbasError(rb.reason, CerbasProtocolError, 'the JSON reply\'s');
+    assert.match(rb.reason.message, /not JSON/);
+    assertCerbasError(rm.reason, CerbasProtocolError, 'the msgpack reply\'s');
+    assert.match(rm.reason.message, /not msgpack/);
   });
 });
 

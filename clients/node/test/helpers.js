@@ -10,7 +10,9 @@ const net = require('node:net');
 const path = require('node:path');
 const { setTimeout: sleep } = require('node:timers/promises');
 
-const { Client, CerbasTimeout } = require('..');
+const assert = require('node:assert/strict');
+
+const { Client, CerbasError, CerbasTimeout } = require('..');
 
 /** Milliseconds on a monotonic clock: for durations and deadlines (the wall clock
  * may be stepped while a test runs). */
@@ -210,10 +212,22 @@ function later(p) {
 /** Resolves to `{value}` or `{reason}`, never rejects. */
 const settled = (p) => p.then((value) => ({ value }), (reason) => ({ reason }));
 
+/**
+ * Asserts that `err` is a `Class` and, as every rejection of the client is, a
+ * CerbasError and an Error (the hierarchy index.js documents); returns true, for
+ * assert.rejects.
+ */
+function assertCerbasError(err, Class, what = 'the rejection') {
+  assert.ok(err instanceof Class, `${what} is not a ${Class.name}: ${err?.stack ?? JSON.stringify(err)}`);
+  assert.ok(err instanceof CerbasError, `${Class.name} is not a CerbasError`);
+  assert.ok(err instanceof Error, `${Class.name} is not an Error`);
+  return true;
+}
+
 /** Removes the tests' folder of logs, unless CERBAS_KEEP_LOGS asks to keep it. */
 function dropLogs(dir) {
   if (process.env.CERBAS_KEEP_LOGS) console.error(`server logs in ${dir}`);
   else if (dir) fs.rmSync(dir, { recursive: true, force: true });
 }
 
-module.exports = { REPO, now, ok, later, settled, dropLogs, startProxy, freePort, logTail, running, start, stop, ping, startRedis, startCerbas, waitFor };
+module.exports = { REPO, assertCerbasError, now, ok, later, settled, dropLogs, startProxy, freePort, logTail, running, start, stop, ping, startRedis, startCerbas, waitFor };
