@@ -57,7 +57,8 @@ export class CerbasAbortError extends CerbasError {}
 
 /**
  * A connection to one cerbas deployment. Make one per process and share it between
- * all callers: calls run concurrently over its two connections.
+ * all callers: calls run concurrently over its two connections. These are not part
+ * of the API; Redis's `CLIENT LIST` shows them as `cerbas-node` and `cerbas-node-sub`.
  * Emits `'error'` (a CerbasConnectionError) when a connection to Redis is lost.
  */
 export class Client extends EventEmitter {

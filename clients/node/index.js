@@ -20,6 +20,10 @@
  * part of the program, concurrently; each call gets its own reply. A client per
  * call costs two connections and a round trip for ids each time.
  *
+ * The connections are not part of the API (they are replaced after a lost
+ * connection, and a command sent on them would race the client's own): Redis's
+ * `CLIENT LIST` shows them, named `cerbas-node` and `cerbas-node-sub`.
+ *
  * Faults. Every rejection is a CerbasError:
  *
  *     CerbasError                 base class
@@ -320,11 +324,6 @@ class Client extends EventEmitter {
     this._channels = new Map(); // channel -> entry {channel, msgpack, waiters, listener, session, subscribed, aheadId}
     this._ahead = null; // the entry subscribed ahead for the block's next id (see _subscribeAhead)
     this._closed = false;
-  }
-
-  /** The node-redis command connection while connected, else null (for diagnostics). */
-  get redis() {
-    return this._session ? this._session.cmd : null;
   }
 
   /** True once close() was called. */

@@ -19,7 +19,7 @@ const {
   CerbasProtocolError, CerbasAbortError,
 } = require('..');
 const {
-  assertCerbasError, dropLogs, later, now, logTail, ok, running, settled, startCerbas, startRedis, stop,
+  assertCerbasError, clientConnections, dropLogs, later, now, logTail, ok, running, settled, startCerbas, startRedis, stop,
   waitFor,
 } = require('./helpers');
 
@@ -245,29 +245,35 @@ test('abort via signal: at once, with CerbasAbortError; the client goes on', asy
   assert.deepEqual(await client.request('hello'), ok('hello world!'));
 });
 
-test('close() rejects calls in flight at once, and every call after it', async () => {
-  const c = new Client({ url: redisSrv.url, env: 'dev', timeoutMs: 20000 });
-  assert.deepEqual(await c.request('hello'), ok('hello world!'));
-  const calls = Array.from({ length: 5 }, () => later(c.request('sleep', { ms: 3000 })));
-  const connecting = new Client({ url: redisSrv.url, env: 'dev' });
-  const first = later(connecting.request('hello'));
-  await connecting.close(); // while it connects
+test('close() rejects calls in flight at once, and every call after it, and closes the connections', async () => {
   const r = createClient({ url: redisSrv.url, database: 1, RESP: 2 });
   await r.connect();
+  const c = new Client({ url: redisSrv.url, env: 'dev', timeoutMs: 20000 });
+  const connecting = new Client({ url: redisSrv.url, env: 'dev' });
   try {
+    // The shared client's connections, which stay open.
+    const others = (await clientConnections(r)).length;
+    assert.deepEqual(await c.request('hello'), ok('hello world!'));
+    assert.equal((await clientConnections(r)).length, others + 2);
+    const calls = Array.from({ length: 5 }, () => later(c.request('sleep', { ms: 3000 })));
+    const first = later(connecting.request('hello'));
+    await connecting.close(); // while it connects
     await waitFor('5 requests queued', async () => (await r.keys('CERBAS-REQ-*')).length >= 5);
+    const started = now();
+    await c.close();
+    for (const p of [...calls, first]) await assert.rejects(p, (e) => assertCerbasError(e, CerbasClosedError));
+    assert.ok(now() - started < 500, `took ${now() - started} ms`);
+    await assert.rejects(c.request('hello'), (e) => assertCerbasError(e, CerbasClosedError) && e instanceof CerbasConnectionError);
+    await assert.rejects(c.send('tally', { name: 'x' }), CerbasClosedError);
+    assert.ok(c.closed);
+    // Both clients' connections are gone from Redis; nothing reconnected them.
+    await waitFor('the connections closed', async () => (await clientConnections(r)).length === others);
+    await c.close(); // twice is fine
   } finally {
+    await c.close();
+    await connecting.close();
     await r.close();
   }
-  const started = now();
-  await c.close();
-  for (const p of [...calls, first]) await assert.rejects(p, (e) => assertCerbasError(e, CerbasClosedError));
-  assert.ok(now() - started < 500, `took ${now() - started} ms`);
-  await assert.rejects(c.request('hello'), (e) => assertCerbasError(e, CerbasClosedError) && e instanceof CerbasConnectionError);
-  await assert.rejects(c.send('tally', { name: 'x' }), CerbasClosedError);
-  assert.equal(c.redis, null);
-  assert.ok(c.closed);
-  await c.close(); // twice is fine
 });
 
 test('bad options are TypeErrors, before anything is sent', async () => {

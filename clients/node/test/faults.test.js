@@ -16,7 +16,7 @@ const {
   Client, CerbasError, CerbasTimeout, CerbasConnectionError, CerbasProtocolError, ID_BLOCK,
 } = require('..');
 const {
-  assertCerbasError, dropLogs, later, now, ok, settled, startCerbas, startProxy, startRedis, stop, waitFor,
+  assertCerbasError, clientConnections, dropLogs, later, now, ok, settled, startCerbas, startProxy, startRedis, stop, waitFor,
 } = require('./helpers');
 
 let tmp;
@@ -162,9 +162,9 @@ test('the subscriber connection lost, the reply published meanwhile: the same Re
         return keys.length > 0 && keys;
       });
       proxy.hold = true;
-      const list = await r.sendCommand(['CLIENT', 'LIST']);
-      const ids = list.split('\n').filter((l) => / name=cerbas-node-sub /.test(l)).map((l) => /^id=(\d+)/.exec(l)[1]);
-      assert.equal(ids.length, 1, list);
+      const subs = await clientConnections(r, 'cerbas-node-sub');
+      const ids = subs.map((l) => /^id=(\d+)/.exec(l)[1]);
+      assert.equal(ids.length, 1, subs.join('\n'));
       await r.sendCommand(['CLIENT', 'KILL', 'ID', ids[0]]);
       // The server answers (and deletes the request) while nobody listens.
       await waitFor('the reply', async () => !(await r.exists(key)));

@@ -224,10 +224,23 @@ function assertCerbasError(err, Class, what = 'the rejection') {
   return true;
 }
 
+/**
+ * The Node clients' connections to Redis, as `CLIENT LIST` lines (over `r`, a
+ * node-redis connection), by name: `cerbas-node` (commands) and `cerbas-node-sub`
+ * (subscriptions), or only those named `name`.
+ */
+async function clientConnections(r, name = null) {
+  const lines = (await r.sendCommand(['CLIENT', 'LIST'])).split('\n');
+  return lines.filter((l) => {
+    const m = / name=(cerbas-node(?:-sub)?) /.exec(l);
+    return m && (name === null || m[1] === name);
+  });
+}
+
 /** Removes the tests' folder of logs, unless CERBAS_KEEP_LOGS asks to keep it. */
 function dropLogs(dir) {
   if (process.env.CERBAS_KEEP_LOGS) console.error(`server logs in ${dir}`);
   else if (dir) fs.rmSync(dir, { recursive: true, force: true });
 }
 
-module.exports = { REPO, assertCerbasError, now, ok, later, settled, dropLogs, startProxy, freePort, logTail, running, start, stop, ping, startRedis, startCerbas, waitFor };
+module.exports = { REPO, assertCerbasError, clientConnections, now, ok, later, settled, dropLogs, startProxy, freePort, logTail, running, start, stop, ping, startRedis, startCerbas, waitFor };

@@ -5,6 +5,10 @@
 
 const { test, beforeEach, afterEach } = require('node:test');
 const assert = require('node:assert/strict');
+const { execFile } = require('node:child_process');
+const net = require('node:net');
+const path = require('node:path');
+const { promisify } = require('node:util');
 
 const { Client, resolve, urlDb } = require('..');
 
@@ -113,10 +117,23 @@ test('a db that is not a number is an error', () => {
   assert.throws(() => urlDb('unix:///run/redis.sock?db=one'), /no valid db/);
 });
 
-test('constructing a client does not connect', async () => {
-  const c = new Client({ url: 'redis://127.0.0.1:1' });
-  assert.equal(c.redis, null);
-  await c.close();
+test('constructing a client does not connect: a program that only makes one exits', async () => {
+  // A listener that accepts connections and never answers: a client that connected
+  // would wait there for its handshake, and keep the program running.
+  const accepted = [];
+  const server = net.createServer((sock) => accepted.push(sock));
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  try {
+    const url = `redis://127.0.0.1:${server.address().port}`;
+    const program = `new (require(${JSON.stringify(path.resolve(__dirname, '..'))}).Client)({ url: ${JSON.stringify(url)} });`;
+    const failed = await promisify(execFile)(process.execPath, ['-e', program], { timeout: 10000 })
+      .then(() => null, (err) => err);
+    assert.equal(failed, null, `the program did not exit by itself: ${failed?.killed ? 'killed after 10 s' : failed?.message}`);
+    assert.equal(accepted.length, 0);
+  } finally {
+    for (const sock of accepted) sock.destroy();
+    await new Promise((resolve) => server.close(resolve));
+  }
 });
 
 test('an unreachable Redis: CerbasTimeout, and close() does not hang', async () => {
