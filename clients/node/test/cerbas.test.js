@@ -331,6 +331,36 @@ test('two waiters on one channel: one leaving does not drop the other', async ()
   });
 });
 
+// A reply published before the client's SUBSCRIBE is confirmed would be lost (the
+// server republishes only a reply nobody heard, after 5 s). The client subscribes
+// and waits for Redis's confirmation before it queues the request, so this cannot
+// happen on a live connection; a lost one is faults.test.js's case.
+test('subscribe before push: a reply published the moment the request is queued is heard, even with SUBSCRIBE slow', async () => {
+  await byHand(async (c, r) => {
+    // Connects, and subscribes nothing ahead (a one-way call does not).
+    await c.send('warm-up');
+    await r.del(c.queueKey());
+    // Every SUBSCRIBE of this client's connection reaches Redis 300 ms late (a
+    // delay injected, not a wait): a push not waiting for it would come first.
+    const sub = c._session.sub;
+    const subscribe = sub.subscribe.bind(sub);
+    sub.subscribe = (...args) => sleep(300).then(() => subscribe(...args));
+    const server = r.duplicate();
+    await server.connect();
+    try {
+      const call = later(c.request('a'));
+      // The test is the server, answering as soon as the id is queued.
+      const popped = await server.blPop(c.queueKey(), 5);
+      assert.ok(popped, 'nothing queued within 5 s');
+      const receivers = await r.publish(c.replyChannel(Number(popped.element)), JSON.stringify(ok('at once')));
+      assert.equal(receivers, 1, 'the reply was published before the client subscribed');
+      assert.deepEqual(await call, ok('at once'));
+    } finally {
+      await server.close();
+    }
+  });
+});
+
 test('delay: the default timeout grows by it', async () => {
   await byHand(async (c, r, queued) => {
     c.timeoutMs = 200;

@@ -166,7 +166,9 @@ test('the subscriber connection lost, the reply published meanwhile: the same Re
       const ids = subs.map((l) => /^id=(\d+)/.exec(l)[1]);
       assert.equal(ids.length, 1, subs.join('\n'));
       await r.sendCommand(['CLIENT', 'KILL', 'ID', ids[0]]);
-      // The server answers (and deletes the request) while nobody listens.
+      // The server answers (and deletes the request) while nobody listens (the
+      // client's new connections are held by the proxy, never reaching Redis): the
+      // reply can reach `a` only by the server's republish to a late subscriber.
       await waitFor('the reply', async () => !(await r.exists(key)));
       assert.ok(proxy.held() > 0, 'the client did not try to reconnect');
       proxy.release();
