@@ -1,7 +1,9 @@
 //! The Rust client (`src/client/`) against a real redis-server and a real cerbas
 //! server: one client shared by many threads, Redis restarted, killed
 //! connections, a frozen Redis (also behind a big write that blocks), close,
-//! replies published the moment a request is queued, and each kind of error.
+//! replies published the moment a request is queued or before a reconnected
+//! client subscribed again (the server's republish), a connect to an address
+//! that does not answer, and each kind of error.
 //! Not for: the server's own behaviour (server.rs).
 
 mod common;
@@ -767,4 +769,90 @@ fn after_a_cut_of_a_stalled_connection_to_a_healthy_redis_later_calls_work() {
     let got = c.request_with("hello", json!({}), &CallOptions::new().timeout(later));
     relay.release();
     assert_eq!(got, Ok(Reply::Ok(json!("hello world!"))));
+}
+
+/// The id of the one client Redis sees subscribed to a channel (`sub=` in
+/// `CLIENT LIST`): the client under test, whatever type this Redis version
+/// gives a RESP3 connection with subscriptions.
+fn subscribed_client_id(redis: &Redis) -> String {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut redis.conn())
+        .expect("CLIENT LIST");
+    let ids: Vec<String> = list
+        .lines()
+        .filter(|l| l.split(' ').any(|f| f.starts_with("sub=") && f != "sub=0"))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(ids.len(), 1, "one subscribed client:\n{list}");
+    ids[0].clone()
+}
+
+/// The late-subscriber guarantee for this client: a call in flight when its
+/// connection is killed, and its re-subscription on the new connection held
+/// back (a relay) until the server has published the reply to nobody. The
+/// server holds it and publishes it again once the `SUBSCRIBE` reaches Redis:
+/// the call gets its own reply, published to it once.
+#[test]
+fn a_reply_published_before_the_resubscribe_comes_by_the_servers_republish_once() {
+    let redis = Redis::start();
+    let grace = Duration::from_millis(2000);
+    let config = config_with(&format!("reply_grace_ms = {}", grace.as_millis()));
+    let _server = Server::start_args(&redis, &["--config", config.to_str().expect("a path")]);
+    let relay = Relay::start(redis.port);
+    let c = Arc::new(
+        Client::open(&relay.url(), Env::Dev)
+            .expect("client through the relay")
+            .identity("foo", "cerbastest"),
+    );
+    let waiting = {
+        let c = c.clone();
+        std::thread::spawn(move || c.request("sleep", json!({"ms": 600})))
+    };
+    wait_in_flight(&redis, 1);
+    let channel = reply_channels(&redis).remove(0);
+    let id: u64 = channel
+        .rsplit('-')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("an id");
+    let key = c.keys().request(id);
+    let held = relay.hold(b"SUBSCRIBE");
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "ID", &subscribed_client_id(&redis)])
+        .query(&mut redis.conn())
+        .expect("CLIENT KILL");
+    assert_eq!(killed, 1);
+    held.recv_timeout(Duration::from_secs(10))
+        .expect("the reconnected client's SUBSCRIBE is held");
+    // The REPLY script deletes the request key where it publishes: gone, the
+    // reply went out, to nobody (the re-subscription is still held).
+    let mut conn = redis.conn();
+    wait_for("the reply published", Duration::from_secs(10), || {
+        let exists: i64 = redis::cmd("EXISTS").arg(&key).query(&mut conn).ok()?;
+        (exists == 0).then_some(())
+    });
+    let published = Instant::now();
+    assert!(reply_channels(&redis).is_empty(), "nobody subscribed");
+    assert!(!waiting.is_finished(), "no reply before the SUBSCRIBE");
+    // Hears by pattern, which the server's look for subscribers does not see.
+    let heard = Replies::listen(&redis, "CERBAS");
+    relay.release();
+    let got = waiting.join().expect("the waiting caller");
+    assert_eq!(got, Ok(Reply::Ok(json!(600))));
+    // Published to the client once: watched until the grace of the held reply
+    // is over (no event marks that no further republish comes).
+    let grace_over = published + grace + Duration::from_millis(300);
+    std::thread::sleep(grace_over.saturating_duration_since(Instant::now()));
+    let heard = heard.stop();
+    assert_eq!(
+        heard.get(&id).map(Vec::len),
+        Some(1),
+        "times the reply was published after the SUBSCRIBE"
+    );
+    assert_eq!(
+        c.request("echo", json!({"message": "after"})),
+        Ok(Reply::Ok(json!("after")))
+    );
 }
