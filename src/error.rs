@@ -210,10 +210,13 @@ pub enum Error {
 pub enum ClientError {
     /// No reply within the call's timeout (the server is slow or down, Redis is
     /// frozen, or the function answers nothing). The request may still run.
+    /// Opening a client: Redis did not answer the connect and its handshake
+    /// within the timeout.
     #[error("no reply within {0:?}")]
     Timeout(std::time::Duration),
-    /// Redis cannot be reached, the connection broke before Redis acknowledged the
-    /// request, or Redis restarted while the call waited (its reply is lost).
+    /// Redis cannot be reached (refused, or away for the whole call), the
+    /// connection broke before Redis acknowledged the request, or Redis
+    /// restarted while the call waited (its reply is lost).
     #[error("connection: {0}")]
     Connection(String),
     /// Redis answered a command with an error (`OOM`, `MISCONF`, `NOPERM`, ...).

@@ -856,3 +856,55 @@ fn a_reply_published_before_the_resubscribe_comes_by_the_servers_republish_once(
         Ok(Reply::Ok(json!("after")))
     );
 }
+
+/// Opens a client on `url` with `timeout`: the error, and how long it took.
+fn open_failing(url: &str, timeout: Duration) -> (ClientError, Duration) {
+    let start = Instant::now();
+    let got = Client::open_timeout(url, Env::Dev, timeout);
+    let took = start.elapsed();
+    match got {
+        Ok(_) => panic!("opened {url}"),
+        Err(e) => (e, took),
+    }
+}
+
+/// Opening a client waits for the connect and its handshake as long as the
+/// timeout it is given, shorter or longer than the 2 s a reconnect takes:
+/// a listening socket nobody accepts on (the kernel completes the connect;
+/// nothing answers `HELLO`), a frozen Redis. The error is the client's
+/// `Timeout` with that timeout, and the timeout is the client's for its calls.
+#[test]
+fn opening_against_an_address_that_does_not_answer_fails_at_the_callers_timeout() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("a listener");
+    let port = silent.local_addr().expect("its address").port();
+    let short = Duration::from_millis(300);
+    let (e, took) = open_failing(&format!("redis://127.0.0.1:{port}"), short);
+    assert_eq!(e, ClientError::Timeout(short), "after {took:?}");
+    assert!(
+        took >= short && took < short + Duration::from_millis(400),
+        "{took:?}"
+    );
+    drop(silent);
+    let redis = Redis::start();
+    redis.pause();
+    let long = Duration::from_millis(2500);
+    let (e, took) = open_failing(&redis.url(), long);
+    redis.resume();
+    assert_eq!(e, ClientError::Timeout(long), "after {took:?}");
+    assert!(
+        took >= long && took < long + Duration::from_millis(400),
+        "{took:?}"
+    );
+    let own = Duration::from_millis(700);
+    let c = Client::open_timeout(&redis.url(), Env::Dev, own).expect("opens once Redis runs");
+    redis.pause();
+    let start = Instant::now();
+    let got = c.send("hello", json!({}));
+    let took = start.elapsed();
+    redis.resume();
+    assert_eq!(got, Err(ClientError::Timeout(own)), "after {took:?}");
+    assert!(
+        took >= own && took < own + Duration::from_millis(400),
+        "{took:?}"
+    );
+}

@@ -43,7 +43,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// The longest a connect and its handshake may take.
+/// The longest a reconnect and its handshake may take (the first connect takes
+/// the caller's timeout).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
@@ -303,14 +304,14 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// Connects (failing if Redis cannot be reached within `timeout`) and starts the
-    /// reader thread.
+    /// Connects (failing with [`ClientError::Timeout`] if the connect and the
+    /// handshake take longer than `timeout`) and starts the reader thread.
     pub(crate) fn open(
         info: ConnectionInfo,
         counter: String,
         timeout: Duration,
     ) -> Result<Link, ClientError> {
-        let mut conn = connect(&info, timeout.min(CONNECT_TIMEOUT))?;
+        let mut conn = connect(&info, timeout)?;
         let shared = Arc::new(Shared {
             info,
             counter,
@@ -796,21 +797,63 @@ impl Write for Stream {
 /// A connection past its handshake.
 struct Conn {
     stream: Stream,
-    reader: BufReader<Stream>,
+    reader: BufReader<Reading>,
     parser: redis::Parser,
     run_id: Option<String>,
 }
 
-/// Opens a connection and runs the handshake, all within `timeout`.
+/// The reading half of a connection. While `deadline` is set (the handshake)
+/// each read waits only for the time left until it, so a peer that answers
+/// nothing, or a byte at a time, fails the handshake at the deadline; after,
+/// reads wait without a timeout (and cost no system call more).
+struct Reading {
+    stream: Stream,
+    deadline: Option<Instant>,
+}
+
+impl Read for Reading {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        self.stream.read(buf)
+    }
+}
+
+/// Opens a connection and runs the handshake, all within `timeout`: past it,
+/// [`ClientError::Timeout`] with `timeout`; any other failure is a
+/// [`ClientError::Connection`] (or [`ClientError::Config`] for a refused
+/// password or a TLS URL). Name resolution is not bounded by `timeout`.
 fn connect(info: &ConnectionInfo, timeout: Duration) -> Result<Conn, ClientError> {
-    let conn_err = |e: std::io::Error| ClientError::Connection(e.to_string());
+    let deadline = Instant::now() + timeout;
+    let fail = |what: &str, e: std::io::Error| {
+        if is_timeout(&e) {
+            ClientError::Timeout(timeout)
+        } else {
+            ClientError::Connection(format!("{what}: {e}"))
+        }
+    };
+    let left = || {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(ClientError::Timeout(timeout))
+        } else {
+            Ok(left)
+        }
+    };
     let stream = match info.addr() {
         ConnectionAddr::Tcp(host, port) => {
-            let addrs = (host.as_str(), *port).to_socket_addrs().map_err(conn_err)?;
+            let addrs = (host.as_str(), *port)
+                .to_socket_addrs()
+                .map_err(|e| fail(host, e))?;
             let mut last = None;
             let mut found = None;
             for a in addrs {
-                match TcpStream::connect_timeout(&a, timeout) {
+                match TcpStream::connect_timeout(&a, left()?) {
                     Ok(s) => {
                         found = Some(s);
                         break;
@@ -818,40 +861,49 @@ fn connect(info: &ConnectionInfo, timeout: Duration) -> Result<Conn, ClientError
                     Err(e) => last = Some(e),
                 }
             }
-            let s = found.ok_or_else(|| {
-                ClientError::Connection(match last {
-                    Some(e) => format!("{host}:{port}: {e}"),
-                    None => format!("{host}: no address"),
-                })
-            })?;
-            s.set_nodelay(true).map_err(conn_err)?;
+            let s = match (found, last) {
+                (Some(s), _) => s,
+                (None, Some(e)) => return Err(fail(&format!("{host}:{port}"), e)),
+                (None, None) => return Err(ClientError::Connection(format!("{host}: no address"))),
+            };
+            s.set_nodelay(true).map_err(|e| fail("connect", e))?;
             Stream::Tcp(s)
         }
-        ConnectionAddr::Unix(path) => Stream::Unix(UnixStream::connect(path).map_err(conn_err)?),
+        ConnectionAddr::Unix(path) => {
+            Stream::Unix(UnixStream::connect(path).map_err(|e| fail("connect", e))?)
+        }
         _ => {
             return Err(ClientError::Config(
                 "this client speaks TCP and Unix sockets, not TLS".into(),
             ))
         }
     };
-    stream.set_read_timeout(Some(timeout)).map_err(conn_err)?;
-    stream.set_write_timeout(Some(timeout)).map_err(conn_err)?;
     let settings = info.redis_settings();
-    let mut writer = stream.try_clone().map_err(conn_err)?;
+    let mut writer = stream.try_clone().map_err(|e| fail("connect", e))?;
     writer
-        .write_all(&wire::handshake(
-            settings.username(),
-            settings.password(),
-            settings.db(),
-        ))
-        .map_err(conn_err)?;
-    let mut reader = BufReader::new(stream.try_clone().map_err(conn_err)?);
+        .set_write_timeout(Some(left()?))
+        .and_then(|()| {
+            writer.write_all(&wire::handshake(
+                settings.username(),
+                settings.password(),
+                settings.db(),
+            ))
+        })
+        .map_err(|e| fail("handshake", e))?;
+    let mut reader = BufReader::new(Reading {
+        stream,
+        deadline: Some(deadline),
+    });
     let mut parser = redis::Parser::new();
     let mut answers = Vec::new();
     for step in ["HELLO", "SELECT", "INFO"] {
-        let v = parser
-            .parse_value(&mut reader)
-            .map_err(|e| ClientError::Connection(format!("{step}: {e}")))?;
+        let v = parser.parse_value(&mut reader).map_err(|e| {
+            if e.is_timeout() {
+                ClientError::Timeout(timeout)
+            } else {
+                ClientError::Connection(format!("{step}: {e}"))
+            }
+        })?;
         if let Some(e) = wire::error_text(&v) {
             // INFO may be renamed away or denied: then restarts are not told apart.
             if step != "INFO" {
@@ -866,7 +918,12 @@ fn connect(info: &ConnectionInfo, timeout: Duration) -> Result<Conn, ClientError
         answers.push(v);
     }
     let run_id = answers.get(2).and_then(wire::run_id);
-    stream.set_read_timeout(None).map_err(conn_err)?;
+    reader.get_mut().deadline = None;
+    reader
+        .get_ref()
+        .stream
+        .set_read_timeout(None)
+        .map_err(|e| fail("connect", e))?;
     Ok(Conn {
         stream: writer,
         reader,

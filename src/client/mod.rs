@@ -80,10 +80,11 @@ impl CallOptions {
 /// A client of one cerbas deployment (a Redis URL, a db and a prefix).
 ///
 /// It is `Send + Sync` and every call takes `&self`: share one between threads
-/// with an `Arc`. Each call waits at most its timeout (10 s by default) and fails
-/// with a [`ClientError`]: `Timeout`, `Connection` (Redis away, or restarted while
-/// the call waited), `Refused`, `Protocol`, `Closed`, or `Reply` (the function's
-/// error, from [`Client::invoke`]).
+/// with an `Arc`. Opening it and each call wait at most the timeout (10 s by
+/// default; [`Client::open_timeout`] sets it for both, [`Client::timeout`] for
+/// later calls) and fail with a [`ClientError`]: `Timeout`, `Connection` (Redis
+/// away, or restarted while the call waited), `Refused`, `Protocol`, `Closed`,
+/// or `Reply` (the function's error, from [`Client::invoke`]).
 ///
 /// ```no_run
 /// use std::sync::Arc;
@@ -109,9 +110,19 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Client {
     /// Connects as the server would with these settings: `url`'s db if it names
-    /// one, else `env`'s (dev → 1, prod → 8). Fails if Redis cannot be reached
-    /// now; later, the client reconnects by itself.
+    /// one, else `env`'s (dev → 1, prod → 8), with the default timeout (10 s):
+    /// see [`Client::open_timeout`].
     pub fn open(url: &str, env: Env) -> Result<Client, ClientError> {
+        Self::open_timeout(url, env, DEFAULT_TIMEOUT)
+    }
+
+    /// [`Client::open`] with `timeout` for the connect and for each call (as
+    /// [`Client::timeout`] sets it). Fails now if Redis cannot be reached: with
+    /// [`ClientError::Timeout`]`(timeout)` if the connect and its handshake take
+    /// longer (an address that does not answer, a frozen Redis), with
+    /// [`ClientError::Connection`] if it is refused or breaks. Once open, the
+    /// client reconnects by itself.
+    pub fn open_timeout(url: &str, env: Env, timeout: Duration) -> Result<Client, ClientError> {
         let config = Config {
             redis_url: url.to_string(),
             env,
@@ -121,17 +132,18 @@ impl Client {
         let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
             .map_err(|e| ClientError::Config(e.to_string()))?;
         let keys = Keys::new(DEFAULT_PREFIX, config.db());
-        let link = Link::open(info, keys.counter(), DEFAULT_TIMEOUT)?;
+        let link = Link::open(info, keys.counter(), timeout)?;
         Ok(Client {
             link,
             keys,
             user: "test".into(),
             source: "test".into(),
-            timeout: DEFAULT_TIMEOUT,
+            timeout,
         })
     }
 
-    /// Connects using `CERBAS_REDIS_URL` and `CERBAS_ENV`, with the server's defaults.
+    /// Connects using `CERBAS_REDIS_URL` and `CERBAS_ENV`, with the server's
+    /// defaults and the default timeout.
     pub fn from_env() -> Result<Client, ClientError> {
         let mut config = Config::default();
         config.apply_process_env()?;
@@ -146,7 +158,8 @@ impl Client {
         self
     }
 
-    /// Sets how long a call may take (default 10 s); [`CallOptions::timeout`]
+    /// Sets how long a later call may take (default 10 s; opening took the
+    /// timeout given to [`Client::open_timeout`]); [`CallOptions::timeout`]
     /// overrides it per call.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
