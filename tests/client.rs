@@ -797,7 +797,9 @@ fn subscribed_client_id(redis: &Redis) -> String {
 #[test]
 fn a_reply_published_before_the_resubscribe_comes_by_the_servers_republish_once() {
     let redis = Redis::start();
-    let grace = Duration::from_millis(2000);
+    // Long enough for the steps between the publish and the release on a busy
+    // machine; the test watches it all.
+    let grace = Duration::from_millis(3000);
     let config = config_with(&format!("reply_grace_ms = {}", grace.as_millis()));
     let _server = Server::start_args(&redis, &["--config", config.to_str().expect("a path")]);
     let relay = Relay::start(redis.port);
@@ -881,7 +883,7 @@ fn opening_against_an_address_that_does_not_answer_fails_at_the_callers_timeout(
     let (e, took) = open_failing(&format!("redis://127.0.0.1:{port}"), short);
     assert_eq!(e, ClientError::Timeout(short), "after {took:?}");
     assert!(
-        took >= short && took < short + Duration::from_millis(400),
+        took >= short && took < short + Duration::from_millis(500),
         "{took:?}"
     );
     drop(silent);
@@ -892,8 +894,13 @@ fn opening_against_an_address_that_does_not_answer_fails_at_the_callers_timeout(
     redis.resume();
     assert_eq!(e, ClientError::Timeout(long), "after {took:?}");
     assert!(
-        took >= long && took < long + Duration::from_millis(400),
+        took >= long && took < long + Duration::from_millis(500),
         "{took:?}"
+    );
+    // No time at all: not even a working Redis is reached.
+    assert_eq!(
+        Client::open_timeout(&redis.url(), Env::Dev, Duration::ZERO).err(),
+        Some(ClientError::Timeout(Duration::ZERO))
     );
     let own = Duration::from_millis(700);
     let c = Client::open_timeout(&redis.url(), Env::Dev, own).expect("opens once Redis runs");
@@ -904,7 +911,7 @@ fn opening_against_an_address_that_does_not_answer_fails_at_the_callers_timeout(
     redis.resume();
     assert_eq!(got, Err(ClientError::Timeout(own)), "after {took:?}");
     assert!(
-        took >= own && took < own + Duration::from_millis(400),
+        took >= own && took < own + Duration::from_millis(500),
         "{took:?}"
     );
 }
