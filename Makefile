@@ -1,5 +1,5 @@
 # make run  — install what is missing, start a local Redis if none answers, run the server.
-# make test — install what is missing, then every check: fmt, clippy, unit and
+# make test — install what is missing, then every check: fmt, clippy, rustdoc, unit and
 #             integration tests (real redis-server), and each client's tests
 #             (Python, Node.js, Ruby, shell) against a real server.
 # make bench — the benchmark table (BENCH.md): every client's W1/W2, W3, W4, CPU per round trip.
@@ -23,6 +23,7 @@ setup:
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps
 
 rust-tests:
 	cargo test

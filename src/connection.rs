@@ -374,12 +374,12 @@ impl Idle {
 /// A pool of connections for users' functions, each opened on first use; an open
 /// one is lent before a new one is opened, so as many are open as were used at
 /// once (the default size is the default worker count: a function never waits
-/// for another's connection). A
-/// connection waiting in the pool can break without anyone noticing (a Redis
-/// restart closes it): one that may have broken while it waited (see
-/// `Idle::suspect`) is checked with a `PING` before it is lent, and a broken one is
-/// replaced, so a Redis restart does not fail one call per pooled connection. (One
-/// closed while it was in use less than [`CHECK_IDLE`] ago still fails a call.)
+/// for another's connection). A connection waiting in the pool can break without
+/// anyone noticing (a Redis restart closes it): one that may have broken while it
+/// waited (see `Idle::suspect`) is checked with a `PING` before it is lent, and a
+/// broken one is replaced, so a Redis restart does not fail one call per pooled
+/// connection. (One closed while it was in use less than a second ago, `CHECK_IDLE`,
+/// still fails a call.)
 ///
 /// Callers waiting for a connection sleep on a condition variable: a crossbeam
 /// channel of slots spun and yielded the CPU (`sched_yield`) in every waiting
