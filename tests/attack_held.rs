@@ -846,6 +846,12 @@ fn two_instances_each_republish_only_their_own_held_replies() {
     let messages: Vec<String> = (0..n).map(|i| format!("two instances {i}")).collect();
     let bodies: Vec<String> = messages.iter().map(|m| echo(m)).collect();
     let ids = store_all(&mut conn, &bodies);
+    // Both readers waiting in their take, so that the push wakes both and each
+    // serves some (one still starting would leave the other all 200: seen in
+    // `make test` on a busy machine).
+    wait_for("both readers waiting", Duration::from_secs(10), || {
+        (info_field(&mut conn, "clients", "blocked_clients") == "2").then_some(())
+    });
     let pushed = push(&mut conn, &ids);
     let until = pushed + Duration::from_millis(2_000 + 5_000) + LATE;
     let at = |i: usize| pushed + Duration::from_millis(1 + (i as u64 * 3_999) / n as u64);
