@@ -213,16 +213,29 @@ impl Connector {
 }
 
 /// Which run of Redis `c` talks to (`run_id` of `INFO server`, new at each
-/// restart), or `None` if Redis does not say (an ACL without `INFO`). An error
-/// when the connection is lost on the way ([`is_lost`]): that says nothing of
-/// which Redis it was, and taking it for "would not say" made a killed
-/// connection look like a restart.
+/// restart), or `None` if Redis does not say (an ACL without `INFO`, a renamed
+/// `INFO`). An error when the connection is lost on the way ([`is_lost`]) or
+/// Redis refuses for a while ([`refuses_for_now`]): that says nothing of which
+/// Redis it was, and taking it for "would not say" made a killed connection, or
+/// a script past `busy-reply-threshold`, look like a restart.
 pub(crate) fn run_id(c: &mut Connection) -> Result<Option<String>, RedisError> {
     match redis::cmd("INFO").arg("server").query::<String>(c) {
         Ok(info) => Ok(parse_run_id(&info)),
-        Err(e) if is_lost(&e) => Err(e),
+        Err(e) if is_lost(&e) || refuses_for_now(&e) => Err(e),
         Err(_) => Ok(None),
     }
+}
+
+/// Whether Redis answered `e` to a command it will take once a passing state
+/// ends: a script or function past `busy-reply-threshold` (`BUSY`), a dump
+/// being loaded, a replica whose master is down, a cluster in flux. Any other
+/// refusal is taken as lasting, so a thread that must decide is not stuck
+/// waiting for an answer that never comes.
+pub(crate) fn refuses_for_now(e: &RedisError) -> bool {
+    matches!(
+        e.code(),
+        Some("BUSY" | "LOADING" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN")
+    )
 }
 
 fn parse_run_id(info: &str) -> Option<String> {

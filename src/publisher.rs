@@ -791,9 +791,16 @@ impl Publishing {
                                 lost.extend(again.drain(..).map(|r| (r, Republished::Nobody)))
                             }
                             Ok(false) => {}
-                            // Lost before Redis said which run it is: ask a new one.
+                            // Lost, or refused for now, before Redis said which
+                            // run it is: ask again on a new connection, a refusal
+                            // after its pause.
                             Err(e) => {
-                                self.p.connector.failed(&e);
+                                if let Failure::Refused(pause) = self.p.connector.failed(&e) {
+                                    if give_up.is_some_and(|g| Instant::now() >= g) {
+                                        return None;
+                                    }
+                                    signal.wait_timeout(pause);
+                                }
                                 continue;
                             }
                         }
@@ -875,8 +882,9 @@ impl Publishing {
     /// them. Requests in hand are not published there either once the reader
     /// found them gone from the processing list (`InHand::is_orphan`), even if
     /// this instance took a new request with the same id meanwhile; those
-    /// still listed (`appendonly yes`) are answered. An error if `c` was lost
-    /// before Redis said: nothing is decided then.
+    /// still listed (`appendonly yes`) are answered. An error if `c` was lost,
+    /// or Redis refused for now (`BUSY`, `LOADING`), before Redis said: nothing
+    /// is decided then.
     fn another_redis(&mut self, c: &mut Connection) -> RedisResult<bool> {
         let run = crate::connection::run_id(c)?;
         let another = match &self.redis_run {

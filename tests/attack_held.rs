@@ -518,6 +518,71 @@ fn a_reconnect_lost_before_redis_says_its_run_is_no_restart() {
     assert!(!log.contains("another run"), "log:\n{log}");
 }
 
+/// As [`a_reconnect_lost_before_redis_says_its_run_is_no_restart`], but Redis
+/// answers the publisher's `INFO server` with `BUSY` (a script past
+/// `busy-reply-threshold`): a refusal that heals says nothing of which run of
+/// Redis it is either, so it is no restart; the replies stay held and late
+/// clients get them once. (`BUSY` was taken for a Redis that would not say,
+/// and every held reply was dropped.)
+#[test]
+fn a_busy_redis_asked_its_run_is_no_restart() {
+    let redis = Redis::start();
+    let relay = Relay::start(redis.port);
+    let url = relay.url();
+    let (server, base) = server_args(&redis, "reply_grace_ms = 8000", &["--redis", &url]);
+    let mut conn = redis.conn();
+    let messages: Vec<String> = (0..20).map(|i| format!("busy asked {i}")).collect();
+    let bodies: Vec<String> = messages.iter().map(|m| echo(m)).collect();
+    let ids = submit_many(&mut conn, &bodies);
+    let pushed = Instant::now();
+    wait_answered(&mut conn);
+    let held = relay.hold(b"$6\r\nserver");
+    assert!(
+        kill_normal_clients(&mut conn) >= 1,
+        "the server's connections killed"
+    );
+    submit_many(&mut conn, &[echo("after the kill")]);
+    held.recv_timeout(Duration::from_secs(10))
+        .expect("the publisher asking which run of Redis it reached");
+    // A script that runs until killed, past the threshold: Redis answers
+    // every other command `BUSY` meanwhile.
+    redis::cmd("CONFIG")
+        .arg(&["SET", "busy-reply-threshold", "10"])
+        .query::<()>(&mut conn)
+        .expect("CONFIG SET");
+    let mut busy = redis.conn();
+    let mut probe = redis.conn();
+    let script = std::thread::spawn(move || {
+        redis::cmd("EVAL")
+            .arg("local i = 0 while true do i = i + 1 end")
+            .arg(0)
+            .query::<()>(&mut busy)
+    });
+    wait_for("Redis busy", Duration::from_secs(10), || {
+        let pong = redis::cmd("PING").query::<String>(&mut probe);
+        pong.err().filter(|e| e.code() == Some("BUSY"))
+    });
+    relay.release();
+    // The publisher has its answer once it logs what it made of it.
+    wait_for("the publisher's answer", Duration::from_secs(10), || {
+        let log = server.log_text();
+        (log.contains("another run") || log.contains("publisher: redis refuses")).then_some(())
+    });
+    redis::cmd("SCRIPT")
+        .arg("KILL")
+        .query::<()>(&mut conn)
+        .expect("SCRIPT KILL");
+    let killed = script.join().expect("the script's thread");
+    assert!(killed.is_err(), "the script ran until killed");
+    wait_answered(&mut conn);
+    let subscribed = Instant::now();
+    let until = pushed + Duration::from_millis(8_000) + LATE;
+    let subs = late_clients(&redis, &ids, |_| subscribed, until);
+    each_heard_once(subs, &messages, &server, &base);
+    let log = server.log_text();
+    assert!(!log.contains("another run"), "log:\n{log}");
+}
+
 /// 3,000 replies nobody hears and 20 whose clients come late are held when Redis
 /// stalls (`SIGSTOP`) for 2 s, then every connection of the server is killed five
 /// times: the late clients, subscribing after that, each get their own reply once
