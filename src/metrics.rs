@@ -128,7 +128,7 @@ impl Metrics {
         );
         registry.register(
             "replies_dropped",
-            "Replies held for late subscribers that were dropped (republish_max_bytes reached)",
+            "Replies held for late subscribers that were dropped (republish_max_bytes reached, or Redis restarted)",
             m.replies_dropped.clone(),
         );
         registry.register(

@@ -891,7 +891,14 @@ impl Publishing {
             Some(before) => run.is_none() || *before != run,
             None => false,
         };
-        if another {
+        if another && run.is_none() {
+            // An ACL without `INFO` (README): every reconnect is taken for a
+            // restart, and the log says why, not "restarted".
+            log::warn!(
+                "redis does not say which run it is (INFO denied or renamed), so it may be another run: replies held for late subscribers are dropped"
+            );
+            self.restarted = true;
+        } else if another {
             log::warn!(
                 "redis is another run than before (restarted?): replies held for late subscribers are dropped"
             );

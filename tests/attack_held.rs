@@ -583,6 +583,41 @@ fn a_busy_redis_asked_its_run_is_no_restart() {
     assert!(!log.contains("another run"), "log:\n{log}");
 }
 
+/// A Redis user denied `INFO` (an ACL): Redis cannot say which run it is, so
+/// each reconnect of the publisher is taken for a restart, as the README says.
+/// The held replies are dropped and counted once each, and the log says why,
+/// not that Redis restarted.
+#[test]
+fn a_user_denied_info_drops_held_replies_at_a_reconnect_and_says_why() {
+    let redis = Redis::start();
+    let mut conn = redis.conn();
+    redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "cerbas", "on", ">secret", "~*", "&*", "+@all", "-info",
+        ])
+        .query::<()>(&mut conn)
+        .expect("ACL SETUSER");
+    let url = format!("redis://cerbas:secret@127.0.0.1:{}", redis.port);
+    let (server, base) = server_args(&redis, "reply_grace_ms = 60000", &["--redis", &url]);
+    let bodies: Vec<String> = (0..5).map(|i| echo(&format!("no info {i}"))).collect();
+    submit_many(&mut conn, &bodies);
+    wait_answered(&mut conn);
+    assert!(
+        kill_normal_clients(&mut conn) >= 1,
+        "the server's connections killed"
+    );
+    // The publisher reconnects when it has something to send.
+    submit_many(&mut conn, &[echo("after the kill")]);
+    server.wait_log("does not say which run it is", 1);
+    wait_for(
+        "the held replies counted dropped",
+        Duration::from_secs(10),
+        || (dropped(&base) == 5).then_some(()),
+    );
+    let log = server.log_text();
+    assert!(!log.contains("another run than before"), "log:\n{log}");
+}
+
 /// 3,000 replies nobody hears and 20 whose clients come late are held when Redis
 /// stalls (`SIGSTOP`) for 2 s, then every connection of the server is killed five
 /// times: the late clients, subscribing after that, each get their own reply once
