@@ -484,12 +484,88 @@ fn a_look_whose_answer_is_lost_keeps_its_replies_held() {
 /// every held reply was dropped: seen in CI when `CLIENT KILL`s came in a row.)
 #[test]
 fn a_reconnect_lost_before_redis_says_its_run_is_no_restart() {
+    asked_its_run("run asked", 8_000, |_, relay, _, conn| {
+        assert!(
+            kill_normal_clients(conn) >= 1,
+            "the asking connection killed"
+        );
+        relay.release();
+    });
+}
+
+/// As [`a_reconnect_lost_before_redis_says_its_run_is_no_restart`], but Redis
+/// answers the publisher's `INFO server` with `BUSY` (a script past
+/// `busy-reply-threshold`): a refusal that heals says nothing of which run of
+/// Redis it is either, so it is no restart. (`BUSY` was taken for a Redis that
+/// would not say, and every held reply was dropped.)
+#[test]
+fn a_busy_redis_asked_its_run_is_no_restart() {
+    asked_its_run("busy asked", 8_000, |redis, relay, server, conn| {
+        // A script that runs until killed, past the threshold: Redis answers
+        // every other command `BUSY` meanwhile.
+        redis::cmd("CONFIG")
+            .arg(&["SET", "busy-reply-threshold", "10"])
+            .query::<()>(conn)
+            .expect("CONFIG SET");
+        let mut busy = redis.conn();
+        let mut probe = redis.conn();
+        let script = std::thread::spawn(move || {
+            redis::cmd("EVAL")
+                .arg("local i = 0 while true do i = i + 1 end")
+                .arg(0)
+                .query::<()>(&mut busy)
+        });
+        wait_for("Redis busy", Duration::from_secs(10), || {
+            let pong = redis::cmd("PING").query::<String>(&mut probe);
+            pong.err().filter(|e| e.code() == Some("BUSY"))
+        });
+        relay.release();
+        // The publisher has its answer once it logs what it made of it.
+        wait_for("the publisher's answer", Duration::from_secs(10), || {
+            let log = server.log_text();
+            (log.contains("another run") || log.contains("publisher: redis refuses")).then_some(())
+        });
+        redis::cmd("SCRIPT")
+            .arg("KILL")
+            .query::<()>(conn)
+            .expect("SCRIPT KILL");
+        let killed = script.join().expect("the script's thread");
+        assert!(killed.is_err(), "the script ran until killed");
+    });
+}
+
+/// As [`a_reconnect_lost_before_redis_says_its_run_is_no_restart`], but Redis
+/// stalls (`SIGSTOP`) while the publisher asks, past its read timeout: a
+/// question timed out is no restart either.
+#[test]
+fn a_redis_stalled_while_asked_its_run_is_no_restart() {
+    // The grace covers the read timeout (11 s) and the rest of the test.
+    asked_its_run("stall asked", 20_000, |redis, relay, server, _| {
+        redis.pause();
+        relay.release();
+        // The first loss was the kill's; the second, the question's timeout.
+        server.wait_log("publisher: redis unavailable", 2);
+        redis.resume();
+    });
+}
+
+/// 20 replies nobody hears yet are held (`grace_ms`), every connection of the
+/// server is killed, and the publisher's `INFO server` on its new connection
+/// is held at a relay; `meanwhile` gets Redis, the relay, the server and a
+/// connection, and must release the relay. Then late clients each get their
+/// own reply once, nothing is dropped, and the log names no other run.
+fn asked_its_run(
+    tag: &str,
+    grace_ms: u64,
+    meanwhile: impl FnOnce(&Redis, &Relay, &Server, &mut redis::Connection),
+) {
     let redis = Redis::start();
     let relay = Relay::start(redis.port);
     let url = relay.url();
-    let (server, base) = server_args(&redis, "reply_grace_ms = 8000", &["--redis", &url]);
+    let grace = format!("reply_grace_ms = {grace_ms}");
+    let (server, base) = server_args(&redis, &grace, &["--redis", &url]);
     let mut conn = redis.conn();
-    let messages: Vec<String> = (0..20).map(|i| format!("run asked {i}")).collect();
+    let messages: Vec<String> = (0..20).map(|i| format!("{tag} {i}")).collect();
     let bodies: Vec<String> = messages.iter().map(|m| echo(m)).collect();
     let ids = submit_many(&mut conn, &bodies);
     let pushed = Instant::now();
@@ -504,79 +580,15 @@ fn a_reconnect_lost_before_redis_says_its_run_is_no_restart() {
     submit_many(&mut conn, &[echo("after the kill")]);
     held.recv_timeout(Duration::from_secs(10))
         .expect("the publisher asking which run of Redis it reached");
-    assert!(
-        kill_normal_clients(&mut conn) >= 1,
-        "the asking connection killed"
-    );
-    relay.release();
+    meanwhile(&redis, &relay, &server, &mut conn);
     wait_answered(&mut conn);
     let subscribed = Instant::now();
-    let until = pushed + Duration::from_millis(8_000) + LATE;
-    let subs = late_clients(&redis, &ids, |_| subscribed, until);
-    each_heard_once(subs, &messages, &server, &base);
-    let log = server.log_text();
-    assert!(!log.contains("another run"), "log:\n{log}");
-}
-
-/// As [`a_reconnect_lost_before_redis_says_its_run_is_no_restart`], but Redis
-/// answers the publisher's `INFO server` with `BUSY` (a script past
-/// `busy-reply-threshold`): a refusal that heals says nothing of which run of
-/// Redis it is either, so it is no restart; the replies stay held and late
-/// clients get them once. (`BUSY` was taken for a Redis that would not say,
-/// and every held reply was dropped.)
-#[test]
-fn a_busy_redis_asked_its_run_is_no_restart() {
-    let redis = Redis::start();
-    let relay = Relay::start(redis.port);
-    let url = relay.url();
-    let (server, base) = server_args(&redis, "reply_grace_ms = 8000", &["--redis", &url]);
-    let mut conn = redis.conn();
-    let messages: Vec<String> = (0..20).map(|i| format!("busy asked {i}")).collect();
-    let bodies: Vec<String> = messages.iter().map(|m| echo(m)).collect();
-    let ids = submit_many(&mut conn, &bodies);
-    let pushed = Instant::now();
-    wait_answered(&mut conn);
-    let held = relay.hold(b"$6\r\nserver");
+    let until = pushed + Duration::from_millis(grace_ms) + LATE;
     assert!(
-        kill_normal_clients(&mut conn) >= 1,
-        "the server's connections killed"
+        subscribed + LATE < until,
+        "the machine is too slow for this test: {:?} after the push",
+        subscribed - pushed
     );
-    submit_many(&mut conn, &[echo("after the kill")]);
-    held.recv_timeout(Duration::from_secs(10))
-        .expect("the publisher asking which run of Redis it reached");
-    // A script that runs until killed, past the threshold: Redis answers
-    // every other command `BUSY` meanwhile.
-    redis::cmd("CONFIG")
-        .arg(&["SET", "busy-reply-threshold", "10"])
-        .query::<()>(&mut conn)
-        .expect("CONFIG SET");
-    let mut busy = redis.conn();
-    let mut probe = redis.conn();
-    let script = std::thread::spawn(move || {
-        redis::cmd("EVAL")
-            .arg("local i = 0 while true do i = i + 1 end")
-            .arg(0)
-            .query::<()>(&mut busy)
-    });
-    wait_for("Redis busy", Duration::from_secs(10), || {
-        let pong = redis::cmd("PING").query::<String>(&mut probe);
-        pong.err().filter(|e| e.code() == Some("BUSY"))
-    });
-    relay.release();
-    // The publisher has its answer once it logs what it made of it.
-    wait_for("the publisher's answer", Duration::from_secs(10), || {
-        let log = server.log_text();
-        (log.contains("another run") || log.contains("publisher: redis refuses")).then_some(())
-    });
-    redis::cmd("SCRIPT")
-        .arg("KILL")
-        .query::<()>(&mut conn)
-        .expect("SCRIPT KILL");
-    let killed = script.join().expect("the script's thread");
-    assert!(killed.is_err(), "the script ran until killed");
-    wait_answered(&mut conn);
-    let subscribed = Instant::now();
-    let until = pushed + Duration::from_millis(8_000) + LATE;
     let subs = late_clients(&redis, &ids, |_| subscribed, until);
     each_heard_once(subs, &messages, &server, &base);
     let log = server.log_text();
