@@ -630,6 +630,46 @@ fn a_user_denied_info_drops_held_replies_at_a_reconnect_and_says_why() {
     assert!(!log.contains("another run than before"), "log:\n{log}");
 }
 
+/// Every connection of the server is killed in a tight loop for 2 s while
+/// requests keep coming (so the publisher reconnects and asks which run of
+/// Redis it reached again and again), with 20 replies held: late clients each
+/// get their own reply once, nothing is dropped, no other run is seen.
+#[test]
+fn a_storm_of_killed_connections_drops_no_held_reply() {
+    let redis = Redis::start();
+    let (server, base) = server_with(&redis, "reply_grace_ms = 10000");
+    let mut conn = redis.conn();
+    let messages: Vec<String> = (0..20).map(|i| format!("storm {i}")).collect();
+    let bodies: Vec<String> = messages.iter().map(|m| echo(m)).collect();
+    let ids = submit_many(&mut conn, &bodies);
+    let pushed = Instant::now();
+    wait_answered(&mut conn);
+    // The connection that kills is spared, and queues the requests.
+    let storm = Instant::now() + Duration::from_secs(2);
+    let mut kills = 0;
+    let mut more = 0;
+    while Instant::now() < storm {
+        kills += kill_normal_clients(&mut conn);
+        if kills > more * 20 {
+            submit_many(&mut conn, &[echo("during the storm")]);
+            more += 1;
+        }
+    }
+    assert!(kills >= 20, "{kills} connections killed");
+    wait_answered(&mut conn);
+    let subscribed = Instant::now();
+    let until = pushed + Duration::from_millis(10_000) + LATE;
+    assert!(
+        subscribed + LATE < until,
+        "the machine is too slow for this test: {:?} after the push",
+        subscribed - pushed
+    );
+    let subs = late_clients(&redis, &ids, |_| subscribed, until);
+    each_heard_once(subs, &messages, &server, &base);
+    let log = server.log_text();
+    assert!(!log.contains("another run"), "log:\n{log}");
+}
+
 /// 3,000 replies nobody hears and 20 whose clients come late are held when Redis
 /// stalls (`SIGSTOP`) for 2 s, then every connection of the server is killed five
 /// times: the late clients, subscribing after that, each get their own reply once
