@@ -595,6 +595,46 @@ fn asked_its_run(
     assert!(!log.contains("another run"), "log:\n{log}");
 }
 
+/// Redis restarts (`appendonly yes`: the same data, another run) while the
+/// publisher asks which run of Redis it reached: the question is lost, the
+/// next one finds the new run, and the held replies are dropped and counted
+/// once each, the restart logged once.
+#[test]
+fn a_restart_while_asked_its_run_drops_and_counts_each_held_reply_once() {
+    let mut redis = Redis::start_with(&["--appendonly", "yes"], None);
+    let relay = Relay::start(redis.port);
+    let url = relay.url();
+    let (server, base) = server_args(&redis, "reply_grace_ms = 60000", &["--redis", &url]);
+    let mut conn = redis.conn();
+    let n = 50;
+    let bodies: Vec<String> = (0..n)
+        .map(|i| echo(&format!("restart asked {i}")))
+        .collect();
+    submit_many(&mut conn, &bodies);
+    wait_answered(&mut conn);
+    let held = relay.hold(b"$6\r\nserver");
+    assert!(
+        kill_normal_clients(&mut conn) >= 1,
+        "the server's connections killed"
+    );
+    submit_many(&mut conn, &[echo("after the kill")]);
+    held.recv_timeout(Duration::from_secs(10))
+        .expect("the publisher asking which run of Redis it reached");
+    redis.restart(Duration::from_millis(100));
+    relay.release();
+    server.wait_log(
+        "replies held for late subscribers dropped (redis restarted)",
+        1,
+    );
+    let mut conn = redis.conn();
+    // Served on the new Redis: nothing more is dropped.
+    submit_many(&mut conn, &[echo("after the restart")]);
+    wait_answered(&mut conn);
+    assert_eq!(dropped(&base), n as u64, "log:\n{}", server.log_text());
+    let log = server.log_text();
+    assert_eq!(log.matches("another run").count(), 1, "log:\n{log}");
+}
+
 /// A Redis user denied `INFO` (an ACL): Redis cannot say which run it is, so
 /// each reconnect of the publisher is taken for a restart, as the README says.
 /// The held replies are dropped and counted once each, and the log says why,

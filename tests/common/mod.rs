@@ -538,8 +538,10 @@ impl Relay {
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(mut client) = client else { return };
+                // Redis down (a restart): this client is refused, as by Redis,
+                // and the relay lives on for the next.
                 let Ok(mut server) = TcpStream::connect(("127.0.0.1", redis_port)) else {
-                    return;
+                    continue;
                 };
                 let (Ok(mut client_r), Ok(mut server_w)) = (client.try_clone(), server.try_clone())
                 else {
