@@ -5,7 +5,11 @@
 //! late subscriber within the grace gets its own reply once per channel, the cap
 //! keeps the youngest and counts every drop, and faults (a stall, killed
 //! connections, a lost look, a restart, a stop) lose no held reply the README
-//! promises and repeat none.
+//! promises and repeat none. Also the publisher's question, on each new
+//! connection, of which run of Redis it reached (2d58192, d12e82b): lost,
+//! refused for now (`BUSY`), timed out, or in a storm of killed connections, it
+//! decides nothing; a restart behind it, or a user denied `INFO`, drops and
+//! counts each held reply once.
 //! Not for: the schedule's arithmetic (unit tests in src/publisher.rs) or the
 //! behaviour before the change (tests/hardening_publish.rs).
 
