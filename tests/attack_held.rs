@@ -574,27 +574,55 @@ fn asked_its_run(
     let ids = submit_many(&mut conn, &bodies);
     let pushed = Instant::now();
     wait_answered(&mut conn);
+    hold_the_run_question(&relay, &mut conn);
+    meanwhile(&redis, &relay, &server, &mut conn);
+    wait_answered(&mut conn);
+    late_now_each_heard_once(
+        &redis,
+        &ids,
+        &messages,
+        &server,
+        &base,
+        pushed + Duration::from_millis(grace_ms),
+    );
+}
+
+/// Holds the publisher's next `INFO server` (its question of which run of
+/// Redis it reached) at `relay`: kills the server's connections and queues one
+/// request so that it reconnects, and returns once the question is held.
+fn hold_the_run_question(relay: &Relay, conn: &mut redis::Connection) {
     // `INFO server` is the publisher's question, and only its: `INFO stats` it
     // pipelines does not match.
     let held = relay.hold(b"$6\r\nserver");
     assert!(
-        kill_normal_clients(&mut conn) >= 1,
+        kill_normal_clients(conn) >= 1,
         "the server's connections killed"
     );
-    submit_many(&mut conn, &[echo("after the kill")]);
+    submit_many(conn, &[echo("after the kill")]);
     held.recv_timeout(Duration::from_secs(10))
         .expect("the publisher asking which run of Redis it reached");
-    meanwhile(&redis, &relay, &server, &mut conn);
-    wait_answered(&mut conn);
+}
+
+/// Late clients of `ids` subscribe now, while `server` (at `base`) still holds
+/// their replies (until `held_until`): each hears its own once, nothing is
+/// dropped, and the log names no other run of Redis.
+fn late_now_each_heard_once(
+    redis: &Redis,
+    ids: &[u64],
+    messages: &[String],
+    server: &Server,
+    base: &str,
+    held_until: Instant,
+) {
     let subscribed = Instant::now();
-    let until = pushed + Duration::from_millis(grace_ms) + LATE;
+    let until = held_until + LATE;
     assert!(
         subscribed + LATE < until,
-        "the machine is too slow for this test: {:?} after the push",
-        subscribed - pushed
+        "the machine is too slow for this test: subscribing {:?} before the replies go",
+        held_until.saturating_duration_since(subscribed)
     );
-    let subs = late_clients(&redis, &ids, |_| subscribed, until);
-    each_heard_once(subs, &messages, &server, &base);
+    let subs = late_clients(redis, ids, |_| subscribed, until);
+    each_heard_once(subs, messages, server, base);
     let log = server.log_text();
     assert!(!log.contains("another run"), "log:\n{log}");
 }
@@ -616,14 +644,7 @@ fn a_restart_while_asked_its_run_drops_and_counts_each_held_reply_once() {
         .collect();
     submit_many(&mut conn, &bodies);
     wait_answered(&mut conn);
-    let held = relay.hold(b"$6\r\nserver");
-    assert!(
-        kill_normal_clients(&mut conn) >= 1,
-        "the server's connections killed"
-    );
-    submit_many(&mut conn, &[echo("after the kill")]);
-    held.recv_timeout(Duration::from_secs(10))
-        .expect("the publisher asking which run of Redis it reached");
+    hold_the_run_question(&relay, &mut conn);
     redis.restart(Duration::from_millis(100));
     relay.release();
     server.wait_log(
@@ -701,17 +722,14 @@ fn a_storm_of_killed_connections_drops_no_held_reply() {
     }
     assert!(kills >= 20, "{kills} connections killed");
     wait_answered(&mut conn);
-    let subscribed = Instant::now();
-    let until = pushed + Duration::from_millis(10_000) + LATE;
-    assert!(
-        subscribed + LATE < until,
-        "the machine is too slow for this test: {:?} after the push",
-        subscribed - pushed
+    late_now_each_heard_once(
+        &redis,
+        &ids,
+        &messages,
+        &server,
+        &base,
+        pushed + Duration::from_millis(10_000),
     );
-    let subs = late_clients(&redis, &ids, |_| subscribed, until);
-    each_heard_once(subs, &messages, &server, &base);
-    let log = server.log_text();
-    assert!(!log.contains("another run"), "log:\n{log}");
 }
 
 /// 3,000 replies nobody hears and 20 whose clients come late are held when Redis
